@@ -1,0 +1,170 @@
+"""The ``entrust`` command line: one console script, one sub-command per step of the pipeline.
+
+Flag names follow nnU-Net's where a flag means the same thing (``-d`` dataset id, ``-c``
+configuration, ``-f`` folds, ``-tr`` trainer, ``-p`` plans, ``-device``, ``-np``).
+Errors in the user's input print one line ``entrust: error: ...`` and exit with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from entrust_nnunet import __version__
+from entrust_nnunet.io import InputError
+
+
+def _cmd_env(args: argparse.Namespace) -> None:
+    from entrust_nnunet.nnunet_env import export_lines
+
+    print("# add these lines to ~/.bashrc so the stock nnUNetv2_* commands find EnTrust's trainers")
+    for line in export_lines(args.root):
+        print(line)
+
+
+def _cmd_phantoms(args: argparse.Namespace) -> None:
+    from entrust_nnunet.phantoms import write_phantom_dataset
+
+    out = write_phantom_dataset(args.out, num_cases=args.n, num_modalities=args.modalities, dim=args.dim,
+                                seed=args.seed, num_annotators=args.annotators, num_test=args.num_test,
+                                size=args.size, overwrite=args.overwrite)
+    print(f"wrote {out}")
+
+
+def _cmd_convert(args: argparse.Namespace) -> None:
+    from entrust_nnunet import convert
+
+    if args.source_format == "brats":
+        out = convert.convert_brats(args.src, args.d, raw_root=args.output_root, name=args.name,
+                                    overwrite=args.overwrite)
+    elif args.source_format == "folder":
+        out = convert.convert_folder(args.src, args.d, modalities=args.modalities.split(","),
+                                     raw_root=args.output_root, name=args.name, label_name=args.label,
+                                     overwrite=args.overwrite)
+    else:
+        out = convert.convert_msd(args.src, args.d, overwrite=args.overwrite, num_processes=args.np)
+    print(f"wrote {out}")
+
+
+def _add_convert(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("convert", help="convert a dataset layout into an nnU-Net v2 raw dataset",
+                       description="Convert BraTS, per-case folders or MSD tasks into nnU-Net v2 raw format. "
+                                   "The dataset is built in a temporary folder and renamed at the end; "
+                                   "the source is never modified.")
+    conv = p.add_subparsers(dest="source_format", required=True, metavar="{brats,folder,msd}")
+
+    def common(q: argparse.ArgumentParser, needs_id: bool = True) -> None:
+        q.add_argument("src", help="source folder")
+        if needs_id:
+            q.add_argument("-d", type=int, required=True, help="nnU-Net dataset id (1-999) to create")
+            q.add_argument("-o", "--output-root", default=None,
+                           help="raw data root (default: $nnUNet_raw)")
+        q.add_argument("--overwrite", action="store_true", help="replace an existing dataset with this id")
+
+    q = conv.add_parser("brats", help="BraTS 2020/2021 (*_t1, _t1ce, _t2, _flair, _seg) or 2023 "
+                                      "(*-t1n, -t1c, -t2w, -t2f, -seg) case folders",
+                        description="BraTS -> nnU-Net raw. Channel order: 0=T1, 1=T1ce, 2=T2, 3=FLAIR. Labels "
+                                    "remapped to consecutive integers; whole tumor / tumor core / enhancing tumor "
+                                    "declared as regions (regions_class_order). Unlabelled cases go to imagesTs.")
+    common(q)
+    q.add_argument("--name", default="BraTS", help="dataset name part (default: BraTS)")
+    q = conv.add_parser("folder", help="one folder per case: one image per modality + a label file",
+                        description="Per-case folders -> nnU-Net raw. Each case folder holds one image per "
+                                    "modality named after it (any format SimpleITK reads, or a DICOM series "
+                                    "folder) and a label image.")
+    common(q)
+    q.add_argument("--modalities", required=True, help="comma separated channel names in order, e.g. T1,T2,FLAIR")
+    q.add_argument("--label", default="label", help="basename of the label file in each case folder (default: label)")
+    q.add_argument("--name", default="Custom", help="dataset name part (default: Custom)")
+    q = conv.add_parser("msd", help="a Medical Segmentation Decathlon task folder (delegates to nnU-Net)")
+    common(q, needs_id=False)
+    q.add_argument("-d", type=int, default=None, help="override the dataset id (default: MSD task number)")
+    q.add_argument("-np", type=int, default=2, help="processes for the conversion (default: 2)")
+    p.set_defaults(func=_cmd_convert)
+
+
+def _cmd_plan(args: argparse.Namespace) -> None:
+    from entrust_nnunet.pipeline import plan_and_preprocess
+
+    plan_and_preprocess(args.d, configurations=args.c, planner=args.pl, num_processes=args.np,
+                        verify=args.verify_dataset_integrity)
+
+
+def _cmd_demo(args: argparse.Namespace) -> None:
+    from entrust_nnunet.pipeline import run_demo
+
+    run_demo(args)
+
+
+def _add_pipeline(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("plan", help="fingerprint, plan and preprocess a dataset with nnU-Net (EnTrust plans)",
+                       description="Runs nnU-Net's fingerprinting, experiment planning and preprocessing through "
+                                   "its API, with EnTrust's experiment planner by default.")
+    p.add_argument("-d", type=int, nargs="+", required=True, help="dataset id(s)")
+    p.add_argument("-c", nargs="+", default=["2d"], help="configurations to preprocess (default: 2d)")
+    p.add_argument("-pl", default="EnTrustPlanner",
+                   help="experiment planner: EnTrustPlanner (plans nnUNetEnTrustPlans) or any nnU-Net planner "
+                        "name such as ExperimentPlanner (plans nnUNetPlans) (default: EnTrustPlanner)")
+    p.add_argument("-np", type=int, default=2, help="processes for preprocessing (default: 2)")
+    p.add_argument("--verify_dataset_integrity", action="store_true", help="run nnU-Net's dataset check first")
+    p.set_defaults(func=_cmd_plan)
+
+    p = sub.add_parser("demo", help="the main job: phantoms -> plan/preprocess -> train -> predict -> evaluate -> report",
+                       description="Runs the whole EnTrust pipeline on generated phantoms on this machine. Finished "
+                                   "steps are reused when it is run again (use --fresh to start over).")
+    p.add_argument("--dataset-dir", default="entrust_demo",
+                   help="working folder for raw/preprocessed/results (default: ./entrust_demo)")
+    p.add_argument("--dim", type=int, choices=(2, 3), default=2, help="2D or 3D phantoms (default: 2)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="device for training/inference (default: cpu)")
+    p.add_argument("--folds", nargs="+", default=["0"], help="folds to train (default: 0)")
+    p.add_argument("-n", type=int, default=24, help="number of training phantoms (default: 24)")
+    p.add_argument("--seed", type=int, default=0, help="phantom seed (default: 0)")
+    p.add_argument("--fresh", action="store_true", help="delete the working folder first")
+    p.set_defaults(func=_cmd_demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="entrust", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("env", help="print the shell lines that make the stock nnUNetv2_* commands find our trainers")
+    p.add_argument("--root", default=None,
+                   help="also print nnUNet_raw/_preprocessed/_results lines for sub-folders of this folder")
+    p.set_defaults(func=_cmd_env)
+
+    p = sub.add_parser("phantoms", help="write multimodal phantoms with known inter-modal conflict",
+                       description="Write an nnU-Net v2 raw dataset of multimodal phantoms whose conflict regions "
+                                   "(one modality shows a structure another hides) carry a coin-flip truth.")
+    p.add_argument("out", help="dataset folder to create, e.g. $nnUNet_raw/Dataset501_Phantoms")
+    p.add_argument("-n", type=int, default=20, help="number of training cases (default: 20)")
+    p.add_argument("--num-test", type=int, default=None, help="number of test cases (default: n // 4, at least 2)")
+    p.add_argument("--modalities", type=int, default=3, help="number of modalities / channels (default: 3)")
+    p.add_argument("--dim", type=int, choices=(2, 3), default=2, help="2D or 3D phantoms (default: 2)")
+    p.add_argument("--size", type=int, default=None, help="edge length in voxels (default: 64 in 2D, 32 in 3D)")
+    p.add_argument("--seed", type=int, default=0, help="random seed; same seed, same dataset (default: 0)")
+    p.add_argument("--annotators", type=int, default=0,
+                   help="also write this many plausible label variants per case (default: 0)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.set_defaults(func=_cmd_phantoms)
+
+    _add_convert(sub)
+    _add_pipeline(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except InputError as e:
+        print(f"entrust: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("entrust: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,193 @@
+"""Image and dataset IO with the safety rules every writer in EnTrust follows.
+
+* Bad input raises :class:`InputError` with ONE line naming the file and the problem; the CLI
+  prints it and exits non-zero.
+* Nothing is written in place: files go to a temporary name in the destination folder and are
+  renamed (``os.replace`` is atomic on one filesystem), whole datasets are built in a temporary
+  sibling folder and renamed at the end. An interrupted run leaves no truncated ``.nii.gz``.
+* Inputs are only ever read.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import SimpleITK as sitk
+
+#: default tolerance when comparing spacing / origin / direction of two images (relative for
+#: spacing, absolute in mm for origin, absolute for direction cosines)
+GEOMETRY_TOLERANCE = 1e-4
+
+
+class InputError(Exception):
+    """A problem with what the user gave us. ``str(err)`` is a single line fit for a terminal."""
+
+
+def read_image(path: str | os.PathLike, check_finite: bool = True) -> sitk.Image:
+    """Read an image SimpleITK understands; a folder is read as a DICOM series.
+
+    Raises :class:`InputError` (naming ``path``) when the file is missing, unreadable, or contains
+    NaN/Inf voxels (``check_finite``).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: file does not exist")
+    try:
+        if path.is_dir():
+            reader = sitk.ImageSeriesReader()
+            series = reader.GetGDCMSeriesIDs(str(path))
+            if not series:
+                raise InputError(f"{path}: folder contains no DICOM series")
+            if len(series) > 1:
+                raise InputError(f"{path}: folder contains {len(series)} DICOM series, expected one")
+            reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(path), series[0]))
+            image = reader.Execute()
+        else:
+            image = sitk.ReadImage(str(path))
+    except InputError:
+        raise
+    except RuntimeError as e:  # SimpleITK raises RuntimeError with a multi-line message
+        first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "unknown error")
+        raise InputError(f"{path}: unreadable or corrupt image ({first[:160]})") from None
+    if check_finite and image.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64):
+        arr = sitk.GetArrayViewFromImage(image)
+        if not np.all(np.isfinite(arr)):
+            raise InputError(f"{path}: image contains NaN or Inf values")
+    return image
+
+
+def geometry_mismatch(a: sitk.Image, b: sitk.Image, tol: float = GEOMETRY_TOLERANCE) -> str | None:
+    """Describe how the geometry of ``b`` differs from ``a`` (size, spacing, origin, direction),
+    or return ``None`` when they agree within ``tol``."""
+    if a.GetDimension() != b.GetDimension():
+        return f"dimension {b.GetDimension()} != {a.GetDimension()}"
+    if a.GetSize() != b.GetSize():
+        return f"size {b.GetSize()} != {a.GetSize()}"
+    sa, sb = np.array(a.GetSpacing()), np.array(b.GetSpacing())
+    if not np.allclose(sa, sb, rtol=tol, atol=0):
+        return f"spacing {tuple(sb.round(5))} != {tuple(sa.round(5))}"
+    if not np.allclose(a.GetOrigin(), b.GetOrigin(), rtol=0, atol=max(tol, tol * float(sa.max()))):
+        return f"origin {tuple(np.round(b.GetOrigin(), 4))} != {tuple(np.round(a.GetOrigin(), 4))}"
+    if not np.allclose(a.GetDirection(), b.GetDirection(), rtol=0, atol=tol):
+        return "direction differs"
+    return None
+
+
+def copy_geometry(array: np.ndarray, reference: sitk.Image) -> sitk.Image:
+    """Wrap a numpy array (z, y, x order, as ``sitk.GetArrayFromImage``) with ``reference``'s geometry."""
+    image = sitk.GetImageFromArray(array)
+    image.CopyInformation(reference)
+    return image
+
+
+def _temporary_sibling(path: Path) -> Path:
+    # keep the full suffix (.nii.gz) so SimpleITK picks the right writer for the temporary file
+    return path.with_name(f".tmp-{uuid.uuid4().hex[:8]}-{path.name}")
+
+
+def write_image(image: sitk.Image, path: str | os.PathLike, compress: bool = True) -> None:
+    """Write atomically: to a hidden temporary name in the same folder, then rename."""
+    path = Path(path)
+    tmp = _temporary_sibling(path)
+    try:
+        sitk.WriteImage(image, str(tmp), useCompression=compress)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike, mode: str = "w") -> Iterator:
+    """Open a temporary sibling of ``path`` for writing; rename it onto ``path`` on success."""
+    path = Path(path)
+    tmp = _temporary_sibling(path)
+    try:
+        with open(tmp, mode) as f:
+            yield f
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def check_writable_parent(folder: Path) -> None:
+    parent = folder.parent
+    if not parent.exists():
+        try:
+            parent.mkdir(parents=True)
+        except OSError as e:
+            raise InputError(f"{parent}: cannot create output folder ({e.strerror})") from None
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"{parent}: output location is not writable")
+
+
+@contextlib.contextmanager
+def atomic_directory(final: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Build a folder under a temporary name beside ``final`` and rename it into place at the end.
+
+    On any exception the temporary folder is removed and ``final`` is untouched. An existing
+    ``final`` is refused unless ``overwrite`` (then it is replaced only after the new one is
+    complete).
+    """
+    final = Path(final).absolute()
+    if final.exists() and not overwrite:
+        raise InputError(f"{final}: already exists (use --overwrite to replace it)")
+    check_writable_parent(final)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
+    try:
+        yield tmp
+        if final.exists():
+            trash = final.with_name(f".trash-{uuid.uuid4().hex[:8]}-{final.name}")
+            os.replace(final, trash)
+            os.replace(tmp, final)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def nnunet_dataset_name(dataset_id: int, name: str) -> str:
+    if not 1 <= int(dataset_id) <= 999:
+        raise InputError(f"dataset id {dataset_id}: must be between 1 and 999")
+    return f"Dataset{int(dataset_id):03d}_{name}"
+
+
+def claim_dataset_folder(raw_root: str | os.PathLike, dataset_id: int, name: str, overwrite: bool) -> Path:
+    """Return ``raw_root/DatasetXXX_name`` after checking that no OTHER dataset uses the id.
+
+    nnU-Net resolves datasets by id, so two folders with one id break every later command.
+    """
+    raw_root = Path(raw_root)
+    target = raw_root / nnunet_dataset_name(dataset_id, name)
+    prefix = f"Dataset{int(dataset_id):03d}_"
+    taken = sorted(p for p in raw_root.glob(prefix + "*") if p.is_dir()) if raw_root.is_dir() else []
+    for other in taken:
+        if other.name != target.name or not overwrite:
+            raise InputError(f"{other}: dataset id {int(dataset_id)} is already taken"
+                             + ("" if other.name != target.name else " (use --overwrite to replace it)"))
+    return target
+
+
+def raw_root_from_env(explicit: str | None = None) -> Path:
+    root = explicit or os.environ.get("nnUNet_raw")
+    if not root:
+        raise InputError("nnUNet_raw is not set: pass -o/--output-root or run `entrust env` for the lines to export")
+    return Path(root)
+
+
+def case_files(folder: Path, case: str, n_channels: int, file_ending: str) -> list[Path]:
+    """nnU-Net's raw naming: ``CASE_0000<ending>``, ``CASE_0001<ending>``, ..."""
+    return [folder / f"{case}_{c:04d}{file_ending}" for c in range(n_channels)]
+
+
+def labels_in(image: sitk.Image) -> Sequence[int]:
+    return [int(v) for v in np.unique(sitk.GetArrayViewFromImage(image))]

@@ -1,0 +1,209 @@
+"""EnTrustUNet: ModEnc -> EnFuse (every resolution) -> U-Net decoder -> deterministic head + SegDiff + TrustMap.
+
+The constructor takes exactly the arch kwargs nnU-Net's planner writes for PlainConvUNet (plus
+optional EnTrust kwargs with defaults), so ``get_network_from_plans`` builds it from any nnU-Net
+plans, 2D or 3D alike.
+
+``forward(x)`` returns what PlainConvUNet returns (deep-supervision logits, or full-resolution
+logits), so nnU-Net's loss, validation and sliding-window inference use it unchanged.
+``forward(x, return_parts=True)`` additionally returns the fusion parts the trainer needs for the
+EnTrust losses (:meth:`auxiliary_losses`). :meth:`sample` runs encoders and EnFuse ONCE and
+draws K hypotheses through the light SegDiff head only.
+
+EnFuse runs at every resolution below the full one (stages 1..n-1). At full resolution the M
+streams are fused by a 1x1 convolution that also sees F_cf upsampled from stage 1: measured on CPU
+(2D, 64x64, M=3), EnFuse's depthwise heads at full resolution cost 6.8 ms, more than the whole
+plain nnU-Net encoder (2.6 ms), while conflict regions are several voxels wide and survive one
+2x upsampling.
+
+Per-modality experts (CLoE-style): each modality's own stage-1 features predict the labels on
+their own through a 1x1 head. Their disagreement, the largest pairwise total-variation distance
+between the experts' class probabilities, is the training target of D_cf (detached). So F_cf learns
+"the modalities say different things here", something no single-stream network sees, and never
+uses the true conflict masks (real data does not have them).
+"""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+from dynamic_network_architectures.building_blocks.unet_decoder import UNetDecoder
+from dynamic_network_architectures.initialization.weight_init import InitWeights_He
+from torch import nn
+from torch.nn import functional as F
+
+from entrust_nnunet.encoders import ModalityEncoders
+from entrust_nnunet.enfuse import EnFuse
+from entrust_nnunet.segdiff import SegDiffHead
+from entrust_nnunet.trustmap import CalibHead, hypothesis_statistics, probe_step
+
+#: weights of the EnTrust loss terms added to nnU-Net's Dice+CE (see ``auxiliary_losses``)
+LOSS_WEIGHTS = {"generative": 1.0, "independence": 0.1, "experts": 0.5, "conflict": 0.5}
+
+
+class FeatureUNetDecoder(UNetDecoder):
+    """nnU-Net's UNetDecoder that also returns its full-resolution features (SegDiff's conditioning)."""
+
+    def forward(self, skips):
+        lres = skips[-1]
+        outputs = []
+        for s, (up, stage) in enumerate(zip(self.transpconvs, self.stages)):
+            lres = stage(torch.cat((up(lres), skips[-(s + 2)]), 1))
+            if self.deep_supervision or s == len(self.stages) - 1:
+                outputs.append(self.seg_layers[s](lres))
+        outputs = outputs[::-1]
+        return (outputs if self.deep_supervision else outputs[0]), lres
+
+
+def expert_disagreement(expert_probs: torch.Tensor) -> torch.Tensor:
+    """Largest pairwise total-variation distance between M expert predictions (B, M, C, *s) -> (B, 1, *s)."""
+    m = expert_probs.shape[1]
+    if m < 2:
+        return torch.zeros_like(expert_probs[:, 0, :1])
+    d = [0.5 * (expert_probs[:, i] - expert_probs[:, j]).abs().sum(1, keepdim=True)
+         for i in range(m) for j in range(i + 1, m)]
+    return torch.stack(d, 0).amax(0)
+
+
+class EnTrustUNet(nn.Module):
+    def __init__(self, input_channels: int, n_stages: int, features_per_stage, conv_op, kernel_sizes, strides,
+                 n_conv_per_stage, num_classes: int, n_conv_per_stage_decoder, conv_bias: bool = False,
+                 norm_op=None, norm_op_kwargs: dict | None = None, dropout_op=None,
+                 dropout_op_kwargs: dict | None = None, nonlin=None, nonlin_kwargs: dict | None = None,
+                 deep_supervision: bool = False, nonlin_first: bool = False, num_hypotheses: int = 8,
+                 sampling_steps: int = 4, independence: str = "xcov", min_modality_width: int = 8,
+                 segdiff_hidden: int = 16, segdiff_t_start: float = 0.0, probe_strength: float = 1.0):
+        super().__init__()
+        if isinstance(features_per_stage, int):
+            features_per_stage = [features_per_stage] * n_stages
+        if isinstance(kernel_sizes, int):
+            kernel_sizes = [kernel_sizes] * n_stages
+        self.num_modalities = input_channels
+        self.num_classes = num_classes
+        self.num_hypotheses = num_hypotheses
+        self.sampling_steps = sampling_steps
+        self.probe_strength = probe_strength
+        self.encoders = ModalityEncoders(input_channels, n_stages, features_per_stage, conv_op, kernel_sizes, strides,
+                                         n_conv_per_stage, conv_bias, norm_op, norm_op_kwargs, dropout_op,
+                                         dropout_op_kwargs, nonlin, nonlin_kwargs, min_width=min_modality_width)
+        if n_stages < 2:
+            raise ValueError("EnTrustUNet needs at least two resolution stages")
+        widths = self.encoders.widths
+        self.fuse_full = nn.Sequential(conv_op(input_channels * widths[0] + 1, features_per_stage[0], 1),
+                                       norm_op(features_per_stage[0], **(norm_op_kwargs or {})),
+                                       nonlin(**(nonlin_kwargs or {})))
+        self.fuse = nn.ModuleList(
+            EnFuse(input_channels, w, f, conv_op, norm_op, norm_op_kwargs, nonlin, nonlin_kwargs, independence)
+            for w, f in zip(widths[1:], features_per_stage[1:]))
+        # the decoder reads only these attributes of an encoder; a plain namespace keeps it from
+        # registering a second (unused) encoder as a sub-module
+        fused_spec = SimpleNamespace(output_channels=list(features_per_stage), strides=self.encoders.strides,
+                                     kernel_sizes=kernel_sizes, conv_op=conv_op, conv_bias=conv_bias,
+                                     norm_op=norm_op, norm_op_kwargs=norm_op_kwargs, dropout_op=dropout_op,
+                                     dropout_op_kwargs=dropout_op_kwargs, nonlin=nonlin, nonlin_kwargs=nonlin_kwargs)
+        self.decoder = FeatureUNetDecoder(fused_spec, num_classes, n_conv_per_stage_decoder, deep_supervision,
+                                          nonlin_first=nonlin_first)
+        m = input_channels
+        self.experts = conv_op(m * widths[1], m * num_classes, 1, groups=m)
+        self.segdiff = SegDiffHead(conv_op, num_classes, features_per_stage[0] + 1, segdiff_hidden,
+                                   t_start=segdiff_t_start)
+        self.calib = CalibHead(conv_op)
+        #: when True, forward() keeps its intermediate parts in ``last_parts`` for :class:`EnTrustLoss`
+        self.cache_parts = False
+        self.last_parts: dict | None = None
+
+    initialize = InitWeights_He(1e-2)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor, return_parts: bool = False):
+        skips = self.encoders(x)
+        fused = [f(h) for f, h in zip(self.fuse, skips[1:])]
+        conflict = self._upsample(fused[0]["F_cf"], skips[0].shape[3:])
+        f_en_full = self.fuse_full(torch.cat([skips[0].flatten(1, 2), conflict], 1))
+        logits, features = self.decoder([f_en_full] + [p["F_en"] for p in fused])
+        if not (return_parts or self.cache_parts):
+            return logits
+        parts = {"logits": logits, "features": features, "fused": fused, "skips": skips, "conflict": conflict,
+                 "cond": torch.cat([features, conflict], 1)}
+        if self.cache_parts:
+            self.last_parts = parts
+        return parts if return_parts else logits
+
+    @staticmethod
+    def _upsample(x: torch.Tensor, size) -> torch.Tensor:
+        return F.interpolate(x, size=tuple(size), mode="bilinear" if x.dim() == 4 else "trilinear", align_corners=False)
+
+    def expert_probabilities(self, skips: list[torch.Tensor]) -> torch.Tensor:
+        """(B, M, C, *s1) class probabilities of the per-modality experts at stage-1 resolution."""
+        s1 = skips[1]
+        b, m = s1.shape[:2]
+        return torch.softmax(self.experts(s1.flatten(1, 2)).reshape(b, m, self.num_classes, *s1.shape[3:]).float(), 2)
+
+    def auxiliary_losses(self, parts: dict, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        """EnTrust's terms beside nnU-Net's Dice+CE, for integer ``target`` (B, 1, *s) at full resolution.
+
+        generative: SegDiff flow-matching loss; independence: mean EnFuse penalty over stages;
+        experts: mean cross-entropy of the per-modality experts (stage-1 resolution); conflict: BCE
+        of F_cf (every EnFuse stage, target area-downsampled) against the experts' detached disagreement.
+        """
+        cond_h = self.segdiff.condition(parts["cond"])
+        generative = self.segdiff.loss(cond_h, target)
+        independence = torch.stack([f.independence_penalty(p) for f, p in zip(self.fuse, parts["fused"])]).mean()
+        expert_probs = self.expert_probabilities(parts["skips"])
+        # nnU-Net's deep-supervision targets are nearest-downsampled the same way
+        tgt = F.interpolate(target.float(), size=expert_probs.shape[3:], mode="nearest")[:, 0].long()
+        experts = torch.stack([F.nll_loss(expert_probs[:, m].clamp_min(1e-6).log(), tgt)
+                               for m in range(expert_probs.shape[1])]).mean()
+        disagreement = expert_disagreement(expert_probs.detach())
+        conflict = torch.stack([
+            F.binary_cross_entropy_with_logits(
+                p["F_cf_logit"].float(),
+                F.adaptive_avg_pool2d(disagreement, p["F_cf_logit"].shape[2:]) if disagreement.dim() == 4
+                else F.adaptive_avg_pool3d(disagreement, p["F_cf_logit"].shape[2:]))
+            for p in parts["fused"]]).mean()
+        return {"generative": generative, "independence": independence, "experts": experts, "conflict": conflict}
+
+    # ------------------------------------------------------------------ inference
+    @torch.no_grad()
+    def sample(self, x: torch.Tensor, num_hypotheses: int | None = None, steps: int | None = None, seed: int = 0,
+               probe: bool = True) -> dict[str, torch.Tensor]:
+        """Encoders + EnFuse + decoder once, then K hypotheses x S steps through the SegDiff head.
+
+        Returns ``hypotheses`` (K, B, C, *s), ``mean`` (B, C, *s) and the maps (B, *s): ``total``
+        (entropy of the mean, nats), ``aleatoric``, ``epistemic``, ``probe``, ``conflict`` and
+        ``error`` (CalibHead's probability that argmax(mean) is wrong).
+        """
+        k = num_hypotheses or self.num_hypotheses
+        s = steps or self.sampling_steps
+        parts = self.forward(x, return_parts=True)
+        logits = parts["logits"][0] if isinstance(parts["logits"], (list, tuple)) else parts["logits"]
+        init = torch.softmax(logits.float(), 1)
+
+        def draw(cond):
+            return self.segdiff.sample(self.segdiff.condition(cond), k, s, seed=seed, init_probs=init)
+
+        hyps = draw(parts["cond"])
+        stats = hypothesis_statistics(hyps)
+        conflict = parts["conflict"].float().clamp(0, 1)
+        stats["conflict"] = conflict[:, 0]
+        stats["probe"] = (probe_step(draw, parts["cond"], conflict, hyps, self.probe_strength, seed) if probe
+                          else torch.zeros_like(stats["total"]))
+        stats["confidence"] = stats["mean"].amax(1)
+        stats["error"] = self.calib(stats)
+        stats["hypotheses"] = hyps
+        return stats
+
+    def compute_conv_feature_map_size(self, input_size) -> int:
+        """Activation estimate nnU-Net's planner compares against its reference (same convention as PlainConvUNet)."""
+        total = self.encoders.compute_conv_feature_map_size(input_size)
+        size = [i // j for i, j in zip(input_size, self.encoders.strides[0])]
+        m = self.num_modalities
+        total += int(torch.tensor(size).prod()) * (1 + self.fuse_full[0].out_channels)
+        for stride, fuse in zip(self.encoders.strides[1:], self.fuse):
+            size = [i // j for i, j in zip(size, stride)]
+            w = fuse.E_c.depthwise.in_channels
+            # outputs of E_c and E_u (M streams, x2 expansion), D_cf, gates and the fused output, per voxel
+            total += int(torch.tensor(size).prod()) * (2 * m * w * 2 + 3 * w + m + 2 + fuse.out[0].out_channels)
+        total += int(self.decoder.compute_conv_feature_map_size(input_size))
+        total += self.segdiff.compute_conv_feature_map_size(input_size)
+        return int(total)

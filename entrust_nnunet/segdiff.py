@@ -1,0 +1,112 @@
+"""SegDiff: a flow-matching segmentation decoder in the logit space of the mask, conditioned on F_en.
+
+Choice: conditional flow matching (rectified flow) rather than DDPM diffusion, because a straight
+probability path needs few Euler steps (S <= 10) and its loss is a plain regression.
+
+* Data point: ``x1 = 2 * onehot(y) - 1`` (C channels, +1 for the true class, -1 elsewhere).
+* Path: ``x_t = (1 - t) x0 + t x1`` with ``x0 ~ N(0, I)``; target velocity ``x1 - x0``.
+* Loss: ``|| v_theta(x_t, t | c) - (x1 - x0) ||^2`` with ``t ~ U(t_start, 1)``.
+* Sampling: Euler steps from ``t_start`` to 1, K hypotheses at once. With ``t_start = 0`` the start
+  is pure noise; with ``t_start > 0`` (truncated flow matching, as in ATFM) the start is
+  ``(1 - t_start) x0 + t_start (2 p_det - 1)`` built from the deterministic head's probabilities,
+  which lets fewer steps suffice.
+* Hypothesis k's class probabilities: ``softmax(sharpness * x1_hat_k)``.
+
+Cost: the conditioning ``c`` (decoder features at full resolution and F_cf) is projected ONCE per
+patch (:meth:`SegDiffHead.condition`); each of the K x S steps runs only the light head
+(one 3x3 conv on the C-channel state, two 1x1 convs of ``hidden`` channels).
+Where the conditioning is the same but the training labels were split (ambiguous voxels), the
+learned velocity field is bimodal and the K hypotheses diverge; elsewhere they agree.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+#: bound on the state so that logits stay finite in fp16 (nnU-Net accumulates in half precision)
+STATE_CLAMP = 4.0
+
+
+def one_hot_state(target: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(B, 1, *s) integer labels -> (B, C, *s) flow-matching data point in {-1, +1}."""
+    onehot = F.one_hot(target[:, 0].long(), num_classes).movedim(-1, 1)
+    return onehot.float() * 2 - 1
+
+
+class SegDiffHead(nn.Module):
+    """The light denoising head ``v_theta(x_t, t | c)`` of SegDiff."""
+
+    def __init__(self, conv_op, num_classes: int, cond_channels: int, hidden: int = 16, sharpness: float = 2.0,
+                 t_start: float = 0.0):
+        super().__init__()
+        if not 0.0 <= t_start < 1.0:
+            raise ValueError(f"t_start must be in [0, 1), got {t_start}")
+        self.num_classes = num_classes
+        self.hidden = hidden
+        self.sharpness = sharpness
+        self.t_start = t_start
+        self.cond_proj = conv_op(cond_channels, hidden, 1)
+        self.state_in = conv_op(num_classes, hidden, 3, padding=1)
+        self.time_mlp = nn.Sequential(nn.Linear(16, hidden), nn.GELU(), nn.Linear(hidden, hidden))
+        self.mid = conv_op(hidden, hidden, 1)
+        self.out = conv_op(hidden, num_classes, 1)
+
+    @staticmethod
+    def _time_features(t: torch.Tensor) -> torch.Tensor:
+        freqs = torch.exp(torch.linspace(0, math.log(100.0), 8, device=t.device))
+        angles = t[:, None] * freqs[None] * math.pi
+        return torch.cat([angles.sin(), angles.cos()], 1)
+
+    def condition(self, cond: torch.Tensor) -> torch.Tensor:
+        """Project the conditioning once per patch: (B, cond_channels, *s) -> (B, hidden, *s)."""
+        return self.cond_proj(cond)
+
+    def velocity(self, x_t: torch.Tensor, t: torch.Tensor, cond_h: torch.Tensor) -> torch.Tensor:
+        """v_theta for states (N, C, *s) at times t (N,) given projected conditioning (N, hidden, *s)."""
+        temb = self.time_mlp(self._time_features(t.to(x_t.dtype)))
+        h = self.state_in(x_t) + cond_h + temb.view(*temb.shape, *([1] * (x_t.dim() - 2)))
+        h = F.gelu(self.mid(F.gelu(h)))
+        return self.out(h)
+
+    def loss(self, cond_h: torch.Tensor, target: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Flow-matching regression loss for integer ``target`` (B, 1, *s) given projected conditioning."""
+        x1 = one_hot_state(target, self.num_classes).to(cond_h.dtype)
+        x0 = torch.randn(x1.shape, device=x1.device, dtype=x1.dtype, generator=generator)
+        t = self.t_start + (1 - self.t_start) * torch.rand(x1.shape[0], device=x1.device, generator=generator)
+        tb = t.view(-1, *([1] * (x1.dim() - 1))).to(x1.dtype)
+        x_t = (1 - tb) * x0 + tb * x1
+        return F.mse_loss(self.velocity(x_t, t, cond_h), x1 - x0)
+
+    @torch.no_grad()
+    def sample(self, cond_h: torch.Tensor, num_hypotheses: int, steps: int, seed: int = 0,
+               init_probs: torch.Tensor | None = None) -> torch.Tensor:
+        """K hypotheses per input by Euler integration; returns class probabilities (K, B, C, *s).
+
+        Deterministic for a fixed ``seed`` (noise drawn from a generator seeded with it). The K
+        hypotheses run as one batch of size K*B through the head.
+        """
+        if num_hypotheses < 1 or steps < 1:
+            raise ValueError(f"need num_hypotheses >= 1 and steps >= 1, got {num_hypotheses}, {steps}")
+        b, spatial = cond_h.shape[0], cond_h.shape[2:]
+        k = num_hypotheses
+        gen = torch.Generator(device=cond_h.device).manual_seed(int(seed))
+        shape = (k * b, self.num_classes, *spatial)
+        x = torch.randn(shape, device=cond_h.device, dtype=cond_h.dtype, generator=gen)
+        cond_k = cond_h.unsqueeze(0).expand(k, *cond_h.shape).reshape(k * b, *cond_h.shape[1:])
+        t0 = self.t_start
+        if t0 > 0 and init_probs is not None:
+            prior = (2 * init_probs - 1).to(x.dtype).unsqueeze(0).expand(k, *init_probs.shape).reshape(shape)
+            x = (1 - t0) * x + t0 * prior
+        dt = (1.0 - t0) / steps
+        for i in range(steps):
+            t = torch.full((k * b,), t0 + i * dt, device=x.device)
+            x = (x + dt * self.velocity(x, t, cond_k)).clamp(-STATE_CLAMP, STATE_CLAMP)
+        probs = torch.softmax(self.sharpness * x.float(), 1)
+        return probs.reshape(k, b, self.num_classes, *spatial)
+
+    def compute_conv_feature_map_size(self, input_size) -> int:
+        n = int(torch.tensor(input_size).prod())
+        return (3 * self.hidden + self.num_classes) * n

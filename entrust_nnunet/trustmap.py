@@ -1,0 +1,93 @@
+"""TrustMap: per-voxel uncertainty from SegDiff's K hypotheses, probing, and a learned calibration.
+
+From hypotheses ``p_k`` (K, B, C, *s):
+
+* ``mean``      = (1/K) sum_k p_k, the class probabilities (the mask is its argmax);
+* ``total``     = H(mean) in nats (entropy of the mean);
+* ``aleatoric`` = (1/K) sum_k H(p_k): how soft each hypothesis is (expected entropy);
+* ``epistemic`` = total - aleatoric = the mutual information between the label and the hypothesis
+  index: how much the hypotheses disagree. Pooled over folds it also holds model disagreement;
+* ``probe``     (ProbeStep): how far the hypotheses move when the conditioning is perturbed where
+  the modalities conflict (see :func:`probe_step`);
+* ``conflict``  = F_cf at full resolution, in [0, 1].
+
+CalibHead maps (max mean probability, total, aleatoric, epistemic, probe, conflict) per voxel to
+the probability that the mask is wrong there; it is fitted on training-fold patches only (see
+``nnUNetTrainerEnTrust.fit_calibration``), never on the validation fold.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from entrust_nnunet.metrics import mutual_information
+
+STATISTICS = ("confidence", "total", "aleatoric", "epistemic", "probe", "conflict")
+
+
+def hypothesis_statistics(hypotheses: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Mean probabilities and the entropy decomposition of K hypotheses (K, B, C, *s); maps are (B, *s)."""
+    parts = mutual_information(hypotheses.float().transpose(1, 2))  # (K, C, B, *s): class axis second
+    return {"mean": hypotheses.float().mean(0), **parts}
+
+
+def probe_step(sample_fn, cond: torch.Tensor, conflict: torch.Tensor, reference: torch.Tensor,
+               strength: float = 1.0, seed: int = 0) -> torch.Tensor:
+    """ProbeStep: sensitivity of the hypotheses to conflict-guided perturbation of the conditioning.
+
+    What is perturbed: the SegDiff conditioning ``cond`` (decoder features at full resolution and
+    F_cf, before the head's projection), as ``cond' = cond + strength * conflict * std(cond) * xi``
+    with ``xi ~ N(0, I)`` drawn from a generator seeded with ``seed + 1`` and ``std`` per channel
+    over the patch. Voxels with no conflict are not perturbed. ``sample_fn(cond')`` re-runs
+    SegDiff with the SAME noise seed as ``reference`` (K, B, C, *s), so the returned map
+    (B, *s) = mean_k TV(p_k, p'_k) in [0, 1] measures only the effect of the perturbation.
+    """
+    gen = torch.Generator(device=cond.device).manual_seed(int(seed) + 1)
+    xi = torch.randn(cond.shape, device=cond.device, dtype=cond.dtype, generator=gen)
+    scale = cond.flatten(2).std(-1).view(*cond.shape[:2], *([1] * (cond.dim() - 2)))
+    moved = sample_fn(cond + strength * conflict * scale * xi)
+    return 0.5 * (moved - reference).abs().sum(2).mean(0)
+
+
+class CalibHead(nn.Module):
+    """Per-voxel map (statistics -> probability of error): a two-layer 1x1-conv MLP with sigmoid output."""
+
+    def __init__(self, conv_op, hidden: int = 16):
+        super().__init__()
+        n = len(STATISTICS)
+        self.net = nn.Sequential(conv_op(n, hidden, 1), nn.GELU(), conv_op(hidden, 1, 1))
+        # until fitted, behave like 1 - confidence (a sane default, not a hidden constant)
+        self.register_buffer("fitted", torch.zeros(()))
+
+    @staticmethod
+    def features(stats: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.stack([stats[k].float() for k in STATISTICS], 1)
+
+    def logits(self, stats: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.net(self.features(stats))[:, 0]
+
+    def forward(self, stats: dict[str, torch.Tensor]) -> torch.Tensor:
+        if not bool(self.fitted):
+            return (1 - stats["confidence"]).clamp(0, 1)
+        return torch.sigmoid(self.logits(stats))
+
+    def fit(self, stats: dict[str, torch.Tensor], error: torch.Tensor, steps: int = 300, lr: float = 1e-2) -> float:
+        """Fit on collected statistics (N, *s each) and error indicators (N, *s); returns the final BCE.
+
+        Plain (unweighted) binary cross-entropy: it is a proper scoring rule, so the fitted output is
+        a calibrated probability of error on the data it was fitted on.
+        """
+        x = self.features(stats).detach()
+        y = error.float().detach()
+        opt = torch.optim.Adam(self.net.parameters(), lr=lr)
+        loss = torch.tensor(0.0)
+        with torch.enable_grad():
+            for _ in range(steps):
+                opt.zero_grad()
+                logit = self.net(x)[:, 0]
+                loss = F.binary_cross_entropy_with_logits(logit, y)
+                loss.backward()
+                opt.step()
+        self.fitted.fill_(1.0)
+        return float(loss)
