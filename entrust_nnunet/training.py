@@ -182,16 +182,17 @@ class nnUNetTrainerEnTrust_50epochs(nnUNetTrainerEnTrust):
 
 
 class nnUNetTrainerEnTrust_tinyCPU(nnUNetTrainerEnTrust):
-    """For tests: 2 epochs of 3 iterations, 1 validation iteration, 2 calibration batches."""
+    """For tests: 4 epochs of 3 iterations, 1 validation iteration, a checkpoint every epoch, 2 calibration batches."""
 
     num_calibration_batches = 2
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs = 2
+        self.num_epochs = 4
         self.num_iterations_per_epoch = 3
         self.num_val_iterations_per_epoch = 1
+        self.save_every = 1
 
 
 class nnUNetTrainerEnTrustPlaceholder(nnUNetTrainer):

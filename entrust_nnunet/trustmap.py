@@ -90,4 +90,4 @@ class CalibHead(nn.Module):
                 loss.backward()
                 opt.step()
         self.fitted.fill_(1.0)
-        return float(loss)
+        return float(loss.detach())
