@@ -122,6 +122,55 @@ def _add_pipeline(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_demo)
 
 
+def _cmd_predict(args: argparse.Namespace) -> None:
+    from nnunetv2.utilities.file_path_utilities import get_output_folder
+
+    from entrust_nnunet.nnunet_env import ensure_ext_trainer
+    from entrust_nnunet.predict import predict_folder
+
+    ensure_ext_trainer()
+    if args.model_folder is None and args.d is None:
+        raise InputError("give -d DATASET (with -c/-tr/-p) or -m MODEL_FOLDER")
+    try:
+        model = args.model_folder or get_output_folder(args.d, args.tr, args.p, args.c)
+    except RuntimeError as e:
+        raise InputError(str(e).splitlines()[0]) from None
+    folds = None if args.f is None else [f if f == "all" else int(f) for f in args.f]
+    out = predict_folder(args.i, args.o, model, folds=folds, checkpoint=args.chk, device=args.device,
+                         num_samples=args.num_samples, steps=args.steps, seed=args.seed, step_size=args.step_size,
+                         disable_tta=args.disable_tta, save_probabilities=args.save_probabilities,
+                         num_processes_preprocessing=args.npp, num_processes_export=args.nps,
+                         probe=not args.no_probe)
+    print(f"masks in {out}, uncertainty maps in {out / 'uncertainty'}")
+
+
+def _add_prediction(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("predict", help="masks plus uncertainty maps (nnUNetv2_predict's flags, plus sampling)",
+                       description="Predict with an EnTrust model through nnU-Net's predictor. Writes OUT/CASE<ending> "
+                                   "(the mask, as nnUNetv2_predict writes it) and OUT/uncertainty/CASE_{total,aleatoric,"
+                                   "epistemic,conflict}<ending> with the input's geometry. Several folds are pooled.")
+    p.add_argument("-i", required=True, help="input folder (CASE_XXXX<ending> files, nnU-Net naming)")
+    p.add_argument("-o", required=True, help="output folder (must differ from the input folder)")
+    p.add_argument("-d", default=None, help="dataset name or id")
+    p.add_argument("-c", default="2d", help="configuration (default: 2d)")
+    p.add_argument("-tr", default="nnUNetTrainerEnTrust", help="trainer (default: nnUNetTrainerEnTrust)")
+    p.add_argument("-p", default="nnUNetEnTrustPlans", help="plans identifier (default: nnUNetEnTrustPlans)")
+    p.add_argument("-m", "--model-folder", default=None, help="trained model folder instead of -d/-c/-tr/-p")
+    p.add_argument("-f", nargs="+", default=None, help="folds to pool (default: all folds that exist)")
+    p.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint name (default: checkpoint_final.pth)")
+    p.add_argument("-device", default="cpu", choices=("cpu", "cuda"), help="device (default: cpu)")
+    p.add_argument("-step_size", type=float, default=0.5, help="sliding-window step as a fraction of the patch (default: 0.5)")
+    p.add_argument("--disable_tta", action="store_true", help="no mirroring test-time augmentation")
+    p.add_argument("--save_probabilities", action="store_true", help="also write the calibrated class probabilities (.npz + .pkl)")
+    p.add_argument("-npp", type=int, default=2, help="processes for preprocessing (default: 2)")
+    p.add_argument("-nps", type=int, default=2, help="processes for export (default: 2)")
+    p.add_argument("--num-samples", type=int, default=8, help="K hypotheses per patch and fold (default: 8)")
+    p.add_argument("--steps", type=int, default=None, help="S flow-matching steps (default: the model's, 4)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed; same seed, same maps (default: 0)")
+    p.add_argument("--no-probe", action="store_true", help="skip ProbeStep (faster; the probe statistic is then 0)")
+    p.set_defaults(func=_cmd_predict)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="entrust", description=__doc__.split("\n")[0])
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -149,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_convert(sub)
     _add_pipeline(sub)
+    _add_prediction(sub)
     return parser
 
 

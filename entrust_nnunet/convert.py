@@ -24,6 +24,7 @@ and the source is only ever read.
 """
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import re
@@ -31,6 +32,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
+import zlib
 from unittest import mock
 
 import numpy as np
@@ -155,7 +157,8 @@ def convert_msd(src: str | os.PathLike, dataset_id: int | None = None, overwrite
             try:
                 msd.convert_msd_dataset(str(src), overwrite_target_id=target_id, num_processes=num_processes)
             except (AssertionError, RuntimeError, OSError, KeyError, ValueError) as e:
-                raise InputError(f"{src}: nnU-Net's MSD conversion failed ({_first_line(e)})") from None
+                reason = _sitk_reason(e) if isinstance(e, RuntimeError) else _first_line(e)
+                raise InputError(f"{src}: nnU-Net's MSD conversion failed ({reason})") from None
         for child in (stage / target.name).iterdir():
             os.replace(child, tmp / child.name)
         shutil.rmtree(stage)
@@ -169,6 +172,13 @@ def convert_msd(src: str | os.PathLike, dataset_id: int | None = None, overwrite
 def _first_line(err: BaseException) -> str:
     text = next((ln.strip() for ln in str(err).splitlines() if ln.strip()), type(err).__name__)
     return text[:200]
+
+
+def _sitk_reason(err: RuntimeError) -> str:
+    """The informative part of a SimpleITK exception (its ``sitk::ERROR:`` line, not the source location)."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    errors = [ln.split("ERROR:", 1)[1].strip() for ln in lines if "ERROR:" in ln]
+    return (errors[-1] if errors else lines[0] if lines else "unknown error")[:160]
 
 
 def _source_root(src: str | os.PathLike) -> Path:
@@ -244,25 +254,28 @@ def _match_case(folder: Path, channels: Sequence[str], label: str) -> SourceCase
     return SourceCase(folder.name, folder, [found[n.casefold()] for n in channels], found.get(label.casefold()))
 
 
+def _brats_layout_of(folder: Path) -> BratsLayout:
+    stems = {s.casefold() for s in map(_entry_stem, _visible(folder)) if s is not None}
+    hits = [lay for lay in BRATS_LAYOUTS
+            if any(n.casefold() in stems for n in lay.channel_names(folder.name) + [lay.seg_name(folder.name)])]
+    if not hits:
+        examples = " or ".join(f"{lay.channel_names(folder.name)[0]}{FILE_ENDING}" for lay in BRATS_LAYOUTS)
+        raise InputError(f"{folder}: no BraTS files found (expected names like {examples})")
+    if len(hits) > 1:
+        raise InputError(f"{folder}: mixes {' and '.join(h.name for h in hits)} file names")
+    return hits[0]
+
+
 def _brats_layout(folders: Sequence[Path]) -> BratsLayout:
-    """The one BraTS naming scheme used by every case folder."""
-    chosen: tuple[BratsLayout, Path] | None = None
-    for folder in folders:
-        stems = {s.casefold() for s in map(_entry_stem, _visible(folder)) if s is not None}
-        hits = [lay for lay in BRATS_LAYOUTS
-                if any(n.casefold() in stems for n in lay.channel_names(folder.name) + [lay.seg_name(folder.name)])]
-        if not hits:
-            examples = " or ".join(f"{lay.channel_names(folder.name)[0]}{FILE_ENDING}" for lay in BRATS_LAYOUTS)
-            raise InputError(f"{folder}: no BraTS files found (expected names like {examples})")
-        if len(hits) > 1:
-            raise InputError(f"{folder}: mixes {' and '.join(h.name for h in hits)} file names")
-        if chosen is None:
-            chosen = (hits[0], folder)
-        elif hits[0] is not chosen[0]:
-            raise InputError(f"{folder}: uses {hits[0].name} file names but {chosen[1].name} uses "
-                             f"{chosen[0].name}; one layout per dataset")
-    assert chosen is not None
-    return chosen[0]
+    """The one BraTS naming scheme of the dataset; a case using another one is named in the error."""
+    layouts = [_brats_layout_of(f) for f in folders]
+    majority = max(BRATS_LAYOUTS, key=layouts.count)
+    for folder, layout in zip(folders, layouts, strict=True):
+        if layout is not majority:
+            other = folders[layouts.index(majority)]
+            raise InputError(f"{folder}: uses {layout.name} file names but {other.name} and "
+                             f"{layouts.count(majority) - 1} more case(s) use {majority.name}; one layout per dataset")
+    return majority
 
 
 def _check_modality_names(modalities: Sequence[str], label_name: str) -> list[str]:
@@ -314,12 +327,16 @@ def _image_header(path: Path) -> sitk.ImageFileReader:
     try:
         reader.ReadImageInformation()
     except RuntimeError as e:
-        raise InputError(f"{path}: unreadable or corrupt image ({_first_line(e)[:160]})") from None
+        raise InputError(f"{path}: unreadable or corrupt image ({_sitk_reason(e)})") from None
+    problem = _nifti_problem(path, check_finite=False)
+    if problem:
+        raise InputError(f"{path}: {problem}")
     return reader
 
 
 def _check_msd_files(src: Path, num_channels: int) -> None:
-    """Headers only (cheap): readable, channel count, a label for every training image."""
+    """Cheap checks (headers and gzip trailers, no voxel data): readable, not truncated, the declared
+    channel count, a label for every training image. NaN/Inf voxels are not looked for here."""
     train = _msd_files(src / "imagesTr")
     if not train:
         raise InputError(f"{src / 'imagesTr'}: no {FILE_ENDING} images")
@@ -364,8 +381,54 @@ def _claim_target(src: Path, raw_root: str | os.PathLike | None, dataset_id: int
 # per-case conversion, shared by brats and folder
 
 
+def _is_nifti(path: Path) -> bool:
+    return path.is_file() and path.name.lower().endswith((".nii", ".nii.gz"))
+
+
+def _gzip_content_size(path: Path, expected: int) -> int:
+    """Uncompressed size of a .gz file: the trailer's ISIZE when it says ``expected`` (cheap), else the
+    size found by decompressing it (which also exposes a broken stream)."""
+    with open(path, "rb") as f:
+        f.seek(-4, os.SEEK_END)
+        if int.from_bytes(f.read(4), "little") == expected % 2 ** 32:
+            return expected
+    size = 0
+    with gzip.open(path, "rb") as g:
+        while chunk := g.read(1 << 22):
+            size += len(chunk)
+    return size
+
+
+def _nifti_problem(path: Path, check_finite: bool = True) -> str | None:
+    """What ITK's NIfTI reader hides: it reads a truncated file as zeros and turns NaN/Inf voxels into 0,
+    so ``read_image`` cannot see either. Checks the stored size (header and gzip trailer, cheap) and,
+    with ``check_finite``, the stored floats of float images (read a second time, with nibabel)."""
+    if not _is_nifti(path):
+        return None
+    import nibabel
+
+    try:
+        nii = nibabel.load(str(path))
+        expected = int(nii.header.get_data_offset()) + int(np.prod(nii.shape)) * nii.get_data_dtype().itemsize
+        if path.name.lower().endswith(".gz"):
+            stored = _gzip_content_size(path, expected)
+        else:
+            stored = path.stat().st_size
+        if stored < expected:
+            return f"truncated or corrupt file (holds {stored} of {expected} bytes)"
+        if check_finite and nii.get_data_dtype().kind in "fc" \
+                and not np.all(np.isfinite(np.asanyarray(nii.dataobj))):
+            return "image contains NaN or Inf values"
+    except (OSError, EOFError, ValueError, zlib.error, nibabel.filebasedimages.ImageFileError) as e:
+        return f"truncated or corrupt file ({_first_line(e)})"
+    return None
+
+
 def _read_channel(path: Path) -> sitk.Image:
     image = read_image(path)
+    problem = _nifti_problem(path)
+    if problem:
+        raise InputError(f"{path}: {problem}")
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise InputError(f"{path}: {image.GetNumberOfComponentsPerPixel()}-component (e.g. RGB) image; "
                          f"need one scalar image per channel")
@@ -385,7 +448,7 @@ def _convert_case(case: SourceCase, out: Path, relabel: Relabel) -> set[int] | N
     split = "Tr" if case.label is not None else "Ts"
     outputs = case_files(out / f"images{split}", case.name, len(case.images), FILE_ENDING)
     reference = None
-    for path, dest in zip(case.images, outputs):
+    for path, dest in zip(case.images, outputs, strict=True):
         image = _read_channel(path)
         if reference is None:
             reference = image

@@ -62,9 +62,20 @@ def read_image(path: str | os.PathLike, check_finite: bool = True) -> sitk.Image
     return image
 
 
+def read_header(path: str | os.PathLike) -> sitk.ImageFileReader:
+    """Read only the header of an image; the returned reader answers GetSize/GetSpacing/GetOrigin/GetDirection."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        raise InputError(f"{path}: unreadable or corrupt image") from None
+    return reader
+
+
 def geometry_mismatch(a: sitk.Image, b: sitk.Image, tol: float = GEOMETRY_TOLERANCE) -> str | None:
     """Describe how the geometry of ``b`` differs from ``a`` (size, spacing, origin, direction),
-    or return ``None`` when they agree within ``tol``."""
+    or return ``None`` when they agree within ``tol``. Images or headers (:func:`read_header`) alike."""
     if a.GetDimension() != b.GetDimension():
         return f"dimension {b.GetDimension()} != {a.GetDimension()}"
     if a.GetSize() != b.GetSize():

@@ -4,8 +4,11 @@ The constructor takes exactly the arch kwargs nnU-Net's planner writes for Plain
 optional EnTrust kwargs with defaults), so ``get_network_from_plans`` builds it from any nnU-Net
 plans, 2D or 3D alike.
 
-``forward(x)`` returns what PlainConvUNet returns (deep-supervision logits, or full-resolution
-logits), so nnU-Net's loss, validation and sliding-window inference use it unchanged.
+``forward(x)`` returns what PlainConvUNet returns, so nnU-Net's loss, validation and sliding-window
+inference use it unchanged: deep-supervision logits while training; at inference (eval mode,
+deep supervision off) ``log`` of the mean of K SegDiff hypotheses, so that masks from the stock
+``nnUNetv2_predict`` and from nnU-Net's end-of-training validation are the argmax of the
+hypotheses' mean, exactly as ``entrust predict`` writes them.
 ``forward(x, return_parts=True)`` additionally returns the fusion parts the trainer needs for the
 EnTrust losses (:meth:`auxiliary_losses`). :meth:`sample` runs encoders and EnFuse ONCE and
 draws K hypotheses through the light SegDiff head only.
@@ -37,6 +40,8 @@ from entrust_nnunet.enfuse import EnFuse
 from entrust_nnunet.segdiff import SegDiffHead
 from entrust_nnunet.trustmap import CalibHead, hypothesis_statistics, probe_step
 
+#: floor of probabilities before taking logs: log(1e-4) = -9.2 is finite in fp16
+MIN_PROBABILITY = 1e-4
 #: weights of the EnTrust loss terms added to nnU-Net's Dice+CE (see ``auxiliary_losses``)
 LOSS_WEIGHTS = {"generative": 1.0, "independence": 0.1, "experts": 0.5, "conflict": 0.5}
 
@@ -122,7 +127,11 @@ class EnTrustUNet(nn.Module):
         f_en_full = self.fuse_full(torch.cat([skips[0].flatten(1, 2), conflict], 1))
         logits, features = self.decoder([f_en_full] + [p["F_en"] for p in fused])
         if not (return_parts or self.cache_parts):
-            return logits
+            if self.training or self.decoder.deep_supervision:
+                return logits
+            hyps = self._hypotheses(logits, torch.cat([features, conflict], 1), self.num_hypotheses,
+                                    self.sampling_steps)
+            return hyps.mean(0).clamp_min(MIN_PROBABILITY).log().to(logits.dtype)
         parts = {"logits": logits, "features": features, "fused": fused, "skips": skips, "conflict": conflict,
                  "cond": torch.cat([features, conflict], 1)}
         if self.cache_parts:
@@ -164,6 +173,11 @@ class EnTrustUNet(nn.Module):
         return {"generative": generative, "independence": independence, "experts": experts, "conflict": conflict}
 
     # ------------------------------------------------------------------ inference
+    def _hypotheses(self, logits: torch.Tensor, cond: torch.Tensor, k: int, s: int, seed: int = 0) -> torch.Tensor:
+        """K SegDiff hypotheses (K, B, C, *s) given the deterministic logits (truncated start) and conditioning."""
+        return self.segdiff.sample(self.segdiff.condition(cond), k, s, seed=seed,
+                                   init_probs=torch.softmax(logits.float(), 1))
+
     @torch.no_grad()
     def sample(self, x: torch.Tensor, num_hypotheses: int | None = None, steps: int | None = None, seed: int = 0,
                probe: bool = True) -> dict[str, torch.Tensor]:
@@ -177,10 +191,9 @@ class EnTrustUNet(nn.Module):
         s = steps or self.sampling_steps
         parts = self.forward(x, return_parts=True)
         logits = parts["logits"][0] if isinstance(parts["logits"], (list, tuple)) else parts["logits"]
-        init = torch.softmax(logits.float(), 1)
 
         def draw(cond):
-            return self.segdiff.sample(self.segdiff.condition(cond), k, s, seed=seed, init_probs=init)
+            return self._hypotheses(logits, cond, k, s, seed)
 
         hyps = draw(parts["cond"])
         stats = hypothesis_statistics(hyps)

@@ -8,7 +8,11 @@
 * ``_build_loss``: nnU-Net's own deep-supervised Dice+CE, wrapped by :class:`EnTrustLoss`, which adds
   the EnTrust terms (generative, independence, experts, conflict); nnU-Net's ``train_step`` and
   ``validation_step`` run unchanged;
-* ``on_train_end``: fit TrustMap's CalibHead on training-fold batches before the final checkpoint.
+* ``on_train_end``: fit TrustMap's CalibHead on training-fold batches before the final checkpoint;
+* ``perform_actual_validation``: after nnU-Net's own validation (masks, summary.json), write the
+  uncertainty maps of every validation case into ``fold_X/validation/uncertainty/`` with
+  :class:`~entrust_nnunet.predict.EnTrustPredictor`, so 5-fold cross-validation yields maps for
+  every training case.
 
 It also logs the EnTrust terms per epoch (training log + ``progress_entrust.png`` beside nnU-Net's
 ``progress.png``; the values are kept in the checkpoint, so ``--c`` continues the curves).
@@ -139,6 +143,31 @@ class nnUNetTrainerEnTrust(nnUNetTrainer):
     def on_train_end(self):
         self.fit_calibration()
         super().on_train_end()
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        super().perform_actual_validation(save_probabilities)
+        if self.local_rank == 0 and not self.is_cascaded:
+            self.write_validation_maps()
+
+    def write_validation_maps(self) -> None:
+        from entrust_nnunet.predict import EnTrustPredictor, export_prediction_with_maps
+
+        predictor = EnTrustPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=True,
+                                     perform_everything_on_device=True, device=self.device, allow_tqdm=False)
+        # the current weights as the one 'fold' (nnU-Net's own validation calls the network directly instead)
+        predictor.manual_initialization(self.network, self.plans_manager, self.configuration_manager,
+                                        [unwrap(self.network).state_dict()], self.dataset_json,
+                                        self.__class__.__name__, self.inference_allowed_mirroring_axes)
+        _, val_keys = self.do_split()
+        dataset_val = self.dataset_class(self.preprocessed_dataset_folder, val_keys)
+        folder = os.path.join(self.output_folder, "validation")
+        for key in dataset_val.identifiers:
+            data, _, _, properties = dataset_val.load_case(key)
+            prediction = predictor.predict_logits_from_preprocessed_data(torch.from_numpy(np.asarray(data[:])))
+            export_prediction_with_maps(prediction.cpu().numpy(), properties, self.configuration_manager,
+                                        self.plans_manager, self.dataset_json, os.path.join(folder, key),
+                                        keep_mask=False)
+        self.print_to_log_file(f"uncertainty maps of {len(val_keys)} validation cases in {folder}/uncertainty")
 
     @torch.no_grad()
     def fit_calibration(self) -> None:

@@ -1,5 +1,7 @@
 """The stock nnU-Net commands find, train, resume and load our trainers (subprocesses, CPU)."""
 import json
+import os
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -65,12 +67,13 @@ def test_interrupted_training_resumes_with_c_and_predict_loads(planned_phantoms,
     fold = Path(env["nnUNet_results"]) / name / "nnUNetTrainerEnTrust_tinyCPU__nnUNetEnTrustPlans__2d" / "fold_0"
     cmd = [nnunet_bin("nnUNetv2_train"), ID, "2d", "0", "-tr", "nnUNetTrainerEnTrust_tinyCPU",
            "-p", "nnUNetEnTrustPlans", "-device", "cpu"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # own session: killing the group also ends nnU-Net's data-augmentation workers, as Ctrl-C would
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 300
     while not (fold / "checkpoint_latest.pth").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
     time.sleep(0.3)  # let torch.save finish the file
-    proc.kill()
+    os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (fold / "checkpoint_final.pth").exists(), "training finished before it could be interrupted"
     interrupted = _load(fold / "checkpoint_latest.pth")

@@ -1,0 +1,303 @@
+"""Prediction with uncertainty maps: a subclass of nnU-Net's nnUNetPredictor.
+
+nnU-Net's predictor is reused for everything it already does (preprocessing, sliding window with
+Gaussian weighting, mirroring, fold averaging, resampling, crop/transpose back). Two hooks change:
+
+* the network it runs is wrapped in :class:`TrustStatistics`, which returns per patch the
+  quantities that pool by averaging: the hypotheses' mean class probabilities (C channels), their
+  mean entropy (aleatoric), ProbeStep's map and the conflict map. nnU-Net's Gaussian-weighted
+  sliding window, its mirroring and its average over folds therefore pool the hypotheses of all
+  patches, mirrorings and folds exactly; :meth:`EnTrustPredictor.predict_logits_from_preprocessed_data`
+  then derives from the pooled numbers ``total``/``epistemic`` (entropy of the pooled mean minus
+  the pooled aleatoric part: with several folds it includes disagreement between folds) and the
+  calibrated probability of error (the folds' CalibHeads averaged);
+* export: the mask (and, with ``--save_probabilities``, the pooled class probabilities as
+  ``.npz``/``.pkl``) is written by nnU-Net's own ``export_prediction_from_logits``; the maps are
+  resampled by nnU-Net's own functions and written as float32 images with the mask's geometry into
+  ``OUT/uncertainty/``. Everything goes to temporary names first and is renamed at the end, maps
+  before the mask, so a mask on disk means its maps are complete.
+
+Output per case: ``OUT/CASE<ending>`` and ``OUT/uncertainty/CASE_{total,aleatoric,epistemic,conflict}<ending>``.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+from nnunetv2.inference.export_prediction import (convert_predicted_logits_to_segmentation_with_correct_shape,
+                                                  export_prediction_from_logits)
+from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+from nnunetv2.utilities.label_handling.label_handling import LabelManager
+from acvl_utils.cropping_and_padding.bounding_boxes import insert_crop_into_image
+from torch import nn
+from tqdm import tqdm
+
+from entrust_nnunet.io import InputError, geometry_mismatch, read_header, write_image
+from entrust_nnunet.metrics import entropy
+from entrust_nnunet.network import MIN_PROBABILITY, EnTrustUNet
+from entrust_nnunet.trustmap import CalibHead
+
+#: names of the uncertainty maps, in the channel order the predictor returns them after the classes
+MAP_NAMES = ("total", "aleatoric", "epistemic", "conflict")
+MAP_FOLDER = "uncertainty"
+#: endings SimpleITK writes float32 images to; other dataset endings (e.g. .png) get .nii.gz maps
+FLOAT_ENDINGS = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd")
+
+
+def map_ending(file_ending: str) -> str:
+    return file_ending if file_ending in FLOAT_ENDINGS else ".nii.gz"
+
+
+class TrustStatistics(nn.Module):
+    """Wraps EnTrustUNet so that ``forward(x)`` returns (B, C + 3, *s): mean probabilities, aleatoric, probe, conflict.
+
+    ``load_state_dict`` goes to the wrapped network, so nnU-Net's per-fold weight loading works.
+    """
+
+    def __init__(self, network: EnTrustUNet, num_hypotheses: int, steps: int, seed: int = 0, probe: bool = True):
+        super().__init__()
+        self.net = network
+        self.num_hypotheses, self.steps, self.seed, self.probe = num_hypotheses, steps, seed, probe
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.net.sample(x, self.num_hypotheses, self.steps, seed=self.seed, probe=self.probe)
+        return torch.cat([s["mean"], s["aleatoric"][:, None], s["probe"][:, None], s["conflict"][:, None]], 1)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        return self.net.load_state_dict(state_dict, strict=strict, assign=assign)
+
+
+class _MapChannels(LabelManager):
+    """Lets nnU-Net's resampling/cropping/transposing code carry float maps: identity 'nonlinearity',
+    zeros outside the crop (nnU-Net crops to the non-zero image region, where there is nothing to doubt)."""
+
+    def apply_inference_nonlin(self, logits):
+        return torch.from_numpy(logits).float() if isinstance(logits, np.ndarray) else logits.float()
+
+    def revert_cropping_on_probabilities(self, predicted_probabilities, bbox, original_shape):
+        out = torch.zeros((predicted_probabilities.shape[0], *original_shape), dtype=predicted_probabilities.dtype)
+        return insert_crop_into_image(out, predicted_probabilities, bbox)
+
+
+def _temporary_name(path: str) -> str:
+    head, tail = os.path.split(path)
+    return os.path.join(head, f".tmp-{os.getpid()}-{tail}")
+
+
+def export_prediction_with_maps(prediction: np.ndarray, properties: dict, configuration_manager, plans_manager,
+                                dataset_json: dict, output_file_truncated: str, save_probabilities: bool = False,
+                                keep_mask: bool = True) -> None:
+    """Write mask (+ probabilities) with nnU-Net's exporter and the maps beside it, all atomically.
+
+    ``prediction`` is (C + 4, *s): log class probabilities, then total, aleatoric, epistemic, conflict.
+    With ``keep_mask=False`` only the maps are kept (nnU-Net's validation has written the masks).
+    """
+    num_classes = prediction.shape[0] - len(MAP_NAMES)
+    ending = dataset_json["file_ending"]
+    out_dir, case = os.path.split(output_file_truncated)
+    tmp_trunc = _temporary_name(output_file_truncated)
+    written = []
+    try:
+        export_prediction_from_logits(prediction[:num_classes], properties, configuration_manager, plans_manager,
+                                      dataset_json, tmp_trunc, save_probabilities)
+        written += [tmp_trunc + e for e in (ending, ".npz", ".pkl") if os.path.exists(tmp_trunc + e)]
+        label_manager = _MapChannels({"background": 0, **{f"map{i}": i for i in range(1, len(MAP_NAMES))}}, None)
+        _, maps = convert_predicted_logits_to_segmentation_with_correct_shape(
+            prediction[num_classes:], plans_manager, configuration_manager, label_manager, properties,
+            return_probabilities=True)
+        reference = sitk.ReadImage(tmp_trunc + ending)  # the mask nnU-Net wrote: its geometry is the input's
+        map_dir = os.path.join(out_dir, MAP_FOLDER)
+        os.makedirs(map_dir, exist_ok=True)
+        shape = sitk.GetArrayViewFromImage(reference).shape
+        for name, values in zip(MAP_NAMES, maps):
+            image = sitk.GetImageFromArray(np.asarray(values, dtype=np.float32).reshape(shape))
+            image.CopyInformation(reference)
+            write_image(image, os.path.join(map_dir, f"{case}_{name}{map_ending(ending)}"))
+        for tmp in written if keep_mask else []:  # the mask last: a mask on disk means its maps are complete
+            os.replace(tmp, output_file_truncated + tmp[len(tmp_trunc):])
+    finally:
+        for tmp in written:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+
+def _safe_load_check(checkpoint: Path) -> None:
+    """Refuse checkpoints that hold more than weights and plain data (torch.load weights_only=True)."""
+    from torch.serialization import safe_globals
+
+    numpy_types = [np.dtype, np.core.multiarray.scalar, np.ndarray, np.core.multiarray._reconstruct,
+                   type(np.dtype("float32")), type(np.dtype("float64")), type(np.dtype("int64"))]
+    try:
+        with safe_globals(numpy_types):
+            ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise InputError(f"{checkpoint}: checkpoint not found") from None
+    except Exception as e:  # unpickling errors have many types
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise InputError(f"{checkpoint}: not a loadable nnU-Net checkpoint ({first})") from None
+    if not isinstance(ckpt, dict) or "network_weights" not in ckpt or "trainer_name" not in ckpt:
+        raise InputError(f"{checkpoint}: not an nnU-Net checkpoint (no network_weights/trainer_name)")
+
+
+class EnTrustPredictor(nnUNetPredictor):
+    def __init__(self, *args, num_samples: int = 8, steps: int | None = None, seed: int = 0, probe: bool = True,
+                 **kwargs):
+        super().__init__(*args, **kwargs)
+        self.num_samples, self.steps, self.seed, self.probe = num_samples, steps, seed, probe
+        self.calib_heads: list[CalibHead] = []
+
+    # --------------------------------------------------------------- initialisation
+    def initialize_from_trained_model_folder(self, model_training_output_dir: str, use_folds,
+                                             checkpoint_name: str = "checkpoint_final.pth"):
+        folder = Path(model_training_output_dir)
+        if not (folder / "plans.json").exists():
+            raise InputError(f"{folder}: no trained model here (plans.json missing)")
+        if use_folds is None:
+            use_folds = self.auto_detect_available_folds(str(folder), checkpoint_name)
+            if not use_folds:
+                raise InputError(f"{folder}: no fold_*/{checkpoint_name} found")
+        for f in use_folds:
+            _safe_load_check(folder / f"fold_{f}" / checkpoint_name)
+        super().initialize_from_trained_model_folder(str(folder), use_folds, checkpoint_name)
+        self._wrap_network()
+
+    def manual_initialization(self, network, plans_manager, configuration_manager, parameters, dataset_json,
+                              trainer_name, inference_allowed_mirroring_axes):
+        super().manual_initialization(network, plans_manager, configuration_manager, parameters, dataset_json,
+                                      trainer_name, inference_allowed_mirroring_axes)
+        self._wrap_network()
+
+    def _wrap_network(self) -> None:
+        from entrust_nnunet.training import unwrap
+
+        net = unwrap(self.network)
+        if isinstance(net, TrustStatistics):
+            net = net.net
+        if not isinstance(net, EnTrustUNet):
+            raise InputError(f"trainer {self.trainer_name} builds {type(net).__name__}, not an EnTrust network: "
+                             f"use nnUNetv2_predict for it")
+        self.network = TrustStatistics(net, self.num_samples, self.steps or net.sampling_steps, self.seed, self.probe)
+        params = self.list_of_parameters or [net.state_dict()]
+        self.calib_heads = []
+        for p in params:
+            head = CalibHead(type(net.calib.net[0]))
+            head.load_state_dict({k[len("calib."):]: v for k, v in p.items() if k.startswith("calib.")})
+            self.calib_heads.append(head.eval())
+
+    # --------------------------------------------------------------- prediction
+    def predict_sliding_window_return_logits(self, input_image: torch.Tensor):
+        # nnU-Net preallocates one accumulator channel per segmentation head; ours carry C + 3 statistics
+        labels = self.label_manager
+        self.label_manager = SimpleNamespace(num_segmentation_heads=labels.num_segmentation_heads + 3)
+        try:
+            return super().predict_sliding_window_return_logits(input_image)
+        finally:
+            self.label_manager = labels
+
+    @torch.inference_mode()
+    def predict_logits_from_preprocessed_data(self, data: torch.Tensor) -> torch.Tensor:
+        """Pooled statistics -> (C + 4, *s): log mean probabilities, then total (P(error)), aleatoric, epistemic, conflict."""
+        pooled = super().predict_logits_from_preprocessed_data(data).float()
+        c = self.label_manager.num_segmentation_heads
+        mean = pooled[:c].clamp_min(0)
+        mean = mean / mean.sum(0, keepdim=True).clamp_min(1e-8)
+        aleatoric, probe, conflict = pooled[c], pooled[c + 1], pooled[c + 2].clamp(0, 1)
+        total_entropy = entropy(mean, axis=0)
+        stats = {"confidence": mean.amax(0), "total": total_entropy, "aleatoric": aleatoric,
+                 "epistemic": (total_entropy - aleatoric).clamp_min(0), "probe": probe, "conflict": conflict}
+        # a 2D network predicts (slices, x, y) volumes slice by slice: slices are its batch axis
+        two_d = isinstance(self.calib_heads[0].net[0], nn.Conv2d)
+        batched = stats if two_d else {k: v[None] for k, v in stats.items()}
+        error = torch.stack([head(batched) for head in self.calib_heads]).mean(0).clamp(0, 1)
+        error = error if two_d else error[0]
+        return torch.cat([mean.clamp_min(MIN_PROBABILITY).log(),
+                          torch.stack([error, stats["aleatoric"], stats["epistemic"], conflict])])
+
+    def predict_cases(self, input_files: list[list[str]], output_truncated: list[str], save_probabilities: bool = False,
+                      num_processes_preprocessing: int = 2, num_processes_export: int = 2) -> None:
+        """Preprocess (nnU-Net's iterator), predict with maps, export in a spawn pool; progress bar per case."""
+        iterator = self._internal_get_data_iterator_from_lists_of_filenames(
+            input_files, [None] * len(input_files), output_truncated, num_processes_preprocessing)
+        with multiprocessing.get_context("spawn").Pool(num_processes_export) as pool:
+            pending = []
+            for item in tqdm(iterator, total=len(input_files), desc="predict", unit="case", disable=not self.allow_tqdm):
+                data = item["data"]
+                if isinstance(data, str):  # nnU-Net hands large cases over as a temporary .npy file
+                    path, data = data, torch.from_numpy(np.load(data))
+                    os.remove(path)
+                prediction = self.predict_logits_from_preprocessed_data(data).cpu().numpy()
+                pending.append(pool.apply_async(export_prediction_with_maps, (
+                    prediction, item["data_properties"], self.configuration_manager, self.plans_manager,
+                    self.dataset_json, item["ofile"], save_probabilities)))
+            for job in pending:
+                job.get()
+
+
+# ------------------------------------------------------------------------------ folder-level driver
+def collect_cases(input_dir: Path, file_ending: str, num_channels: int) -> dict[str, list[str]]:
+    """Group ``CASE_XXXX<ending>`` files by case and check channel count and per-case geometry."""
+    if not input_dir.is_dir():
+        raise InputError(f"{input_dir}: input folder does not exist")
+    cases: dict[str, dict[int, Path]] = {}
+    for f in sorted(input_dir.iterdir()):
+        name = f.name
+        if not name.endswith(file_ending) or f.is_dir():
+            continue
+        stem = name[: -len(file_ending)]
+        if len(stem) < 6 or stem[-5] != "_" or not stem[-4:].isdigit():
+            raise InputError(f"{f}: file name must be CASE_XXXX{file_ending} (XXXX = channel index)")
+        cases.setdefault(stem[:-5], {})[int(stem[-4:])] = f
+    if not cases:
+        raise InputError(f"{input_dir}: no images ending with {file_ending}")
+    for case, channels in cases.items():
+        missing = [c for c in range(num_channels) if c not in channels]
+        if missing:
+            raise InputError(f"{input_dir / f'{case}_{missing[0]:04d}{file_ending}'}: channel {missing[0]} of case "
+                             f"{case} is missing (the model expects {num_channels} channels)")
+        extra = sorted(c for c in channels if c >= num_channels)
+        if extra:
+            raise InputError(f"{channels[extra[0]]}: case {case} has channel {extra[0]} but the model expects "
+                             f"{num_channels} channels")
+        first = read_header(channels[0])
+        for c in range(1, num_channels):
+            if problem := geometry_mismatch(first, read_header(channels[c])):
+                raise InputError(f"{channels[c]}: geometry differs from channel 0 of case {case} ({problem})")
+    return {case: [str(channels[c]) for c in range(num_channels)] for case, channels in cases.items()}
+
+
+def predict_folder(input_dir, output_dir, model_folder, folds=None, checkpoint: str = "checkpoint_final.pth",
+                   device: str = "cpu", num_samples: int = 8, steps: int | None = None, seed: int = 0,
+                   step_size: float = 0.5, disable_tta: bool = False, save_probabilities: bool = False,
+                   num_processes_preprocessing: int = 2, num_processes_export: int = 2, probe: bool = True) -> Path:
+    """Predict every case of ``input_dir`` into ``output_dir`` (masks + ``uncertainty/`` maps)."""
+    import json
+
+    input_dir, output_dir, model_folder = Path(input_dir).absolute(), Path(output_dir).absolute(), Path(model_folder)
+    if output_dir.resolve() == input_dir.resolve():
+        raise InputError(f"{output_dir}: output folder is the input folder; choose another so inputs stay untouched")
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"{output_dir}: cannot create output folder ({e.strerror})") from None
+    if not os.access(output_dir, os.W_OK | os.X_OK):
+        raise InputError(f"{output_dir}: output folder is not writable")
+    if not (model_folder / "dataset.json").exists():
+        raise InputError(f"{model_folder}: no trained model here (dataset.json missing)")
+    dataset_json = json.loads((model_folder / "dataset.json").read_text())
+    cases = collect_cases(input_dir, dataset_json["file_ending"], len(dataset_json["channel_names"]))
+
+    predictor = EnTrustPredictor(tile_step_size=step_size, use_gaussian=True, use_mirroring=not disable_tta,
+                                 perform_everything_on_device=device == "cuda", device=torch.device(device),
+                                 allow_tqdm=False, num_samples=num_samples, steps=steps, seed=seed, probe=probe)
+    predictor.initialize_from_trained_model_folder(str(model_folder), folds, checkpoint)
+    for name, content in (("dataset.json", predictor.dataset_json), ("plans.json", predictor.plans_manager.plans)):
+        with open(output_dir / name, "w") as f:
+            json.dump(content, f, indent=2)
+    predictor.predict_cases(list(cases.values()), [str(output_dir / c) for c in cases], save_probabilities,
+                            num_processes_preprocessing, num_processes_export)
+    return output_dir

@@ -1,0 +1,156 @@
+"""entrust predict: masks + uncertainty maps with the input geometry, fold pooling, bad input."""
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from conftest import SESSION_DATASET_ID, nnunet_bin
+from entrust_nnunet.predict import MAP_NAMES, EnTrustPredictor
+
+RANGES = {"total": (0, 1), "aleatoric": (0, np.log(3) + 1e-4), "epistemic": (0, np.log(3) + 1e-4), "conflict": (0, 1)}
+
+
+def _entrust(env, *args):
+    return subprocess.run([nnunet_bin("entrust"), *args], env=env, capture_output=True, text=True, timeout=600)
+
+
+def _same_geometry(a, b):
+    assert a.GetSize() == b.GetSize()
+    np.testing.assert_allclose(a.GetSpacing(), b.GetSpacing(), rtol=1e-6)
+    np.testing.assert_allclose(a.GetOrigin(), b.GetOrigin(), atol=1e-5)
+    np.testing.assert_allclose(a.GetDirection(), b.GetDirection(), atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def prediction(trained_entrust, tmp_path_factory):
+    env, name, model = trained_entrust
+    out = tmp_path_factory.mktemp("pred") / "out"
+    raw = Path(env["nnUNet_raw"]) / name
+    r = _entrust(env, "predict", "-i", str(raw / "imagesTs"), "-o", str(out), "-d", str(SESSION_DATASET_ID),
+                 "-c", "2d", "-tr", "nnUNetTrainerEnTrust_tinyCPU", "-f", "2", "--save_probabilities",
+                 "-npp", "1", "-nps", "1", "--num-samples", "4")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return env, raw, out
+
+
+def test_maps_have_input_geometry_and_ranges(prediction):
+    env, raw, out = prediction
+    for case in ("test_000", "test_001"):
+        ref = sitk.ReadImage(str(raw / "imagesTs" / f"{case}_0000.nii.gz"))
+        mask = sitk.ReadImage(str(out / f"{case}.nii.gz"))
+        _same_geometry(ref, mask)
+        for name in MAP_NAMES:
+            img = sitk.ReadImage(str(out / "uncertainty" / f"{case}_{name}.nii.gz"))
+            _same_geometry(ref, img)
+            assert img.GetPixelID() == sitk.sitkFloat32
+            arr = sitk.GetArrayFromImage(img)
+            lo, hi = RANGES[name]
+            assert np.isfinite(arr).all() and arr.min() >= lo - 1e-6 and arr.max() <= hi, (name, arr.min(), arr.max())
+        probs = np.load(out / f"{case}.npz")["probabilities"]
+        np.testing.assert_allclose(probs.sum(0), 1, atol=1e-3)
+        # the mask is the argmax of the pooled (calibrated) class probabilities
+        np.testing.assert_array_equal(np.argmax(probs, 0).reshape(sitk.GetArrayFromImage(mask).shape),
+                                      sitk.GetArrayFromImage(mask))
+    assert not list(out.rglob(".tmp-*"))
+
+
+def test_nnunet_evaluate_folder_still_works(prediction):
+    env, raw, out = prediction
+    r = subprocess.run([nnunet_bin("nnUNetv2_evaluate_folder"), str(raw / "labelsTs"), str(out), "-djfile",
+                        str(out / "dataset.json"), "-pfile", str(out / "plans.json")],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary["metric_per_case"]) == 2
+
+
+def test_validation_writes_maps_for_every_validation_case(trained_entrust):
+    env, name, model = trained_entrust
+    validation = model / "fold_2" / "validation"
+    cases = [p.name[: -len(".nii.gz")] for p in validation.glob("*.nii.gz")]
+    assert cases
+    for case in cases:
+        for map_name in MAP_NAMES:
+            assert (validation / "uncertainty" / f"{case}_{map_name}.nii.gz").exists()
+
+
+def test_folds_are_pooled_epistemic_rises_when_folds_disagree(trained_entrust):
+    env, name, model = trained_entrust
+    import os
+
+    os.environ.update({k: env[k] for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results",
+                                           "nnUNet_extTrainer")})
+    single = EnTrustPredictor(device=torch.device("cpu"), allow_tqdm=False, use_mirroring=False, num_samples=4)
+    single.initialize_from_trained_model_folder(str(model), [2])
+    weights = single.list_of_parameters[0]
+    # a second 'fold' that disagrees by construction: its SegDiff output bias favours the last class
+    other = {k: v.clone() for k, v in weights.items()}
+    other["segdiff.out.bias"] = other["segdiff.out.bias"] + torch.tensor([-6.0, -6.0, 6.0])
+    pooled = EnTrustPredictor(device=torch.device("cpu"), allow_tqdm=False, use_mirroring=False, num_samples=4)
+    pooled.initialize_from_trained_model_folder(str(model), [2])
+    pooled.list_of_parameters = [weights, other]
+    pooled.calib_heads = pooled.calib_heads * 2
+    data = torch.randn(3, 1, 32, 32)
+    one = single.predict_logits_from_preprocessed_data(data)
+    two = pooled.predict_logits_from_preprocessed_data(data)
+    c = 3
+    epistemic_one, epistemic_two = one[c + 2], two[c + 2]
+    assert float(epistemic_two.mean()) > float(epistemic_one.mean()) + 0.1
+    # the mask is the argmax of the pooled mean, which now leans to the disagreeing fold's class
+    assert (two[:c].argmax(0) == 2).float().mean() > (one[:c].argmax(0) == 2).float().mean()
+
+
+def _case_copy(raw, tmp_path):
+    src = tmp_path / "in"
+    shutil.copytree(raw / "imagesTs", src)
+    return src
+
+
+@pytest.mark.parametrize("problem", ["missing_channel", "extra_channel", "geometry", "same_folder",
+                                     "unwritable_output", "corrupt_checkpoint", "no_model"])
+def test_bad_input_one_line_error_and_nothing_written(trained_entrust, tmp_path, problem):
+    env, name, model = trained_entrust
+    raw = Path(env["nnUNet_raw"]) / name
+    src = _case_copy(raw, tmp_path)
+    out = tmp_path / "out"
+    args = ["-d", str(SESSION_DATASET_ID), "-c", "2d", "-tr", "nnUNetTrainerEnTrust_tinyCPU", "-f", "2"]
+    culprit = None
+    if problem == "missing_channel":
+        culprit = src / "test_001_0001.nii.gz"
+        culprit.unlink()
+    elif problem == "extra_channel":
+        culprit = src / "test_000_0003.nii.gz"
+        shutil.copy(src / "test_000_0000.nii.gz", culprit)
+    elif problem == "geometry":
+        culprit = src / "test_000_0002.nii.gz"
+        img = sitk.ReadImage(str(culprit))
+        img.SetSpacing([s * 2 for s in img.GetSpacing()])
+        sitk.WriteImage(img, str(culprit))
+    elif problem == "same_folder":
+        out = culprit = src
+    elif problem == "unwritable_output":
+        blocker = tmp_path / "a_file"
+        blocker.write_text("not a folder")
+        out = culprit = blocker / "out"
+    elif problem == "corrupt_checkpoint":
+        fake = tmp_path / "model"
+        shutil.copytree(model, fake, ignore=shutil.ignore_patterns("validation", "*.png", "*.txt"))
+        culprit = fake / "fold_2" / "checkpoint_final.pth"
+        culprit.write_bytes(b"\x80\x04garbage")
+        args = ["-m", str(fake), "-f", "2"]
+    elif problem == "no_model":
+        args = ["-m", str(tmp_path / "nothing"), "-f", "0"]
+        culprit = tmp_path / "nothing"
+    before = {p.name: p.read_bytes() for p in src.iterdir()}
+    r = _entrust(env, "predict", "-i", str(src), "-o", str(out), *args)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and lines and lines[-1].startswith("entrust: error: "), r.stderr[-2000:]
+    assert str(culprit) in lines[-1], lines[-1]
+    assert {p.name: p.read_bytes() for p in src.iterdir()} == before  # inputs untouched
+    if out != src and out.exists():
+        assert not list(out.glob("*.nii.gz")) and not list(out.rglob(".tmp-*"))
