@@ -24,7 +24,7 @@ and the source is only ever read.
 """
 from __future__ import annotations
 
-import gzip
+import contextlib
 import json
 import os
 import re
@@ -32,15 +32,14 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
-import zlib
-from unittest import mock
 
 import numpy as np
 import SimpleITK as sitk
 from tqdm import tqdm
 
-from entrust_nnunet.io import (InputError, atomic_directory, case_files, claim_dataset_folder, copy_geometry,
-                               geometry_mismatch, raw_root_from_env, read_image)
+from entrust_nnunet.io import (InputError, atomic_directory, case_files, first_error_line, sitk_error_reason,
+                               claim_dataset_folder, copy_geometry, geometry_mismatch, raw_root_from_env,
+                               read_header, read_image)
 
 FILE_ENDING = ".nii.gz"
 
@@ -151,34 +150,43 @@ def convert_msd(src: str | os.PathLike, dataset_id: int | None = None, overwrite
     with atomic_directory(target, overwrite=overwrite) as tmp:
         stage = tmp / ".nnunet-raw"
         stage.mkdir()
-        # nnU-Net writes to join(nnUNet_raw, name): point it at the staging folder for this call only
-        with mock.patch.object(msd, "nnUNet_raw", str(stage)), \
-                mock.patch.object(msd, "find_candidate_datasets", lambda _id: []):
+        # nnU-Net writes to $nnUNet_raw/<name> and refuses ids it finds under its three roots (our own
+        # check above already honoured --overwrite): point all three at empty staging folders, for this call
+        with _nnunet_roots(stage):
             try:
                 msd.convert_msd_dataset(str(src), overwrite_target_id=target_id, num_processes=num_processes)
             except (AssertionError, RuntimeError, OSError, KeyError, ValueError) as e:
-                reason = _sitk_reason(e) if isinstance(e, RuntimeError) else _first_line(e)
+                reason = sitk_error_reason(e) if isinstance(e, RuntimeError) else first_error_line(e)
                 raise InputError(f"{src}: nnU-Net's MSD conversion failed ({reason})") from None
         for child in (stage / target.name).iterdir():
             os.replace(child, tmp / child.name)
         shutil.rmtree(stage)
+        for n in ("nnUNet_preprocessed", "nnUNet_results"):
+            shutil.rmtree(tmp / f".{n}", ignore_errors=True)
     return target
+
+
+@contextlib.contextmanager
+def _nnunet_roots(stage: Path):
+    """nnU-Net reads its roots from the environment on every access (nnunetv2.paths): redirect them."""
+    names = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
+    saved = {n: os.environ.get(n) for n in names}
+    try:
+        for n in names:
+            folder = stage if n == "nnUNet_raw" else stage.parent / f".{n}"
+            folder.mkdir(exist_ok=True)
+            os.environ[n] = str(folder)
+        yield
+    finally:
+        for n, v in saved.items():
+            if v is None:
+                os.environ.pop(n, None)
+            else:
+                os.environ[n] = v
 
 
 # ----------------------------------------------------------------------------------------------
 # source discovery
-
-
-def _first_line(err: BaseException) -> str:
-    text = next((ln.strip() for ln in str(err).splitlines() if ln.strip()), type(err).__name__)
-    return text[:200]
-
-
-def _sitk_reason(err: RuntimeError) -> str:
-    """The informative part of a SimpleITK exception (its ``sitk::ERROR:`` line, not the source location)."""
-    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
-    errors = [ln.split("ERROR:", 1)[1].strip() for ln in lines if "ERROR:" in ln]
-    return (errors[-1] if errors else lines[0] if lines else "unknown error")[:160]
 
 
 def _source_root(src: str | os.PathLike) -> Path:
@@ -305,7 +313,7 @@ def _check_msd_task(src: Path) -> tuple[int, str]:
     except FileNotFoundError:
         raise InputError(f"{meta}: missing; an MSD task holds dataset.json, imagesTr, labelsTr and imagesTs") from None
     except (OSError, ValueError) as e:
-        raise InputError(f"{meta}: unreadable JSON ({_first_line(e)})") from None
+        raise InputError(f"{meta}: unreadable JSON ({first_error_line(e)})") from None
     missing = [k for k in ("modality", "labels", "training", "test") if not isinstance(info, dict) or k not in info]
     if missing:
         raise InputError(f"{meta}: not an MSD dataset.json (missing key(s) {', '.join(missing)})")
@@ -321,19 +329,6 @@ def _msd_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.glob("*" + FILE_ENDING) if not p.name.startswith((".", "_")))
 
 
-def _image_header(path: Path) -> sitk.ImageFileReader:
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    try:
-        reader.ReadImageInformation()
-    except RuntimeError as e:
-        raise InputError(f"{path}: unreadable or corrupt image ({_sitk_reason(e)})") from None
-    problem = _nifti_problem(path, check_finite=False)
-    if problem:
-        raise InputError(f"{path}: {problem}")
-    return reader
-
-
 def _check_msd_files(src: Path, num_channels: int) -> None:
     """Cheap checks (headers and gzip trailers, no voxel data): readable, not truncated, the declared
     channel count, a label for every training image. NaN/Inf voxels are not looked for here."""
@@ -341,7 +336,7 @@ def _check_msd_files(src: Path, num_channels: int) -> None:
     if not train:
         raise InputError(f"{src / 'imagesTr'}: no {FILE_ENDING} images")
     for path in train + _msd_files(src / "imagesTs"):
-        reader = _image_header(path)
+        reader = read_header(path)
         dim, size = reader.GetDimension(), reader.GetSize()
         channels = size[3] if dim == 4 else 1
         if dim not in (3, 4) or channels != num_channels:
@@ -350,7 +345,7 @@ def _check_msd_files(src: Path, num_channels: int) -> None:
         label = src / "labelsTr" / path.name
         if not label.is_file():
             raise InputError(f"{label}: missing label for {path.name}")
-        _image_header(label)
+        read_header(label)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -381,54 +376,8 @@ def _claim_target(src: Path, raw_root: str | os.PathLike | None, dataset_id: int
 # per-case conversion, shared by brats and folder
 
 
-def _is_nifti(path: Path) -> bool:
-    return path.is_file() and path.name.lower().endswith((".nii", ".nii.gz"))
-
-
-def _gzip_content_size(path: Path, expected: int) -> int:
-    """Uncompressed size of a .gz file: the trailer's ISIZE when it says ``expected`` (cheap), else the
-    size found by decompressing it (which also exposes a broken stream)."""
-    with open(path, "rb") as f:
-        f.seek(-4, os.SEEK_END)
-        if int.from_bytes(f.read(4), "little") == expected % 2 ** 32:
-            return expected
-    size = 0
-    with gzip.open(path, "rb") as g:
-        while chunk := g.read(1 << 22):
-            size += len(chunk)
-    return size
-
-
-def _nifti_problem(path: Path, check_finite: bool = True) -> str | None:
-    """What ITK's NIfTI reader hides: it reads a truncated file as zeros and turns NaN/Inf voxels into 0,
-    so ``read_image`` cannot see either. Checks the stored size (header and gzip trailer, cheap) and,
-    with ``check_finite``, the stored floats of float images (read a second time, with nibabel)."""
-    if not _is_nifti(path):
-        return None
-    import nibabel
-
-    try:
-        nii = nibabel.load(str(path))
-        expected = int(nii.header.get_data_offset()) + int(np.prod(nii.shape)) * nii.get_data_dtype().itemsize
-        if path.name.lower().endswith(".gz"):
-            stored = _gzip_content_size(path, expected)
-        else:
-            stored = path.stat().st_size
-        if stored < expected:
-            return f"truncated or corrupt file (holds {stored} of {expected} bytes)"
-        if check_finite and nii.get_data_dtype().kind in "fc" \
-                and not np.all(np.isfinite(np.asanyarray(nii.dataobj))):
-            return "image contains NaN or Inf values"
-    except (OSError, EOFError, ValueError, zlib.error, nibabel.filebasedimages.ImageFileError) as e:
-        return f"truncated or corrupt file ({_first_line(e)})"
-    return None
-
-
 def _read_channel(path: Path) -> sitk.Image:
     image = read_image(path)
-    problem = _nifti_problem(path)
-    if problem:
-        raise InputError(f"{path}: {problem}")
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise InputError(f"{path}: {image.GetNumberOfComponentsPerPixel()}-component (e.g. RGB) image; "
                          f"need one scalar image per channel")

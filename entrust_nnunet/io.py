@@ -10,10 +10,12 @@
 from __future__ import annotations
 
 import contextlib
+import gzip
 import os
 import shutil
 import tempfile
 import uuid
+import zlib
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -29,11 +31,67 @@ class InputError(Exception):
     """A problem with what the user gave us. ``str(err)`` is a single line fit for a terminal."""
 
 
+def first_error_line(err: BaseException) -> str:
+    text = next((ln.strip() for ln in str(err).splitlines() if ln.strip()), type(err).__name__)
+    return text[:200]
+
+
+def sitk_error_reason(err: RuntimeError) -> str:
+    """The informative part of a SimpleITK exception (its ``sitk::ERROR:`` line, not the source location)."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    errors = [ln.split("ERROR:", 1)[1].strip() for ln in lines if "ERROR:" in ln]
+    return (errors[-1] if errors else lines[0] if lines else "unknown error")[:160]
+
+
+def _is_nifti(path: Path) -> bool:
+    return path.is_file() and path.name.lower().endswith((".nii", ".nii.gz"))
+
+
+def _gzip_content_size(path: Path, expected: int) -> int:
+    """Uncompressed size of a .gz file: the trailer's ISIZE when it says ``expected`` (cheap), else the
+    size found by decompressing it (which also exposes a broken stream)."""
+    with open(path, "rb") as f:
+        f.seek(-4, os.SEEK_END)
+        if int.from_bytes(f.read(4), "little") == expected % 2 ** 32:
+            return expected
+    size = 0
+    with gzip.open(path, "rb") as g:
+        while chunk := g.read(1 << 22):
+            size += len(chunk)
+    return size
+
+
+def _nifti_problem(path: Path, check_finite: bool = True) -> str | None:
+    """What ITK's NIfTI reader hides: it reads a truncated file as zeros and turns NaN/Inf voxels into 0,
+    so ``read_image`` cannot see either. Checks the stored size (header and gzip trailer, cheap) and,
+    with ``check_finite``, the stored floats of float images (read a second time, with nibabel)."""
+    if not _is_nifti(path):
+        return None
+    import nibabel
+
+    try:
+        nii = nibabel.load(str(path))
+        expected = int(nii.header.get_data_offset()) + int(np.prod(nii.shape)) * nii.get_data_dtype().itemsize
+        if path.name.lower().endswith(".gz"):
+            stored = _gzip_content_size(path, expected)
+        else:
+            stored = path.stat().st_size
+        if stored < expected:
+            return f"truncated or corrupt file (holds {stored} of {expected} bytes)"
+        if check_finite and nii.get_data_dtype().kind in "fc" \
+                and not np.all(np.isfinite(np.asanyarray(nii.dataobj))):
+            return "image contains NaN or Inf values"
+    except (OSError, EOFError, ValueError, zlib.error, nibabel.filebasedimages.ImageFileError) as e:
+        return f"truncated or corrupt file ({first_error_line(e)})"
+    return None
+
+
 def read_image(path: str | os.PathLike, check_finite: bool = True) -> sitk.Image:
     """Read an image SimpleITK understands; a folder is read as a DICOM series.
 
-    Raises :class:`InputError` (naming ``path``) when the file is missing, unreadable, or contains
-    NaN/Inf voxels (``check_finite``).
+    Raises :class:`InputError` (naming ``path``) when the file is missing, unreadable, truncated, or
+    contains NaN/Inf voxels (``check_finite``). ITK's NIfTI reader reads a truncated file as zeros and
+    NaN/Inf voxels as 0, so NIfTI files are checked once more (:func:`_nifti_problem`).
     """
     path = Path(path)
     if not path.exists():
@@ -53,8 +111,10 @@ def read_image(path: str | os.PathLike, check_finite: bool = True) -> sitk.Image
     except InputError:
         raise
     except RuntimeError as e:  # SimpleITK raises RuntimeError with a multi-line message
-        first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "unknown error")
-        raise InputError(f"{path}: unreadable or corrupt image ({first[:160]})") from None
+        raise InputError(f"{path}: unreadable or corrupt image ({sitk_error_reason(e)})") from None
+    problem = _nifti_problem(path, check_finite)
+    if problem:
+        raise InputError(f"{path}: {problem}")
     if check_finite and image.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64):
         arr = sitk.GetArrayViewFromImage(image)
         if not np.all(np.isfinite(arr)):
@@ -68,9 +128,16 @@ def read_header(path: str | os.PathLike) -> sitk.ImageFileReader:
     reader.SetFileName(str(path))
     try:
         reader.ReadImageInformation()
-    except RuntimeError:
-        raise InputError(f"{path}: unreadable or corrupt image") from None
+    except RuntimeError as e:
+        raise InputError(f"{path}: unreadable or corrupt image ({sitk_error_reason(e)})") from None
+    problem = _nifti_problem(Path(path), check_finite=False)
+    if problem:
+        raise InputError(f"{path}: {problem}")
     return reader
+
+
+def _fmt(values) -> str:
+    return "(" + ", ".join(f"{float(v):.5g}" for v in values) + ")"
 
 
 def geometry_mismatch(a: sitk.Image, b: sitk.Image, tol: float = GEOMETRY_TOLERANCE) -> str | None:
@@ -82,9 +149,9 @@ def geometry_mismatch(a: sitk.Image, b: sitk.Image, tol: float = GEOMETRY_TOLERA
         return f"size {b.GetSize()} != {a.GetSize()}"
     sa, sb = np.array(a.GetSpacing()), np.array(b.GetSpacing())
     if not np.allclose(sa, sb, rtol=tol, atol=0):
-        return f"spacing {tuple(sb.round(5))} != {tuple(sa.round(5))}"
+        return f"spacing {_fmt(sb)} != {_fmt(sa)}"
     if not np.allclose(a.GetOrigin(), b.GetOrigin(), rtol=0, atol=max(tol, tol * float(sa.max()))):
-        return f"origin {tuple(np.round(b.GetOrigin(), 4))} != {tuple(np.round(a.GetOrigin(), 4))}"
+        return f"origin {_fmt(b.GetOrigin())} != {_fmt(a.GetOrigin())}"
     if not np.allclose(a.GetDirection(), b.GetDirection(), rtol=0, atol=tol):
         return "direction differs"
     return None

@@ -117,9 +117,8 @@ def test_nnunet_verify_dataset_integrity(tmp_path, dim):
 
 def test_stock_plan_and_preprocess_verifies_phantoms(tmp_path):
     """The stock nnU-Net command with --verify_dataset_integrity accepts our phantoms (2D)."""
-    env = {"nnUNet_raw": str(tmp_path / "raw"), "nnUNet_preprocessed": str(tmp_path / "pre"),
-           "nnUNet_results": str(tmp_path / "res"), "PATH": __import__("os").environ["PATH"],
-           "nnUNet_def_n_proc": "1", "nnUNet_n_proc_DA": "1"}
+    env = {**__import__("os").environ, "nnUNet_raw": str(tmp_path / "raw"), "nnUNet_preprocessed": str(tmp_path / "pre"),
+           "nnUNet_results": str(tmp_path / "res"), "nnUNet_def_n_proc": "1", "nnUNet_n_proc_DA": "1"}
     write_phantom_dataset(tmp_path / "raw" / "Dataset905_P", num_cases=4, dim=2, size=32, progress=False)
     exe = __import__("pathlib").Path(sys.executable).with_name("nnUNetv2_plan_and_preprocess")
     r = subprocess.run([str(exe), "-d", "905", "-c", "2d", "-np", "1", "--verify_dataset_integrity"], env=env,
