@@ -171,6 +171,86 @@ def _add_prediction(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_predict)
 
 
+def _print_headline(summary: dict) -> None:
+    from entrust_nnunet.evaluate import headline
+
+    names = {"dice": "Dice (foreground mean)", "ece": "ECE (pooled)", "error_auroc": "error AUROC of total (pooled)",
+             "conflict_auroc_total": "conflict AUROC of total (pooled)",
+             "conflict_auroc_conflict": "conflict AUROC of conflict map (pooled)"}
+    for key, value in headline(summary).items():
+        print(f"{names[key]:<42} {'n/a' if value != value else f'{value:.4f}'}")
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from entrust_nnunet.evaluate import evaluate_folder
+
+    output = Path(args.o) if args.o else Path(args.pred) / "summary.json"
+    summary = evaluate_folder(args.pred, args.gt, conflict_dir=args.conflict, dataset_json=args.djfile,
+                              output_file=output, num_processes=args.np)
+    _print_headline(summary)
+    print(f"summary: {output.absolute()}")
+    if args.report:
+        from entrust_nnunet.report import write_report
+
+        out = write_report(args.pred, summary, args.report, images_dir=args.images, gt_dir=args.gt,
+                           conflict_dir=args.conflict, num_cases=args.num_cases)
+        print(f"report: {out / 'index.html'}")
+
+
+def _cmd_report(args: argparse.Namespace) -> None:
+    from entrust_nnunet.report import write_report
+
+    if args.summary:
+        summary = args.summary
+    elif args.gt:
+        from entrust_nnunet.evaluate import evaluate_folder
+
+        summary = evaluate_folder(args.pred, args.gt, conflict_dir=args.conflict, dataset_json=args.djfile,
+                                  num_processes=args.np)
+        _print_headline(summary)
+    else:
+        raise InputError("give --summary SUMMARY.json (from `entrust evaluate`), or --gt LABELS to evaluate first")
+    out = write_report(args.pred, summary, args.o, images_dir=args.images, gt_dir=args.gt,
+                       conflict_dir=args.conflict, num_cases=args.num_cases)
+    print(f"report: {out / 'index.html'}")
+
+
+def _add_evaluation(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate", help="Dice/HD95 per label plus calibration and error/conflict detection of the maps",
+                       description="Evaluate a prediction folder (entrust predict's output) against reference labels: "
+                                   "nnU-Net's per-label metrics plus HD95, and the uncertainty maps' ECE, Brier, NLL, "
+                                   "error AUROC, AURC, AU/EU entanglement and (with --conflict) conflict AUROCs. "
+                                   "Writes an nnU-Net style summary.json (NaN as null).")
+    p.add_argument("--pred", required=True, help="prediction folder (masks + uncertainty/)")
+    p.add_argument("--gt", required=True, help="reference label folder (CASE<ending>)")
+    p.add_argument("--conflict", default=None, help="true conflict masks (CASE<ending>, 0/1), e.g. conflictTs")
+    p.add_argument("-djfile", default=None,
+                   help="dataset.json (default: PRED/dataset.json, else the one beside the --gt folder)")
+    p.add_argument("-o", default=None, help="summary file to write (default: PRED/summary.json)")
+    p.add_argument("--report", default=None, help="also write an HTML report into this folder")
+    p.add_argument("--images", default=None, help="images (CASE_XXXX<ending>) to draw in the --report")
+    p.add_argument("--num-cases", type=int, default=3, help="cases drawn in the --report (default: 3)")
+    p.add_argument("-np", type=int, default=2, help="processes (default: 2)")
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("report", help="HTML report (figures + tables) of an evaluation",
+                       description="Write REPORT/index.html with case figures (modalities, mask outline, total and "
+                                   "conflict maps, true conflict), reliability diagram, risk-coverage curve and metric "
+                                   "tables. Uses --summary, or evaluates first when --gt is given.")
+    p.add_argument("pred", help="prediction folder (masks + uncertainty/)")
+    p.add_argument("-o", required=True, help="report folder to write (replaced if it exists)")
+    p.add_argument("--summary", default=None, help="summary.json written by `entrust evaluate`")
+    p.add_argument("--images", default=None, help="images (CASE_XXXX<ending>) to draw under the masks")
+    p.add_argument("--gt", default=None, help="reference labels (default: the summary's)")
+    p.add_argument("--conflict", default=None, help="true conflict masks (default: the summary's)")
+    p.add_argument("-djfile", default=None, help="dataset.json (default: PRED/dataset.json)")
+    p.add_argument("--num-cases", type=int, default=3, help="cases drawn (default: 3, conflict cases first)")
+    p.add_argument("-np", type=int, default=2, help="processes when evaluating first (default: 2)")
+    p.set_defaults(func=_cmd_report)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="entrust", description=__doc__.split("\n")[0])
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -198,6 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_convert(sub)
     _add_pipeline(sub)
+    _add_evaluation(sub)
     _add_prediction(sub)
     return parser
 

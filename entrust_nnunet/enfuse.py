@@ -6,8 +6,10 @@ At one resolution, with modality features ``H_m`` (m = 1..M, ``w`` channels each
   the consensus is ``F_c = mean_m Z_m``.
 * ``F_u,m = E_u,m(H_m)`` per-modality ConvNeXt-style heads (grouped convolutions, one group per
   modality) keep what only that modality carries.
-* ``F_cf = sigmoid(D_cf([var_m Z_m, F_c]))`` a one-channel spatial conflict map in [0, 1] computed
-  from how far the modalities' common-space projections spread around their mean.
+* ``F_cf = sigmoid(D_cf([var_m Z_m, F_c, d]))`` a one-channel spatial conflict map in [0, 1] computed
+  from how far the modalities' common-space projections spread around their mean and, when given,
+  ``d``: the disagreement of per-modality expert predictions at this resolution (see
+  ``entrust_nnunet.network``).
 * gated fusion: gate logits ``G = W_g [F_c, F_cf] + a * logit(F_cf)`` over the M+1 sources
   (consensus, specific_1..M), softmax over sources, ``F = g_c F_c + sum_m g_m F_u,m`` and
   ``F_en = act(norm(W_o [F, F_cf]))`` with nnU-Net's width. The conflict map enters the gate
@@ -128,20 +130,22 @@ class EnFuse(nn.Module):
         self.independence = independence
         self.E_c = ConvNeXtBlock(conv_op, width, width, norm_op, norm_op_kwargs)
         self.E_u = ConvNeXtBlock(conv_op, m * width, m * width, norm_op, norm_op_kwargs, groups=m)
-        self.D_cf = nn.Sequential(ConvNeXtBlock(conv_op, 2 * width, width, norm_op, norm_op_kwargs),
+        self.D_cf = nn.Sequential(ConvNeXtBlock(conv_op, 2 * width + 1, width, norm_op, norm_op_kwargs),
                                   conv_op(width, 1, 1))
         self.gate = conv_op(width + 1, m + 1, 1)
         self.gate_conflict = nn.Parameter(torch.zeros(m + 1))  # the weight ``a`` of logit(F_cf) per source
         self.out = nn.Sequential(conv_op(width + 1, out_channels, 1), norm_op(out_channels, **(norm_op_kwargs or {})),
                                  nonlin(**(nonlin_kwargs or {})))
 
-    def forward(self, h: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, h: torch.Tensor, disagreement: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         b, m, w = h.shape[:3]
         spatial = h.shape[3:]
         z = self.E_c(h.reshape(b * m, w, *spatial)).reshape(b, m, w, *spatial)
         f_c = z.mean(1)
         f_u = self.E_u(h.reshape(b, m * w, *spatial)).reshape(b, m, w, *spatial)
-        cf_logit = self.D_cf(torch.cat([z.var(1, unbiased=False), f_c], 1))
+        if disagreement is None:
+            disagreement = torch.zeros_like(f_c[:, :1])
+        cf_logit = self.D_cf(torch.cat([z.var(1, unbiased=False), f_c, disagreement.to(f_c.dtype)], 1))
         f_cf = torch.sigmoid(cf_logit)
         gate_logits = self.gate(torch.cat([f_c, f_cf], 1))
         gate_logits = gate_logits + self.gate_conflict.view(1, m + 1, *([1] * len(spatial))) * cf_logit

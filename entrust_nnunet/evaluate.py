@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import math
 import multiprocessing
-import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -39,11 +38,8 @@ import SimpleITK as sitk
 from tqdm import tqdm
 
 from entrust_nnunet import metrics
-from entrust_nnunet.io import InputError, atomic_file, geometry_mismatch, read_header, read_image
-
-#: sub-folder of the prediction folder holding the maps, and their names (the layout of ``entrust predict``)
-MAP_FOLDER = "uncertainty"
-MAP_NAMES = ("total", "aleatoric", "epistemic", "conflict")
+from entrust_nnunet.io import (MAP_FOLDER, MAP_NAMES, InputError, atomic_file, geometry_mismatch, map_path,
+                               read_header, read_image)
 #: bins of ECE and of the reliability diagram
 N_BINS = 15
 #: at most this many voxels (all cases together) enter the pooled AUROC / AURC / Spearman; more are
@@ -120,12 +116,9 @@ def list_cases(folder: Path, file_ending: str) -> dict[str, Path]:
 
 
 def map_file(pred_dir: Path, case: str, name: str, file_ending: str) -> Path | None:
-    """``OUT/uncertainty/CASE_<name><ending>`` (maps of non-float formats such as .png are .nii.gz)."""
-    for ending in dict.fromkeys((file_ending, ".nii.gz")):
-        f = pred_dir / MAP_FOLDER / f"{case}_{name}{ending}"
-        if f.is_file():
-            return f
-    return None
+    """The map file ``entrust predict`` writes for this case (see :func:`entrust_nnunet.io.map_path`), if present."""
+    f = map_path(pred_dir, case, name, file_ending)
+    return f if f.is_file() else None
 
 
 def _names(keys) -> str:
@@ -474,10 +467,13 @@ def evaluate_folder(pred_dir, gt_dir, conflict_dir=None, dataset_json=None, outp
         num_voxels += int(np.prod(pred_header.GetSize()))
     fraction = min(1.0, max_pooled_voxels / max(num_voxels, 1))
 
-    keys = list(lm.foreground_labels)
+    def plain(k):  # nnU-Net hands out numpy ints; keys must compare and pickle as python ints / tuples
+        return tuple(int(x) for x in k) if isinstance(k, (tuple, list)) else int(k)
+
+    keys = [plain(k) for k in lm.foreground_labels]
     if lm.has_regions:
-        keys += [r for r in lm.foreground_regions if r not in keys]
-    fg_keys = lm.foreground_regions if lm.has_regions else lm.foreground_labels
+        keys += [plain(r) for r in lm.foreground_regions if plain(r) not in keys]
+    fg_keys = [plain(k) for k in (lm.foreground_regions if lm.has_regions else lm.foreground_labels)]
     declared = {int(v) for v in lm.all_labels}
     maps_folder = (pred_dir / MAP_FOLDER).is_dir()
     jobs = []

@@ -27,6 +27,23 @@ import SimpleITK as sitk
 GEOMETRY_TOLERANCE = 1e-4
 
 
+#: the prediction folder layout of ``entrust predict``: maps live in this sub-folder (so that
+#: ``nnUNetv2_evaluate_folder`` still works on the masks beside it), one file per map name
+MAP_FOLDER = "uncertainty"
+MAP_NAMES = ("total", "aleatoric", "epistemic", "conflict")
+#: endings SimpleITK writes float32 images to; other dataset endings (e.g. .png) get .nii.gz maps
+FLOAT_ENDINGS = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd")
+
+
+def map_ending(file_ending: str) -> str:
+    return file_ending if file_ending in FLOAT_ENDINGS else ".nii.gz"
+
+
+def map_path(pred_dir: str | os.PathLike, case: str, name: str, file_ending: str) -> Path:
+    """``PRED/uncertainty/CASE_<name><ending>``."""
+    return Path(pred_dir) / MAP_FOLDER / f"{case}_{name}{map_ending(file_ending)}"
+
+
 class InputError(Exception):
     """A problem with what the user gave us. ``str(err)`` is a single line fit for a terminal."""
 

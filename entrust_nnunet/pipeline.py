@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import re
+from pathlib import Path
 
 from entrust_nnunet.io import InputError
 from entrust_nnunet.nnunet_env import ensure_ext_trainer
@@ -62,26 +64,98 @@ def plan_and_preprocess(dataset_ids, configurations=("2d",), planner: str = "EnT
 
 
 DEMO_DATASET_ID = 501
+DEMO_TRAINER = "nnUNetTrainerEnTrust_demo"
+DEMO_PLANS = "nnUNetEnTrustPlans"
+EPOCH_LINE = re.compile(r": Epoch (\d+)$")
 
 
-def run_demo(args) -> None:
-    """phantoms -> plan/preprocess (training, prediction and evaluation follow in later steps)."""
+def train_fold(dataset_id: int, configuration: str, fold: str, trainer: str, plans: str, device: str,
+               num_epochs: int, log_file: Path) -> None:
+    """Run the stock ``nnUNetv2_train`` in a subprocess with an epoch progress bar; its output goes to ``log_file``."""
+    import subprocess
+    import sys
+
+    from tqdm import tqdm
+
+    exe = Path(sys.executable).with_name("nnUNetv2_train")
+    cmd = [str(exe if exe.exists() else "nnUNetv2_train"), str(dataset_id), configuration, str(fold), "-tr", trainer,
+           "-p", plans, "-device", device]
+    with open(log_file, "w") as log, tqdm(total=num_epochs, desc=f"train fold {fold}", unit="epoch") as bar:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=os.environ)
+        for line in proc.stdout:
+            log.write(line)
+            match = EPOCH_LINE.search(line.strip())
+            if match:
+                bar.n = int(match.group(1))
+                bar.refresh()
+            elif "Training done" in line:
+                bar.n = num_epochs
+                bar.set_postfix_str("validation")
+                bar.refresh()
+        if proc.wait() != 0:
+            raise InputError(f"{log_file}: nnUNetv2_train failed (exit {proc.returncode}); see the log")
+
+
+def run_demo(args) -> dict:
+    """phantoms -> plan/preprocess -> train -> predict with maps -> evaluate -> report; finished steps are reused."""
+    import json
     import shutil
-    from pathlib import Path
+    import time
 
+    from entrust_nnunet.evaluate import evaluate_folder, headline
     from entrust_nnunet.nnunet_env import set_nnunet_roots
     from entrust_nnunet.phantoms import write_phantom_dataset
+    from entrust_nnunet.io import MAP_FOLDER
+    from entrust_nnunet.predict import predict_folder
+    from entrust_nnunet.report import write_report
+    from entrust_nnunet.training import DEMO_SCHEDULE
 
+    started = time.time()
     root = Path(args.dataset_dir).absolute()
     if args.fresh and root.exists():
         shutil.rmtree(root)
     set_nnunet_roots(root)
     ensure_ext_trainer()
-    raw = Path(os.environ["nnUNet_raw"]) / f"Dataset{DEMO_DATASET_ID}_EnTrustPhantoms{args.dim}D"
+    config = "2d" if args.dim == 2 else "3d_fullres"
+    name = f"Dataset{DEMO_DATASET_ID}_EnTrustPhantoms{args.dim}D"
+    raw = Path(os.environ["nnUNet_raw"]) / name
+    for other in Path(os.environ["nnUNet_raw"]).glob(f"Dataset{DEMO_DATASET_ID}_*"):
+        if other.name != name:
+            raise InputError(f"{other}: the demo uses dataset id {DEMO_DATASET_ID}; use another --dataset-dir or --fresh")
+    print(f"[1/6] phantoms ({args.dim}D, {args.n} training cases)")
     if not raw.exists():
         write_phantom_dataset(raw, num_cases=args.n, dim=args.dim, seed=args.seed)
-    config = "2d" if args.dim == 2 else "3d_fullres"
-    plans = Path(os.environ["nnUNet_preprocessed"]) / raw.name / "nnUNetEnTrustPlans.json"
-    if not plans.exists():
+    print("[2/6] nnU-Net fingerprint, plans (nnUNetPlans + nnUNetEnTrustPlans), preprocessing")
+    if not (Path(os.environ["nnUNet_preprocessed"]) / name / f"{DEMO_PLANS}.json").exists():
         plan_and_preprocess([DEMO_DATASET_ID], configurations=[config], verify=True)
-    print(f"demo data: {raw}\nplans: {plans}")
+    model = Path(os.environ["nnUNet_results"]) / name / f"{DEMO_TRAINER}__{DEMO_PLANS}__{config}"
+    for fold in args.folds:
+        print(f"[3/6] training {DEMO_TRAINER} fold {fold} ({DEMO_SCHEDULE['num_epochs']} epochs x "
+              f"{DEMO_SCHEDULE['num_iterations_per_epoch']} iterations) with the stock nnUNetv2_train")
+        if not (model / f"fold_{fold}" / "checkpoint_final.pth").exists():
+            (root / "logs").mkdir(exist_ok=True)
+            train_fold(DEMO_DATASET_ID, config, fold, DEMO_TRAINER, DEMO_PLANS, args.device,
+                       DEMO_SCHEDULE["num_epochs"], root / "logs" / f"train_fold_{fold}.log")
+    pred = root / "predictions"
+    cases = sorted(p.name[: -len("_0000.nii.gz")] for p in (raw / "imagesTs").glob("*_0000.nii.gz"))
+    print(f"[4/6] predicting {len(cases)} held-out cases with uncertainty maps (folds {', '.join(args.folds)} pooled)")
+    if not all((pred / MAP_FOLDER / f"{c}_total.nii.gz").exists() and (pred / f"{c}.nii.gz").exists()
+               for c in cases):
+        predict_folder(raw / "imagesTs", pred, model, folds=[f if f == "all" else int(f) for f in args.folds],
+                       device=args.device, num_processes_preprocessing=2, num_processes_export=2)
+    print("[5/6] evaluating against the true labels and conflict masks")
+    summary_file = root / "summary.json"
+    summary = evaluate_folder(pred, raw / "labelsTs", conflict_dir=raw / "conflictTs",
+                              dataset_json=raw / "dataset.json", output_file=summary_file)
+    print("[6/6] writing the report")
+    report = write_report(pred, summary, root / "report", images_dir=raw / "imagesTs", gt_dir=raw / "labelsTs",
+                          conflict_dir=raw / "conflictTs")
+    numbers = headline(summary)
+    print(f"\nEnTrust demo finished in {time.time() - started:.0f} s")
+    print(f"  data         {raw}")
+    print(f"  model        {model}")
+    print(f"  predictions  {pred} (maps in {pred / MAP_FOLDER})")
+    print(f"  metrics      {summary_file}")
+    print(f"  report       {Path(report) / 'index.html'}")
+    print("  headline     " + json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in numbers.items()}))
+    return numbers

@@ -37,21 +37,10 @@ from acvl_utils.cropping_and_padding.bounding_boxes import insert_crop_into_imag
 from torch import nn
 from tqdm import tqdm
 
-from entrust_nnunet.io import InputError, geometry_mismatch, read_header, write_image
+from entrust_nnunet.io import MAP_FOLDER, MAP_NAMES, InputError, geometry_mismatch, map_path, read_header, write_image
 from entrust_nnunet.metrics import entropy
 from entrust_nnunet.network import MIN_PROBABILITY, EnTrustUNet
 from entrust_nnunet.trustmap import CalibHead
-
-#: names of the uncertainty maps, in the channel order the predictor returns them after the classes
-MAP_NAMES = ("total", "aleatoric", "epistemic", "conflict")
-MAP_FOLDER = "uncertainty"
-#: endings SimpleITK writes float32 images to; other dataset endings (e.g. .png) get .nii.gz maps
-FLOAT_ENDINGS = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd")
-
-
-def map_ending(file_ending: str) -> str:
-    return file_ending if file_ending in FLOAT_ENDINGS else ".nii.gz"
-
 
 class TrustStatistics(nn.Module):
     """Wraps EnTrustUNet so that ``forward(x)`` returns (B, C + 3, *s): mean probabilities, aleatoric, probe, conflict.
@@ -111,13 +100,12 @@ def export_prediction_with_maps(prediction: np.ndarray, properties: dict, config
             prediction[num_classes:], plans_manager, configuration_manager, label_manager, properties,
             return_probabilities=True)
         reference = sitk.ReadImage(tmp_trunc + ending)  # the mask nnU-Net wrote: its geometry is the input's
-        map_dir = os.path.join(out_dir, MAP_FOLDER)
-        os.makedirs(map_dir, exist_ok=True)
+        os.makedirs(os.path.join(out_dir, MAP_FOLDER), exist_ok=True)
         shape = sitk.GetArrayViewFromImage(reference).shape
-        for name, values in zip(MAP_NAMES, maps):
+        for name, values in zip(MAP_NAMES, maps):  # channel order of predict_logits_from_preprocessed_data
             image = sitk.GetImageFromArray(np.asarray(values, dtype=np.float32).reshape(shape))
             image.CopyInformation(reference)
-            write_image(image, os.path.join(map_dir, f"{case}_{name}{map_ending(ending)}"))
+            write_image(image, map_path(out_dir, case, name, ending))
         for tmp in written if keep_mask else []:  # the mask last: a mask on disk means its maps are complete
             os.replace(tmp, output_file_truncated + tmp[len(tmp_trunc):])
     finally:
@@ -200,23 +188,26 @@ class EnTrustPredictor(nnUNetPredictor):
             self.label_manager = labels
 
     @torch.inference_mode()
-    def predict_logits_from_preprocessed_data(self, data: torch.Tensor) -> torch.Tensor:
-        """Pooled statistics -> (C + 4, *s): log mean probabilities, then total (P(error)), aleatoric, epistemic, conflict."""
+    def pooled_statistics(self, data: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Hypotheses pooled over patches, mirrorings and folds -> ``mean`` (C, *s) and CalibHead's inputs (*s)."""
         pooled = super().predict_logits_from_preprocessed_data(data).float()
         c = self.label_manager.num_segmentation_heads
         mean = pooled[:c].clamp_min(0)
         mean = mean / mean.sum(0, keepdim=True).clamp_min(1e-8)
-        aleatoric, probe, conflict = pooled[c], pooled[c + 1], pooled[c + 2].clamp(0, 1)
-        total_entropy = entropy(mean, axis=0)
-        stats = {"confidence": mean.amax(0), "total": total_entropy, "aleatoric": aleatoric,
-                 "epistemic": (total_entropy - aleatoric).clamp_min(0), "probe": probe, "conflict": conflict}
-        # a 2D network predicts (slices, x, y) volumes slice by slice: slices are its batch axis
-        two_d = isinstance(self.calib_heads[0].net[0], nn.Conv2d)
-        batched = stats if two_d else {k: v[None] for k, v in stats.items()}
-        error = torch.stack([head(batched) for head in self.calib_heads]).mean(0).clamp(0, 1)
-        error = error if two_d else error[0]
-        return torch.cat([mean.clamp_min(MIN_PROBABILITY).log(),
-                          torch.stack([error, stats["aleatoric"], stats["epistemic"], conflict])])
+        aleatoric = pooled[c]
+        total = entropy(mean, axis=0)
+        return {"mean": mean, "confidence": mean.amax(0), "total": total, "aleatoric": aleatoric,
+                "epistemic": (total - aleatoric).clamp_min(0), "probe": pooled[c + 1],
+                "conflict": pooled[c + 2].clamp(0, 1)}
+
+    @torch.inference_mode()
+    def predict_logits_from_preprocessed_data(self, data: torch.Tensor) -> torch.Tensor:
+        """(C + 4, *s): log pooled class probabilities, then total (P(error), the folds' CalibHeads averaged),
+        aleatoric, epistemic, conflict."""
+        stats = self.pooled_statistics(data)
+        error = torch.stack([head.predict_voxels(stats) for head in self.calib_heads]).mean(0).clamp(0, 1)
+        return torch.cat([stats["mean"].clamp_min(MIN_PROBABILITY).log(),
+                          torch.stack([error, stats["aleatoric"], stats["epistemic"], stats["conflict"]])])
 
     def predict_cases(self, input_files: list[list[str]], output_truncated: list[str], save_probabilities: bool = False,
                       num_processes_preprocessing: int = 2, num_processes_export: int = 2) -> None:

@@ -4,12 +4,16 @@ Choice: conditional flow matching (rectified flow) rather than DDPM diffusion, b
 probability path needs few Euler steps (S <= 10) and its loss is a plain regression.
 
 * Data point: ``x1 = 2 * onehot(y) - 1`` (C channels, +1 for the true class, -1 elsewhere).
-* Path: ``x_t = (1 - t) x0 + t x1`` with ``x0 ~ N(0, I)``; target velocity ``x1 - x0``.
-* Loss: ``|| v_theta(x_t, t | c) - (x1 - x0) ||^2`` with ``t ~ U(t_start, 1)``.
-* Sampling: Euler steps from ``t_start`` to 1, K hypotheses at once. With ``t_start = 0`` the start
-  is pure noise; with ``t_start > 0`` (truncated flow matching, as in ATFM) the start is
-  ``(1 - t_start) x0 + t_start (2 p_det - 1)`` built from the deterministic head's probabilities,
-  which lets fewer steps suffice.
+* Start (truncated flow matching, as in ATFM): at ``t0 = t_start`` the state is
+  ``x_s = (1 - t0) z + t0 (2 p_det - 1)`` with ``z ~ N(0, I)`` and ``p_det`` the deterministic head's
+  (detached) probabilities; with ``t0 = 0`` it is pure noise.
+* Path: straight from ``x_s`` at ``t0`` to ``x1`` at 1: ``x_t = (1 - r) x_s + r x1``,
+  ``r = (t - t0) / (1 - t0)``; target velocity ``(x1 - x_s) / (1 - t0)``.
+* Loss: ``|| v_theta(x_t, t | c) - (x1 - x_s) / (1 - t0) ||^2`` with ``t ~ U(t0, 1)``.
+* Sampling: Euler steps from ``x_s`` at ``t0`` to 1, K hypotheses at once; training and sampling
+  use the same start distribution. Anchoring at the deterministic prediction keeps the mask as
+  good as the deterministic head and lets few steps suffice; where ``p_det`` is undecided the start
+  is mostly noise and the hypotheses spread.
 * Hypothesis k's class probabilities: ``softmax(sharpness * x1_hat_k)``.
 
 Cost: the conditioning ``c`` (decoder features at full resolution and F_cf) is projected ONCE per
@@ -71,14 +75,24 @@ class SegDiffHead(nn.Module):
         h = F.gelu(self.mid(F.gelu(h)))
         return self.out(h)
 
-    def loss(self, cond_h: torch.Tensor, target: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Flow-matching regression loss for integer ``target`` (B, 1, *s) given projected conditioning."""
+    def start_state(self, noise: torch.Tensor, init_probs: torch.Tensor | None) -> torch.Tensor:
+        """``x_s = (1 - t0) z + t0 (2 p_det - 1)`` (just ``z`` when t0 = 0 or no probabilities are given)."""
+        if self.t_start == 0 or init_probs is None:
+            return noise
+        return (1 - self.t_start) * noise + self.t_start * (2 * init_probs.to(noise.dtype) - 1)
+
+    def loss(self, cond_h: torch.Tensor, target: torch.Tensor, init_probs: torch.Tensor | None = None,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+        """Flow-matching regression loss for integer ``target`` (B, 1, *s) given projected conditioning and
+        (for t_start > 0) the deterministic head's probabilities ``init_probs`` (B, C, *s), detached."""
         x1 = one_hot_state(target, self.num_classes).to(cond_h.dtype)
-        x0 = torch.randn(x1.shape, device=x1.device, dtype=x1.dtype, generator=generator)
-        t = self.t_start + (1 - self.t_start) * torch.rand(x1.shape[0], device=x1.device, generator=generator)
-        tb = t.view(-1, *([1] * (x1.dim() - 1))).to(x1.dtype)
-        x_t = (1 - tb) * x0 + tb * x1
-        return F.mse_loss(self.velocity(x_t, t, cond_h), x1 - x0)
+        noise = torch.randn(x1.shape, device=x1.device, dtype=x1.dtype, generator=generator)
+        x_s = self.start_state(noise, None if init_probs is None else init_probs.detach())
+        t0 = self.t_start
+        t = t0 + (1 - t0) * torch.rand(x1.shape[0], device=x1.device, generator=generator)
+        r = ((t - t0) / (1 - t0)).view(-1, *([1] * (x1.dim() - 1))).to(x1.dtype)
+        x_t = (1 - r) * x_s + r * x1
+        return F.mse_loss(self.velocity(x_t, t, cond_h), (x1 - x_s) / (1 - t0))
 
     @torch.no_grad()
     def sample(self, cond_h: torch.Tensor, num_hypotheses: int, steps: int, seed: int = 0,
@@ -94,12 +108,11 @@ class SegDiffHead(nn.Module):
         k = num_hypotheses
         gen = torch.Generator(device=cond_h.device).manual_seed(int(seed))
         shape = (k * b, self.num_classes, *spatial)
-        x = torch.randn(shape, device=cond_h.device, dtype=cond_h.dtype, generator=gen)
+        noise = torch.randn(shape, device=cond_h.device, dtype=cond_h.dtype, generator=gen)
         cond_k = cond_h.unsqueeze(0).expand(k, *cond_h.shape).reshape(k * b, *cond_h.shape[1:])
+        init_k = None if init_probs is None else init_probs.unsqueeze(0).expand(k, *init_probs.shape).reshape(shape)
+        x = self.start_state(noise, init_k)
         t0 = self.t_start
-        if t0 > 0 and init_probs is not None:
-            prior = (2 * init_probs - 1).to(x.dtype).unsqueeze(0).expand(k, *init_probs.shape).reshape(shape)
-            x = (1 - t0) * x + t0 * prior
         dt = (1.0 - t0) / steps
         for i in range(steps):
             t = torch.full((k * b,), t0 + i * dt, device=x.device)

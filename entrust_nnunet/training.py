@@ -8,7 +8,9 @@
 * ``_build_loss``: nnU-Net's own deep-supervised Dice+CE, wrapped by :class:`EnTrustLoss`, which adds
   the EnTrust terms (generative, independence, experts, conflict); nnU-Net's ``train_step`` and
   ``validation_step`` run unchanged;
-* ``on_train_end``: fit TrustMap's CalibHead on training-fold batches before the final checkpoint;
+* ``do_split``: nnU-Net's 5-fold split, minus a calibration subset of the training cases;
+* ``on_train_end``: fit TrustMap's CalibHead on that held-out calibration subset before the final
+  checkpoint (never on the validation fold, never on cases the network was trained on);
 * ``perform_actual_validation``: after nnU-Net's own validation (masks, summary.json), write the
   uncertainty maps of every validation case into ``fold_X/validation/uncertainty/`` with
   :class:`~entrust_nnunet.predict.EnTrustPredictor`, so 5-fold cross-validation yields maps for
@@ -30,8 +32,16 @@ from torch import nn
 from torch._dynamo import OptimizedModule
 
 from entrust_nnunet.network import LOSS_WEIGHTS
+from entrust_nnunet.trustmap import STATISTICS
 
 ENTRUST_NETWORK = "entrust_nnunet.network.EnTrustUNet"
+#: the demo's short CPU schedule: epochs x iterations of batch 2 (2D 64x64 phantoms)
+DEMO_SCHEDULE = {"num_epochs": 10, "num_iterations_per_epoch": 40, "num_val_iterations_per_epoch": 5}
+
+
+def apply_schedule(trainer: nnUNetTrainer, schedule: dict) -> None:
+    for key, value in schedule.items():
+        setattr(trainer, key, value)
 AUX_LOG_KEYS = tuple(f"entrust_{k}" for k in LOSS_WEIGHTS)
 
 
@@ -72,8 +82,8 @@ class EnTrustLoss(nn.Module):
 
 
 class nnUNetTrainerEnTrust(nnUNetTrainer):
-    #: training-fold batches used to fit CalibHead at the end of training
-    num_calibration_batches = 10
+    #: share of the training cases held out of training to fit CalibHead
+    calibration_fraction = 0.25
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -144,13 +154,21 @@ class nnUNetTrainerEnTrust(nnUNetTrainer):
         self.fit_calibration()
         super().on_train_end()
 
+    def do_split(self):
+        """nnU-Net's split, with a calibration subset (``calibration_fraction`` of the training cases, at least
+        one) held out of training: CalibHead is fitted on it, so it sees neither training nor validation cases."""
+        tr_keys, val_keys = super().do_split()
+        seed = 12345 + (self.fold if isinstance(self.fold, int) else 5)
+        self.calibration_keys = calibration_subset(tr_keys, self.calibration_fraction, seed)
+        return [k for k in tr_keys if k not in self.calibration_keys], val_keys
+
     def perform_actual_validation(self, save_probabilities: bool = False):
         super().perform_actual_validation(save_probabilities)
         if self.local_rank == 0 and not self.is_cascaded:
             self.write_validation_maps()
 
-    def write_validation_maps(self) -> None:
-        from entrust_nnunet.predict import EnTrustPredictor, export_prediction_with_maps
+    def _predictor(self):
+        from entrust_nnunet.predict import EnTrustPredictor
 
         predictor = EnTrustPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=True,
                                      perform_everything_on_device=True, device=self.device, allow_tqdm=False)
@@ -158,12 +176,23 @@ class nnUNetTrainerEnTrust(nnUNetTrainer):
         predictor.manual_initialization(self.network, self.plans_manager, self.configuration_manager,
                                         [unwrap(self.network).state_dict()], self.dataset_json,
                                         self.__class__.__name__, self.inference_allowed_mirroring_axes)
+        return predictor
+
+    def _preprocessed_cases(self, keys):
+        """(key, data tensor, segmentation, properties) of preprocessed cases, as nnU-Net's validation loads them."""
+        dataset = self.dataset_class(self.preprocessed_dataset_folder, keys)
+        for key in dataset.identifiers:
+            data, seg, _, properties = dataset.load_case(key)
+            yield key, torch.from_numpy(np.asarray(data[:])), np.asarray(seg[:]), properties
+
+    def write_validation_maps(self) -> None:
+        from entrust_nnunet.predict import export_prediction_with_maps
+
+        predictor = self._predictor()
         _, val_keys = self.do_split()
-        dataset_val = self.dataset_class(self.preprocessed_dataset_folder, val_keys)
         folder = os.path.join(self.output_folder, "validation")
-        for key in dataset_val.identifiers:
-            data, _, _, properties = dataset_val.load_case(key)
-            prediction = predictor.predict_logits_from_preprocessed_data(torch.from_numpy(np.asarray(data[:])))
+        for key, data, _, properties in self._preprocessed_cases(val_keys):
+            prediction = predictor.predict_logits_from_preprocessed_data(data)
             export_prediction_with_maps(prediction.cpu().numpy(), properties, self.configuration_manager,
                                         self.plans_manager, self.dataset_json, os.path.join(folder, key),
                                         keep_mask=False)
@@ -171,29 +200,42 @@ class nnUNetTrainerEnTrust(nnUNetTrainer):
 
     @torch.no_grad()
     def fit_calibration(self) -> None:
-        """Fit CalibHead on training-fold patches (never the validation fold) and log its in-sample BCE."""
-        net = unwrap(self.network)
-        if self.dataloader_train is None or self.num_calibration_batches < 1:
+        """Fit CalibHead on the held-out calibration cases, predicted exactly as at inference (sliding window,
+        mirroring, pooled hypotheses). Voxels outside nnU-Net's crop mask (label < 0) are skipped."""
+        if not getattr(self, "calibration_keys", None):
+            self.do_split()
+        if not self.calibration_keys:
+            self.print_to_log_file("CalibHead not fitted: too few training cases for a calibration subset; "
+                                   "total falls back to 1 - max probability")
             return
+        net = unwrap(self.network)
         self.set_deep_supervision_enabled(False)
         net.eval()
-        stats, errors = defaultdict(list), []
-        for _ in range(self.num_calibration_batches):
-            batch = next(self.dataloader_train)
-            data = batch["data"].to(self.device)
-            target = batch["target"][0] if isinstance(batch["target"], list) else batch["target"]
-            out = net.sample(data)
-            errors.append((out["mean"].argmax(1) != target.to(self.device)[:, 0]).float().cpu())
-            for k in ("confidence", "total", "aleatoric", "epistemic", "probe", "conflict"):
-                stats[k].append(out[k].float().cpu())
-        stats = {k: torch.cat(v) for k, v in stats.items()}
+        predictor = self._predictor()
+        columns, errors = defaultdict(list), []
+        for _, data, seg, _ in self._preprocessed_cases(self.calibration_keys):
+            stats = predictor.pooled_statistics(data)
+            seg = torch.from_numpy(seg[0]).to(stats["total"].device)
+            valid = seg >= 0
+            errors.append((stats["mean"].argmax(0) != seg)[valid].float().cpu())
+            for k in STATISTICS:
+                columns[k].append(stats[k][valid].float().cpu())
         error = torch.cat(errors)
         calib = net.calib.cpu()
-        bce = calib.fit(stats, error)
+        bce = calib.fit_voxels({k: torch.cat(v) for k, v in columns.items()}, error)
         calib.to(self.device)
         self.set_deep_supervision_enabled(self.enable_deep_supervision)
-        self.print_to_log_file(f"CalibHead fitted on {self.num_calibration_batches} training-fold batches: "
-                               f"error rate {float(error.mean()):.4f}, BCE {bce:.4f}")
+        self.print_to_log_file(f"CalibHead fitted on {len(self.calibration_keys)} held-out calibration cases "
+                               f"({error.numel()} voxels, error rate {float(error.mean()):.4f}, BCE {bce:.4f})")
+
+
+def calibration_subset(keys, fraction: float, seed: int) -> list:
+    """A seeded subset of ``keys`` (at least one, and at least one left for training) for CalibHead."""
+    keys = sorted(keys)
+    if len(keys) < 2 or fraction <= 0:
+        return []
+    n = min(len(keys) - 1, max(1, int(round(fraction * len(keys)))))
+    return sorted(np.random.RandomState(seed).choice(keys, n, replace=False).tolist())
 
 
 class nnUNetTrainerEnTrust_5epochs(nnUNetTrainerEnTrust):
@@ -211,9 +253,7 @@ class nnUNetTrainerEnTrust_50epochs(nnUNetTrainerEnTrust):
 
 
 class nnUNetTrainerEnTrust_tinyCPU(nnUNetTrainerEnTrust):
-    """For tests: 4 epochs of 3 iterations, 1 validation iteration, a checkpoint every epoch, 2 calibration batches."""
-
-    num_calibration_batches = 2
+    """For tests: 4 epochs of 3 iterations, 1 validation iteration, a checkpoint every epoch."""
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -222,6 +262,24 @@ class nnUNetTrainerEnTrust_tinyCPU(nnUNetTrainerEnTrust):
         self.num_iterations_per_epoch = 3
         self.num_val_iterations_per_epoch = 1
         self.save_every = 1
+
+
+class nnUNetTrainerEnTrust_demo(nnUNetTrainerEnTrust):
+    """The demo's short CPU schedule (see DEMO_SCHEDULE); nnUNetTrainer_demo is plain nnU-Net on the same one."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        apply_schedule(self, DEMO_SCHEDULE)
+
+
+class nnUNetTrainer_demo(nnUNetTrainer):
+    """Plain nnU-Net on the demo's schedule: the baseline the demo and benchmark compare against."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        apply_schedule(self, DEMO_SCHEDULE)
 
 
 class nnUNetTrainerEnTrustPlaceholder(nnUNetTrainer):

@@ -72,7 +72,22 @@ class CalibHead(nn.Module):
             return (1 - stats["confidence"]).clamp(0, 1)
         return torch.sigmoid(self.logits(stats))
 
-    def fit(self, stats: dict[str, torch.Tensor], error: torch.Tensor, steps: int = 300, lr: float = 1e-2) -> float:
+    def _as_voxel_batch(self, maps: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Maps of any shape -> (1, n, 1[, 1]) columns this head's 1x1 convolutions accept."""
+        trailing = (1,) * (self.net[0].weight.dim() - 3)
+        return {k: v.reshape(1, -1, *trailing) for k, v in maps.items()}
+
+    def predict_voxels(self, stats: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Probability of error for statistics maps of any shape (e.g. a whole predicted volume)."""
+        shape = stats["total"].shape
+        return self(self._as_voxel_batch({k: stats[k] for k in STATISTICS})).reshape(shape)
+
+    def fit_voxels(self, stats: dict[str, torch.Tensor], error: torch.Tensor, **kwargs) -> float:
+        """:meth:`fit` on flat voxel lists (or maps of any shape)."""
+        return self.fit(self._as_voxel_batch({k: stats[k] for k in STATISTICS}),
+                        self._as_voxel_batch({"e": error})["e"], **kwargs)
+
+    def fit(self, stats: dict[str, torch.Tensor], error: torch.Tensor, steps: int = 1000, lr: float = 1e-2) -> float:
         """Fit on collected statistics (N, *s each) and error indicators (N, *s); returns the final BCE.
 
         Plain (unweighted) binary cross-entropy: it is a proper scoring rule, so the fitted output is

@@ -10,7 +10,8 @@ import SimpleITK as sitk
 import torch
 
 from conftest import SESSION_DATASET_ID, nnunet_bin
-from entrust_nnunet.predict import MAP_NAMES, EnTrustPredictor
+from entrust_nnunet.io import MAP_NAMES
+from entrust_nnunet.predict import EnTrustPredictor
 
 RANGES = {"total": (0, 1), "aleatoric": (0, np.log(3) + 1e-4), "epistemic": (0, np.log(3) + 1e-4), "conflict": (0, 1)}
 

@@ -3,5 +3,6 @@ from entrust_nnunet.training import (  # noqa: F401
     nnUNetTrainerEnTrust,
     nnUNetTrainerEnTrust_5epochs,
     nnUNetTrainerEnTrust_50epochs,
+    nnUNetTrainerEnTrust_demo,
     nnUNetTrainerEnTrust_tinyCPU,
 )
