@@ -117,7 +117,11 @@ def _add_pipeline(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="device for training/inference (default: cpu)")
     p.add_argument("--folds", nargs="+", default=["0"], help="folds to train (default: 0)")
     p.add_argument("-n", type=int, default=24, help="number of training phantoms (default: 24)")
+    p.add_argument("--num-test", type=int, default=20, help="number of held-out test phantoms (default: 20)")
+    p.add_argument("--size", type=int, default=None, help="phantom edge length in voxels (default: 64 in 2D, 32 in 3D)")
     p.add_argument("--seed", type=int, default=0, help="phantom seed (default: 0)")
+    p.add_argument("--trainer", default="nnUNetTrainerEnTrust_demo",
+                   help="trainer (default: nnUNetTrainerEnTrust_demo, 15 epochs x 50 iterations)")
     p.add_argument("--fresh", action="store_true", help="delete the working folder first")
     p.set_defaults(func=_cmd_demo)
 

@@ -70,7 +70,7 @@ EPOCH_LINE = re.compile(r": Epoch (\d+)$")
 
 
 def train_fold(dataset_id: int, configuration: str, fold: str, trainer: str, plans: str, device: str,
-               num_epochs: int, log_file: Path) -> None:
+               num_epochs: int | None, log_file: Path) -> None:
     """Run the stock ``nnUNetv2_train`` in a subprocess with an epoch progress bar; its output goes to ``log_file``."""
     import subprocess
     import sys
@@ -89,7 +89,7 @@ def train_fold(dataset_id: int, configuration: str, fold: str, trainer: str, pla
                 bar.n = int(match.group(1))
                 bar.refresh()
             elif "Training done" in line:
-                bar.n = num_epochs
+                bar.n = num_epochs or bar.n
                 bar.set_postfix_str("validation")
                 bar.refresh()
         if proc.wait() != 0:
@@ -122,20 +122,23 @@ def run_demo(args) -> dict:
     for other in Path(os.environ["nnUNet_raw"]).glob(f"Dataset{DEMO_DATASET_ID}_*"):
         if other.name != name:
             raise InputError(f"{other}: the demo uses dataset id {DEMO_DATASET_ID}; use another --dataset-dir or --fresh")
-    print(f"[1/6] phantoms ({args.dim}D, {args.n} training cases)")
+    print(f"[1/6] phantoms ({args.dim}D, {args.n} training cases, {args.num_test} test cases)")
     if not raw.exists():
-        write_phantom_dataset(raw, num_cases=args.n, dim=args.dim, seed=args.seed)
+        write_phantom_dataset(raw, num_cases=args.n, num_test=args.num_test, dim=args.dim, seed=args.seed,
+                              size=args.size)
     print("[2/6] nnU-Net fingerprint, plans (nnUNetPlans + nnUNetEnTrustPlans), preprocessing")
     if not (Path(os.environ["nnUNet_preprocessed"]) / name / f"{DEMO_PLANS}.json").exists():
         plan_and_preprocess([DEMO_DATASET_ID], configurations=[config], verify=True)
-    model = Path(os.environ["nnUNet_results"]) / name / f"{DEMO_TRAINER}__{DEMO_PLANS}__{config}"
+    model = Path(os.environ["nnUNet_results"]) / name / f"{args.trainer}__{DEMO_PLANS}__{config}"
+    epochs = DEMO_SCHEDULE["num_epochs"] if args.trainer == DEMO_TRAINER else None
     for fold in args.folds:
-        print(f"[3/6] training {DEMO_TRAINER} fold {fold} ({DEMO_SCHEDULE['num_epochs']} epochs x "
-              f"{DEMO_SCHEDULE['num_iterations_per_epoch']} iterations) with the stock nnUNetv2_train")
+        schedule = (f"{DEMO_SCHEDULE['num_epochs']} epochs x {DEMO_SCHEDULE['num_iterations_per_epoch']} iterations"
+                    if epochs else "its own schedule")
+        print(f"[3/6] training {args.trainer} fold {fold} ({schedule}) with the stock nnUNetv2_train")
         if not (model / f"fold_{fold}" / "checkpoint_final.pth").exists():
             (root / "logs").mkdir(exist_ok=True)
-            train_fold(DEMO_DATASET_ID, config, fold, DEMO_TRAINER, DEMO_PLANS, args.device,
-                       DEMO_SCHEDULE["num_epochs"], root / "logs" / f"train_fold_{fold}.log")
+            train_fold(DEMO_DATASET_ID, config, fold, args.trainer, DEMO_PLANS, args.device, epochs,
+                       root / "logs" / f"train_fold_{fold}.log")
     pred = root / "predictions"
     cases = sorted(p.name[: -len("_0000.nii.gz")] for p in (raw / "imagesTs").glob("*_0000.nii.gz"))
     print(f"[4/6] predicting {len(cases)} held-out cases with uncertainty maps (folds {', '.join(args.folds)} pooled)")

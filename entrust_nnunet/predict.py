@@ -42,19 +42,40 @@ from entrust_nnunet.metrics import entropy
 from entrust_nnunet.network import MIN_PROBABILITY, EnTrustUNet
 from entrust_nnunet.trustmap import CalibHead
 
-class TrustStatistics(nn.Module):
-    """Wraps EnTrustUNet so that ``forward(x)`` returns (B, C + 3, *s): mean probabilities, aleatoric, probe, conflict.
+def uncertainty_statistics(net: nn.Module, x: torch.Tensor, num_samples: int, steps: int | None, seed: int = 0,
+                           probe: bool = True) -> dict[str, torch.Tensor]:
+    """Per-patch ``mean`` (B, C, *s) class probabilities and ``aleatoric``/``probe``/``conflict`` maps (B, *s).
 
-    ``load_state_dict`` goes to the wrapped network, so nnU-Net's per-fold weight loading works.
+    EnTrustUNet samples its SegDiff hypotheses; a network with ``sample_statistics`` (the baselines in
+    ``entrust_nnunet.baselines``) gives its own; any other nnU-Net network is read as plain softmax
+    (aleatoric = its entropy, no probe, no conflict).
+    """
+    if isinstance(net, EnTrustUNet):
+        s = net.sample(x, num_samples, steps or net.sampling_steps, seed=seed, probe=probe)
+        return {k: s[k] for k in ("mean", "aleatoric", "probe", "conflict")}
+    if hasattr(net, "sample_statistics"):
+        s = net.sample_statistics(x, num_samples=num_samples, seed=seed)
+        zeros = torch.zeros_like(s["aleatoric"])
+        return {"mean": s["mean"], "aleatoric": s["aleatoric"], "probe": zeros, "conflict": s.get("conflict", zeros)}
+    mean = torch.softmax(net(x).float(), 1)
+    h = entropy(mean, axis=1)
+    return {"mean": mean, "aleatoric": h, "probe": torch.zeros_like(h), "conflict": torch.zeros_like(h)}
+
+
+class TrustStatistics(nn.Module):
+    """Wraps a network so that ``forward(x)`` returns (B, C + 3, *s): mean probabilities, aleatoric, probe, conflict.
+
+    These all pool by averaging, so nnU-Net's sliding window, mirroring and fold average pool them
+    exactly. ``load_state_dict`` goes to the wrapped network, so nnU-Net's per-fold loading works.
     """
 
-    def __init__(self, network: EnTrustUNet, num_hypotheses: int, steps: int, seed: int = 0, probe: bool = True):
+    def __init__(self, network: nn.Module, num_samples: int, steps: int | None, seed: int = 0, probe: bool = True):
         super().__init__()
         self.net = network
-        self.num_hypotheses, self.steps, self.seed, self.probe = num_hypotheses, steps, seed, probe
+        self.num_samples, self.steps, self.seed, self.probe = num_samples, steps, seed, probe
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s = self.net.sample(x, self.num_hypotheses, self.steps, seed=self.seed, probe=self.probe)
+        s = uncertainty_statistics(self.net, x, self.num_samples, self.steps, self.seed, self.probe)
         return torch.cat([s["mean"], s["aleatoric"][:, None], s["probe"][:, None], s["conflict"][:, None]], 1)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
@@ -166,16 +187,19 @@ class EnTrustPredictor(nnUNetPredictor):
         net = unwrap(self.network)
         if isinstance(net, TrustStatistics):
             net = net.net
-        if not isinstance(net, EnTrustUNet):
-            raise InputError(f"trainer {self.trainer_name} builds {type(net).__name__}, not an EnTrust network: "
-                             f"use nnUNetv2_predict for it")
-        self.network = TrustStatistics(net, self.num_samples, self.steps or net.sampling_steps, self.seed, self.probe)
-        params = self.list_of_parameters or [net.state_dict()]
+        self.network = TrustStatistics(net, self.num_samples, self.steps, self.seed, self.probe)
         self.calib_heads = []
-        for p in params:
-            head = CalibHead(type(net.calib.net[0]))
-            head.load_state_dict({k[len("calib."):]: v for k, v in p.items() if k.startswith("calib.")})
-            self.calib_heads.append(head.eval())
+        if isinstance(net, EnTrustUNet):
+            for p in self.list_of_parameters or [net.state_dict()]:
+                head = CalibHead(type(net.calib.net[0]))
+                head.load_state_dict({k[len("calib."):]: v for k, v in p.items() if k.startswith("calib.")})
+                self.calib_heads.append(head.eval())
+
+    def probability_of_error(self, stats: dict[str, torch.Tensor]) -> torch.Tensor:
+        """EnTrust: the folds' CalibHeads averaged; other methods: 1 - max of the pooled mean."""
+        if not self.calib_heads:
+            return 1 - stats["confidence"]
+        return torch.stack([head.predict_voxels(stats) for head in self.calib_heads]).mean(0).clamp(0, 1)
 
     # --------------------------------------------------------------- prediction
     def predict_sliding_window_return_logits(self, input_image: torch.Tensor):
@@ -202,10 +226,10 @@ class EnTrustPredictor(nnUNetPredictor):
 
     @torch.inference_mode()
     def predict_logits_from_preprocessed_data(self, data: torch.Tensor) -> torch.Tensor:
-        """(C + 4, *s): log pooled class probabilities, then total (P(error), the folds' CalibHeads averaged),
+        """(C + 4, *s): log pooled class probabilities, then total (P(error), see :meth:`probability_of_error`),
         aleatoric, epistemic, conflict."""
         stats = self.pooled_statistics(data)
-        error = torch.stack([head.predict_voxels(stats) for head in self.calib_heads]).mean(0).clamp(0, 1)
+        error = self.probability_of_error(stats)
         return torch.cat([stats["mean"].clamp_min(MIN_PROBABILITY).log(),
                           torch.stack([error, stats["aleatoric"], stats["epistemic"], stats["conflict"]])])
 

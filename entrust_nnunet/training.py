@@ -35,8 +35,10 @@ from entrust_nnunet.network import LOSS_WEIGHTS
 from entrust_nnunet.trustmap import STATISTICS
 
 ENTRUST_NETWORK = "entrust_nnunet.network.EnTrustUNet"
-#: the demo's short CPU schedule: epochs x iterations of batch 2 (2D 64x64 phantoms)
-DEMO_SCHEDULE = {"num_epochs": 10, "num_iterations_per_epoch": 40, "num_val_iterations_per_epoch": 5}
+#: the demo's short CPU schedule: 15 epochs x 50 iterations of batch 2 (2D 64x64 phantoms), about 2-3 min
+DEMO_SCHEDULE = {"num_epochs": 15, "num_iterations_per_epoch": 50, "num_val_iterations_per_epoch": 5}
+#: the tests' schedule: 4 epochs x 3 iterations, 1 validation iteration, a checkpoint every epoch
+TINY_SCHEDULE = {"num_epochs": 4, "num_iterations_per_epoch": 3, "num_val_iterations_per_epoch": 1, "save_every": 1}
 
 
 def apply_schedule(trainer: nnUNetTrainer, schedule: dict) -> None:
@@ -253,15 +255,21 @@ class nnUNetTrainerEnTrust_50epochs(nnUNetTrainerEnTrust):
 
 
 class nnUNetTrainerEnTrust_tinyCPU(nnUNetTrainerEnTrust):
-    """For tests: 4 epochs of 3 iterations, 1 validation iteration, a checkpoint every epoch."""
+    """For tests: TINY_SCHEDULE."""
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs = 4
-        self.num_iterations_per_epoch = 3
-        self.num_val_iterations_per_epoch = 1
-        self.save_every = 1
+        apply_schedule(self, TINY_SCHEDULE)
+
+
+class nnUNetTrainer_tinyCPU(nnUNetTrainer):
+    """Plain nnU-Net on TINY_SCHEDULE (the benchmark's smoke run compares against it)."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        apply_schedule(self, TINY_SCHEDULE)
 
 
 class nnUNetTrainerEnTrust_demo(nnUNetTrainerEnTrust):

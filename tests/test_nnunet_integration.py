@@ -56,7 +56,7 @@ def test_entrust_trains_on_default_plans(planned_phantoms):
     fold = Path(env["nnUNet_results"]) / name / "nnUNetTrainerEnTrust_tinyCPU__nnUNetPlans__2d" / "fold_1"
     ckpt = _load(fold / "checkpoint_final.pth")
     keys = ckpt["network_weights"].keys()
-    assert any(k.startswith("encoders.encoders.2.") for k in keys) and any(k.startswith("segdiff.") for k in keys)
+    assert any(k.startswith("encoders.encoder.stages.") for k in keys) and any(k.startswith("segdiff.") for k in keys)
     assert float(ckpt["network_weights"]["calib.fitted"]) == 1.0
     assert (fold / "progress.png").exists() and (fold / "progress_entrust.png").exists()
     assert json.loads((fold / "validation" / "summary.json").read_text())["foreground_mean"]["Dice"] >= 0

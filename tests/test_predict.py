@@ -155,3 +155,24 @@ def test_bad_input_one_line_error_and_nothing_written(trained_entrust, tmp_path,
     assert {p.name: p.read_bytes() for p in src.iterdir()} == before  # inputs untouched
     if out != src and out.exists():
         assert not list(out.glob("*.nii.gz")) and not list(out.rglob(".tmp-*"))
+
+
+def test_demo_end_to_end_at_tiny_size(tmp_path):
+    """`entrust demo` at a tiny size: every step runs, every artefact exists, a rerun reuses finished steps."""
+    import os
+
+    env = {**os.environ, "nnUNet_def_n_proc": "1", "nnUNet_n_proc_DA": "1"}
+    args = ["demo", "--dataset-dir", str(tmp_path / "demo"), "-n", "6", "--num-test", "2", "--size", "32",
+            "--trainer", "nnUNetTrainerEnTrust_tinyCPU"]
+    r = _entrust(env, *args)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    root = tmp_path / "demo"
+    summary = json.loads((root / "summary.json").read_text())
+    assert len(summary["metric_per_case"]) == 2
+    assert (root / "report" / "index.html").exists() and list((root / "report").glob("*.png"))
+    assert len(list((root / "predictions" / "uncertainty").glob("*.nii.gz"))) == 2 * len(MAP_NAMES)
+    assert "headline" in r.stdout and "report" in r.stdout
+    checkpoint = next(root.glob("nnUNet_results/*/*/fold_0/checkpoint_final.pth"))
+    stamp = checkpoint.stat().st_mtime
+    r = _entrust(env, *args)  # finished steps are reused: no retraining
+    assert r.returncode == 0 and checkpoint.stat().st_mtime == stamp

@@ -1,2 +1,2 @@
-"""Plain nnU-Net on the demo's schedule, the baseline the demo and the benchmark compare against."""
-from entrust_nnunet.training import nnUNetTrainer_demo  # noqa: F401
+"""Plain nnU-Net on the demo's and the tests' schedules: the baselines the demo and the benchmark compare against."""
+from entrust_nnunet.training import nnUNetTrainer_demo, nnUNetTrainer_tinyCPU  # noqa: F401
