@@ -38,7 +38,7 @@ from torch.nn.modules.dropout import _DropoutNd
 
 from entrust_nnunet.encoders import ModalityEncoders
 from entrust_nnunet.metrics import entropy
-from entrust_nnunet.training import DEMO_SCHEDULE, TINY_SCHEDULE, apply_schedule, unwrap
+from entrust_nnunet.training import DEMO_SCHEDULE, TINY_SCHEDULE, ScheduleMixin, unwrap
 
 MCDROPOUT_NETWORK = "entrust_nnunet.baselines.MCDropoutUNet"
 CRNP_NETWORK = "entrust_nnunet.baselines.CRNPUNet"
@@ -148,23 +148,16 @@ class nnUNetTrainerMCDropout(nnUNetTrainer):
                       enable_deep_supervision)
 
 
-class nnUNetTrainerMCDropout_demo(nnUNetTrainerMCDropout):
+class nnUNetTrainerMCDropout_demo(ScheduleMixin, nnUNetTrainerMCDropout):
     """MC dropout on the demo's short CPU schedule (DEMO_SCHEDULE)."""
 
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        apply_schedule(self, DEMO_SCHEDULE)
+    schedule = DEMO_SCHEDULE
 
 
-class nnUNetTrainerMCDropout_tinyCPU(nnUNetTrainerMCDropout):
+class nnUNetTrainerMCDropout_tinyCPU(ScheduleMixin, nnUNetTrainerMCDropout):
     """For tests: TINY_SCHEDULE."""
 
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        apply_schedule(self, TINY_SCHEDULE)
-
+    schedule = TINY_SCHEDULE
 
 
 # ==================================================================================== CRNP
@@ -423,19 +416,13 @@ class nnUNetTrainerCRNP(nnUNetTrainer):
         history.clear()
 
 
-class nnUNetTrainerCRNP_demo(nnUNetTrainerCRNP):
+class nnUNetTrainerCRNP_demo(ScheduleMixin, nnUNetTrainerCRNP):
     """CRNP on the demo's short CPU schedule (DEMO_SCHEDULE)."""
 
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        apply_schedule(self, DEMO_SCHEDULE)
+    schedule = DEMO_SCHEDULE
 
 
-class nnUNetTrainerCRNP_tinyCPU(nnUNetTrainerCRNP):
+class nnUNetTrainerCRNP_tinyCPU(ScheduleMixin, nnUNetTrainerCRNP):
     """For tests: TINY_SCHEDULE."""
 
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        apply_schedule(self, TINY_SCHEDULE)
+    schedule = TINY_SCHEDULE

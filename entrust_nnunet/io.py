@@ -204,7 +204,7 @@ def atomic_file(path: str | os.PathLike, mode: str = "w") -> Iterator:
     path = Path(path)
     tmp = _temporary_sibling(path)
     try:
-        with open(tmp, mode) as f:
+        with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
             yield f
         os.replace(tmp, path)
     finally:

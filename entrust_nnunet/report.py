@@ -289,7 +289,7 @@ def write_report(pred_dir, summary, out_dir, images_dir=None, gt_dir=None, confl
 
         with open(tmp / "summary.json", "w") as f:
             json.dump(summary, f, indent=4, sort_keys=True, allow_nan=False)
-        (tmp / "index.html").write_text(_html(summary, figures, curves, label_names, pred_dir))
+        (tmp / "index.html").write_text(_html(summary, figures, curves, label_names, pred_dir), encoding="utf-8")
     return Path(out_dir).absolute()
 
 

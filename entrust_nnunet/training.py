@@ -41,9 +41,19 @@ DEMO_SCHEDULE = {"num_epochs": 15, "num_iterations_per_epoch": 50, "num_val_iter
 TINY_SCHEDULE = {"num_epochs": 4, "num_iterations_per_epoch": 3, "num_val_iterations_per_epoch": 1, "save_every": 1}
 
 
-def apply_schedule(trainer: nnUNetTrainer, schedule: dict) -> None:
-    for key, value in schedule.items():
-        setattr(trainer, key, value)
+class ScheduleMixin:
+    """Put first in the bases of a trainer variant: nnU-Net's ``__init__`` (same signature), then the
+    attributes in the class's ``schedule`` (e.g. ``num_epochs``) overwrite nnU-Net's defaults."""
+
+    schedule: dict = {}
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        for key, value in self.schedule.items():
+            setattr(self, key, value)
+
+
 AUX_LOG_KEYS = tuple(f"entrust_{k}" for k in LOSS_WEIGHTS)
 
 
@@ -240,64 +250,41 @@ def calibration_subset(keys, fraction: float, seed: int) -> list:
     return sorted(np.random.RandomState(seed).choice(keys, n, replace=False).tolist())
 
 
-class nnUNetTrainerEnTrust_5epochs(nnUNetTrainerEnTrust):
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs = 5
+class nnUNetTrainerEnTrust_5epochs(ScheduleMixin, nnUNetTrainerEnTrust):
+    schedule = {"num_epochs": 5}
 
 
-class nnUNetTrainerEnTrust_50epochs(nnUNetTrainerEnTrust):
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs = 50
+class nnUNetTrainerEnTrust_50epochs(ScheduleMixin, nnUNetTrainerEnTrust):
+    schedule = {"num_epochs": 50}
 
 
-class nnUNetTrainerEnTrust_tinyCPU(nnUNetTrainerEnTrust):
+class nnUNetTrainerEnTrust_tinyCPU(ScheduleMixin, nnUNetTrainerEnTrust):
     """For tests: TINY_SCHEDULE."""
 
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        apply_schedule(self, TINY_SCHEDULE)
+    schedule = TINY_SCHEDULE
 
 
-class nnUNetTrainer_tinyCPU(nnUNetTrainer):
+class nnUNetTrainer_tinyCPU(ScheduleMixin, nnUNetTrainer):
     """Plain nnU-Net on TINY_SCHEDULE (the benchmark's smoke run compares against it)."""
 
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        apply_schedule(self, TINY_SCHEDULE)
+    schedule = TINY_SCHEDULE
 
 
-class nnUNetTrainerEnTrust_demo(nnUNetTrainerEnTrust):
+class nnUNetTrainerEnTrust_demo(ScheduleMixin, nnUNetTrainerEnTrust):
     """The demo's short CPU schedule (see DEMO_SCHEDULE); nnUNetTrainer_demo is plain nnU-Net on the same one."""
 
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        apply_schedule(self, DEMO_SCHEDULE)
+    schedule = DEMO_SCHEDULE
 
 
-class nnUNetTrainer_demo(nnUNetTrainer):
+class nnUNetTrainer_demo(ScheduleMixin, nnUNetTrainer):
     """Plain nnU-Net on the demo's schedule: the baseline the demo and benchmark compare against."""
 
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        apply_schedule(self, DEMO_SCHEDULE)
+    schedule = DEMO_SCHEDULE
 
 
 class nnUNetTrainerEnTrustPlaceholder(nnUNetTrainer):
     """Exactly nnUNetTrainer under another name: proves plug-in discovery end to end."""
 
 
-class nnUNetTrainerEnTrustPlaceholder_tinyCPU(nnUNetTrainerEnTrustPlaceholder):
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs = 1
-        self.num_iterations_per_epoch = 2
-        self.num_val_iterations_per_epoch = 1
+class nnUNetTrainerEnTrustPlaceholder_tinyCPU(ScheduleMixin, nnUNetTrainerEnTrustPlaceholder):
+    schedule = {"num_epochs": 1, "num_iterations_per_epoch": 2, "num_val_iterations_per_epoch": 1}

@@ -48,7 +48,7 @@ def trained_entrust(planned_phantoms):
     env, name = planned_phantoms
     r = subprocess.run([nnunet_bin("nnUNetv2_train"), str(SESSION_DATASET_ID), "2d", "2", "-tr",
                         "nnUNetTrainerEnTrust_tinyCPU", "-p", "nnUNetEnTrustPlans", "-device", "cpu"],
-                       env=env, capture_output=True, text=True, timeout=900)
+                       env=env, capture_output=True, encoding="utf-8", errors="replace", timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     model = Path(env["nnUNet_results"]) / name / "nnUNetTrainerEnTrust_tinyCPU__nnUNetEnTrustPlans__2d"
     return env, name, model

@@ -107,19 +107,19 @@ def test_crnp_predictor_training_lowers_its_error():
 def test_trainer_trains_and_predicts_maps(planned_phantoms, tmp_path, trainer, fold):
     env, name = planned_phantoms
     r = subprocess.run([nnunet_bin("nnUNetv2_train"), str(SESSION_DATASET_ID), "2d", fold, "-tr", trainer,
-                        "-device", "cpu"], env=env, capture_output=True, text=True, timeout=900)
+                        "-device", "cpu"], env=env, capture_output=True, encoding="utf-8", errors="replace", timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     model = Path(env["nnUNet_results"]) / name / f"{trainer}__nnUNetPlans__2d"
     assert (model / f"fold_{fold}" / "checkpoint_final.pth").exists()
     if "CRNP" in trainer:
-        log = next((model / f"fold_{fold}").glob("training_log_*.txt")).read_text()
+        log = next((model / f"fold_{fold}").glob("training_log_*.txt")).read_text(encoding="utf-8")
         assert "CRNP predictor (RNP) loss" in log
     raw = Path(env["nnUNet_raw"]) / name
     out = tmp_path / "pred"
     r = subprocess.run([nnunet_bin("entrust"), "predict", "-i", str(raw / "imagesTs"), "-o", str(out), "-d",
                         str(SESSION_DATASET_ID), "-c", "2d", "-tr", trainer, "-p", "nnUNetPlans", "-f", fold,
                         "-npp", "1", "-nps", "1", "--num-samples", "3"],
-                       env=env, capture_output=True, text=True, timeout=600)
+                       env=env, capture_output=True, encoding="utf-8", errors="replace", timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     ref = sitk.ReadImage(str(raw / "imagesTs" / "test_000_0000.nii.gz"))
     maps = {}

@@ -10,7 +10,7 @@ REPO = Path(__file__).resolve().parent.parent
 def test_benchmark_smoke(tmp_path):
     out = tmp_path / "bench"
     r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "run.py"), "--smoke", "--out", str(out)],
-                       capture_output=True, text=True, timeout=1500)
+                       capture_output=True, encoding="utf-8", errors="replace", timeout=1500)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     result = json.loads((out / "results.json").read_text())
     assert {"softmax nnU-Net", "5-fold deep ensemble", "EnTrust (K=8)"} <= set(result["methods"])
@@ -19,7 +19,7 @@ def test_benchmark_smoke(tmp_path):
     speed = result["speed"]
     assert speed["plain nnU-Net forward"]["time_ratio"] == 1.0
     # K hypotheses cost more than one: the ratios are measured, not assumed
-    assert speed["EnTrust K=16"]["median_s"] > speed["EnTrust K=1"]["median_s"] * 0.9
+    assert speed["EnTrust K=8"]["median_s"] > speed["EnTrust K=1"]["median_s"] * 0.9
     assert all(t["value"] is None or t["value"] == t["value"] for t in result["targets"])
-    md = (out / "results.md").read_text()
+    md = (out / "results.md").read_text(encoding="utf-8")
     assert "| EnTrust (K=8) |" in md and "ratio to one plain forward" in md

@@ -268,7 +268,7 @@ def test_report_files_and_numbers(data, tmp_path):
     ds, s = data["ds"], data["oracle"]
     out = write_report(data["folders"]["oracle"][0], data["oracle_file"], tmp_path / "report",
                        images_dir=ds / "imagesTs", gt_dir=ds / "labelsTs", conflict_dir=ds / "conflictTs")
-    html = (out / "index.html").read_text()
+    html = (out / "index.html").read_text(encoding="utf-8")
     pngs = sorted(p.name for p in out.glob("*.png"))
     # cases with conflict first: test_003 (no conflict) is left out of 3 figures
     assert pngs == ["case_test_000.png", "case_test_001.png", "case_test_002.png", "reliability.png",

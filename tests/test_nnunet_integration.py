@@ -16,7 +16,7 @@ ID = str(SESSION_DATASET_ID)
 
 
 def _run(env, *args, timeout=600):
-    r = subprocess.run([nnunet_bin(args[0]), *args[1:]], env=env, capture_output=True, text=True, timeout=timeout)
+    r = subprocess.run([nnunet_bin(args[0]), *args[1:]], env=env, capture_output=True, encoding="utf-8", errors="replace", timeout=timeout)
     assert r.returncode == 0, f"{args}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
     return r
 
@@ -28,7 +28,7 @@ def _load(path):
 
 def test_entrust_env_prints_the_plugin_folder(planned_phantoms):
     env, _ = planned_phantoms
-    r = subprocess.run([nnunet_bin("entrust"), "env"], env=env, capture_output=True, text=True)
+    r = subprocess.run([nnunet_bin("entrust"), "env"], env=env, capture_output=True, encoding="utf-8", errors="replace")
     line = [ln for ln in r.stdout.splitlines() if ln.startswith("export nnUNet_extTrainer=")][0]
     folder = line.split("=", 1)[1].strip("'").split(":")[-1]
     assert (Path(folder) / "nnUNetTrainerEnTrust.py").exists()

@@ -122,6 +122,6 @@ def test_stock_plan_and_preprocess_verifies_phantoms(tmp_path):
     write_phantom_dataset(tmp_path / "raw" / "Dataset905_P", num_cases=4, dim=2, size=32, progress=False)
     exe = __import__("pathlib").Path(sys.executable).with_name("nnUNetv2_plan_and_preprocess")
     r = subprocess.run([str(exe), "-d", "905", "-c", "2d", "-np", "1", "--verify_dataset_integrity"], env=env,
-                       capture_output=True, text=True, timeout=600)
+                       capture_output=True, encoding="utf-8", errors="replace", timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert (tmp_path / "pre" / "Dataset905_P" / "nnUNetPlans.json").exists()

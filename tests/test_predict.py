@@ -17,7 +17,7 @@ RANGES = {"total": (0, 1), "aleatoric": (0, np.log(3) + 1e-4), "epistemic": (0, 
 
 
 def _entrust(env, *args):
-    return subprocess.run([nnunet_bin("entrust"), *args], env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run([nnunet_bin("entrust"), *args], env=env, capture_output=True, encoding="utf-8", errors="replace", timeout=600)
 
 
 def _same_geometry(a, b):
@@ -64,7 +64,7 @@ def test_nnunet_evaluate_folder_still_works(prediction):
     env, raw, out = prediction
     r = subprocess.run([nnunet_bin("nnUNetv2_evaluate_folder"), str(raw / "labelsTs"), str(out), "-djfile",
                         str(out / "dataset.json"), "-pfile", str(out / "plans.json")],
-                       env=env, capture_output=True, text=True, timeout=300)
+                       env=env, capture_output=True, encoding="utf-8", errors="replace", timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     summary = json.loads((out / "summary.json").read_text())
     assert len(summary["metric_per_case"]) == 2
