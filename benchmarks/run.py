@@ -249,7 +249,9 @@ def run(args) -> dict:
                                   num_processes=1)
         row = dict(headline(summary))
         pooled = summary.get("uncertainty_pooled", {})
-        for key in ("ece_fg_boundary", "brier", "nll", "aurc", "entanglement"):
+        for key in ("ece_fg_boundary", "brier", "nll", "aurc", "entanglement", "total_in_conflict",
+                    "error_in_conflict", "total_outside_conflict", "error_outside_conflict", "conflict_in_conflict",
+                    "conflict_outside_conflict"):
             row[key] = pooled.get(key, summary.get("uncertainty_mean", {}).get(key))
         for label, values in summary.get("mean", {}).items():
             row[f"dice_{label}"] = values.get("Dice")
@@ -314,12 +316,18 @@ def markdown(result: dict) -> str:
     cols = [("dice", "Dice"), ("ece", "ECE"), ("ece_fg_boundary", "ECE fg+bnd"), ("brier", "Brier"), ("nll", "NLL"),
             ("error_auroc", "err AUROC"), ("aurc", "AURC"), ("conflict_auroc_total", "conflict AUROC (total)"),
             ("conflict_auroc_conflict", "conflict AUROC (conflict)"), ("entanglement", "AU/EU entangl.")]
+    conflict_cols = [("total_in_conflict", "mean total (P(error)) in conflict"), ("error_in_conflict", "true error rate in conflict"),
+                     ("total_outside_conflict", "mean total outside"), ("error_outside_conflict", "true error rate outside"),
+                     ("conflict_in_conflict", "conflict map in conflict"), ("conflict_outside_conflict", "conflict map outside")]
     lines = [f"Command: `{result['command']}` — commit `{result['commit']}`, device {result['device']}, "
              f"{result['machine'].get('cpus')} CPUs, wall time {result['wall_seconds'] / 60:.1f} min. "
              f"Data: {result['data']}. Schedule: {result['schedule']}.", "",
              "| method | " + " | ".join(c[1] for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for method, row in result["methods"].items():
         lines.append(f"| {method} | " + " | ".join(_fmt(row.get(k)) for k, _ in cols) + " |")
+    lines += ["", "| method | " + " | ".join(c[1] for c in conflict_cols) + " |", "|---" * (len(conflict_cols) + 1) + "|"]
+    for method, row in result["methods"].items():
+        lines.append(f"| {method} | " + " | ".join(_fmt(row.get(k)) for k, _ in conflict_cols) + " |")
     labels = sorted({k[5:] for row in result["methods"].values() for k in row if k.startswith("dice_")})
     if labels:
         lines += ["", "| method | " + " | ".join(f"Dice {l} | HD95 {l} (mm)" for l in labels) + " |",

@@ -66,6 +66,7 @@ DEFINITIONS = {
     "conflict_auroc_total": "AUROC of total for detecting true conflict voxels",
     "conflict_auroc_conflict": "AUROC of the conflict map for detecting true conflict voxels",
     "<map>_in_conflict / <map>_outside_conflict": "mean of the map inside / outside the true conflict mask",
+    "error_in_conflict / error_outside_conflict": "fraction of wrong voxels inside / outside the true conflict mask",
     "foreground_mean": "mean over the evaluated foreground labels (regions, if dataset.json declares regions) "
                        "of the per-label means, as nnU-Net",
     "HD95": "95th-percentile symmetric Hausdorff distance in mm (0 if both masks are empty, null if one is)",
@@ -252,7 +253,8 @@ def _uncertainty(job: dict, pred_img: sitk.Image, pred: np.ndarray, gt: np.ndarr
             out["conflict_auroc_total"] = metrics.auroc(total, truth, mask=valid)
         if "conflict" in maps:
             out["conflict_auroc_conflict"] = metrics.auroc(maps["conflict"], truth, mask=valid)
-        for name, arr in maps.items():
+        # the realized error rate beside the maps, so "P(error) in conflict" can be checked against it
+        for name, arr in {**maps, "error": error}.items():
             s_in, n_in = float(arr[inside].sum()), int(inside.sum())
             s_out, n_out = float(arr[outside].sum()), int(outside.sum())
             out[f"{name}_in_conflict"] = s_in / n_in if n_in else math.nan
@@ -362,7 +364,7 @@ def _pooled(pools: list[dict], num_voxels: int, fraction: float) -> dict:
         among = [p for p in with_truth if name in p["sample"]]
         if among:
             out[f"conflict_auroc_{name}"] = metrics.auroc(cat(name, among), cat("truth", among))
-    for name in MAP_NAMES:
+    for name in (*MAP_NAMES, "error"):
         parts = [p["in_out"][name] for p in with_truth if name in p.get("in_out", {})]
         if parts:
             s_in, n_in, s_out, n_out = (sum(x[i] for x in parts) for i in range(4))

@@ -125,6 +125,9 @@ def test_oracle_maps_hand_counted_dice_and_perfect_aurocs(data):
         assert entry["uncertainty"]["conflict_auroc_conflict"] == 1.0
         assert entry["uncertainty"]["conflict_in_conflict"] == 1.0
         assert entry["uncertainty"]["conflict_outside_conflict"] == 0.0
+        u, f = entry["uncertainty"], entry["uncertainty"]["conflict_fraction"]
+        # the error rates inside and outside conflict recombine to the case's error rate
+        assert u["error_in_conflict"] * f + u["error_outside_conflict"] * (1 - f) == pytest.approx(u["error_rate"])
     pooled = s["uncertainty_pooled"]
     assert pooled["error_auroc"] == 1.0 and pooled["conflict_auroc_conflict"] == 1.0
     assert pooled["num_voxels"] == pooled["num_sampled_voxels"] == 4 * 32 * 32
