@@ -7,7 +7,8 @@ preprocessed patch, after warm-up, over several repetitions (median and spread r
 
     python benchmarks/run.py                      # 2D phantoms, CPU, documented schedule (< 30 min on 2 cores)
     python benchmarks/run.py --smoke              # tiny sizes and schedules, for the test suite
-    python benchmarks/run.py --device cuda        # absolute times are reported too
+    python benchmarks/run.py --device cuda        # on a GPU (absolute times are in the table and JSON either way)
+    python benchmarks/run.py --dataset 501 -c 3d_fullres   # any nnU-Net dataset with imagesTs + labelsTs
     python benchmarks/run.py --update-readme      # rewrite README's Results section from the JSON
 
 Outputs: ``OUT/results.json`` (every raw number, commit, machine, device) and ``OUT/results.md``.
@@ -90,7 +91,7 @@ def machine() -> dict:
 
 
 # ------------------------------------------------------------------------------------------ training
-def train_all(args, dataset_id: int, config: str) -> dict[str, float]:
+def train_all(args, dataset_id: int, name: str, config: str) -> dict[str, float]:
     """Train every needed (trainer, fold); return training seconds per iteration per trainer (median over epochs)."""
     from entrust_nnunet.pipeline import train_fold
     from entrust_nnunet.training import DEMO_SCHEDULE, TINY_SCHEDULE
@@ -107,8 +108,8 @@ def train_all(args, dataset_id: int, config: str) -> dict[str, float]:
             print(f"skipping {trainer}: not found")
             continue
         for fold in sorted(folds):
-            model = next(results_root.glob(f"*/{trainer}__{plans}__{config}"), None)
-            if model is None or not (model / f"fold_{fold}" / "checkpoint_final.pth").exists():
+            model = results_root / name / f"{trainer}__{plans}__{config}"
+            if not (model / f"fold_{fold}" / "checkpoint_final.pth").exists():
                 train_fold(dataset_id, config, str(fold), trainer, plans, args.device, None,
                            Path(args.out) / f"train_{trainer}_{fold}.log")
         per_iteration[trainer] = seconds_per_iteration(Path(args.out) / f"train_{trainer}_{min(folds)}.log",
@@ -210,27 +211,53 @@ def measure_speed(args, models: dict[str, Path], channels: int, patch: list[int]
 
 
 # ------------------------------------------------------------------------------------------ main
-def run(args) -> dict:
-    from entrust_nnunet.evaluate import evaluate_folder, headline
+def prepare_dataset(args, out: Path) -> tuple[int, str, str]:
+    """(dataset id, dataset name, configuration): phantoms under OUT by default, else ``--dataset`` from nnU-Net's roots."""
+    from entrust_nnunet.io import InputError
     from entrust_nnunet.nnunet_env import ensure_ext_trainer, set_nnunet_roots
     from entrust_nnunet.phantoms import write_phantom_dataset
+
+    if args.dataset is None:
+        set_nnunet_roots(out / "nnunet")
+        ensure_ext_trainer()
+        dataset_id, name = 611, "Dataset611_BenchPhantoms"
+        raw = Path(os.environ["nnUNet_raw"]) / name
+        if not raw.exists():
+            write_phantom_dataset(raw, num_cases=8 if args.smoke else args.n,
+                                  num_test=3 if args.smoke else args.num_test, dim=2, size=32 if args.smoke else 64,
+                                  seed=args.seed)
+        return dataset_id, name, args.c
+    missing = [v for v in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results") if not os.environ.get(v)]
+    if missing:
+        raise InputError(f"--dataset {args.dataset}: set {', '.join(missing)} (`entrust env --root DIR` prints the lines)")
+    ensure_ext_trainer()
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
+    try:
+        name = maybe_convert_to_dataset_name(args.dataset)
+    except RuntimeError as e:
+        raise InputError(f"--dataset {args.dataset}: {str(e).splitlines()[0]}") from None
+    raw = Path(os.environ["nnUNet_raw"]) / name
+    for folder in ("imagesTs", "labelsTs"):
+        if not (raw / folder).is_dir():
+            raise InputError(f"{raw / folder}: missing; the benchmark scores held-out cases against their labels")
+    return int(name[7:10]), name, args.c
+
+
+def run(args) -> dict:
+    from entrust_nnunet.evaluate import evaluate_folder, headline
     from entrust_nnunet.pipeline import plan_and_preprocess
     from entrust_nnunet.predict import predict_folder
 
     started = time.time()
     out = Path(args.out).absolute()
     out.mkdir(parents=True, exist_ok=True)
-    set_nnunet_roots(out / "nnunet")
-    ensure_ext_trainer()
-    dataset_id, config = 611, "2d"
-    name = f"Dataset{dataset_id}_BenchPhantoms"
+    dataset_id, name, config = prepare_dataset(args, out)
     raw = Path(os.environ["nnUNet_raw"]) / name
-    if not raw.exists():
-        write_phantom_dataset(raw, num_cases=8 if args.smoke else args.n, num_test=3 if args.smoke else args.num_test,
-                              dim=2, size=32 if args.smoke else 64, seed=args.seed)
-    if not (Path(os.environ["nnUNet_preprocessed"]) / name / "nnUNetEnTrustPlans.json").exists():
+    preprocessed = Path(os.environ["nnUNet_preprocessed"]) / name
+    if not ((preprocessed / "nnUNetEnTrustPlans.json").exists() and (preprocessed / f"nnUNetPlans_{config}").is_dir()):
         plan_and_preprocess([dataset_id], configurations=[config])
-    train_s_per_it = train_all(args, dataset_id, config)
+    train_s_per_it = train_all(args, dataset_id, name, config)
 
     results_root = Path(os.environ["nnUNet_results"]) / name
     models, table = {}, {}
@@ -244,7 +271,8 @@ def run(args) -> dict:
         predict_folder(raw / "imagesTs", pred, model, folds=folds, device=args.device, num_samples=k,
                        num_processes_preprocessing=1, num_processes_export=1)
         predict_seconds = time.time() - t
-        summary = evaluate_folder(pred, raw / "labelsTs", conflict_dir=raw / "conflictTs",
+        conflict_dir = raw / "conflictTs" if (raw / "conflictTs").is_dir() else None
+        summary = evaluate_folder(pred, raw / "labelsTs", conflict_dir=conflict_dir,
                                   dataset_json=raw / "dataset.json", output_file=pred / "summary.json",
                                   num_processes=1)
         row = dict(headline(summary))
@@ -269,7 +297,8 @@ def run(args) -> dict:
     result = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "commit": git_commit(),
               "machine": machine(), "device": args.device, "wall_seconds": time.time() - started,
               "schedule": "smoke" if args.smoke else "nnUNetTrainer*_demo (15 epochs x 50 iterations, batch 2)",
-              "data": f"2D phantoms, {args.n} training / {args.num_test} test cases, seed {args.seed}",
+              "data": (f"2D phantoms, {args.n} training / {args.num_test} test cases, seed {args.seed}" if args.dataset is None
+                       else f"{name} ({config}), its imagesTs/labelsTs"),
               "methods": table, "speed": speed, "train": train}
     result["targets"] = check_targets(result)
     (out / "results.json").write_text(json.dumps(result, indent=2, default=float))
@@ -361,8 +390,14 @@ def update_readme(results_md: Path) -> None:
 
 
 def main(argv=None):
+    from entrust_nnunet.io import InputError
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "out"), help="output folder")
+    parser.add_argument("--dataset", default=None,
+                        help="an nnU-Net dataset (id or name) under $nnUNet_raw with imagesTs + labelsTs "
+                             "(default: 2D phantoms generated under OUT); trained models go to $nnUNet_results")
+    parser.add_argument("-c", default="2d", help="nnU-Net configuration (default: 2d)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("-n", type=int, default=24, help="training phantoms (default 24)")
     parser.add_argument("--num-test", type=int, default=20, help="test phantoms (default 20)")
@@ -377,7 +412,11 @@ def main(argv=None):
         return 0
     os.environ.setdefault("nnUNet_def_n_proc", "2")
     os.environ.setdefault("nnUNet_n_proc_DA", "2")
-    run(args)
+    try:
+        run(args)
+    except InputError as e:
+        print(f"benchmarks/run.py: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

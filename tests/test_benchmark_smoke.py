@@ -23,3 +23,19 @@ def test_benchmark_smoke(tmp_path):
     assert all(t["value"] is None or t["value"] == t["value"] for t in result["targets"])
     md = (out / "results.md").read_text(encoding="utf-8")
     assert "| EnTrust (K=8) |" in md and "ratio to one plain forward" in md
+
+
+def test_benchmark_dataset_needs_nnunet_roots_and_test_labels(tmp_path):
+    """--dataset: one clear line and exit 2 when nnU-Net's roots are unset or the dataset has no labelsTs."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("nnUNet_")}
+    cmd = [sys.executable, str(REPO / "benchmarks" / "run.py"), "--dataset", "612", "--out", str(tmp_path / "o")]
+    r = subprocess.run(cmd, env=env, capture_output=True, encoding="utf-8", errors="replace", timeout=300)
+    assert r.returncode == 2 and "nnUNet_raw" in r.stderr and "Traceback" not in r.stderr
+    raw = tmp_path / "raw" / "Dataset612_NoTestLabels"
+    (raw / "imagesTs").mkdir(parents=True)
+    env.update(nnUNet_raw=str(tmp_path / "raw"), nnUNet_preprocessed=str(tmp_path / "pre"),
+               nnUNet_results=str(tmp_path / "res"))
+    r = subprocess.run(cmd, env=env, capture_output=True, encoding="utf-8", errors="replace", timeout=300)
+    assert r.returncode == 2 and "labelsTs" in r.stderr and len(r.stderr.strip().splitlines()) == 1
