@@ -80,8 +80,10 @@ def train_fold(dataset_id: int, configuration: str, fold: str, trainer: str, pla
     exe = Path(sys.executable).with_name("nnUNetv2_train")
     cmd = [str(exe if exe.exists() else "nnUNetv2_train"), str(dataset_id), configuration, str(fold), "-tr", trainer,
            "-p", plans, "-device", device]
-    with open(log_file, "w", encoding="utf-8") as log, tqdm(total=num_epochs, desc=f"train fold {fold}", unit="epoch") as bar:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, encoding="utf-8", errors="replace", env=os.environ)
+    with open(log_file, "w", encoding="utf-8") as log, \
+            tqdm(total=num_epochs, desc=f"train fold {fold}", unit="epoch") as bar:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, encoding="utf-8",
+                                errors="replace", env=os.environ)
         for line in proc.stdout:
             log.write(line)
             match = EPOCH_LINE.search(line.strip())

@@ -42,6 +42,7 @@ from entrust_nnunet.metrics import entropy
 from entrust_nnunet.network import MIN_PROBABILITY, EnTrustUNet
 from entrust_nnunet.trustmap import CalibHead
 
+
 def uncertainty_statistics(net: nn.Module, x: torch.Tensor, num_samples: int, steps: int | None, seed: int = 0,
                            probe: bool = True) -> dict[str, torch.Tensor]:
     """Per-patch ``mean`` (B, C, *s) class probabilities and ``aleatoric``/``probe``/``conflict`` maps (B, *s).
