@@ -169,7 +169,7 @@ def _add_prediction(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-npp", type=int, default=2, help="processes for preprocessing (default: 2)")
     p.add_argument("-nps", type=int, default=2, help="processes for export (default: 2)")
     p.add_argument("--num-samples", type=int, default=8, help="K hypotheses per patch and fold (default: 8)")
-    p.add_argument("--steps", type=int, default=None, help="S flow-matching steps (default: the model's, 4)")
+    p.add_argument("--steps", type=int, default=None, help="S flow-matching steps (default: the model's, 2)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed; same seed, same maps (default: 0)")
     p.add_argument("--no-probe", action="store_true", help="skip ProbeStep (faster; the probe statistic is then 0)")
     p.set_defaults(func=_cmd_predict)

@@ -2,9 +2,9 @@
 
 At one resolution, with modality features ``H_m`` (m = 1..M, ``w`` channels each):
 
-* ``Z_m = E_c(H_m)``   one shared ConvNeXt-style head maps every modality into a common space;
+* ``Z_m = E_c(H_m)``   one shared pointwise MLP maps every modality into a common space;
   the consensus is ``F_c = mean_m Z_m``.
-* ``F_u,m = E_u,m(H_m)`` per-modality ConvNeXt-style heads (grouped convolutions, one group per
+* ``F_u,m = E_u,m(H_m)`` per-modality pointwise MLPs (grouped convolutions, one group per
   modality) keep what only that modality carries.
 * ``F_cf = sigmoid(D_cf([var_m Z_m, F_c, d]))`` a one-channel spatial conflict map in [0, 1] computed
   from how far the modalities' common-space projections spread around their mean and, when given,
@@ -26,6 +26,10 @@ from torch import nn
 from torch.nn import functional as F
 
 
+#: voxels per sample the cross-covariance penalty looks at (a random subset above it)
+MAX_VOXELS = 4096
+
+
 def _flatten_voxels(x: torch.Tensor) -> torch.Tensor:
     """(B, C, *spatial) -> (B, C, N)."""
     return x.flatten(2)
@@ -40,7 +44,7 @@ def _subsample_voxels(tensors: list[torch.Tensor], max_voxels: int, generator: t
     return [t[..., idx] for t in tensors]
 
 
-def cross_covariance_penalty(a: torch.Tensor, b: torch.Tensor, max_voxels: int = 4096, eps: float = 1e-5) -> torch.Tensor:
+def cross_covariance_penalty(a: torch.Tensor, b: torch.Tensor, max_voxels: int = MAX_VOXELS, eps: float = 1e-5) -> torch.Tensor:
     r"""Mean squared cross-correlation between the channels of ``a`` and ``b`` over voxels.
 
     For feature maps ``a`` (B, Ca, *s) and ``b`` (B, Cb, *s), each channel is standardised over the
@@ -56,10 +60,18 @@ def cross_covariance_penalty(a: torch.Tensor, b: torch.Tensor, max_voxels: int =
     if a.shape[0] != b.shape[0] or a.shape[2:] != b.shape[2:]:
         raise ValueError(f"shapes {tuple(a.shape)} and {tuple(b.shape)} do not share batch and spatial size")
     a, b = _subsample_voxels([_flatten_voxels(a.float()), _flatten_voxels(b.float())], max_voxels)
-    a = (a - a.mean(-1, keepdim=True)) / (a.std(-1, keepdim=True, unbiased=False) + eps)
-    b = (b - b.mean(-1, keepdim=True)) / (b.std(-1, keepdim=True, unbiased=False) + eps)
-    cross = torch.einsum("bin,bjn->bij", a, b) / a.shape[-1]
-    return cross.pow(2).mean()
+    return _mean_squared_correlation(_standardize(a, eps), _standardize(b, eps))
+
+
+def _standardize(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Each channel of (B, C, N) to zero mean and unit (population) standard deviation over its N voxels."""
+    x = x - x.mean(-1, keepdim=True)
+    return x / (x.square().mean(-1, keepdim=True).sqrt() + eps)
+
+
+def _mean_squared_correlation(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Mean over batch and channel pairs of the squared correlation of standardised (B, Ca, N), (B, Cb, N)."""
+    return (torch.einsum("bin,bjn->bij", a, b) / a.shape[-1]).square().mean()
 
 
 def _gaussian_gram(x: torch.Tensor) -> torch.Tensor:
@@ -95,25 +107,24 @@ def hsic_penalty(a: torch.Tensor, b: torch.Tensor, num_voxels: int = 256,
 INDEPENDENCE_PENALTIES = {"xcov": cross_covariance_penalty, "hsic": hsic_penalty}
 
 
-class ConvNeXtBlock(nn.Module):
-    """Depthwise k×k conv -> norm -> 1×1 expand (x2) -> GELU -> 1×1 project, with a residual when shapes allow.
+class PointwiseMLP(nn.Module):
+    """1x1 conv -> GELU -> 1x1 conv (hidden = ``expansion`` x input), with a residual when shapes allow.
 
-    ``groups`` > 1 makes the pointwise convolutions block-diagonal (one block per modality), which is
-    how the M modality-specific heads E_u,m run as one module.
+    ``groups`` > 1 makes both convolutions block-diagonal (one block per modality), which is how the
+    M modality-specific heads E_u,m run as one module. Pointwise on purpose: the encoder stages
+    before it already mix space, and on CPU a depthwise 3x3 conv plus a norm cost more than the
+    whole 1x1 MLP (measured in the README's "Where the time goes").
     """
 
-    def __init__(self, conv_op, in_channels: int, out_channels: int, norm_op, norm_op_kwargs: dict | None,
-                 kernel_size: int = 3, groups: int = 1, expansion: int = 2):
+    def __init__(self, conv_op, in_channels: int, out_channels: int, groups: int = 1, expansion: int = 1):
         super().__init__()
         hidden = in_channels * expansion
-        self.depthwise = conv_op(in_channels, in_channels, kernel_size, padding=kernel_size // 2, groups=in_channels)
-        self.norm = norm_op(in_channels, **(norm_op_kwargs or {}))
         self.expand = conv_op(in_channels, hidden, 1, groups=groups)
         self.project = conv_op(hidden, out_channels, 1, groups=groups)
         self.residual = in_channels == out_channels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.project(F.gelu(self.expand(self.norm(self.depthwise(x)))))
+        y = self.project(F.gelu(self.expand(x)))
         return x + y if self.residual else y
 
 
@@ -121,17 +132,19 @@ class EnFuse(nn.Module):
     """EnFuse at one resolution: (B, M, w, *s) modality features -> F_en (B, out, *s) and the parts."""
 
     def __init__(self, num_modalities: int, width: int, out_channels: int, conv_op, norm_op,
-                 norm_op_kwargs: dict | None, nonlin, nonlin_kwargs: dict | None, independence: str = "xcov"):
+                 norm_op_kwargs: dict | None, nonlin, nonlin_kwargs: dict | None, independence: str = "xcov",
+                 conflict_hidden: int = 8):
         super().__init__()
         if independence not in INDEPENDENCE_PENALTIES:
             raise ValueError(f"independence must be one of {sorted(INDEPENDENCE_PENALTIES)}, got {independence!r}")
         m = num_modalities
         self.num_modalities = m
         self.independence = independence
-        self.E_c = ConvNeXtBlock(conv_op, width, width, norm_op, norm_op_kwargs)
-        self.E_u = ConvNeXtBlock(conv_op, m * width, m * width, norm_op, norm_op_kwargs, groups=m)
-        self.D_cf = nn.Sequential(ConvNeXtBlock(conv_op, 2 * width + 1, width, norm_op, norm_op_kwargs),
-                                  conv_op(width, 1, 1))
+        self.E_c = PointwiseMLP(conv_op, width, width)
+        self.E_u = PointwiseMLP(conv_op, m * width, m * width, groups=m)
+        # the conflict map: per-voxel features, then one 3x3 conv so that F_cf is spatially smooth
+        self.D_cf = nn.Sequential(conv_op(2 * width + 1, conflict_hidden, 1), nn.GELU(),
+                                  conv_op(conflict_hidden, 1, 3, padding=1))
         self.gate = conv_op(width + 1, m + 1, 1)
         self.gate_conflict = nn.Parameter(torch.zeros(m + 1))  # the weight ``a`` of logit(F_cf) per source
         self.out = nn.Sequential(conv_op(width + 1, out_channels, 1), norm_op(out_channels, **(norm_op_kwargs or {})),
@@ -145,7 +158,9 @@ class EnFuse(nn.Module):
         f_u = self.E_u(h.reshape(b, m * w, *spatial)).reshape(b, m, w, *spatial)
         if disagreement is None:
             disagreement = torch.zeros_like(f_c[:, :1])
-        cf_logit = self.D_cf(torch.cat([z.var(1, unbiased=False), f_c, disagreement.to(f_c.dtype)], 1))
+        # spread of the modalities around the consensus (torch.var over this middle axis is ~10x slower on CPU)
+        spread = (z - f_c.unsqueeze(1)).square().mean(1)
+        cf_logit = self.D_cf(torch.cat([spread, f_c, disagreement.to(f_c.dtype)], 1))
         f_cf = torch.sigmoid(cf_logit)
         gate_logits = self.gate(torch.cat([f_c, f_cf], 1))
         gate_logits = gate_logits + self.gate_conflict.view(1, m + 1, *([1] * len(spatial))) * cf_logit
@@ -156,9 +171,18 @@ class EnFuse(nn.Module):
 
     def independence_penalty(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
         """Sum of pairwise penalties between F_c, each F_u,m and F_cf."""
-        pen = INDEPENDENCE_PENALTIES[self.independence]
         f_c, f_u, f_cf = parts["F_c"], parts["F_u"], parts["F_cf"]
-        total = pen(f_c, f_cf)
-        for m in range(f_u.shape[1]):
-            total = total + pen(f_c, f_u[:, m]) + pen(f_u[:, m], f_cf)
-        return total / (1 + 2 * f_u.shape[1])
+        m = f_u.shape[1]
+        if self.independence == "xcov":
+            # cross_covariance_penalty of every pair, with each part standardised once (one voxel subset)
+            flat = _subsample_voxels([_flatten_voxels(t.float()) for t in (f_c, f_u.flatten(1, 2), f_cf)],
+                                     MAX_VOXELS)
+            c, u, cf = (_standardize(t) for t in flat)
+            u = u.unflatten(1, (m, -1))
+            pair = _mean_squared_correlation
+        else:
+            c, u, cf, pair = f_c, f_u, f_cf, INDEPENDENCE_PENALTIES[self.independence]
+        total = pair(c, cf)
+        for i in range(m):
+            total = total + pair(c, u[:, i]) + pair(u[:, i], cf)
+        return total / (1 + 2 * m)

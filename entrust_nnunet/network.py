@@ -14,10 +14,9 @@ EnTrust losses (:meth:`auxiliary_losses`). :meth:`sample` runs encoders and EnFu
 draws K hypotheses through the light SegDiff head only.
 
 EnFuse runs at every resolution below the full one (stages 1..n-1). At full resolution the M
-streams are fused by a 1x1 convolution that also sees F_cf upsampled from stage 1: measured on CPU
-(2D, 64x64, M=3), EnFuse's depthwise heads at full resolution cost 6.8 ms, more than the whole
-plain nnU-Net encoder (2.6 ms), while conflict regions are several voxels wide and survive one
-2x upsampling.
+streams are fused by a 1x1 convolution that also sees F_cf upsampled from stage 1: the full
+resolution holds 4x (2D) or 8x (3D) the voxels of stage 1, while conflict regions are several voxels
+wide and survive one 2x upsampling.
 
 Per-modality experts (CLoE-style): each modality's own stage-1 features predict the labels on
 their own through a 1x1 head. Their disagreement ``d``, the largest pairwise total-variation distance
@@ -85,8 +84,9 @@ class EnTrustUNet(nn.Module):
                  norm_op=None, norm_op_kwargs: dict | None = None, dropout_op=None,
                  dropout_op_kwargs: dict | None = None, nonlin=None, nonlin_kwargs: dict | None = None,
                  deep_supervision: bool = False, nonlin_first: bool = False, num_hypotheses: int = 8,
-                 sampling_steps: int = 4, independence: str = "xcov", min_modality_width: int = 8,
-                 segdiff_hidden: int = 16, segdiff_t_start: float = 0.5, probe_strength: float = 1.0):
+                 sampling_steps: int = 2, independence: str = "xcov", min_modality_width: int = 8,
+                 segdiff_hidden: int = 16, segdiff_t_start: float = 0.5, probe_strength: float = 1.0,
+                 probe_hypotheses: int = 2, sampling_chunk: int = 4):
         super().__init__()
         if isinstance(features_per_stage, int):
             features_per_stage = [features_per_stage] * n_stages
@@ -97,6 +97,8 @@ class EnTrustUNet(nn.Module):
         self.num_hypotheses = num_hypotheses
         self.sampling_steps = sampling_steps
         self.probe_strength = probe_strength
+        self.probe_hypotheses = probe_hypotheses
+        self.sampling_chunk = sampling_chunk
         self.encoders = ModalityEncoders(input_channels, n_stages, features_per_stage, conv_op, kernel_sizes, strides,
                                          n_conv_per_stage, conv_bias, norm_op, norm_op_kwargs, dropout_op,
                                          dropout_op_kwargs, nonlin, nonlin_kwargs, min_width=min_modality_width)
@@ -185,7 +187,7 @@ class EnTrustUNet(nn.Module):
     def _hypotheses(self, logits: torch.Tensor, cond: torch.Tensor, k: int, s: int, seed: int = 0) -> torch.Tensor:
         """K SegDiff hypotheses (K, B, C, *s) given the deterministic logits (truncated start) and conditioning."""
         return self.segdiff.sample(self.segdiff.condition(cond), k, s, seed=seed,
-                                   init_probs=torch.softmax(logits.float(), 1))
+                                   init_probs=torch.softmax(logits.float(), 1), chunk=self.sampling_chunk)
 
     @torch.no_grad()
     def sample(self, x: torch.Tensor, num_hypotheses: int | None = None, steps: int | None = None, seed: int = 0,
@@ -193,24 +195,26 @@ class EnTrustUNet(nn.Module):
         """Encoders + EnFuse + decoder once, then K hypotheses x S steps through the SegDiff head.
 
         Returns ``hypotheses`` (K, B, C, *s), ``mean`` (B, C, *s) and the maps (B, *s): ``total``
-        (entropy of the mean, nats), ``aleatoric``, ``epistemic``, ``probe``, ``conflict`` and
-        ``error`` (CalibHead's probability that argmax(mean) is wrong).
+        (entropy of the mean, nats), ``aleatoric``, ``epistemic``, ``probe``, ``conflict``,
+        ``head_confidence`` (max softmax of the deterministic head) and ``error`` (CalibHead's
+        probability that argmax(mean) is wrong).
         """
         k = num_hypotheses or self.num_hypotheses
         s = steps or self.sampling_steps
         parts = self.forward(x, return_parts=True)
         logits = parts["logits"][0] if isinstance(parts["logits"], (list, tuple)) else parts["logits"]
 
-        def draw(cond):
-            return self._hypotheses(logits, cond, k, s, seed)
-
-        hyps = draw(parts["cond"])
+        hyps = self._hypotheses(logits, parts["cond"], k, s, seed)
         stats = hypothesis_statistics(hyps)
         conflict = parts["conflict"].float().clamp(0, 1)
         stats["conflict"] = conflict[:, 0]
-        stats["probe"] = (probe_step(draw, parts["cond"], conflict, hyps, self.probe_strength, seed) if probe
+        # ProbeStep redraws only the first few hypotheses (same noise: hypotheses are nested across K)
+        p = min(k, self.probe_hypotheses)
+        stats["probe"] = (probe_step(lambda cond: self._hypotheses(logits, cond, p, s, seed), parts["cond"],
+                                     conflict, hyps[:p], self.probe_strength, seed) if probe
                           else torch.zeros_like(stats["total"]))
         stats["confidence"] = stats["mean"].amax(1)
+        stats["head_confidence"] = torch.softmax(logits.float(), 1).amax(1)
         stats["error"] = self.calib(stats)
         stats["hypotheses"] = hyps
         return stats
@@ -223,9 +227,10 @@ class EnTrustUNet(nn.Module):
         total += int(torch.tensor(size).prod()) * (1 + self.fuse_full[0].out_channels)
         for stride, fuse in zip(self.encoders.strides[1:], self.fuse):
             size = [i // j for i, j in zip(size, stride)]
-            w = fuse.E_c.depthwise.in_channels
-            # outputs of E_c and E_u (M streams, x2 expansion), D_cf, gates and the fused output, per voxel
-            total += int(torch.tensor(size).prod()) * (2 * m * w * 2 + 3 * w + m + 2 + fuse.out[0].out_channels)
+            w = fuse.E_c.expand.in_channels
+            # outputs of E_c and E_u (M streams, two convs each), D_cf, gates and the fused output, per voxel
+            total += int(torch.tensor(size).prod()) * (4 * m * w + fuse.D_cf[0].out_channels + 3 * w + m + 2
+                                                       + fuse.out[0].out_channels)
         total += int(self.decoder.compute_conv_feature_map_size(input_size))
         total += self.segdiff.compute_conv_feature_map_size(input_size)
         return int(total)

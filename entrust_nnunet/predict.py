@@ -45,26 +45,33 @@ from entrust_nnunet.trustmap import CalibHead
 
 def uncertainty_statistics(net: nn.Module, x: torch.Tensor, num_samples: int, steps: int | None, seed: int = 0,
                            probe: bool = True) -> dict[str, torch.Tensor]:
-    """Per-patch ``mean`` (B, C, *s) class probabilities and ``aleatoric``/``probe``/``conflict`` maps (B, *s).
+    """Per-patch ``mean`` (B, C, *s) class probabilities and the maps of :data:`POOLED_MAPS` (B, *s).
 
     EnTrustUNet samples its SegDiff hypotheses; a network with ``sample_statistics`` (the baselines in
     ``entrust_nnunet.baselines``) gives its own; any other nnU-Net network is read as plain softmax
-    (aleatoric = its entropy, no probe, no conflict).
+    (aleatoric = its entropy, no probe, no conflict). For networks without a deterministic head of
+    their own, ``head_confidence`` is the max of ``mean``.
     """
     if isinstance(net, EnTrustUNet):
         s = net.sample(x, num_samples, steps or net.sampling_steps, seed=seed, probe=probe)
-        return {k: s[k] for k in ("mean", "aleatoric", "probe", "conflict")}
+        return {k: s[k] for k in ("mean", *POOLED_MAPS)}
     if hasattr(net, "sample_statistics"):
         s = net.sample_statistics(x, num_samples=num_samples, seed=seed)
-        zeros = torch.zeros_like(s["aleatoric"])
-        return {"mean": s["mean"], "aleatoric": s["aleatoric"], "probe": zeros, "conflict": s.get("conflict", zeros)}
-    mean = torch.softmax(net(x).float(), 1)
-    h = entropy(mean, axis=1)
-    return {"mean": mean, "aleatoric": h, "probe": torch.zeros_like(h), "conflict": torch.zeros_like(h)}
+    else:
+        mean = torch.softmax(net(x).float(), 1)
+        s = {"mean": mean, "aleatoric": entropy(mean, axis=1)}
+    zeros = torch.zeros_like(s["aleatoric"])
+    return {"mean": s["mean"], "aleatoric": s["aleatoric"], "probe": zeros, "conflict": s.get("conflict", zeros),
+            "head_confidence": s["mean"].amax(1)}
+
+
+#: per-voxel statistics pooled beside the mean probabilities (by averaging, like nnU-Net pools logits)
+POOLED_MAPS = ("aleatoric", "probe", "conflict", "head_confidence")
 
 
 class TrustStatistics(nn.Module):
-    """Wraps a network so that ``forward(x)`` returns (B, C + 3, *s): mean probabilities, aleatoric, probe, conflict.
+    """Wraps a network so that ``forward(x)`` returns (B, C + len(POOLED_MAPS), *s): mean probabilities, then
+    the maps of :data:`POOLED_MAPS`.
 
     These all pool by averaging, so nnU-Net's sliding window, mirroring and fold average pool them
     exactly. ``load_state_dict`` goes to the wrapped network, so nnU-Net's per-fold loading works.
@@ -77,7 +84,7 @@ class TrustStatistics(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = uncertainty_statistics(self.net, x, self.num_samples, self.steps, self.seed, self.probe)
-        return torch.cat([s["mean"], s["aleatoric"][:, None], s["probe"][:, None], s["conflict"][:, None]], 1)
+        return torch.cat([s["mean"], *(s[k][:, None] for k in POOLED_MAPS)], 1)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         return self.net.load_state_dict(state_dict, strict=strict, assign=assign)
@@ -204,9 +211,9 @@ class EnTrustPredictor(nnUNetPredictor):
 
     # --------------------------------------------------------------- prediction
     def predict_sliding_window_return_logits(self, input_image: torch.Tensor):
-        # nnU-Net preallocates one accumulator channel per segmentation head; ours carry C + 3 statistics
+        # nnU-Net preallocates one accumulator channel per segmentation head; ours carry the pooled maps too
         labels = self.label_manager
-        self.label_manager = SimpleNamespace(num_segmentation_heads=labels.num_segmentation_heads + 3)
+        self.label_manager = SimpleNamespace(num_segmentation_heads=labels.num_segmentation_heads + len(POOLED_MAPS))
         try:
             return super().predict_sliding_window_return_logits(input_image)
         finally:
@@ -219,11 +226,10 @@ class EnTrustPredictor(nnUNetPredictor):
         c = self.label_manager.num_segmentation_heads
         mean = pooled[:c].clamp_min(0)
         mean = mean / mean.sum(0, keepdim=True).clamp_min(1e-8)
-        aleatoric = pooled[c]
+        maps = dict(zip(POOLED_MAPS, pooled[c:]))
         total = entropy(mean, axis=0)
-        return {"mean": mean, "confidence": mean.amax(0), "total": total, "aleatoric": aleatoric,
-                "epistemic": (total - aleatoric).clamp_min(0), "probe": pooled[c + 1],
-                "conflict": pooled[c + 2].clamp(0, 1)}
+        return {**maps, "mean": mean, "confidence": mean.amax(0), "total": total,
+                "epistemic": (total - maps["aleatoric"]).clamp_min(0), "conflict": maps["conflict"].clamp(0, 1)}
 
     @torch.inference_mode()
     def predict_logits_from_preprocessed_data(self, data: torch.Tensor) -> torch.Tensor:

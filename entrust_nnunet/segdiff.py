@@ -10,15 +10,17 @@ probability path needs few Euler steps (S <= 10) and its loss is a plain regress
 * Path: straight from ``x_s`` at ``t0`` to ``x1`` at 1: ``x_t = (1 - r) x_s + r x1``,
   ``r = (t - t0) / (1 - t0)``; target velocity ``(x1 - x_s) / (1 - t0)``.
 * Loss: ``|| v_theta(x_t, t | c) - (x1 - x_s) / (1 - t0) ||^2`` with ``t ~ U(t0, 1)``.
-* Sampling: Euler steps from ``x_s`` at ``t0`` to 1, K hypotheses at once; training and sampling
+* Sampling: Euler steps from ``x_s`` at ``t0`` to 1 for K hypotheses; training and sampling
   use the same start distribution. Anchoring at the deterministic prediction keeps the mask as
   good as the deterministic head and lets few steps suffice; where ``p_det`` is undecided the start
   is mostly noise and the hypotheses spread.
 * Hypothesis k's class probabilities: ``softmax(sharpness * x1_hat_k)``.
 
 Cost: the conditioning ``c`` (decoder features at full resolution and F_cf) is projected ONCE per
-patch (:meth:`SegDiffHead.condition`); each of the K x S steps runs only the light head
-(one 3x3 conv on the C-channel state, two 1x1 convs of ``hidden`` channels).
+patch (:meth:`SegDiffHead.condition`) and shared by the K hypotheses (broadcast, not copied); the
+time embedding is computed once per step. Each of the K x S steps runs only the light head (one
+3x3 conv on the C-channel state, two 1x1 convs of ``hidden`` channels), on ``chunk`` hypotheses at a
+time so that memory does not grow with K.
 Where the conditioning is the same but the training labels were split (ambiguous voxels), the
 learned velocity field is bimodal and the K hypotheses diverge; elsewhere they agree.
 """
@@ -69,11 +71,20 @@ class SegDiffHead(nn.Module):
         return self.cond_proj(cond)
 
     def velocity(self, x_t: torch.Tensor, t: torch.Tensor, cond_h: torch.Tensor) -> torch.Tensor:
-        """v_theta for states (N, C, *s) at times t (N,) given projected conditioning (N, hidden, *s)."""
+        """v_theta for states (K, B, C, *s) at times t (K,) given projected conditioning (B, hidden, *s).
+
+        The K states share one conditioning: it is broadcast, never copied K times.
+        """
         temb = self.time_mlp(self._time_features(t.to(x_t.dtype)))
-        h = self.state_in(x_t) + cond_h + temb.view(*temb.shape, *([1] * (x_t.dim() - 2)))
-        h = F.gelu(self.mid(F.gelu(h)))
-        return self.out(h)
+        return self._head(x_t, cond_h + temb.view(x_t.shape[0], 1, -1, *([1] * (x_t.dim() - 3))))
+
+    def _head(self, x_t: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """The per-step network on states (K, B, C, *s), with conditioning + time embedding ``bias``
+        broadcastable to (K, B, hidden, *s)."""
+        k, b = x_t.shape[:2]
+        h = self.state_in(x_t.flatten(0, 1)).unflatten(0, (k, b)) + bias
+        h = F.gelu(self.mid(F.gelu(h.flatten(0, 1))))
+        return self.out(h).unflatten(0, (k, b))
 
     def start_state(self, noise: torch.Tensor, init_probs: torch.Tensor | None) -> torch.Tensor:
         """``x_s = (1 - t0) z + t0 (2 p_det - 1)`` (just ``z`` when t0 = 0 or no probabilities are given)."""
@@ -84,7 +95,10 @@ class SegDiffHead(nn.Module):
     def loss(self, cond_h: torch.Tensor, target: torch.Tensor, init_probs: torch.Tensor | None = None,
              generator: torch.Generator | None = None) -> torch.Tensor:
         """Flow-matching regression loss for integer ``target`` (B, 1, *s) given projected conditioning and
-        (for t_start > 0) the deterministic head's probabilities ``init_probs`` (B, C, *s), detached."""
+        (for t_start > 0) the deterministic head's probabilities ``init_probs`` (B, C, *s), detached.
+
+        One draw of (z, t) per sample: the B states are passed as B hypotheses of one batch element each.
+        """
         x1 = one_hot_state(target, self.num_classes).to(cond_h.dtype)
         noise = torch.randn(x1.shape, device=x1.device, dtype=x1.dtype, generator=generator)
         x_s = self.start_state(noise, None if init_probs is None else init_probs.detach())
@@ -92,34 +106,52 @@ class SegDiffHead(nn.Module):
         t = t0 + (1 - t0) * torch.rand(x1.shape[0], device=x1.device, generator=generator)
         r = ((t - t0) / (1 - t0)).view(-1, *([1] * (x1.dim() - 1))).to(x1.dtype)
         x_t = (1 - r) * x_s + r * x1
-        return F.mse_loss(self.velocity(x_t, t, cond_h), (x1 - x_s) / (1 - t0))
+        v = self.velocity(x_t.unsqueeze(1), t, cond_h.unsqueeze(1)).squeeze(1)
+        return F.mse_loss(v, (x1 - x_s) / (1 - t0))
+
+    def noise(self, cond_h: torch.Tensor, num_hypotheses: int, seed: int) -> torch.Tensor:
+        """Start noise (K, B, C, *s) of K hypotheses, from a generator seeded with ``seed``.
+
+        Drawn one hypothesis after the other, so the first k of K hypotheses are those of a draw of k:
+        hypotheses are nested across K (ProbeStep relies on it).
+        """
+        if num_hypotheses < 1:
+            raise ValueError(f"need num_hypotheses >= 1, got {num_hypotheses}")
+        gen = torch.Generator(device=cond_h.device).manual_seed(int(seed))
+        shape = (cond_h.shape[0], self.num_classes, *cond_h.shape[2:])
+        return torch.stack([torch.randn(shape, device=cond_h.device, dtype=cond_h.dtype, generator=gen)
+                            for _ in range(num_hypotheses)])
 
     @torch.no_grad()
     def sample(self, cond_h: torch.Tensor, num_hypotheses: int, steps: int, seed: int = 0,
-               init_probs: torch.Tensor | None = None) -> torch.Tensor:
+               init_probs: torch.Tensor | None = None, noise: torch.Tensor | None = None,
+               chunk: int = 2) -> torch.Tensor:
         """K hypotheses per input by Euler integration; returns class probabilities (K, B, C, *s).
 
-        Deterministic for a fixed ``seed`` (noise drawn from a generator seeded with it). The K
-        hypotheses run as one batch of size K*B through the head.
+        Deterministic for a fixed ``seed`` (or given start ``noise`` (K, B, C, *s)); hypothesis k
+        depends only on its own noise (see :meth:`noise`), not on K or ``chunk``. The head runs on ``chunk`` hypotheses
+        at a time: its hidden activations are ``hidden / C`` times larger than a hypothesis, so
+        chunking bounds the peak memory of sampling at that of ``chunk`` hypotheses, whatever K.
         """
-        if num_hypotheses < 1 or steps < 1:
-            raise ValueError(f"need num_hypotheses >= 1 and steps >= 1, got {num_hypotheses}, {steps}")
-        b, spatial = cond_h.shape[0], cond_h.shape[2:]
-        k = num_hypotheses
-        gen = torch.Generator(device=cond_h.device).manual_seed(int(seed))
-        shape = (k * b, self.num_classes, *spatial)
-        noise = torch.randn(shape, device=cond_h.device, dtype=cond_h.dtype, generator=gen)
-        cond_k = cond_h.unsqueeze(0).expand(k, *cond_h.shape).reshape(k * b, *cond_h.shape[1:])
-        init_k = None if init_probs is None else init_probs.unsqueeze(0).expand(k, *init_probs.shape).reshape(shape)
-        x = self.start_state(noise, init_k)
+        if steps < 1:
+            raise ValueError(f"need steps >= 1, got {steps}")
+        if noise is None:
+            noise = self.noise(cond_h, num_hypotheses, seed)
         t0 = self.t_start
         dt = (1.0 - t0) / steps
-        for i in range(steps):
-            t = torch.full((k * b,), t0 + i * dt, device=x.device)
-            x = (x + dt * self.velocity(x, t, cond_k)).clamp(-STATE_CLAMP, STATE_CLAMP)
-        probs = torch.softmax(self.sharpness * x.float(), 1)
-        return probs.reshape(k, b, self.num_classes, *spatial)
+        # every hypothesis is at the same time at step i: conditioning + time embedding once per step
+        times = t0 + dt * torch.arange(steps, device=cond_h.device, dtype=cond_h.dtype)
+        temb = self.time_mlp(self._time_features(times))
+        biases = [cond_h + e.view(1, -1, *([1] * (cond_h.dim() - 2))) for e in temb]
+        out = []
+        for z in noise.split(max(1, int(chunk))):
+            x = self.start_state(z, init_probs)
+            for bias in biases:
+                x = (x + dt * self._head(x, bias)).clamp_(-STATE_CLAMP, STATE_CLAMP)
+            out.append(torch.softmax(self.sharpness * x.float(), 2))
+        return torch.cat(out, 0)
 
     def compute_conv_feature_map_size(self, input_size) -> int:
+        """Activations per patch while training (one state per sample), the planner's convention."""
         n = int(torch.tensor(input_size).prod())
         return (3 * self.hidden + self.num_classes) * n

@@ -8,13 +8,15 @@
 * ``_build_loss``: nnU-Net's own deep-supervised Dice+CE, wrapped by :class:`EnTrustLoss`, which adds
   the EnTrust terms (generative, independence, experts, conflict); nnU-Net's ``train_step`` and
   ``validation_step`` run unchanged;
-* ``do_split``: nnU-Net's 5-fold split, minus a calibration subset of the training cases;
-* ``on_train_end``: fit TrustMap's CalibHead on that held-out calibration subset before the final
-  checkpoint (never on the validation fold, never on cases the network was trained on);
+* ``on_train_end``: fit TrustMap's CalibHead on the validation fold (cases the network never trained
+  on) before the final checkpoint; only with fold ``all``, which has no held-out cases, ``do_split``
+  holds a calibration subset of the training cases out of training instead;
 * ``perform_actual_validation``: after nnU-Net's own validation (masks, summary.json), write the
   uncertainty maps of every validation case into ``fold_X/validation/uncertainty/`` with
   :class:`~entrust_nnunet.predict.EnTrustPredictor`, so 5-fold cross-validation yields maps for
-  every training case.
+  every training case. These maps are cross-fitted: each half of the fold gets them from a CalibHead
+  fitted on the other half, so cross-validated uncertainty metrics never score CalibHead on the
+  voxels it was fitted on.
 
 It also logs the EnTrust terms per epoch (training log + ``progress_entrust.png`` beside nnU-Net's
 ``progress.png``; the values are kept in the checkpoint, so ``--c`` continues the curves).
@@ -22,6 +24,7 @@ It also logs the EnTrust terms per epoch (training log + ``progress_entrust.png`
 from __future__ import annotations
 
 import os
+import zlib
 from collections import defaultdict
 
 import numpy as np
@@ -94,8 +97,10 @@ class EnTrustLoss(nn.Module):
 
 
 class nnUNetTrainerEnTrust(nnUNetTrainer):
-    #: share of the training cases held out of training to fit CalibHead
+    #: with fold 'all' only (no validation fold): share of the training cases held out to fit CalibHead
     calibration_fraction = 0.25
+    #: CalibHead sees at most this many voxels per case (a seeded uniform subset), bounding its memory
+    calibration_voxels_per_case = 200_000
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -161,17 +166,21 @@ class nnUNetTrainerEnTrust(nnUNetTrainer):
     def load_checkpoint(self, filename_or_checkpoint):
         super().load_checkpoint(filename_or_checkpoint)
         self._register_aux_log_keys()  # checkpoints of other trainers lack our keys
+        self.__dict__.pop("_calibration_cache", None)  # statistics of other weights
 
     def on_train_end(self):
         self.fit_calibration()
         super().on_train_end()
 
     def do_split(self):
-        """nnU-Net's split, with a calibration subset (``calibration_fraction`` of the training cases, at least
-        one) held out of training: CalibHead is fitted on it, so it sees neither training nor validation cases."""
+        """nnU-Net's split. CalibHead is fitted on the validation fold; only fold ``all``, whose validation
+        cases are its training cases, holds a calibration subset (``calibration_fraction``, at least one
+        case) out of training instead, so CalibHead never sees cases the network was trained on."""
         tr_keys, val_keys = super().do_split()
-        seed = 12345 + (self.fold if isinstance(self.fold, int) else 5)
-        self.calibration_keys = calibration_subset(tr_keys, self.calibration_fraction, seed)
+        if self.fold != "all":
+            self.calibration_keys = sorted(val_keys)
+            return tr_keys, val_keys
+        self.calibration_keys = calibration_subset(tr_keys, self.calibration_fraction, seed=12345)
         return [k for k in tr_keys if k not in self.calibration_keys], val_keys
 
     def perform_actual_validation(self, save_probabilities: bool = False):
@@ -198,47 +207,74 @@ class nnUNetTrainerEnTrust(nnUNetTrainer):
             yield key, torch.from_numpy(np.asarray(data[:])), np.asarray(seg[:]), properties
 
     def write_validation_maps(self) -> None:
+        """Uncertainty maps of the validation fold, each half with a CalibHead fitted on the other half."""
         from entrust_nnunet.predict import export_prediction_with_maps
 
-        predictor = self._predictor()
         _, val_keys = self.do_split()
+        val_keys = sorted(val_keys)
+        calib = unwrap(self.network).calib
+        fitted = {k: v.clone() for k, v in calib.state_dict().items()}
+        halves = [val_keys[0::2], val_keys[1::2]]
+        cross_fit = self.fold != "all" and len(val_keys) >= 2
+        groups = [(halves[0], halves[1]), (halves[1], halves[0])] if cross_fit else [(val_keys, None)]
         folder = os.path.join(self.output_folder, "validation")
-        for key, data, _, properties in self._preprocessed_cases(val_keys):
-            prediction = predictor.predict_logits_from_preprocessed_data(data)
-            export_prediction_with_maps(prediction.cpu().numpy(), properties, self.configuration_manager,
-                                        self.plans_manager, self.dataset_json, os.path.join(folder, key),
-                                        keep_mask=False)
-        self.print_to_log_file(f"uncertainty maps of {len(val_keys)} validation cases in {folder}/uncertainty")
+        try:
+            for keys, other in groups:
+                if other is not None:
+                    self._fit_calib_head(other)
+                predictor = self._predictor()
+                for key, data, _, properties in self._preprocessed_cases(keys):
+                    prediction = predictor.predict_logits_from_preprocessed_data(data)
+                    export_prediction_with_maps(prediction.cpu().numpy(), properties, self.configuration_manager,
+                                                self.plans_manager, self.dataset_json, os.path.join(folder, key),
+                                                keep_mask=False)
+        finally:
+            calib.load_state_dict(fitted)
+        how = "cross-fitted CalibHead (each half fitted on the other)" if cross_fit else "the fitted CalibHead"
+        self.print_to_log_file(f"uncertainty maps of {len(val_keys)} validation cases in {folder}/uncertainty, "
+                               f"{how}")
 
     @torch.no_grad()
-    def fit_calibration(self) -> None:
-        """Fit CalibHead on the held-out calibration cases, predicted exactly as at inference (sliding window,
-        mirroring, pooled hypotheses). Voxels outside nnU-Net's crop mask (label < 0) are skipped."""
-        if not getattr(self, "calibration_keys", None):
-            self.do_split()
-        if not self.calibration_keys:
-            self.print_to_log_file("CalibHead not fitted: too few training cases for a calibration subset; "
-                                   "total falls back to 1 - max probability")
-            return
+    def _calibration_voxels(self, keys) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """TrustMap statistics and error indicators of the voxels of ``keys``, predicted exactly as at
+        inference (sliding window, mirroring, pooled hypotheses). Voxels outside nnU-Net's crop mask
+        (label < 0) are skipped; at most ``calibration_voxels_per_case`` voxels per case are kept."""
+        cache = self.__dict__.setdefault("_calibration_cache", {})  # per case; emptied when weights load
         net = unwrap(self.network)
         self.set_deep_supervision_enabled(False)
         net.eval()
         predictor = self._predictor()
-        columns, errors = defaultdict(list), []
-        for _, data, seg, _ in self._preprocessed_cases(self.calibration_keys):
+        todo = [k for k in keys if k not in cache]
+        for key, data, seg, _ in self._preprocessed_cases(todo):
             stats = predictor.pooled_statistics(data)
             seg = torch.from_numpy(seg[0]).to(stats["total"].device)
-            valid = seg >= 0
-            errors.append((stats["mean"].argmax(0) != seg)[valid].float().cpu())
-            for k in STATISTICS:
-                columns[k].append(stats[k][valid].float().cpu())
-        error = torch.cat(errors)
-        calib = net.calib.cpu()
-        bce = calib.fit_voxels({k: torch.cat(v) for k, v in columns.items()}, error)
-        calib.to(self.device)
+            valid = (seg >= 0).flatten().nonzero()[:, 0].cpu()
+            if valid.numel() > self.calibration_voxels_per_case:
+                gen = torch.Generator().manual_seed(zlib.crc32(key.encode("utf-8")))
+                valid = valid[torch.randperm(valid.numel(), generator=gen)[:self.calibration_voxels_per_case]]
+            error = (stats["mean"].argmax(0) != seg).flatten().cpu()[valid].float()
+            cache[key] = ({k: stats[k].flatten().float().cpu()[valid] for k in STATISTICS}, error)
         self.set_deep_supervision_enabled(self.enable_deep_supervision)
-        self.print_to_log_file(f"CalibHead fitted on {len(self.calibration_keys)} held-out calibration cases "
-                               f"({error.numel()} voxels, error rate {float(error.mean()):.4f}, BCE {bce:.4f})")
+        columns = {k: torch.cat([cache[key][0][k] for key in keys]) for k in STATISTICS}
+        return columns, torch.cat([cache[key][1] for key in keys])
+
+    def _fit_calib_head(self, keys) -> str:
+        """Fit the network's CalibHead on the voxels of ``keys``; returns a one-line summary."""
+        columns, error = self._calibration_voxels(keys)
+        calib = unwrap(self.network).calib
+        bce = calib.cpu().fit_voxels(columns, error)
+        calib.to(self.device)
+        return f"{len(keys)} cases ({error.numel()} voxels, error rate {float(error.mean()):.4f}, BCE {bce:.4f})"
+
+    def fit_calibration(self) -> None:
+        """Fit CalibHead on the calibration cases (the validation fold; a held-out subset with fold 'all')."""
+        if not getattr(self, "calibration_keys", None):
+            self.do_split()
+        if not self.calibration_keys:
+            self.print_to_log_file("CalibHead not fitted: no cases to fit it on; total falls back to "
+                                   "1 - max probability")
+            return
+        self.print_to_log_file(f"CalibHead fitted on {self._fit_calib_head(self.calibration_keys)}")
 
 
 def calibration_subset(keys, fraction: float, seed: int) -> list:

@@ -9,7 +9,7 @@ from entrust_nnunet.encoders import modality_widths
 from entrust_nnunet.enfuse import cross_covariance_penalty, hsic_penalty
 from entrust_nnunet.network import EnTrustUNet, expert_disagreement
 from entrust_nnunet.segdiff import STATE_CLAMP, SegDiffHead
-from entrust_nnunet.trustmap import CalibHead, hypothesis_statistics
+from entrust_nnunet.trustmap import STATISTICS, CalibHead, hypothesis_statistics
 
 
 def arch_kwargs(dim: int, n_stages: int = 3):
@@ -33,7 +33,7 @@ def test_forward_shapes_match_plain_unet(dim, m):
     net.decoder.deep_supervision = False
     out = net.eval().sample(x, num_hypotheses=3, steps=2)
     assert out["hypotheses"].shape == (3, 2, 3, *size) and out["mean"].shape == (2, 3, *size)
-    for key in ("total", "aleatoric", "epistemic", "probe", "conflict", "error"):
+    for key in ("total", "aleatoric", "epistemic", "probe", "conflict", "head_confidence", "error"):
         assert out[key].shape == (2, *size) and torch.isfinite(out[key]).all()
     assert (out["conflict"] >= 0).all() and (out["conflict"] <= 1).all()
     assert (out["error"] >= 0).all() and (out["error"] <= 1).all()
@@ -74,6 +74,20 @@ def test_cross_covariance_reference_and_limits():
     assert float(cross_covariance_penalty(a, 1000 * a)) == pytest.approx(float(cross_covariance_penalty(a, a)), rel=1e-4)
 
 
+def test_enfuse_independence_penalty_is_the_mean_of_pairwise_penalties():
+    """The one-pass xcov penalty of EnFuse equals the mean of cross_covariance_penalty over its 1 + 2M pairs."""
+    g = torch.Generator().manual_seed(2)
+    m, w = 3, 4
+    f_c, f_cf = torch.randn(2, w, 16, 16, generator=g), torch.rand(2, 1, 16, 16, generator=g)
+    f_u = torch.randn(2, m, w, 16, 16, generator=g) + 0.5 * f_c[:, None]  # correlated with F_c on purpose
+    parts = {"F_c": f_c, "F_u": f_u, "F_cf": f_cf}
+    pairs = [(f_c, f_cf)] + [p for i in range(m) for p in ((f_c, f_u[:, i]), (f_u[:, i], f_cf))]
+    expected = np.mean([float(cross_covariance_penalty(a, b)) for a, b in pairs])
+    fuse = EnTrustUNet(m, num_classes=2, **arch_kwargs(2)).fuse[0]
+    assert float(fuse.independence_penalty(parts)) == pytest.approx(expected, rel=1e-5)
+    assert expected > 0.02  # the correlated pairs count (independent parts score ~1/256)
+
+
 def test_hsic_sees_nonlinear_dependence_that_xcov_misses():
     g = torch.Generator().manual_seed(1)
     a = torch.randn(1, 1, 32, 32, generator=g)
@@ -103,6 +117,12 @@ def test_sampling_is_deterministic_for_a_seed_and_bounded():
     torch.testing.assert_close(a["hypotheses"], b["hypotheses"])
     torch.testing.assert_close(a["error"], b["error"])
     assert not torch.allclose(a["hypotheses"], c["hypotheses"])
+    # hypotheses are nested across K and do not depend on how many run through the head at once
+    net.sampling_chunk = 3
+    d = net.sample(x, num_hypotheses=5, seed=3)
+    torch.testing.assert_close(d["hypotheses"][:2], net.sample(x, num_hypotheses=2, seed=3)["hypotheses"])
+    net.sampling_chunk = 5
+    torch.testing.assert_close(net.sample(x, num_hypotheses=5, seed=3)["hypotheses"], d["hypotheses"])
     # states are clamped, so log-probabilities stay finite in half precision
     assert torch.isfinite(a["hypotheses"].clamp_min(1e-4).log().half()).all()
     worst = torch.softmax(torch.tensor([STATE_CLAMP, -STATE_CLAMP]) * net.segdiff.sharpness, 0).min()
@@ -144,7 +164,7 @@ def test_calib_head_learns_probability_of_error():
     n = 4096
     total = torch.rand(1, n, 1, generator=g)
     error = (torch.rand(1, n, 1, generator=g) < total).float()  # P(error) = total
-    stats = {k: torch.rand(1, n, 1, generator=g) for k in ("confidence", "aleatoric", "epistemic", "probe", "conflict")}
+    stats = {k: torch.rand(1, n, 1, generator=g) for k in STATISTICS if k != "total"}
     stats["total"] = total
     head = CalibHead(nn.Conv2d)
     torch.testing.assert_close(head(stats), (1 - stats["confidence"]).clamp(0, 1))  # unfitted default

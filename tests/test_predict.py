@@ -1,5 +1,6 @@
 """entrust predict: masks + uncertainty maps with the input geometry, fold pooling, bad input."""
 import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -78,6 +79,37 @@ def test_validation_writes_maps_for_every_validation_case(trained_entrust):
     for case in cases:
         for map_name in MAP_NAMES:
             assert (validation / "uncertainty" / f"{case}_{map_name}.nii.gz").exists()
+
+
+def test_calibration_uses_the_validation_fold_and_cross_fits_its_maps(trained_entrust, tmp_path):
+    """The network trains on every training case of the fold; CalibHead is fitted on the validation fold;
+    the fold's own maps come from CalibHeads fitted on the other half, so they differ from the final head's."""
+    env, name, model = trained_entrust
+    fold = model / "fold_2"
+    log = next(fold.glob("training_log_*.txt")).read_text(encoding="utf-8")
+    cases = sorted(p.name[: -len(".nii.gz")] for p in (fold / "validation").glob("*.nii.gz"))
+    num_train = len(list((Path(env["nnUNet_raw"]) / name / "labelsTr").glob("*.nii.gz")))
+    split = re.search(r"This split has (\d+) training and (\d+) validation cases", log)
+    assert (int(split[1]), int(split[2])) == (num_train - len(cases), len(cases))
+    assert f"CalibHead fitted on {len(cases)} cases" in log and "cross-fitted CalibHead" in log
+    # the same cases through entrust predict with the final checkpoint (its one, fully fitted CalibHead)
+    images = tmp_path / "images"
+    images.mkdir()
+    for case in cases:
+        for f in (Path(env["nnUNet_raw"]) / name / "imagesTr").glob(f"{case}_*.nii.gz"):
+            shutil.copy(f, images / f.name)
+    out = tmp_path / "out"
+    r = _entrust(env, "predict", "-i", str(images), "-o", str(out), "-m", str(model), "-f", "2", "-npp", "1", "-nps", "1")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+
+    def read(folder, case, m):
+        return sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "uncertainty" / f"{case}_{m}.nii.gz")))
+
+    totals_differ = []
+    for case in cases:
+        np.testing.assert_allclose(read(out, case, "aleatoric"), read(fold / "validation", case, "aleatoric"), atol=1e-4)
+        totals_differ.append(np.abs(read(out, case, "total") - read(fold / "validation", case, "total")).max() > 1e-4)
+    assert all(totals_differ)
 
 
 def test_folds_are_pooled_epistemic_rises_when_folds_disagree(trained_entrust):
