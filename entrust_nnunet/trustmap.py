@@ -98,8 +98,15 @@ class CalibHead(nn.Module):
         """Fit on collected statistics (N, *s each) and error indicators (N, *s); returns the final BCE.
 
         Plain (unweighted) binary cross-entropy: it is a proper scoring rule, so the fitted output is
-        a calibrated probability of error on the data it was fitted on.
+        a calibrated probability of error on the data it was fitted on. Every fit starts from the same
+        seeded initialisation, so a head fitted on some cases carries nothing of an earlier fit on others
+        (the trainer's cross-fitted validation maps rely on it).
         """
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            for layer in self.net:
+                if hasattr(layer, "reset_parameters"):
+                    layer.reset_parameters()
         x = self.features(stats).detach()
         y = error.float().detach()
         opt = torch.optim.Adam(self.net.parameters(), lr=lr)

@@ -170,6 +170,11 @@ def test_calib_head_learns_probability_of_error():
     torch.testing.assert_close(head(stats), (1 - stats["confidence"]).clamp(0, 1))  # unfitted default
     head.fit(stats, error, steps=300)
     pred = head(stats).detach()
+    # a refit starts afresh: fitting on other data first changes nothing
+    other = CalibHead(nn.Conv2d)
+    other.fit({k: v.flip(1) for k, v in stats.items()}, 1 - error, steps=300)
+    other.fit(stats, error, steps=300)
+    torch.testing.assert_close(other(stats), pred)
     assert abs(float(pred.mean()) - float(error.mean())) < 0.03
     assert float(torch.corrcoef(torch.stack([pred.ravel(), total.ravel()]))[0, 1]) > 0.9
 
