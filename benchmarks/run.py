@@ -155,11 +155,13 @@ with torch.inference_mode():
     for _ in range(cfg["warmup"]):
         once()
     times = []
-    for _ in range(cfg["repeats"]):
+    for _ in range(0 if cfg["memory"] else cfg["repeats"]):
         t = time.perf_counter(); once(); times.append(time.perf_counter() - t)
     # memory: peak resident memory ABOVE the loaded model during one pass, sampled every 0.2 ms
     # (CPU: torch has no allocator statistics there); CUDA: the allocator's own peak
-    if device.type == "cuda":
+    if not cfg["memory"]:
+        peak = None
+    elif device.type == "cuda":
         torch.cuda.empty_cache(); torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated(); once()
         peak = torch.cuda.max_memory_allocated() - base
@@ -191,17 +193,21 @@ def measure_speed(args, models: dict[str, Path], channels: int, patch: list[int]
         cfg = {"model": str(models[method]), "folds": folds, "k": k, "probe": True, "stats": stats,
                "channels": channels, "patch": patch, "device": args.device, "threads": args.threads,
                "warmup": 2 if args.smoke else 3, "repeats": 3 if args.smoke else args.repeats}
-        # a fixed mmap threshold makes glibc return freed tensors to the OS, so resident memory tracks live memory
-        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536"}
-        r = subprocess.run([sys.executable, "-c", SPEED_SNIPPET, json.dumps(cfg)], capture_output=True, encoding="utf-8", errors="replace",
-                           env=env, timeout=1800)
-        if r.returncode != 0:
-            print(f"speed {label} failed:\n{r.stderr[-2000:]}")
-            continue
-        out = json.loads(r.stdout.strip().splitlines()[-1])
-        t = out["times"]
-        rows[label] = {"median_s": statistics.median(t), "min_s": min(t), "max_s": max(t), "n": len(t),
-                       "peak_bytes": out["peak_bytes"]}
+        # time and memory in separate processes: on CPU, memory is read with glibc told to return every freed
+        # tensor to the OS (a fixed mmap threshold), which makes each allocation slower and would skew times
+        memory_env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536"}
+        out = {}
+        for memory, env in ((False, os.environ), (True, memory_env)):
+            r = subprocess.run([sys.executable, "-c", SPEED_SNIPPET, json.dumps({**cfg, "memory": memory})],
+                               capture_output=True, encoding="utf-8", errors="replace", env=env, timeout=1800)
+            if r.returncode != 0:
+                print(f"speed {label} failed:\n{r.stderr[-2000:]}")
+                break
+            out.update({k: v for k, v in json.loads(r.stdout.strip().splitlines()[-1]).items() if v})
+        else:
+            t = out["times"]
+            rows[label] = {"median_s": statistics.median(t), "min_s": min(t), "max_s": max(t), "n": len(t),
+                           "peak_bytes": out.get("peak_bytes", 0)}
     base = rows.get("plain nnU-Net forward")
     for row in rows.values():
         if base:

@@ -132,24 +132,44 @@ class EnTrustUNet(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, return_parts: bool = False):
-        skips = self.encoders(x)
-        experts = self.expert_probabilities(skips)
-        d = expert_disagreement(experts)
-        fused = [f(h, _area_pool(d, h.shape[3:])) for f, h in zip(self.fuse, skips[1:])]
-        conflict = self._upsample(fused[0]["F_cf"], skips[0].shape[3:])
-        f_en_full = self.fuse_full(torch.cat([skips[0].flatten(1, 2), conflict], 1))
-        logits, features = self.decoder([f_en_full] + [p["F_en"] for p in fused])
+        parts = self._trunk(x, keep_all=return_parts or self.cache_parts)
+        logits = parts["logits"]
         if not (return_parts or self.cache_parts):
             if self.training or self.decoder.deep_supervision:
                 return logits
-            hyps = self._hypotheses(logits, torch.cat([features, conflict], 1), self.num_hypotheses,
-                                    self.sampling_steps)
+            hyps = self._hypotheses(logits, parts["cond"], self.num_hypotheses, self.sampling_steps)
             return hyps.mean(0).clamp_min(MIN_PROBABILITY).log().to(logits.dtype)
-        parts = {"logits": logits, "features": features, "fused": fused, "skips": skips, "conflict": conflict,
-                 "experts": experts, "disagreement": d, "cond": torch.cat([features, conflict], 1)}
         if self.cache_parts:
             self.last_parts = parts
         return parts if return_parts else logits
+
+    def _trunk(self, x: torch.Tensor, keep_all: bool) -> dict:
+        """ModEnc -> EnFuse -> decoder. Returns ``logits``, ``conflict`` and ``cond`` (SegDiff's conditioning:
+        decoder features at full resolution and the conflict map); with
+        ``keep_all`` also every intermediate part the EnTrust losses need. Without it, each stage's
+        modality features and fusion parts are dropped as soon as they are fused, so that inference
+        holds no more than the decoder's inputs (as plain nnU-Net holds its skips)."""
+        skips = self.encoders(x)
+        experts = self.expert_probabilities(skips)
+        d = expert_disagreement(experts)
+        full, streams = skips[0], skips[1:]
+        kept = {"skips": skips, "experts": experts, "disagreement": d, "fused": []} if keep_all else {}
+        del skips
+        f_en, conflict = [], None
+        for i, fuse in enumerate(self.fuse):
+            p = fuse(streams[i], _area_pool(d, streams[i].shape[3:]))
+            streams[i] = None
+            f_en.append(p["F_en"])
+            if conflict is None:
+                conflict = self._upsample(p["F_cf"], full.shape[3:])
+            if keep_all:
+                kept["fused"].append(p)
+            del p
+        f_en.insert(0, self.fuse_full(torch.cat([full.flatten(1, 2), conflict], 1)))
+        del full
+        logits, features = self.decoder(f_en)
+        del f_en
+        return {**kept, "logits": logits, "conflict": conflict, "cond": torch.cat([features, conflict], 1)}
 
     @staticmethod
     def _upsample(x: torch.Tensor, size) -> torch.Tensor:
@@ -201,7 +221,7 @@ class EnTrustUNet(nn.Module):
         """
         k = num_hypotheses or self.num_hypotheses
         s = steps or self.sampling_steps
-        parts = self.forward(x, return_parts=True)
+        parts = self._trunk(x, keep_all=False)
         logits = parts["logits"][0] if isinstance(parts["logits"], (list, tuple)) else parts["logits"]
 
         hyps = self._hypotheses(logits, parts["cond"], k, s, seed)

@@ -259,12 +259,22 @@ class nnUNetTrainerEnTrust(nnUNetTrainer):
         return columns, torch.cat([cache[key][1] for key in keys])
 
     def _fit_calib_head(self, keys) -> str:
-        """Fit the network's CalibHead on the voxels of ``keys``; returns a one-line summary."""
+        """Fit the network's CalibHead on the voxels of ``keys``; returns a one-line summary.
+
+        With two cases or more, every other case judges a fit on the rest, which picks the number of
+        steps (early stopping); the head is then fitted on all of ``keys`` for that many steps.
+        """
+        keys = sorted(keys)
+        calib = unwrap(self.network).calib.cpu()
+        steps = 1000
+        if len(keys) >= 2:
+            _, steps = calib.fit_voxels(*self._calibration_voxels(keys[0::2]), steps=steps,
+                                        judge=self._calibration_voxels(keys[1::2]))
         columns, error = self._calibration_voxels(keys)
-        calib = unwrap(self.network).calib
-        bce = calib.cpu().fit_voxels(columns, error)
+        bce, _ = calib.fit_voxels(columns, error, steps=steps)
         calib.to(self.device)
-        return f"{len(keys)} cases ({error.numel()} voxels, error rate {float(error.mean()):.4f}, BCE {bce:.4f})"
+        return (f"{len(keys)} cases ({error.numel()} voxels, error rate {float(error.mean()):.4f}, {steps} steps "
+                f"chosen on held-out cases, BCE {bce:.4f})")
 
     def fit_calibration(self) -> None:
         """Fit CalibHead on the calibration cases (the validation fold; a held-out subset with fold 'all')."""

@@ -159,24 +159,43 @@ def test_expert_disagreement_is_max_pairwise_tv():
     assert float(expert_disagreement(p[:, :1])) == 0.0
 
 
+def _calibration_data(n: int, seed: int):
+    """Statistics where P(error) = total (the other statistics are noise), and errors drawn from it."""
+    g = torch.Generator().manual_seed(seed)
+    stats = {k: torch.rand(1, n, 1, generator=g) for k in STATISTICS}
+    return stats, (torch.rand(1, n, 1, generator=g) < stats["total"]).float()
+
+
 def test_calib_head_learns_probability_of_error():
-    g = torch.Generator().manual_seed(0)
-    n = 4096
-    total = torch.rand(1, n, 1, generator=g)
-    error = (torch.rand(1, n, 1, generator=g) < total).float()  # P(error) = total
-    stats = {k: torch.rand(1, n, 1, generator=g) for k in STATISTICS if k != "total"}
-    stats["total"] = total
+    stats, error = _calibration_data(4096, 0)
     head = CalibHead(nn.Conv2d)
     torch.testing.assert_close(head(stats), (1 - stats["confidence"]).clamp(0, 1))  # unfitted default
-    head.fit(stats, error, steps=300)
+    head.fit_voxels(stats, error, steps=300)
     pred = head(stats).detach()
+    assert abs(float(pred.mean()) - float(error.mean())) < 0.03
+    assert float(torch.corrcoef(torch.stack([pred.ravel(), stats["total"].ravel()]))[0, 1]) > 0.9
     # a refit starts afresh: fitting on other data first changes nothing
     other = CalibHead(nn.Conv2d)
-    other.fit({k: v.flip(1) for k, v in stats.items()}, 1 - error, steps=300)
-    other.fit(stats, error, steps=300)
+    other.fit_voxels({k: v.flip(1) for k, v in stats.items()}, 1 - error, steps=300)
+    other.fit_voxels(stats, error, steps=300)
     torch.testing.assert_close(other(stats), pred)
-    assert abs(float(pred.mean()) - float(error.mean())) < 0.03
-    assert float(torch.corrcoef(torch.stack([pred.ravel(), total.ravel()]))[0, 1]) > 0.9
+
+
+def test_calib_head_stops_early_on_held_out_cases():
+    """Few voxels and many steps overfit; a judge from other cases keeps an earlier, better head."""
+    small, small_error = _calibration_data(48, 1)
+    judge = _calibration_data(4096, 2)
+
+    def judge_bce(head):
+        p = head(judge[0]).detach().clamp(1e-6, 1 - 1e-6)
+        return float(torch.nn.functional.binary_cross_entropy(p, judge[1]))
+
+    full = CalibHead(nn.Conv2d)
+    _, kept_full = full.fit_voxels(small, small_error, steps=1500)
+    stopped = CalibHead(nn.Conv2d)
+    _, kept = stopped.fit_voxels(small, small_error, steps=1500, judge=judge, every=50)
+    assert kept_full == 1500 and kept % 50 == 0 and kept < 1500
+    assert judge_bce(stopped) < judge_bce(full) - 0.01
 
 
 def test_loss_falls_on_phantoms(tmp_path):
