@@ -155,7 +155,7 @@ with torch.inference_mode():
     for _ in range(cfg["warmup"]):
         once()
     times = []
-    for _ in range(0 if cfg["memory"] else cfg["repeats"]):
+    for _ in range(cfg["repeats"] if cfg["time"] else 0):
         t = time.perf_counter(); once(); times.append(time.perf_counter() - t)
     # memory: peak resident memory ABOVE the loaded model during one pass, sampled every 0.2 ms
     # (CPU: torch has no allocator statistics there); CUDA: the allocator's own peak
@@ -194,11 +194,15 @@ def measure_speed(args, models: dict[str, Path], channels: int, patch: list[int]
                "channels": channels, "patch": patch, "device": args.device, "threads": args.threads,
                "warmup": 2 if args.smoke else 3, "repeats": 3 if args.smoke else args.repeats}
         # time and memory in separate processes: on CPU, memory is read with glibc told to return every freed
-        # tensor to the OS (a fixed mmap threshold), which makes each allocation slower and would skew times
+        # tensor to the OS (a fixed mmap threshold), which makes each allocation slower and would skew times.
+        # The smoke run only checks the harness, so it does both in one process.
         memory_env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536"}
+        runs = ([(True, True, memory_env)] if args.smoke else
+                [(True, False, os.environ), (False, True, memory_env)])
         out = {}
-        for memory, env in ((False, os.environ), (True, memory_env)):
-            r = subprocess.run([sys.executable, "-c", SPEED_SNIPPET, json.dumps({**cfg, "memory": memory})],
+        for timed, memory, env in runs:
+            r = subprocess.run([sys.executable, "-c", SPEED_SNIPPET,
+                                json.dumps({**cfg, "time": timed, "memory": memory})],
                                capture_output=True, encoding="utf-8", errors="replace", env=env, timeout=1800)
             if r.returncode != 0:
                 print(f"speed {label} failed:\n{r.stderr[-2000:]}")

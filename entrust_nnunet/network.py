@@ -145,10 +145,10 @@ class EnTrustUNet(nn.Module):
 
     def _trunk(self, x: torch.Tensor, keep_all: bool) -> dict:
         """ModEnc -> EnFuse -> decoder. Returns ``logits``, ``conflict`` and ``cond`` (SegDiff's conditioning:
-        decoder features at full resolution and the conflict map); with
-        ``keep_all`` also every intermediate part the EnTrust losses need. Without it, each stage's
-        modality features and fusion parts are dropped as soon as they are fused, so that inference
-        holds no more than the decoder's inputs (as plain nnU-Net holds its skips)."""
+        decoder features at full resolution and the conflict map); with ``keep_all`` also every
+        intermediate part the EnTrust losses need. Without it, each stage's modality features and fusion
+        parts are dropped as soon as they are fused, so that inference holds no more than the decoder's
+        inputs (as plain nnU-Net holds its skips)."""
         skips = self.encoders(x)
         experts = self.expert_probabilities(skips)
         d = expert_disagreement(experts)

@@ -43,6 +43,10 @@ from entrust_nnunet.network import MIN_PROBABILITY, EnTrustUNet
 from entrust_nnunet.trustmap import CalibHead
 
 
+#: per-voxel statistics pooled beside the mean probabilities (by averaging, like nnU-Net pools logits)
+POOLED_MAPS = ("aleatoric", "probe", "conflict", "head_confidence")
+
+
 def uncertainty_statistics(net: nn.Module, x: torch.Tensor, num_samples: int, steps: int | None, seed: int = 0,
                            probe: bool = True) -> dict[str, torch.Tensor]:
     """Per-patch ``mean`` (B, C, *s) class probabilities and the maps of :data:`POOLED_MAPS` (B, *s).
@@ -63,10 +67,6 @@ def uncertainty_statistics(net: nn.Module, x: torch.Tensor, num_samples: int, st
     zeros = torch.zeros_like(s["aleatoric"])
     return {"mean": s["mean"], "aleatoric": s["aleatoric"], "probe": zeros, "conflict": s.get("conflict", zeros),
             "head_confidence": s["mean"].amax(1)}
-
-
-#: per-voxel statistics pooled beside the mean probabilities (by averaging, like nnU-Net pools logits)
-POOLED_MAPS = ("aleatoric", "probe", "conflict", "head_confidence")
 
 
 class TrustStatistics(nn.Module):
