@@ -124,19 +124,17 @@ class SegDiffHead(nn.Module):
 
     @torch.no_grad()
     def sample(self, cond_h: torch.Tensor, num_hypotheses: int, steps: int, seed: int = 0,
-               init_probs: torch.Tensor | None = None, noise: torch.Tensor | None = None,
-               chunk: int = 2) -> torch.Tensor:
+               init_probs: torch.Tensor | None = None, chunk: int = 2) -> torch.Tensor:
         """K hypotheses per input by Euler integration; returns class probabilities (K, B, C, *s).
 
-        Deterministic for a fixed ``seed`` (or given start ``noise`` (K, B, C, *s)); hypothesis k
-        depends only on its own noise (see :meth:`noise`), not on K or ``chunk``. The head runs on ``chunk`` hypotheses
-        at a time: its hidden activations are ``hidden / C`` times larger than a hypothesis, so
-        chunking bounds the peak memory of sampling at that of ``chunk`` hypotheses, whatever K.
+        Deterministic for a fixed ``seed``; hypothesis k depends only on its own noise (see
+        :meth:`noise`), not on K or ``chunk``. The head runs on ``chunk`` hypotheses at a time: its
+        hidden activations are ``hidden / C`` times larger than a hypothesis, so chunking bounds the
+        peak memory of sampling at that of ``chunk`` hypotheses, whatever K.
         """
         if steps < 1:
             raise ValueError(f"need steps >= 1, got {steps}")
-        if noise is None:
-            noise = self.noise(cond_h, num_hypotheses, seed)
+        noise = self.noise(cond_h, num_hypotheses, seed)
         t0 = self.t_start
         dt = (1.0 - t0) / steps
         # every hypothesis is at the same time at step i: conditioning + time embedding once per step
