@@ -207,7 +207,9 @@ def measure_speed(args, models: dict[str, Path], channels: int, patch: list[int]
             if r.returncode != 0:
                 print(f"speed {label} failed:\n{r.stderr[-2000:]}")
                 break
-            out.update({k: v for k, v in json.loads(r.stdout.strip().splitlines()[-1]).items() if v})
+            measured = json.loads(r.stdout.strip().splitlines()[-1])
+            out.update({"times": measured["times"]} if timed else {})
+            out.update({"peak_bytes": measured["peak_bytes"]} if memory else {})
         else:
             t = out["times"]
             rows[label] = {"median_s": statistics.median(t), "min_s": min(t), "max_s": max(t), "n": len(t),

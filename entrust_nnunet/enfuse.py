@@ -112,8 +112,8 @@ class PointwiseMLP(nn.Module):
 
     ``groups`` > 1 makes both convolutions block-diagonal (one block per modality), which is how the
     M modality-specific heads E_u,m run as one module. Pointwise on purpose: the encoder stages
-    before it already mix space, and on CPU a depthwise 3x3 conv plus a norm cost more than the
-    whole 1x1 MLP (measured in the README's "Where the time goes").
+    before it already mix space. Measured on CPU (2D 64x64, M=3): EnFuse with depthwise ConvNeXt-style
+    heads took 21 ms per patch, with these heads (and the spread below computed directly) 6.7 ms.
     """
 
     def __init__(self, conv_op, in_channels: int, out_channels: int, groups: int = 1, expansion: int = 1):
@@ -158,7 +158,8 @@ class EnFuse(nn.Module):
         f_u = self.E_u(h.reshape(b, m * w, *spatial)).reshape(b, m, w, *spatial)
         if disagreement is None:
             disagreement = torch.zeros_like(f_c[:, :1])
-        # spread of the modalities around the consensus (torch.var over this middle axis is ~10x slower on CPU)
+        # spread of the modalities around the consensus; torch.var over this middle axis took half of
+        # EnFuse's time at stage 1 on CPU (torch.profiler)
         spread = (z - f_c.unsqueeze(1)).square().mean(1)
         cf_logit = self.D_cf(torch.cat([spread, f_c, disagreement.to(f_c.dtype)], 1))
         f_cf = torch.sigmoid(cf_logit)
