@@ -94,7 +94,7 @@ def machine() -> dict:
 def train_all(args, dataset_id: int, name: str, config: str) -> dict[str, float]:
     """Train every needed (trainer, fold); return training seconds per iteration per trainer (median over epochs)."""
     from entrust_nnunet.pipeline import train_fold
-    from entrust_nnunet.training import DEMO_SCHEDULE, TINY_SCHEDULE
+    from entrust_nnunet.nnunet.variants import DEMO_SCHEDULE, TINY_SCHEDULE
 
     schedule = TINY_SCHEDULE if args.smoke else DEMO_SCHEDULE
 
@@ -133,11 +133,13 @@ def seconds_per_iteration(log: Path, iterations: int) -> float:
 # ------------------------------------------------------------------------------------------ speed
 SPEED_SNIPPET = r"""
 import json, statistics, sys, threading, time, torch
-from entrust_nnunet.predict import EnTrustPredictor
+from entrust_nnunet.model.sampling import SamplingSettings
+from entrust_nnunet.nnunet.predictor import EnTrustPredictor
 cfg = json.loads(sys.argv[1])
 torch.set_num_threads(cfg["threads"])
 device = torch.device(cfg["device"])
-p = EnTrustPredictor(device=device, allow_tqdm=False, use_mirroring=False, num_samples=cfg["k"], probe=cfg["probe"])
+p = EnTrustPredictor(device=device, allow_tqdm=False, use_mirroring=False,
+                     sampling=SamplingSettings(num_hypotheses=cfg["k"], probe=cfg["probe"]))
 p.initialize_from_trained_model_folder(cfg["model"], cfg["folds"])
 net = p.network.to(device).eval()
 x = torch.randn(1, cfg["channels"], *cfg["patch"], device=device)
@@ -225,9 +227,9 @@ def measure_speed(args, models: dict[str, Path], channels: int, patch: list[int]
 # ------------------------------------------------------------------------------------------ main
 def prepare_dataset(args, out: Path) -> tuple[int, str, str]:
     """(dataset id, dataset name, configuration): phantoms under OUT by default, else ``--dataset`` from nnU-Net's roots."""
-    from entrust_nnunet.io import InputError
-    from entrust_nnunet.nnunet_env import ensure_ext_trainer, set_nnunet_roots
-    from entrust_nnunet.phantoms import write_phantom_dataset
+    from entrust_nnunet.data.io import InputError
+    from entrust_nnunet.nnunet.env import ensure_ext_trainer, set_nnunet_roots
+    from entrust_nnunet.data.phantoms import write_phantom_dataset
 
     if args.dataset is None:
         set_nnunet_roots(out / "nnunet")
@@ -256,10 +258,37 @@ def prepare_dataset(args, out: Path) -> tuple[int, str, str]:
     return int(name[7:10]), name, args.c
 
 
-def run(args) -> dict:
-    from entrust_nnunet.evaluate import evaluate_folder, headline
-    from entrust_nnunet.pipeline import plan_and_preprocess
+def method_row(args, raw: Path, out: Path, method: str, model: Path, folds, k: int) -> dict:
+    """Predict the test cases with one method, evaluate them, and return its table row."""
+    from entrust_nnunet.evaluation.evaluate import evaluate_folder
+    from entrust_nnunet.evaluation.summary import headline
+    from entrust_nnunet.model.sampling import SamplingSettings
     from entrust_nnunet.predict import predict_folder
+
+    pred = out / "predictions" / method.split(" ")[0].replace("/", "_") / ("ens" if len(folds) > 1 else "f0")
+    t = time.time()
+    predict_folder(raw / "imagesTs", pred, model, folds=folds, device=args.device,
+                   sampling=SamplingSettings(num_hypotheses=k), num_processes_preprocessing=1, num_processes_export=1)
+    predict_seconds = time.time() - t
+    conflict_dir = raw / "conflictTs" if (raw / "conflictTs").is_dir() else None
+    summary = evaluate_folder(pred, raw / "labelsTs", conflict_dir=conflict_dir,
+                              dataset_json=raw / "dataset.json", output_file=pred / "summary.json",
+                              num_processes=1)
+    row = dict(headline(summary))
+    pooled = summary.get("uncertainty_pooled", {})
+    for key in ("ece_fg_boundary", "brier", "nll", "aurc", "entanglement", "total_in_conflict",
+                "error_in_conflict", "total_outside_conflict", "error_outside_conflict", "conflict_in_conflict",
+                "conflict_outside_conflict"):
+        row[key] = pooled.get(key, summary.get("uncertainty_mean", {}).get(key))
+    for label, values in summary.get("mean", {}).items():
+        row[f"dice_{label}"] = values.get("Dice")
+        row[f"hd95_{label}"] = values.get("HD95")
+    row["predict_seconds_all_cases"] = predict_seconds
+    return row
+
+
+def run(args) -> dict:
+    from entrust_nnunet.pipeline import plan_and_preprocess
 
     started = time.time()
     out = Path(args.out).absolute()
@@ -271,33 +300,14 @@ def run(args) -> dict:
         plan_and_preprocess([dataset_id], configurations=[config])
     train_s_per_it = train_all(args, dataset_id, name, config)
 
-    results_root = Path(os.environ["nnUNet_results"]) / name
+    from nnunetv2.utilities.file_path_utilities import get_output_folder
+
     models, table = {}, {}
     for method, (trainer, plans, folds, k) in methods(args.smoke).items():
-        model = results_root / f"{trainer}__{plans}__{config}"
-        if not all((model / f"fold_{f}" / "checkpoint_final.pth").exists() for f in folds):
-            continue
-        models[method] = model
-        pred = out / "predictions" / method.split(" ")[0].replace("/", "_") / ("ens" if len(folds) > 1 else "f0")
-        t = time.time()
-        predict_folder(raw / "imagesTs", pred, model, folds=folds, device=args.device, num_samples=k,
-                       num_processes_preprocessing=1, num_processes_export=1)
-        predict_seconds = time.time() - t
-        conflict_dir = raw / "conflictTs" if (raw / "conflictTs").is_dir() else None
-        summary = evaluate_folder(pred, raw / "labelsTs", conflict_dir=conflict_dir,
-                                  dataset_json=raw / "dataset.json", output_file=pred / "summary.json",
-                                  num_processes=1)
-        row = dict(headline(summary))
-        pooled = summary.get("uncertainty_pooled", {})
-        for key in ("ece_fg_boundary", "brier", "nll", "aurc", "entanglement", "total_in_conflict",
-                    "error_in_conflict", "total_outside_conflict", "error_outside_conflict", "conflict_in_conflict",
-                    "conflict_outside_conflict"):
-            row[key] = pooled.get(key, summary.get("uncertainty_mean", {}).get(key))
-        for label, values in summary.get("mean", {}).items():
-            row[f"dice_{label}"] = values.get("Dice")
-            row[f"hd95_{label}"] = values.get("HD95")
-        row["predict_seconds_all_cases"] = predict_seconds
-        table[method] = row
+        model = Path(get_output_folder(name, trainer, plans, config))
+        if all((model / f"fold_{f}" / "checkpoint_final.pth").exists() for f in folds):
+            models[method] = model
+            table[method] = method_row(args, raw, out, method, model, folds, k)
 
     dataset_json = json.loads((raw / "dataset.json").read_text())
     plans = json.loads((Path(os.environ["nnUNet_preprocessed"]) / name / "nnUNetPlans.json").read_text())
@@ -402,7 +412,7 @@ def update_readme(results_md: Path) -> None:
 
 
 def main(argv=None):
-    from entrust_nnunet.io import InputError
+    from entrust_nnunet.data.io import InputError
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "out"), help="output folder")

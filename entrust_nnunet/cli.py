@@ -10,11 +10,12 @@ import argparse
 import sys
 
 from entrust_nnunet import __version__
-from entrust_nnunet.io import InputError
+from entrust_nnunet.data.io import InputError
+from entrust_nnunet.model.sampling import DEFAULT_SAMPLING, SamplingSettings
 
 
 def _cmd_env(args: argparse.Namespace) -> None:
-    from entrust_nnunet.nnunet_env import export_lines
+    from entrust_nnunet.nnunet.env import export_lines
 
     print("# add these lines to ~/.bashrc so the stock nnUNetv2_* commands find EnTrust's trainers")
     for line in export_lines(args.root):
@@ -22,7 +23,7 @@ def _cmd_env(args: argparse.Namespace) -> None:
 
 
 def _cmd_phantoms(args: argparse.Namespace) -> None:
-    from entrust_nnunet.phantoms import write_phantom_dataset
+    from entrust_nnunet.data.phantoms import write_phantom_dataset
 
     out = write_phantom_dataset(args.out, num_cases=args.n, num_modalities=args.modalities, dim=args.dim,
                                 seed=args.seed, num_annotators=args.annotators, num_test=args.num_test,
@@ -31,7 +32,7 @@ def _cmd_phantoms(args: argparse.Namespace) -> None:
 
 
 def _cmd_convert(args: argparse.Namespace) -> None:
-    from entrust_nnunet import convert
+    from entrust_nnunet.data import convert
 
     if args.source_format == "brats":
         out = convert.convert_brats(args.src, args.d, raw_root=args.output_root, name=args.name,
@@ -83,16 +84,27 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_plan(args: argparse.Namespace) -> None:
-    from entrust_nnunet.pipeline import plan_and_preprocess
+    import os
+    from pathlib import Path
 
-    plan_and_preprocess(args.d, configurations=args.c, planner=args.pl, num_processes=args.np,
-                        verify=args.verify_dataset_integrity)
+    from entrust_nnunet.pipeline import plan_and_preprocess, step_output
+
+    root = os.environ.get("nnUNet_preprocessed")
+    log = Path(root) / f"entrust_plan_{'_'.join(map(str, args.d))}.log" if root else None
+    if log is not None and not args.verbose:
+        print(f"nnU-Net fingerprint, planning and preprocessing of dataset {' '.join(map(str, args.d))} (log: {log})")
+    with step_output(log, args.verbose):
+        identifiers = plan_and_preprocess(args.d, configurations=args.c, planner=args.pl, num_processes=args.np,
+                                          verify=args.verify_dataset_integrity)
+    print(f"plans: {', '.join(identifiers)}; preprocessed: {', '.join(args.c)}")
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
     from entrust_nnunet.pipeline import run_demo
 
-    run_demo(args)
+    run_demo(args.dataset_dir, dim=args.dim, folds=args.folds, device=args.device, num_train=args.n,
+             num_test=args.num_test, size=args.size, seed=args.seed, trainer=args.trainer, fresh=args.fresh,
+             verbose=args.verbose)
 
 
 def _add_pipeline(sub: argparse._SubParsersAction) -> None:
@@ -106,6 +118,8 @@ def _add_pipeline(sub: argparse._SubParsersAction) -> None:
                         "name such as ExperimentPlanner (plans nnUNetPlans) (default: EnTrustPlanner)")
     p.add_argument("-np", type=int, default=2, help="processes for preprocessing (default: 2)")
     p.add_argument("--verify_dataset_integrity", action="store_true", help="run nnU-Net's dataset check first")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="show nnU-Net's output (default: it goes to a log file in $nnUNet_preprocessed)")
     p.set_defaults(func=_cmd_plan)
 
     p = sub.add_parser("demo", help="the main job: phantoms -> plan/preprocess -> train -> predict -> evaluate -> report",
@@ -123,13 +137,15 @@ def _add_pipeline(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--trainer", default="nnUNetTrainerEnTrust_demo",
                    help="trainer (default: nnUNetTrainerEnTrust_demo, 15 epochs x 50 iterations)")
     p.add_argument("--fresh", action="store_true", help="delete the working folder first")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="show nnU-Net's output (default: one log file per step in DATASET_DIR/logs)")
     p.set_defaults(func=_cmd_demo)
 
 
 def _cmd_predict(args: argparse.Namespace) -> None:
     from nnunetv2.utilities.file_path_utilities import get_output_folder
 
-    from entrust_nnunet.nnunet_env import ensure_ext_trainer
+    from entrust_nnunet.nnunet.env import ensure_ext_trainer
     from entrust_nnunet.predict import predict_folder
 
     ensure_ext_trainer()
@@ -140,11 +156,14 @@ def _cmd_predict(args: argparse.Namespace) -> None:
     except RuntimeError as e:
         raise InputError(str(e).splitlines()[0]) from None
     folds = None if args.f is None else [f if f == "all" else int(f) for f in args.f]
+    try:
+        sampling = SamplingSettings(args.num_hypotheses, args.steps, args.seed, not args.no_probe)
+    except ValueError as e:
+        raise InputError(str(e)) from None
     out = predict_folder(args.i, args.o, model, folds=folds, checkpoint=args.chk, device=args.device,
-                         num_samples=args.num_samples, steps=args.steps, seed=args.seed, step_size=args.step_size,
-                         disable_tta=args.disable_tta, save_probabilities=args.save_probabilities,
-                         num_processes_preprocessing=args.npp, num_processes_export=args.nps,
-                         probe=not args.no_probe)
+                         sampling=sampling, step_size=args.step_size, disable_tta=args.disable_tta,
+                         save_probabilities=args.save_probabilities, num_processes_preprocessing=args.npp,
+                         num_processes_export=args.nps)
     print(f"masks in {out}, uncertainty maps in {out / 'uncertainty'}")
 
 
@@ -168,15 +187,19 @@ def _add_prediction(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--save_probabilities", action="store_true", help="also write the calibrated class probabilities (.npz + .pkl)")
     p.add_argument("-npp", type=int, default=2, help="processes for preprocessing (default: 2)")
     p.add_argument("-nps", type=int, default=2, help="processes for export (default: 2)")
-    p.add_argument("--num-samples", type=int, default=8, help="K hypotheses per patch and fold (default: 8)")
-    p.add_argument("--steps", type=int, default=None, help="S flow-matching steps (default: the model's, 2)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed; same seed, same maps (default: 0)")
+    p.add_argument("--num-hypotheses", type=int, default=DEFAULT_SAMPLING.num_hypotheses,
+                   help=f"K hypotheses per patch and fold (default: {DEFAULT_SAMPLING.num_hypotheses})")
+    p.add_argument("--num-samples", type=int, dest="num_hypotheses", help=argparse.SUPPRESS)  # old name
+    p.add_argument("--steps", type=int, default=DEFAULT_SAMPLING.steps,
+                   help=f"S flow-matching steps (default: {DEFAULT_SAMPLING.steps})")
+    p.add_argument("--seed", type=int, default=DEFAULT_SAMPLING.seed,
+                   help=f"sampling seed; same seed, same maps (default: {DEFAULT_SAMPLING.seed})")
     p.add_argument("--no-probe", action="store_true", help="skip ProbeStep (faster; the probe statistic is then 0)")
     p.set_defaults(func=_cmd_predict)
 
 
 def _print_headline(summary: dict) -> None:
-    from entrust_nnunet.evaluate import headline
+    from entrust_nnunet.evaluation.summary import headline
 
     names = {"dice": "Dice (foreground mean)", "ece": "ECE (pooled)", "error_auroc": "error AUROC of total (pooled)",
              "conflict_auroc_total": "conflict AUROC of total (pooled)",
@@ -188,7 +211,7 @@ def _print_headline(summary: dict) -> None:
 def _cmd_evaluate(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from entrust_nnunet.evaluate import evaluate_folder
+    from entrust_nnunet.evaluation.evaluate import evaluate_folder
 
     output = Path(args.o) if args.o else Path(args.pred) / "summary.json"
     summary = evaluate_folder(args.pred, args.gt, conflict_dir=args.conflict, dataset_json=args.djfile,
@@ -196,7 +219,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     _print_headline(summary)
     print(f"summary: {output.absolute()}")
     if args.report:
-        from entrust_nnunet.report import write_report
+        from entrust_nnunet.evaluation.report import write_report
 
         out = write_report(args.pred, summary, args.report, images_dir=args.images, gt_dir=args.gt,
                            conflict_dir=args.conflict, num_cases=args.num_cases)
@@ -204,12 +227,12 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def _cmd_report(args: argparse.Namespace) -> None:
-    from entrust_nnunet.report import write_report
+    from entrust_nnunet.evaluation.report import write_report
 
     if args.summary:
         summary = args.summary
     elif args.gt:
-        from entrust_nnunet.evaluate import evaluate_folder
+        from entrust_nnunet.evaluation.evaluate import evaluate_folder
 
         summary = evaluate_folder(args.pred, args.gt, conflict_dir=args.conflict, dataset_json=args.djfile,
                                   num_processes=args.np)

@@ -1,12 +1,32 @@
-"""The steps of the pipeline that call nnU-Net: plan/preprocess and the demo driver."""
+"""The steps of the pipeline that call nnU-Net (plan/preprocess, train) and the demo, as explicit steps.
+
+Quiet by default: each step prints one line of its own (and progress bars); what nnU-Net prints goes
+to a log file per step, whose path is printed. ``verbose`` shows nnU-Net's output instead. A step
+that fails prints the last lines of its log and the log's path.
+"""
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator, Sequence
 
-from entrust_nnunet.io import InputError
-from entrust_nnunet.nnunet_env import ensure_ext_trainer
+from tqdm import tqdm
+
+from entrust_nnunet.data.io import MAP_FOLDER, InputError, dataset_prefix, nnunet_dataset_name
+from entrust_nnunet.nnunet.env import ensure_ext_trainer, set_nnunet_roots
+from entrust_nnunet.nnunet.planner import ENTRUST_PLANS
+
+#: lines of a failing step's log shown on the terminal
+LOG_TAIL_LINES = 15
+EPOCH_LINE = re.compile(r": Epoch (\d+)$")
 
 
 def _require_nnunet_paths(*names: str) -> None:
@@ -15,18 +35,59 @@ def _require_nnunet_paths(*names: str) -> None:
         raise InputError(f"{', '.join(missing)} not set: run `entrust env --root FOLDER` for the lines to export")
 
 
+def _log_tail(log_file: Path) -> str:
+    try:
+        lines = log_file.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return ""
+    return "\n".join(lines[-LOG_TAIL_LINES:])
+
+
+@contextlib.contextmanager
+def step_output(log_file: Path | None, verbose: bool = False) -> Iterator[None]:
+    """Send everything this process and its children print (file descriptors 1 and 2) to ``log_file``,
+    unless ``verbose`` or no log file is given. On an error the log's last lines go to the terminal."""
+    if verbose or log_file is None:
+        yield
+        return
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    try:
+        with open(log_file, "a", encoding="utf-8", buffering=1) as log, \
+                contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            # the file descriptors for child processes and C code, the Python objects for this process
+            os.dup2(log.fileno(), 1)
+            os.dup2(log.fileno(), 2)
+            try:
+                yield
+            finally:
+                log.flush()
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os.dup2(saved[0], 1)
+                os.dup2(saved[1], 2)
+    except BaseException:
+        tail = _log_tail(log_file)
+        if tail:
+            print(f"--- last lines of {log_file} ---\n{tail}\n---", file=sys.stderr)
+        raise
+    finally:
+        for fd in saved:
+            os.close(fd)
+
+
 def resolve_planner(name: str):
     """EnTrustPlanner, or any planner class nnU-Net finds by name in its own package."""
     if name == "EnTrustPlanner":
-        from entrust_nnunet.plans.entrust_planner import EnTrustPlanner
+        from entrust_nnunet.nnunet.planner import EnTrustPlanner
 
         return EnTrustPlanner
-    from os.path import join
-
     import nnunetv2
     from nnunetv2.utilities.find_class_by_name import recursive_find_python_class
 
-    cls = recursive_find_python_class(join(nnunetv2.__path__[0], "experiment_planning"), name,
+    cls = recursive_find_python_class(os.path.join(nnunetv2.__path__[0], "experiment_planning"), name,
                                       "nnunetv2.experiment_planning")
     if cls is None:
         raise InputError(f"-pl {name}: no such experiment planner (EnTrustPlanner or an nnU-Net planner)")
@@ -55,112 +116,142 @@ def plan_and_preprocess(dataset_ids, configurations=("2d",), planner: str = "EnT
             _, ident = plan_experiment_dataset(d, cls)
             identifiers.append(ident)
     # EnTrustPlanner shares nnUNetPlans' preprocessed data (same data identifier): preprocess once
-    from entrust_nnunet.plans.entrust_planner import ENTRUST_PLANS
-
     for ident in dict.fromkeys(i for i in identifiers if i != ENTRUST_PLANS):
         preprocess(dataset_ids, ident, configurations=tuple(configurations),
                    num_processes=[num_processes] * len(configurations))
     return list(dict.fromkeys(identifiers))
 
 
-DEMO_DATASET_ID = 501
-DEMO_TRAINER = "nnUNetTrainerEnTrust_demo"
-DEMO_PLANS = "nnUNetEnTrustPlans"
-EPOCH_LINE = re.compile(r": Epoch (\d+)$")
-
-
 def train_fold(dataset_id: int, configuration: str, fold: str, trainer: str, plans: str, device: str,
-               num_epochs: int | None, log_file: Path) -> None:
-    """Run the stock ``nnUNetv2_train`` in a subprocess with an epoch progress bar; its output goes to ``log_file``."""
-    import subprocess
-    import sys
-
-    from tqdm import tqdm
-
+               num_epochs: int | None, log_file: Path, verbose: bool = False) -> None:
+    """Run the stock ``nnUNetv2_train`` in a subprocess with an epoch progress bar; its output goes to
+    ``log_file`` (and, with ``verbose``, to the terminal too)."""
     exe = Path(sys.executable).with_name("nnUNetv2_train")
     cmd = [str(exe if exe.exists() else "nnUNetv2_train"), str(dataset_id), configuration, str(fold), "-tr", trainer,
            "-p", plans, "-device", device]
     with open(log_file, "w", encoding="utf-8") as log, \
-            tqdm(total=num_epochs, desc=f"train fold {fold}", unit="epoch") as bar:
+            tqdm(total=num_epochs, desc=f"train fold {fold}", unit="epoch", disable=verbose) as bar:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, encoding="utf-8",
                                 errors="replace", env=os.environ)
         for line in proc.stdout:
             log.write(line)
-            match = EPOCH_LINE.search(line.strip())
-            if match:
+            if verbose:
+                sys.stdout.write(line)
+            if match := EPOCH_LINE.search(line.strip()):
                 bar.n = int(match.group(1))
                 bar.refresh()
             elif "Training done" in line:
                 bar.n = num_epochs or bar.n
                 bar.set_postfix_str("validation")
                 bar.refresh()
-        if proc.wait() != 0:
-            raise InputError(f"{log_file}: nnUNetv2_train failed (exit {proc.returncode}); see the log")
+    if proc.wait() != 0:
+        print(f"--- last lines of {log_file} ---\n{_log_tail(log_file)}\n---", file=sys.stderr)
+        raise InputError(f"{log_file}: nnUNetv2_train failed (exit {proc.returncode}); see the log")
 
 
-def run_demo(args) -> dict:
+# ------------------------------------------------------------------------------------------------ demo
+DEMO_DATASET_ID = 501
+DEMO_TRAINER = "nnUNetTrainerEnTrust_demo"
+DEMO_PLANS = ENTRUST_PLANS
+
+
+@dataclass(frozen=True)
+class DemoPaths:
+    root: Path
+    raw: Path
+    model: Path
+    predictions: Path
+    summary: Path
+    report: Path
+    logs: Path
+
+
+def _demo_paths(root: Path, dim: int, trainer: str, configuration: str) -> DemoPaths:
+    from nnunetv2.utilities.file_path_utilities import get_output_folder
+
+    name = nnunet_dataset_name(DEMO_DATASET_ID, f"EnTrustPhantoms{dim}D")
+    raw = Path(os.environ["nnUNet_raw"]) / name
+    for other in raw.parent.glob(dataset_prefix(DEMO_DATASET_ID) + "*"):
+        if other.name != name:
+            raise InputError(f"{other}: the demo uses dataset id {DEMO_DATASET_ID}; use another --dataset-dir or --fresh")
+    return DemoPaths(root, raw, Path(get_output_folder(name, trainer, DEMO_PLANS, configuration)),
+                     root / "predictions", root / "summary.json", root / "report", root / "logs")
+
+
+def _demo_step(number: int, text: str) -> None:
+    print(f"[{number}/6] {text}", flush=True)
+
+
+def run_demo(dataset_dir: str | os.PathLike = "entrust_demo", dim: int = 2, folds: Sequence[str] = ("0",),
+             device: str = "cpu", num_train: int = 24, num_test: int = 20, size: int | None = None, seed: int = 0,
+             trainer: str = DEMO_TRAINER, fresh: bool = False, verbose: bool = False) -> dict:
     """phantoms -> plan/preprocess -> train -> predict with maps -> evaluate -> report; finished steps are reused."""
-    import json
-    import shutil
-    import time
-
-    from entrust_nnunet.evaluate import evaluate_folder, headline
-    from entrust_nnunet.nnunet_env import set_nnunet_roots
-    from entrust_nnunet.phantoms import write_phantom_dataset
-    from entrust_nnunet.io import MAP_FOLDER
-    from entrust_nnunet.predict import predict_folder
-    from entrust_nnunet.report import write_report
-    from entrust_nnunet.training import DEMO_SCHEDULE
+    from entrust_nnunet.data.phantoms import write_phantom_dataset
+    from entrust_nnunet.nnunet.variants import DEMO_SCHEDULE
 
     started = time.time()
-    root = Path(args.dataset_dir).absolute()
-    if args.fresh and root.exists():
+    root = Path(dataset_dir).absolute()
+    if fresh and root.exists():
         shutil.rmtree(root)
     set_nnunet_roots(root)
     ensure_ext_trainer()
-    config = "2d" if args.dim == 2 else "3d_fullres"
-    name = f"Dataset{DEMO_DATASET_ID}_EnTrustPhantoms{args.dim}D"
-    raw = Path(os.environ["nnUNet_raw"]) / name
-    for other in Path(os.environ["nnUNet_raw"]).glob(f"Dataset{DEMO_DATASET_ID}_*"):
-        if other.name != name:
-            raise InputError(f"{other}: the demo uses dataset id {DEMO_DATASET_ID}; use another --dataset-dir or --fresh")
-    print(f"[1/6] phantoms ({args.dim}D, {args.n} training cases, {args.num_test} test cases)")
-    if not raw.exists():
-        write_phantom_dataset(raw, num_cases=args.n, num_test=args.num_test, dim=args.dim, seed=args.seed,
-                              size=args.size)
-    print("[2/6] nnU-Net fingerprint, plans (nnUNetPlans + nnUNetEnTrustPlans), preprocessing")
-    if not (Path(os.environ["nnUNet_preprocessed"]) / name / f"{DEMO_PLANS}.json").exists():
-        plan_and_preprocess([DEMO_DATASET_ID], configurations=[config], verify=True)
-    model = Path(os.environ["nnUNet_results"]) / name / f"{args.trainer}__{DEMO_PLANS}__{config}"
-    epochs = DEMO_SCHEDULE["num_epochs"] if args.trainer == DEMO_TRAINER else None
-    for fold in args.folds:
-        schedule = (f"{DEMO_SCHEDULE['num_epochs']} epochs x {DEMO_SCHEDULE['num_iterations_per_epoch']} iterations"
-                    if epochs else "its own schedule")
-        print(f"[3/6] training {args.trainer} fold {fold} ({schedule}) with the stock nnUNetv2_train")
-        if not (model / f"fold_{fold}" / "checkpoint_final.pth").exists():
-            (root / "logs").mkdir(exist_ok=True)
-            train_fold(DEMO_DATASET_ID, config, fold, args.trainer, DEMO_PLANS, args.device, epochs,
-                       root / "logs" / f"train_fold_{fold}.log")
-    pred = root / "predictions"
-    cases = sorted(p.name[: -len("_0000.nii.gz")] for p in (raw / "imagesTs").glob("*_0000.nii.gz"))
-    print(f"[4/6] predicting {len(cases)} held-out cases with uncertainty maps (folds {', '.join(args.folds)} pooled)")
-    if not all((pred / MAP_FOLDER / f"{c}_total.nii.gz").exists() and (pred / f"{c}.nii.gz").exists()
-               for c in cases):
-        predict_folder(raw / "imagesTs", pred, model, folds=[f if f == "all" else int(f) for f in args.folds],
-                       device=args.device, num_processes_preprocessing=2, num_processes_export=2)
-    print("[5/6] evaluating against the true labels and conflict masks")
-    summary_file = root / "summary.json"
-    summary = evaluate_folder(pred, raw / "labelsTs", conflict_dir=raw / "conflictTs",
-                              dataset_json=raw / "dataset.json", output_file=summary_file)
-    print("[6/6] writing the report")
-    report = write_report(pred, summary, root / "report", images_dir=raw / "imagesTs", gt_dir=raw / "labelsTs",
-                          conflict_dir=raw / "conflictTs")
+    config = "2d" if dim == 2 else "3d_fullres"
+    paths = _demo_paths(root, dim, trainer, config)
+    _demo_step(1, f"phantoms ({dim}D, {num_train} training cases, {num_test} test cases)")
+    if not paths.raw.exists():
+        write_phantom_dataset(paths.raw, num_cases=num_train, num_test=num_test, dim=dim, seed=seed, size=size)
+    log = paths.logs / "plan_and_preprocess.log"
+    _demo_step(2, f"nnU-Net fingerprint, plans (nnUNetPlans + {DEMO_PLANS}), preprocessing (log: {log})")
+    if not (Path(os.environ["nnUNet_preprocessed"]) / paths.raw.name / f"{DEMO_PLANS}.json").exists():
+        with step_output(log, verbose):
+            plan_and_preprocess([DEMO_DATASET_ID], configurations=[config], verify=True)
+    epochs = DEMO_SCHEDULE["num_epochs"] if trainer == DEMO_TRAINER else None
+    schedule = (f"{DEMO_SCHEDULE['num_epochs']} epochs x {DEMO_SCHEDULE['num_iterations_per_epoch']} iterations"
+                if epochs else "its own schedule")
+    for fold in folds:
+        log = paths.logs / f"train_fold_{fold}.log"
+        _demo_step(3, f"training {trainer} fold {fold} ({schedule}) with the stock nnUNetv2_train (log: {log})")
+        if not (paths.model / f"fold_{fold}" / "checkpoint_final.pth").exists():
+            paths.logs.mkdir(parents=True, exist_ok=True)
+            train_fold(DEMO_DATASET_ID, config, fold, trainer, DEMO_PLANS, device, epochs, log, verbose)
+    _demo_predict(paths, folds, device, verbose)
+    return _demo_evaluate(paths, started, verbose)
+
+
+def _demo_predict(paths: DemoPaths, folds: Sequence[str], device: str, verbose: bool) -> None:
+    from entrust_nnunet.predict import predict_folder
+
+    cases = sorted(p.name[: -len("_0000.nii.gz")] for p in (paths.raw / "imagesTs").glob("*_0000.nii.gz"))
+    log = paths.logs / "predict.log"
+    _demo_step(4, f"predicting {len(cases)} held-out cases with uncertainty maps (folds {', '.join(folds)} "
+                  f"pooled; log: {log})")
+    if not all((paths.predictions / MAP_FOLDER / f"{c}_total.nii.gz").exists()
+               and (paths.predictions / f"{c}.nii.gz").exists() for c in cases):
+        with step_output(log, verbose):
+            predict_folder(paths.raw / "imagesTs", paths.predictions, paths.model,
+                           folds=[f if f == "all" else int(f) for f in folds], device=device,
+                           num_processes_preprocessing=2, num_processes_export=2)
+
+
+def _demo_evaluate(paths: DemoPaths, started: float, verbose: bool) -> dict:
+    from entrust_nnunet.evaluation.evaluate import evaluate_folder
+    from entrust_nnunet.evaluation.report import write_report
+    from entrust_nnunet.evaluation.summary import headline
+
+    raw = paths.raw
+    _demo_step(5, "evaluating against the true labels and conflict masks")
+    summary = evaluate_folder(paths.predictions, raw / "labelsTs", conflict_dir=raw / "conflictTs",
+                              dataset_json=raw / "dataset.json", output_file=paths.summary)
+    _demo_step(6, "writing the report")
+    report = write_report(paths.predictions, summary, paths.report, images_dir=raw / "imagesTs",
+                          gt_dir=raw / "labelsTs", conflict_dir=raw / "conflictTs")
     numbers = headline(summary)
     print(f"\nEnTrust demo finished in {time.time() - started:.0f} s")
     print(f"  data         {raw}")
-    print(f"  model        {model}")
-    print(f"  predictions  {pred} (maps in {pred / MAP_FOLDER})")
-    print(f"  metrics      {summary_file}")
+    print(f"  model        {paths.model}")
+    print(f"  predictions  {paths.predictions} (maps in {paths.predictions / MAP_FOLDER})")
+    print(f"  metrics      {paths.summary}")
     print(f"  report       {Path(report) / 'index.html'}")
+    print(f"  logs         {paths.logs}")
     print("  headline     " + json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in numbers.items()}))
     return numbers

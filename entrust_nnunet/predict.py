@@ -1,266 +1,21 @@
-"""Prediction with uncertainty maps: a subclass of nnU-Net's nnUNetPredictor.
+"""``entrust predict``: every case of a folder through :class:`~entrust_nnunet.nnunet.predictor.EnTrustPredictor`.
 
-nnU-Net's predictor is reused for everything it already does (preprocessing, sliding window with
-Gaussian weighting, mirroring, fold averaging, resampling, crop/transpose back). Two hooks change:
-
-* the network it runs is wrapped in :class:`TrustStatistics`, which returns per patch the
-  quantities that pool by averaging: the hypotheses' mean class probabilities (C channels), their
-  mean entropy (aleatoric), ProbeStep's map and the conflict map. nnU-Net's Gaussian-weighted
-  sliding window, its mirroring and its average over folds therefore pool the hypotheses of all
-  patches, mirrorings and folds exactly; :meth:`EnTrustPredictor.predict_logits_from_preprocessed_data`
-  then derives from the pooled numbers ``total``/``epistemic`` (entropy of the pooled mean minus
-  the pooled aleatoric part: with several folds it includes disagreement between folds) and the
-  calibrated probability of error (the folds' CalibHeads averaged);
-* export: the mask (and, with ``--save_probabilities``, the pooled class probabilities as
-  ``.npz``/``.pkl``) is written by nnU-Net's own ``export_prediction_from_logits``; the maps are
-  resampled by nnU-Net's own functions and written as float32 images with the mask's geometry into
-  ``OUT/uncertainty/``. Everything goes to temporary names first and is renamed at the end, maps
-  before the mask, so a mask on disk means its maps are complete.
-
-Output per case: ``OUT/CASE<ending>`` and ``OUT/uncertainty/CASE_{total,aleatoric,epistemic,conflict}<ending>``.
+Output per case: ``OUT/CASE<ending>`` (the mask, as ``nnUNetv2_predict`` writes it) and
+``OUT/uncertainty/CASE_{total,aleatoric,epistemic,conflict}<ending>`` with the input's geometry.
 """
 from __future__ import annotations
 
-import multiprocessing
+import json
 import os
 from pathlib import Path
-from types import SimpleNamespace
 
-import numpy as np
-import SimpleITK as sitk
 import torch
-from nnunetv2.inference.export_prediction import (convert_predicted_logits_to_segmentation_with_correct_shape,
-                                                  export_prediction_from_logits)
-from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-from nnunetv2.utilities.label_handling.label_handling import LabelManager
-from acvl_utils.cropping_and_padding.bounding_boxes import insert_crop_into_image
-from torch import nn
-from tqdm import tqdm
 
-from entrust_nnunet.io import MAP_FOLDER, MAP_NAMES, InputError, geometry_mismatch, map_path, read_header, write_image
-from entrust_nnunet.metrics import entropy
-from entrust_nnunet.network import MIN_PROBABILITY, EnTrustUNet
-from entrust_nnunet.trustmap import CalibHead
+from entrust_nnunet.data.io import InputError, check_same_geometry, read_header
+from entrust_nnunet.model.sampling import DEFAULT_SAMPLING, SamplingSettings
+from entrust_nnunet.nnunet.predictor import EnTrustPredictor
 
 
-#: per-voxel statistics pooled beside the mean probabilities (by averaging, like nnU-Net pools logits)
-POOLED_MAPS = ("aleatoric", "probe", "conflict", "head_confidence")
-
-
-def uncertainty_statistics(net: nn.Module, x: torch.Tensor, num_samples: int, steps: int | None, seed: int = 0,
-                           probe: bool = True) -> dict[str, torch.Tensor]:
-    """Per-patch ``mean`` (B, C, *s) class probabilities and the maps of :data:`POOLED_MAPS` (B, *s).
-
-    EnTrustUNet samples its SegDiff hypotheses; a network with ``sample_statistics`` (the baselines in
-    ``entrust_nnunet.baselines``) gives its own; any other nnU-Net network is read as plain softmax
-    (aleatoric = its entropy, no probe, no conflict). For networks without a deterministic head of
-    their own, ``head_confidence`` is the max of ``mean``.
-    """
-    if isinstance(net, EnTrustUNet):
-        s = net.sample(x, num_samples, steps or net.sampling_steps, seed=seed, probe=probe)
-        return {k: s[k] for k in ("mean", *POOLED_MAPS)}
-    if hasattr(net, "sample_statistics"):
-        s = net.sample_statistics(x, num_samples=num_samples, seed=seed)
-    else:
-        mean = torch.softmax(net(x).float(), 1)
-        s = {"mean": mean, "aleatoric": entropy(mean, axis=1)}
-    zeros = torch.zeros_like(s["aleatoric"])
-    return {"mean": s["mean"], "aleatoric": s["aleatoric"], "probe": zeros, "conflict": s.get("conflict", zeros),
-            "head_confidence": s["mean"].amax(1)}
-
-
-class TrustStatistics(nn.Module):
-    """Wraps a network so that ``forward(x)`` returns (B, C + len(POOLED_MAPS), *s): mean probabilities, then
-    the maps of :data:`POOLED_MAPS`.
-
-    These all pool by averaging, so nnU-Net's sliding window, mirroring and fold average pool them
-    exactly. ``load_state_dict`` goes to the wrapped network, so nnU-Net's per-fold loading works.
-    """
-
-    def __init__(self, network: nn.Module, num_samples: int, steps: int | None, seed: int = 0, probe: bool = True):
-        super().__init__()
-        self.net = network
-        self.num_samples, self.steps, self.seed, self.probe = num_samples, steps, seed, probe
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s = uncertainty_statistics(self.net, x, self.num_samples, self.steps, self.seed, self.probe)
-        return torch.cat([s["mean"], *(s[k][:, None] for k in POOLED_MAPS)], 1)
-
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        return self.net.load_state_dict(state_dict, strict=strict, assign=assign)
-
-
-class _MapChannels(LabelManager):
-    """Lets nnU-Net's resampling/cropping/transposing code carry float maps: identity 'nonlinearity',
-    zeros outside the crop (nnU-Net crops to the non-zero image region, where there is nothing to doubt)."""
-
-    def apply_inference_nonlin(self, logits):
-        return torch.from_numpy(logits).float() if isinstance(logits, np.ndarray) else logits.float()
-
-    def revert_cropping_on_probabilities(self, predicted_probabilities, bbox, original_shape):
-        out = torch.zeros((predicted_probabilities.shape[0], *original_shape), dtype=predicted_probabilities.dtype)
-        return insert_crop_into_image(out, predicted_probabilities, bbox)
-
-
-def _temporary_name(path: str) -> str:
-    head, tail = os.path.split(path)
-    return os.path.join(head, f".tmp-{os.getpid()}-{tail}")
-
-
-def export_prediction_with_maps(prediction: np.ndarray, properties: dict, configuration_manager, plans_manager,
-                                dataset_json: dict, output_file_truncated: str, save_probabilities: bool = False,
-                                keep_mask: bool = True) -> None:
-    """Write mask (+ probabilities) with nnU-Net's exporter and the maps beside it, all atomically.
-
-    ``prediction`` is (C + 4, *s): log class probabilities, then total, aleatoric, epistemic, conflict.
-    With ``keep_mask=False`` only the maps are kept (nnU-Net's validation has written the masks).
-    """
-    num_classes = prediction.shape[0] - len(MAP_NAMES)
-    ending = dataset_json["file_ending"]
-    out_dir, case = os.path.split(output_file_truncated)
-    tmp_trunc = _temporary_name(output_file_truncated)
-    written = []
-    try:
-        export_prediction_from_logits(prediction[:num_classes], properties, configuration_manager, plans_manager,
-                                      dataset_json, tmp_trunc, save_probabilities)
-        written += [tmp_trunc + e for e in (ending, ".npz", ".pkl") if os.path.exists(tmp_trunc + e)]
-        label_manager = _MapChannels({"background": 0, **{f"map{i}": i for i in range(1, len(MAP_NAMES))}}, None)
-        _, maps = convert_predicted_logits_to_segmentation_with_correct_shape(
-            prediction[num_classes:], plans_manager, configuration_manager, label_manager, properties,
-            return_probabilities=True)
-        reference = sitk.ReadImage(tmp_trunc + ending)  # the mask nnU-Net wrote: its geometry is the input's
-        os.makedirs(os.path.join(out_dir, MAP_FOLDER), exist_ok=True)
-        shape = sitk.GetArrayViewFromImage(reference).shape
-        for name, values in zip(MAP_NAMES, maps):  # channel order of predict_logits_from_preprocessed_data
-            image = sitk.GetImageFromArray(np.asarray(values, dtype=np.float32).reshape(shape))
-            image.CopyInformation(reference)
-            write_image(image, map_path(out_dir, case, name, ending))
-        for tmp in written if keep_mask else []:  # the mask last: a mask on disk means its maps are complete
-            os.replace(tmp, output_file_truncated + tmp[len(tmp_trunc):])
-    finally:
-        for tmp in written:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-
-
-def _safe_load_check(checkpoint: Path) -> None:
-    """Refuse checkpoints that hold more than weights and plain data (torch.load weights_only=True)."""
-    from torch.serialization import safe_globals
-
-    numpy_types = [np.dtype, np.core.multiarray.scalar, np.ndarray, np.core.multiarray._reconstruct,
-                   type(np.dtype("float32")), type(np.dtype("float64")), type(np.dtype("int64"))]
-    try:
-        with safe_globals(numpy_types):
-            ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise InputError(f"{checkpoint}: checkpoint not found") from None
-    except Exception as e:  # unpickling errors have many types
-        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
-        raise InputError(f"{checkpoint}: not a loadable nnU-Net checkpoint ({first})") from None
-    if not isinstance(ckpt, dict) or "network_weights" not in ckpt or "trainer_name" not in ckpt:
-        raise InputError(f"{checkpoint}: not an nnU-Net checkpoint (no network_weights/trainer_name)")
-
-
-class EnTrustPredictor(nnUNetPredictor):
-    def __init__(self, *args, num_samples: int = 8, steps: int | None = None, seed: int = 0, probe: bool = True,
-                 **kwargs):
-        super().__init__(*args, **kwargs)
-        self.num_samples, self.steps, self.seed, self.probe = num_samples, steps, seed, probe
-        self.calib_heads: list[CalibHead] = []
-
-    # --------------------------------------------------------------- initialisation
-    def initialize_from_trained_model_folder(self, model_training_output_dir: str, use_folds,
-                                             checkpoint_name: str = "checkpoint_final.pth"):
-        folder = Path(model_training_output_dir)
-        if not (folder / "plans.json").exists():
-            raise InputError(f"{folder}: no trained model here (plans.json missing)")
-        if use_folds is None:
-            use_folds = self.auto_detect_available_folds(str(folder), checkpoint_name)
-            if not use_folds:
-                raise InputError(f"{folder}: no fold_*/{checkpoint_name} found")
-        for f in use_folds:
-            _safe_load_check(folder / f"fold_{f}" / checkpoint_name)
-        super().initialize_from_trained_model_folder(str(folder), use_folds, checkpoint_name)
-        self._wrap_network()
-
-    def manual_initialization(self, network, plans_manager, configuration_manager, parameters, dataset_json,
-                              trainer_name, inference_allowed_mirroring_axes):
-        super().manual_initialization(network, plans_manager, configuration_manager, parameters, dataset_json,
-                                      trainer_name, inference_allowed_mirroring_axes)
-        self._wrap_network()
-
-    def _wrap_network(self) -> None:
-        from entrust_nnunet.training import unwrap
-
-        net = unwrap(self.network)
-        if isinstance(net, TrustStatistics):
-            net = net.net
-        self.network = TrustStatistics(net, self.num_samples, self.steps, self.seed, self.probe)
-        self.calib_heads = []
-        if isinstance(net, EnTrustUNet):
-            for p in self.list_of_parameters or [net.state_dict()]:
-                head = CalibHead(type(net.calib.net[0]))
-                head.load_state_dict({k[len("calib."):]: v for k, v in p.items() if k.startswith("calib.")})
-                self.calib_heads.append(head.eval())
-
-    def probability_of_error(self, stats: dict[str, torch.Tensor]) -> torch.Tensor:
-        """EnTrust: the folds' CalibHeads averaged; other methods: 1 - max of the pooled mean."""
-        if not self.calib_heads:
-            return 1 - stats["confidence"]
-        return torch.stack([head.predict_voxels(stats) for head in self.calib_heads]).mean(0).clamp(0, 1)
-
-    # --------------------------------------------------------------- prediction
-    def predict_sliding_window_return_logits(self, input_image: torch.Tensor):
-        # nnU-Net preallocates one accumulator channel per segmentation head; ours carry the pooled maps too
-        labels = self.label_manager
-        self.label_manager = SimpleNamespace(num_segmentation_heads=labels.num_segmentation_heads + len(POOLED_MAPS))
-        try:
-            return super().predict_sliding_window_return_logits(input_image)
-        finally:
-            self.label_manager = labels
-
-    @torch.inference_mode()
-    def pooled_statistics(self, data: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Hypotheses pooled over patches, mirrorings and folds -> ``mean`` (C, *s) and CalibHead's inputs (*s)."""
-        pooled = super().predict_logits_from_preprocessed_data(data).float()
-        c = self.label_manager.num_segmentation_heads
-        mean = pooled[:c].clamp_min(0)
-        mean = mean / mean.sum(0, keepdim=True).clamp_min(1e-8)
-        maps = dict(zip(POOLED_MAPS, pooled[c:]))
-        total = entropy(mean, axis=0)
-        return {**maps, "mean": mean, "confidence": mean.amax(0), "total": total,
-                "epistemic": (total - maps["aleatoric"]).clamp_min(0), "conflict": maps["conflict"].clamp(0, 1)}
-
-    @torch.inference_mode()
-    def predict_logits_from_preprocessed_data(self, data: torch.Tensor) -> torch.Tensor:
-        """(C + 4, *s): log pooled class probabilities, then total (P(error), see :meth:`probability_of_error`),
-        aleatoric, epistemic, conflict."""
-        stats = self.pooled_statistics(data)
-        error = self.probability_of_error(stats)
-        return torch.cat([stats["mean"].clamp_min(MIN_PROBABILITY).log(),
-                          torch.stack([error, stats["aleatoric"], stats["epistemic"], stats["conflict"]])])
-
-    def predict_cases(self, input_files: list[list[str]], output_truncated: list[str], save_probabilities: bool = False,
-                      num_processes_preprocessing: int = 2, num_processes_export: int = 2) -> None:
-        """Preprocess (nnU-Net's iterator), predict with maps, export in a spawn pool; progress bar per case."""
-        iterator = self._internal_get_data_iterator_from_lists_of_filenames(
-            input_files, [None] * len(input_files), output_truncated, num_processes_preprocessing)
-        with multiprocessing.get_context("spawn").Pool(num_processes_export) as pool:
-            pending = []
-            for item in tqdm(iterator, total=len(input_files), desc="predict", unit="case", disable=not self.allow_tqdm):
-                data = item["data"]
-                if isinstance(data, str):  # nnU-Net hands large cases over as a temporary .npy file
-                    path, data = data, torch.from_numpy(np.load(data))
-                    os.remove(path)
-                prediction = self.predict_logits_from_preprocessed_data(data).cpu().numpy()
-                pending.append(pool.apply_async(export_prediction_with_maps, (
-                    prediction, item["data_properties"], self.configuration_manager, self.plans_manager,
-                    self.dataset_json, item["ofile"], save_probabilities)))
-            for job in pending:
-                job.get()
-
-
-# ------------------------------------------------------------------------------ folder-level driver
 def collect_cases(input_dir: Path, file_ending: str, num_channels: int) -> dict[str, list[str]]:
     """Group ``CASE_XXXX<ending>`` files by case and check channel count and per-case geometry."""
     if not input_dir.is_dir():
@@ -287,18 +42,16 @@ def collect_cases(input_dir: Path, file_ending: str, num_channels: int) -> dict[
                              f"{num_channels} channels")
         first = read_header(channels[0])
         for c in range(1, num_channels):
-            if problem := geometry_mismatch(first, read_header(channels[c])):
-                raise InputError(f"{channels[c]}: geometry differs from channel 0 of case {case} ({problem})")
+            check_same_geometry(first, channels[0], read_header(channels[c]), channels[c],
+                                f"channel 0 of case {case}")
     return {case: [str(channels[c]) for c in range(num_channels)] for case, channels in cases.items()}
 
 
 def predict_folder(input_dir, output_dir, model_folder, folds=None, checkpoint: str = "checkpoint_final.pth",
-                   device: str = "cpu", num_samples: int = 8, steps: int | None = None, seed: int = 0,
-                   step_size: float = 0.5, disable_tta: bool = False, save_probabilities: bool = False,
-                   num_processes_preprocessing: int = 2, num_processes_export: int = 2, probe: bool = True) -> Path:
+                   device: str = "cpu", sampling: SamplingSettings = DEFAULT_SAMPLING, step_size: float = 0.5,
+                   disable_tta: bool = False, save_probabilities: bool = False, num_processes_preprocessing: int = 2,
+                   num_processes_export: int = 2) -> Path:
     """Predict every case of ``input_dir`` into ``output_dir`` (masks + ``uncertainty/`` maps)."""
-    import json
-
     input_dir, output_dir, model_folder = Path(input_dir).absolute(), Path(output_dir).absolute(), Path(model_folder)
     if output_dir.resolve() == input_dir.resolve():
         raise InputError(f"{output_dir}: output folder is the input folder; choose another so inputs stay untouched")
@@ -315,7 +68,7 @@ def predict_folder(input_dir, output_dir, model_folder, folds=None, checkpoint: 
 
     predictor = EnTrustPredictor(tile_step_size=step_size, use_gaussian=True, use_mirroring=not disable_tta,
                                  perform_everything_on_device=device == "cuda", device=torch.device(device),
-                                 allow_tqdm=False, num_samples=num_samples, steps=steps, seed=seed, probe=probe)
+                                 allow_tqdm=False, sampling=sampling)
     predictor.initialize_from_trained_model_folder(str(model_folder), folds, checkpoint)
     for name, content in (("dataset.json", predictor.dataset_json), ("plans.json", predictor.plans_manager.plans)):
         with open(output_dir / name, "w") as f:

@@ -5,10 +5,26 @@ from pathlib import Path
 
 import pytest
 
-from entrust_nnunet.nnunet_env import ensure_ext_trainer, set_nnunet_roots
+from entrust_nnunet.nnunet.env import ensure_ext_trainer, set_nnunet_roots
+
+def arch_kwargs(dim: int, n_stages: int = 3) -> dict:
+    """Small PlainConvUNet arch kwargs (as nnU-Net's planner writes them) for network tests, 2D or 3D."""
+    from torch import nn
+
+    conv, norm = (nn.Conv2d, nn.InstanceNorm2d) if dim == 2 else (nn.Conv3d, nn.InstanceNorm3d)
+    return dict(n_stages=n_stages, features_per_stage=[16, 32, 64, 128][:n_stages], conv_op=conv,
+                kernel_sizes=[[3] * dim] * n_stages, strides=[[1] * dim] + [[2] * dim] * (n_stages - 1),
+                n_conv_per_stage=[2] * n_stages, n_conv_per_stage_decoder=[2] * (n_stages - 1), conv_bias=True,
+                norm_op=norm, norm_op_kwargs={"eps": 1e-5, "affine": True}, nonlin=nn.LeakyReLU,
+                nonlin_kwargs={"inplace": True})
+
 
 #: a 2D phantom dataset, planned and preprocessed once per test session
 SESSION_DATASET_ID = 951
+#: test-only trainer plug-ins (the placeholder trainer), found through nnUNet_extTrainer like ours
+TEST_PLUGINS = Path(__file__).resolve().parent / "plugins"
+#: the dotted path plans files written before the package had rooms name (must keep working)
+OLD_NETWORK_PATH = "entrust_nnunet.network.EnTrustUNet"
 
 
 def nnunet_bin(name: str) -> str:
@@ -20,13 +36,14 @@ def nnunet_bin(name: str) -> str:
 @pytest.fixture(scope="session")
 def planned_phantoms(tmp_path_factory):
     """(env, dataset_name): 2D phantoms (8 cases, 32x32) with nnUNetPlans and nnUNetEnTrustPlans preprocessed."""
-    from entrust_nnunet.phantoms import write_phantom_dataset
+    from entrust_nnunet.data.phantoms import write_phantom_dataset
     from entrust_nnunet.pipeline import plan_and_preprocess
 
     root = tmp_path_factory.mktemp("nnunet")
     env = set_nnunet_roots(root, dict(os.environ))
     env.update(nnUNet_def_n_proc="1", nnUNet_n_proc_DA="1", nnUNet_compile="false")
     ensure_ext_trainer(env)
+    env["nnUNet_extTrainer"] += os.pathsep + str(TEST_PLUGINS)
     name = f"Dataset{SESSION_DATASET_ID}_Phantoms"
     write_phantom_dataset(Path(env["nnUNet_raw"]) / name, num_cases=8, num_test=2, dim=2, size=32, seed=11,
                           progress=False)
@@ -37,7 +54,20 @@ def planned_phantoms(tmp_path_factory):
     finally:
         os.environ.clear()
         os.environ.update(old)
+    _write_old_plans(Path(env["nnUNet_preprocessed"]) / name)
     return env, name
+
+
+def _write_old_plans(folder: Path) -> None:
+    """``nnUNetEnTrustPlansV0``: the EnTrust plans as the main before the rooms wrote them (old class path)."""
+    import json
+
+    plans = json.loads((folder / "nnUNetEnTrustPlans.json").read_text())
+    plans["plans_name"] = "nnUNetEnTrustPlansV0"
+    for cfg in plans["configurations"].values():
+        if "architecture" in cfg:
+            cfg["architecture"]["network_class_name"] = OLD_NETWORK_PATH
+    (folder / "nnUNetEnTrustPlansV0.json").write_text(json.dumps(plans, indent=2))
 
 
 @pytest.fixture(scope="session")

@@ -11,8 +11,9 @@ import SimpleITK as sitk
 import torch
 
 from conftest import SESSION_DATASET_ID, nnunet_bin
-from entrust_nnunet.io import MAP_NAMES
-from entrust_nnunet.predict import EnTrustPredictor
+from entrust_nnunet.model.sampling import SamplingSettings
+from entrust_nnunet.data.io import MAP_NAMES
+from entrust_nnunet.nnunet.predictor import EnTrustPredictor
 
 RANGES = {"total": (0, 1), "aleatoric": (0, np.log(3) + 1e-4), "epistemic": (0, np.log(3) + 1e-4), "conflict": (0, 1)}
 
@@ -118,13 +119,15 @@ def test_folds_are_pooled_epistemic_rises_when_folds_disagree(trained_entrust):
 
     os.environ.update({k: env[k] for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results",
                                            "nnUNet_extTrainer")})
-    single = EnTrustPredictor(device=torch.device("cpu"), allow_tqdm=False, use_mirroring=False, num_samples=4)
+    single = EnTrustPredictor(device=torch.device("cpu"), allow_tqdm=False, use_mirroring=False,
+                              sampling=SamplingSettings(num_hypotheses=4))
     single.initialize_from_trained_model_folder(str(model), [2])
     weights = single.list_of_parameters[0]
     # a second 'fold' that disagrees by construction: its SegDiff output bias favours the last class
     other = {k: v.clone() for k, v in weights.items()}
     other["segdiff.out.bias"] = other["segdiff.out.bias"] + torch.tensor([-6.0, -6.0, 6.0])
-    pooled = EnTrustPredictor(device=torch.device("cpu"), allow_tqdm=False, use_mirroring=False, num_samples=4)
+    pooled = EnTrustPredictor(device=torch.device("cpu"), allow_tqdm=False, use_mirroring=False,
+                              sampling=SamplingSettings(num_hypotheses=4))
     pooled.initialize_from_trained_model_folder(str(model), [2])
     pooled.list_of_parameters = [weights, other]
     pooled.calib_heads = pooled.calib_heads * 2

@@ -1,9 +1,8 @@
-"""Uncertainty baselines for ``nnUNetv2_train ... -tr <name>``; the classes live in entrust_nnunet.baselines."""
-from entrust_nnunet.baselines import (  # noqa: F401
-    nnUNetTrainerCRNP,
+"""Uncertainty baselines for ``nnUNetv2_train ... -tr <name>``; the classes live in entrust_nnunet.nnunet."""
+from entrust_nnunet.nnunet.baseline_trainers import nnUNetTrainerCRNP, nnUNetTrainerMCDropout  # noqa: F401
+from entrust_nnunet.nnunet.variants import (  # noqa: F401
     nnUNetTrainerCRNP_demo,
     nnUNetTrainerCRNP_tinyCPU,
-    nnUNetTrainerMCDropout,
     nnUNetTrainerMCDropout_demo,
     nnUNetTrainerMCDropout_tinyCPU,
 )

@@ -1,6 +1,6 @@
-"""EnTrust trainers for ``nnUNetv2_train ... -tr <name>``; the classes live in entrust_nnunet.training."""
-from entrust_nnunet.training import (  # noqa: F401
-    nnUNetTrainerEnTrust,
+"""EnTrust trainers for ``nnUNetv2_train ... -tr <name>``; the classes live in entrust_nnunet.nnunet."""
+from entrust_nnunet.nnunet.trainers import nnUNetTrainerEnTrust  # noqa: F401
+from entrust_nnunet.nnunet.variants import (  # noqa: F401
     nnUNetTrainerEnTrust_5epochs,
     nnUNetTrainerEnTrust_50epochs,
     nnUNetTrainerEnTrust_demo,

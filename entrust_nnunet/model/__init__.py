@@ -1,0 +1,1 @@
+"""Networks (torch and dynamic-network-architectures only): EnTrust's parts and the uncertainty baselines."""

@@ -1,0 +1,244 @@
+"""EnTrustUNet: ModEnc -> EnFuse (every resolution) -> U-Net decoder -> deterministic head + SegDiff + TrustMap.
+
+The constructor takes exactly the arch kwargs nnU-Net's planner writes for PlainConvUNet (plus
+optional EnTrust kwargs with defaults), so ``get_network_from_plans`` builds it from any nnU-Net
+plans, 2D or 3D alike.
+
+``forward(x)`` returns what PlainConvUNet returns, so nnU-Net's loss, validation and sliding-window
+inference use it unchanged: deep-supervision logits while training; at inference (eval mode,
+deep supervision off) ``log`` of the mean of K SegDiff hypotheses, so that masks from the stock
+``nnUNetv2_predict`` and from nnU-Net's end-of-training validation are the argmax of the
+hypotheses' mean, exactly as ``entrust predict`` writes them.
+``forward(x, return_parts=True)`` additionally returns the fusion parts the trainer needs for the
+EnTrust losses (:meth:`auxiliary_losses`). :meth:`sample` runs encoders and EnFuse ONCE and
+draws K hypotheses through the light SegDiff head only.
+
+EnFuse runs at every resolution below the full one (stages 1..n-1); at full resolution the M
+streams are fused by a 1x1 convolution that also sees F_cf upsampled from stage 1 (conflict regions
+are several voxels wide and survive one 2x upsampling).
+
+Per-modality experts (CLoE-style): each modality's own stage-1 features predict the labels on
+their own through a 1x1 head. Their disagreement, the largest pairwise total-variation distance
+between the experts' class probabilities, is an input of D_cf at every EnFuse stage and, detached,
+its training target: F_cf says "the modalities say different things here" without ever using true
+conflict masks (real data has none). Why experts and not the fused features alone: docs/design.md.
+"""
+from __future__ import annotations
+
+import torch
+from dynamic_network_architectures.building_blocks.unet_decoder import UNetDecoder
+from dynamic_network_architectures.initialization.weight_init import InitWeights_He
+from torch import nn
+from torch.nn import functional as F
+
+from entrust_nnunet.model.encoders import ModalityEncoders
+from entrust_nnunet.model.enfuse import EnFuse
+from entrust_nnunet.model.outputs import MIN_PROBABILITY, full_resolution, log_probabilities  # noqa: F401
+from entrust_nnunet.model.sampling import DEFAULT_SAMPLING, SamplingSettings
+from entrust_nnunet.model.segdiff import SegDiffHead
+from entrust_nnunet.model.trustmap import CalibHead, hypothesis_statistics, probe_step
+#: weights of the EnTrust loss terms added to nnU-Net's Dice+CE (see ``auxiliary_losses``)
+LOSS_WEIGHTS = {"generative": 1.0, "independence": 0.1, "experts": 0.5, "conflict": 0.5}
+
+
+class FeatureUNetDecoder(UNetDecoder):
+    """nnU-Net's UNetDecoder that also returns its full-resolution features (SegDiff's conditioning)."""
+
+    def forward(self, skips):
+        lres = skips[-1]
+        outputs = []
+        for s, (up, stage) in enumerate(zip(self.transpconvs, self.stages)):
+            lres = stage(torch.cat((up(lres), skips[-(s + 2)]), 1))
+            if self.deep_supervision or s == len(self.stages) - 1:
+                outputs.append(self.seg_layers[s](lres))
+        outputs = outputs[::-1]
+        return (outputs if self.deep_supervision else outputs[0]), lres
+
+
+def _area_pool(x: torch.Tensor, size) -> torch.Tensor:
+    """Average-pool a (B, 1, *s) map to ``size`` (2D or 3D)."""
+    pool = F.adaptive_avg_pool2d if x.dim() == 4 else F.adaptive_avg_pool3d
+    return pool(x, tuple(size))
+
+
+def expert_disagreement(expert_probs: torch.Tensor) -> torch.Tensor:
+    """Largest pairwise total-variation distance between M expert predictions (B, M, C, *s) -> (B, 1, *s)."""
+    m = expert_probs.shape[1]
+    if m < 2:
+        return torch.zeros_like(expert_probs[:, 0, :1])
+    d = [0.5 * (expert_probs[:, i] - expert_probs[:, j]).abs().sum(1, keepdim=True)
+         for i in range(m) for j in range(i + 1, m)]
+    return torch.stack(d, 0).amax(0)
+
+
+class EnTrustUNet(nn.Module):
+    def __init__(self, input_channels: int, n_stages: int, features_per_stage, conv_op, kernel_sizes, strides,
+                 n_conv_per_stage, num_classes: int, n_conv_per_stage_decoder, conv_bias: bool = False,
+                 norm_op=None, norm_op_kwargs: dict | None = None, dropout_op=None,
+                 dropout_op_kwargs: dict | None = None, nonlin=None, nonlin_kwargs: dict | None = None,
+                 deep_supervision: bool = False, nonlin_first: bool = False,
+                 num_hypotheses: int = DEFAULT_SAMPLING.num_hypotheses, sampling_steps: int = DEFAULT_SAMPLING.steps,
+                 independence: str = "xcov", min_modality_width: int = 8,
+                 segdiff_hidden: int = 16, segdiff_t_start: float = 0.5, probe_strength: float = 1.0,
+                 probe_hypotheses: int = 2, sampling_chunk: int = 4):
+        super().__init__()
+        if isinstance(features_per_stage, int):
+            features_per_stage = [features_per_stage] * n_stages
+        if isinstance(kernel_sizes, int):
+            kernel_sizes = [kernel_sizes] * n_stages
+        self.num_modalities = input_channels
+        self.num_classes = num_classes
+        #: the sampling settings :meth:`forward` uses at inference (and :meth:`sample` when given none)
+        self.sampling = SamplingSettings(num_hypotheses, sampling_steps)
+        self.probe_strength = probe_strength
+        self.probe_hypotheses = probe_hypotheses
+        self.sampling_chunk = sampling_chunk
+        self.encoders = ModalityEncoders(input_channels, n_stages, features_per_stage, conv_op, kernel_sizes, strides,
+                                         n_conv_per_stage, conv_bias, norm_op, norm_op_kwargs, dropout_op,
+                                         dropout_op_kwargs, nonlin, nonlin_kwargs, min_width=min_modality_width)
+        if n_stages < 2:
+            raise ValueError("EnTrustUNet needs at least two resolution stages")
+        widths = self.encoders.widths
+        self.fuse_full = nn.Sequential(conv_op(input_channels * widths[0] + 1, features_per_stage[0], 1),
+                                       norm_op(features_per_stage[0], **(norm_op_kwargs or {})),
+                                       nonlin(**(nonlin_kwargs or {})))
+        self.fuse = nn.ModuleList(
+            EnFuse(input_channels, w, f, conv_op, norm_op, norm_op_kwargs, nonlin, nonlin_kwargs, independence)
+            for w, f in zip(widths[1:], features_per_stage[1:]))
+        self.decoder = FeatureUNetDecoder(self.encoders.decoder_spec(features_per_stage), num_classes, n_conv_per_stage_decoder, deep_supervision,
+                                          nonlin_first=nonlin_first)
+        m = input_channels
+        self.experts = conv_op(m * widths[1], m * num_classes, 1, groups=m)
+        self.segdiff = SegDiffHead(conv_op, num_classes, features_per_stage[0] + 1, segdiff_hidden,
+                                   t_start=segdiff_t_start)
+        self.calib = CalibHead(conv_op)
+        #: when True, forward() keeps its intermediate parts in ``last_parts`` for :class:`EnTrustLoss`
+        self.cache_parts = False
+        self.last_parts: dict | None = None
+
+    initialize = InitWeights_He(1e-2)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor, return_parts: bool = False):
+        parts = self._trunk(x, keep_all=return_parts or self.cache_parts)
+        logits = parts["logits"]
+        if not (return_parts or self.cache_parts):
+            if self.training or self.decoder.deep_supervision:
+                return logits
+            hyps = self._hypotheses(logits, parts["cond"], self.sampling.num_hypotheses, self.sampling.steps)
+            return log_probabilities(hyps.mean(0)).to(logits.dtype)
+        if self.cache_parts:
+            self.last_parts = parts
+        return parts if return_parts else logits
+
+    def _trunk(self, x: torch.Tensor, keep_all: bool) -> dict:
+        """ModEnc -> EnFuse -> decoder. Returns ``logits``, ``conflict`` and ``cond`` (SegDiff's conditioning:
+        decoder features at full resolution and the conflict map); with ``keep_all`` also every
+        intermediate part the EnTrust losses need. Without it, each stage's modality features and fusion
+        parts are dropped as soon as they are fused, so that inference holds no more than the decoder's
+        inputs (as plain nnU-Net holds its skips)."""
+        skips = self.encoders(x)
+        experts = self.expert_probabilities(skips)
+        d = expert_disagreement(experts)
+        full, streams = skips[0], skips[1:]
+        kept = {"skips": skips, "experts": experts, "disagreement": d, "fused": []} if keep_all else {}
+        del skips
+        f_en, conflict = [], None
+        for i, fuse in enumerate(self.fuse):
+            p = fuse(streams[i], _area_pool(d, streams[i].shape[3:]))
+            streams[i] = None
+            f_en.append(p["F_en"])
+            if conflict is None:
+                conflict = self._upsample(p["F_cf"], full.shape[3:])
+            if keep_all:
+                kept["fused"].append(p)
+            del p
+        f_en.insert(0, self.fuse_full(torch.cat([full.flatten(1, 2), conflict], 1)))
+        del full
+        logits, features = self.decoder(f_en)
+        del f_en
+        return {**kept, "logits": logits, "conflict": conflict, "cond": torch.cat([features, conflict], 1)}
+
+    @staticmethod
+    def _upsample(x: torch.Tensor, size) -> torch.Tensor:
+        return F.interpolate(x, size=tuple(size), mode="bilinear" if x.dim() == 4 else "trilinear", align_corners=False)
+
+    def expert_probabilities(self, skips: list[torch.Tensor]) -> torch.Tensor:
+        """(B, M, C, *s1) class probabilities of the per-modality experts at stage-1 resolution."""
+        s1 = skips[1]
+        b, m = s1.shape[:2]
+        return torch.softmax(self.experts(s1.flatten(1, 2)).reshape(b, m, self.num_classes, *s1.shape[3:]).float(), 2)
+
+    def auxiliary_losses(self, parts: dict, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        """EnTrust's terms beside nnU-Net's Dice+CE, for integer ``target`` (B, 1, *s) at full resolution.
+
+        generative: SegDiff flow-matching loss; independence: mean EnFuse penalty over stages;
+        experts: mean cross-entropy of the per-modality experts (stage-1 resolution); conflict: BCE
+        of F_cf (every EnFuse stage, target area-pooled) against the experts' detached disagreement.
+        """
+        cond_h = self.segdiff.condition(parts["cond"])
+        logits = full_resolution(parts["logits"])
+        generative = self.segdiff.loss(cond_h, target, init_probs=torch.softmax(logits.float(), 1))
+        independence = torch.stack([f.independence_penalty(p) for f, p in zip(self.fuse, parts["fused"])]).mean()
+        expert_probs = parts["experts"]
+        # nnU-Net's deep-supervision targets are nearest-downsampled the same way
+        tgt = F.interpolate(target.float(), size=expert_probs.shape[3:], mode="nearest")[:, 0].long()
+        experts = torch.stack([F.nll_loss(expert_probs[:, m].clamp_min(1e-6).log(), tgt)
+                               for m in range(expert_probs.shape[1])]).mean()
+        disagreement = parts["disagreement"].detach().float()
+        conflict = torch.stack([
+            F.binary_cross_entropy_with_logits(p["F_cf_logit"].float(), _area_pool(disagreement, p["F_cf_logit"].shape[2:]))
+            for p in parts["fused"]]).mean()
+        return {"generative": generative, "independence": independence, "experts": experts, "conflict": conflict}
+
+    # ------------------------------------------------------------------ inference
+    def _hypotheses(self, logits: torch.Tensor, cond: torch.Tensor, k: int, s: int, seed: int = 0) -> torch.Tensor:
+        """K SegDiff hypotheses (K, B, C, *s) given the deterministic logits (truncated start) and conditioning."""
+        return self.segdiff.sample(self.segdiff.condition(cond), k, s, seed=seed,
+                                   init_probs=torch.softmax(logits.float(), 1), chunk=self.sampling_chunk)
+
+    @torch.no_grad()
+    def sample(self, x: torch.Tensor, settings: SamplingSettings | None = None) -> dict[str, torch.Tensor]:
+        """Encoders + EnFuse + decoder once, then K hypotheses x S steps through the SegDiff head.
+
+        ``settings`` default to the network's own (:attr:`sampling`). Returns ``hypotheses``
+        (K, B, C, *s), ``mean`` (B, C, *s) and the maps (B, *s): ``entropy`` (of the mean, nats),
+        ``aleatoric``, ``epistemic``, ``probe``, ``conflict``, ``confidence`` (max of the mean),
+        ``head_confidence`` (max softmax of the deterministic head) and ``error`` (CalibHead's
+        probability that argmax(mean) is wrong).
+        """
+        settings = settings or self.sampling
+        k, s, seed = settings.num_hypotheses, settings.steps, settings.seed
+        parts = self._trunk(x, keep_all=False)
+        logits = full_resolution(parts["logits"])
+
+        hyps = self._hypotheses(logits, parts["cond"], k, s, seed)
+        stats = hypothesis_statistics(hyps)
+        conflict = parts["conflict"].float().clamp(0, 1)
+        stats["conflict"] = conflict[:, 0]
+        # ProbeStep redraws only the first few hypotheses (same noise: hypotheses are nested across K)
+        p = min(k, self.probe_hypotheses)
+        stats["probe"] = (probe_step(lambda cond: self._hypotheses(logits, cond, p, s, seed), parts["cond"],
+                                     conflict, hyps[:p], self.probe_strength, seed) if settings.probe
+                          else torch.zeros_like(stats["entropy"]))
+        stats["confidence"] = stats["mean"].amax(1)
+        stats["head_confidence"] = torch.softmax(logits.float(), 1).amax(1)
+        stats["error"] = self.calib(stats)
+        stats["hypotheses"] = hyps
+        return stats
+
+    def compute_conv_feature_map_size(self, input_size) -> int:
+        """Activation estimate nnU-Net's planner compares against its reference (same convention as PlainConvUNet)."""
+        total = self.encoders.compute_conv_feature_map_size(input_size)
+        size = [i // j for i, j in zip(input_size, self.encoders.strides[0])]
+        m = self.num_modalities
+        total += int(torch.tensor(size).prod()) * (1 + self.fuse_full[0].out_channels)
+        for stride, fuse in zip(self.encoders.strides[1:], self.fuse):
+            size = [i // j for i, j in zip(size, stride)]
+            w = fuse.E_c.expand.in_channels
+            # outputs of E_c and E_u (M streams, two convs each), D_cf, gates and the fused output, per voxel
+            total += int(torch.tensor(size).prod()) * (4 * m * w + fuse.D_cf[0].out_channels + 3 * w + m + 2
+                                                       + fuse.out[0].out_channels)
+        total += int(self.decoder.compute_conv_feature_map_size(input_size))
+        total += self.segdiff.compute_conv_feature_map_size(input_size)
+        return int(total)

@@ -1,0 +1,31 @@
+"""The one set of sampling settings, named the same from the CLI down to SegDiff."""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How hypotheses are drawn at inference.
+
+    ``num_hypotheses``: K hypotheses per patch (and per fold); ``steps``: S flow-matching steps;
+    ``seed``: the sampling seed (same seed, same hypotheses and maps); ``probe``: run ProbeStep.
+    """
+
+    num_hypotheses: int = 8
+    steps: int = 2
+    seed: int = 0
+    probe: bool = True
+
+    def __post_init__(self):
+        if self.num_hypotheses < 1:
+            raise ValueError(f"num_hypotheses must be >= 1, got {self.num_hypotheses}")
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+
+    def with_(self, **changes) -> "SamplingSettings":
+        """A copy with some fields changed (``None`` values are ignored)."""
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+DEFAULT_SAMPLING = SamplingSettings()

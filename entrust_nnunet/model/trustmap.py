@@ -1,0 +1,159 @@
+"""TrustMap: per-voxel uncertainty from SegDiff's K hypotheses, probing, and a learned calibration.
+
+From hypotheses ``p_k`` (K, B, C, *s):
+
+* ``mean``      = (1/K) sum_k p_k, the class probabilities (the mask is its argmax);
+* ``entropy``   = H(mean) in nats (entropy of the mean);
+* ``aleatoric`` = (1/K) sum_k H(p_k): how soft each hypothesis is (expected entropy);
+* ``epistemic`` = entropy - aleatoric = the mutual information between the label and the hypothesis
+  index: how much the hypotheses disagree. Pooled over folds it also holds model disagreement;
+* ``probe``     (ProbeStep): how far the hypotheses move when the conditioning is perturbed where
+  the modalities conflict (see :func:`probe_step`);
+* ``conflict``  = F_cf at full resolution, in [0, 1];
+* ``head_confidence`` = max class probability of the deterministic head (nnU-Net's softmax output):
+  the hypotheses are sharp by construction, so their entropies alone rank ordinary boundary errors
+  poorly (docs/design.md).
+
+CalibHead maps these statistics per voxel to the probability that the mask is wrong there (the
+exported ``total`` map). It is fitted on cases the network never trained on: the validation fold
+(``entrust_nnunet.nnunet.calibration``).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+#: CalibHead's inputs, in this order (its first layer's weights follow it)
+STATISTICS = ("confidence", "entropy", "aleatoric", "epistemic", "probe", "conflict", "head_confidence")
+
+
+def entropy(probs: torch.Tensor, axis: int = 0, eps: float = 1e-12) -> torch.Tensor:
+    """Shannon entropy in nats along ``axis``: ``H = -sum_c p_c log(max(p_c, eps))`` (so ``0 log 0 = 0``)."""
+    if probs.ndim == 0 or not -probs.ndim <= axis < probs.ndim:
+        raise ValueError(f"axis {axis} is out of range for probs of shape {tuple(probs.shape)}")
+    p = probs if probs.is_floating_point() else probs.double()
+    return -(p * p.clamp_min(eps).log()).sum(dim=axis)
+
+
+def mutual_information(samples_probs: torch.Tensor, eps: float = 1e-12) -> dict[str, torch.Tensor]:
+    """Entropy decomposition of K probabilistic samples ``p_k`` (K, C, *s), ``pbar = mean_k p_k``::
+
+        entropy   = H(pbar)                    (predictive entropy)
+        aleatoric = mean_k H(p_k)              (expected entropy)
+        epistemic = max(entropy - aleatoric, 0) (mutual information I(y; k); the clip is against rounding)
+    """
+    sp = samples_probs
+    if sp.ndim < 2 or sp.shape[0] < 1 or sp.shape[1] < 1:
+        raise ValueError(f"samples_probs must have shape (K, C, *spatial) with K, C >= 1, got {tuple(sp.shape)}")
+    if not sp.is_floating_point():
+        sp = sp.double()
+    total = entropy(sp.mean(dim=0), axis=0, eps=eps)
+    aleatoric = entropy(sp, axis=1, eps=eps).mean(dim=0)
+    return {"entropy": total, "aleatoric": aleatoric, "epistemic": (total - aleatoric).clamp_min(0.0)}
+
+
+def hypothesis_statistics(hypotheses: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Mean probabilities and the entropy decomposition of K hypotheses (K, B, C, *s); maps are (B, *s)."""
+    parts = mutual_information(hypotheses.float().transpose(1, 2))  # (K, C, B, *s): class axis second
+    return {"mean": hypotheses.float().mean(0), **parts}
+
+
+def probe_step(sample_fn, cond: torch.Tensor, conflict: torch.Tensor, reference: torch.Tensor,
+               strength: float = 1.0, seed: int = 0) -> torch.Tensor:
+    """ProbeStep: sensitivity of the hypotheses to conflict-guided perturbation of the conditioning.
+
+    What is perturbed: the SegDiff conditioning ``cond`` (decoder features at full resolution and
+    F_cf, before the head's projection), as ``cond' = cond + strength * conflict * std(cond) * xi``
+    with ``xi ~ N(0, I)`` drawn from a generator seeded with ``seed + 1`` and ``std`` per channel
+    over the patch. Voxels with no conflict are not perturbed. ``sample_fn(cond')`` re-runs
+    SegDiff with the SAME start noise as ``reference`` (P, B, C, *s), so the returned map
+    (B, *s) = mean_k TV(p_k, p'_k) in [0, 1] measures only the effect of the perturbation. P may
+    be fewer than the K hypotheses of the mask (``EnTrustUNet.probe_hypotheses``, default 2): the
+    probe then costs P/K of sampling.
+    """
+    gen = torch.Generator(device=cond.device).manual_seed(int(seed) + 1)
+    xi = torch.randn(cond.shape, device=cond.device, dtype=cond.dtype, generator=gen)
+    scale = cond.flatten(2).std(-1).view(*cond.shape[:2], *([1] * (cond.dim() - 2)))
+    moved = sample_fn(cond + strength * conflict * scale * xi)
+    return 0.5 * (moved - reference).abs().sum(2).mean(0)
+
+
+class CalibHead(nn.Module):
+    """Per-voxel map (statistics -> probability of error): a two-layer 1x1-conv MLP with sigmoid output."""
+
+    def __init__(self, conv_op, hidden: int = 16):
+        super().__init__()
+        n = len(STATISTICS)
+        self.net = nn.Sequential(conv_op(n, hidden, 1), nn.GELU(), conv_op(hidden, 1, 1))
+        # until fitted, behave like 1 - confidence (a sane default, not a hidden constant)
+        self.register_buffer("fitted", torch.zeros(()))
+
+    @staticmethod
+    def features(stats: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The statistics on a log scale: ``log(1 - c)`` for confidences, ``log(x + 1e-4)`` for the others,
+        because what ranks errors is the difference between 0.999 and 0.99 (docs/design.md)."""
+        return torch.stack([torch.log((1 - stats[k].float()).clamp_min(1e-6)) if k.endswith("confidence")
+                            else torch.log(stats[k].float().clamp_min(0) + 1e-4) for k in STATISTICS], 1)
+
+    def logits(self, stats: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.net(self.features(stats))[:, 0]
+
+    def forward(self, stats: dict[str, torch.Tensor]) -> torch.Tensor:
+        if not bool(self.fitted):
+            return (1 - stats["confidence"]).clamp(0, 1)
+        return torch.sigmoid(self.logits(stats))
+
+    def _as_voxel_batch(self, maps: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Maps of any shape -> (1, n, 1[, 1]) columns this head's 1x1 convolutions accept."""
+        trailing = (1,) * (self.net[0].weight.dim() - 3)
+        return {k: v.reshape(1, -1, *trailing) for k, v in maps.items()}
+
+    def predict_voxels(self, stats: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Probability of error for statistics maps of any shape (e.g. a whole predicted volume)."""
+        shape = stats["entropy"].shape
+        return self(self._as_voxel_batch({k: stats[k] for k in STATISTICS})).reshape(shape)
+
+    def fit_voxels(self, stats: dict[str, torch.Tensor], error: torch.Tensor, steps: int = 1000, lr: float = 1e-2,
+                   judge: tuple[dict[str, torch.Tensor], torch.Tensor] | None = None, every: int = 50) -> tuple[float, int]:
+        """Fit on voxel lists (or maps of any shape) of statistics and error indicators.
+
+        Plain (unweighted) binary cross-entropy: it is a proper scoring rule, so the fitted output is
+        a calibrated probability of error on the data it was fitted on. Every fit starts from the same
+        seeded initialisation, so a head fitted on some cases carries nothing of an earlier fit on others
+        (the trainer's cross-fitted validation maps rely on it).
+
+        ``judge``: statistics and errors of OTHER cases. Then the fit stops early: after ``steps`` Adam
+        steps the head is put back to the parameters (checked every ``every`` steps) with the lowest BCE
+        on ``judge``, because a handful of calibration cases is easy to overfit. Returns the BCE on the
+        fitted voxels and the number of steps kept.
+        """
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            for layer in self.net:
+                if hasattr(layer, "reset_parameters"):
+                    layer.reset_parameters()
+
+        def columns(st, e):
+            st = self._as_voxel_batch({k: st[k] for k in STATISTICS})
+            return self.features(st).detach(), self._as_voxel_batch({"e": e})["e"].float().detach()
+
+        x, y = columns(stats, error)
+        x_judge, y_judge = columns(*judge) if judge is not None else (None, None)
+        opt = torch.optim.Adam(self.net.parameters(), lr=lr)
+        best = (float("inf"), steps, None)
+        with torch.enable_grad():
+            for step in range(1, steps + 1):
+                opt.zero_grad()
+                F.binary_cross_entropy_with_logits(self.net(x)[:, 0], y).backward()
+                opt.step()
+                if x_judge is not None and step % every == 0:
+                    with torch.no_grad():
+                        bce = float(F.binary_cross_entropy_with_logits(self.net(x_judge)[:, 0], y_judge))
+                    if bce < best[0]:
+                        best = (bce, step, {k: v.clone() for k, v in self.net.state_dict().items()})
+        if best[2] is not None:
+            self.net.load_state_dict(best[2])
+        self.fitted.fill_(1.0)
+        with torch.no_grad():
+            return float(F.binary_cross_entropy_with_logits(self.net(x)[:, 0], y)), best[1]

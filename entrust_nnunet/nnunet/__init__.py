@@ -1,0 +1,1 @@
+"""The nnU-Net wiring: trainer hooks, schedule variants, planner, calibration fitting, predictor, environment."""

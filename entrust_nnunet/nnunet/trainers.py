@@ -1,0 +1,234 @@
+"""nnUNetTrainerEnTrust: nnU-Net's trainer with EnTrust's network and losses. The plug-in modules in
+``trainers/`` re-export it; schedule variants are in :mod:`entrust_nnunet.nnunet.variants`.
+
+It changes these hooks of nnUNetTrainer and nothing else:
+
+* ``build_network_architecture``: whatever class the plans name (PlainConvUNet in ``nnUNetPlans``,
+  EnTrustUNet in ``nnUNetEnTrustPlans``), build EnTrustUNet from the same arch kwargs, so both plans train;
+* ``_build_loss``: nnU-Net's own deep-supervised Dice+CE, wrapped by :class:`EnTrustLoss`, which adds
+  the EnTrust terms; nnU-Net's ``train_step`` and ``validation_step`` run unchanged;
+* ``do_split`` / ``on_train_end``: fit TrustMap's CalibHead on the validation fold (cases the network
+  never trained on) before the final checkpoint; with fold ``all`` a held-out subset of the training
+  cases instead (:mod:`entrust_nnunet.nnunet.calibration`);
+* ``perform_actual_validation``: after nnU-Net's own validation, write the uncertainty maps of every
+  validation case into ``fold_X/validation/uncertainty/``, cross-fitted (each half of the fold from a
+  CalibHead fitted on the other half), so cross-validated metrics never score CalibHead on its own voxels.
+
+It also logs the EnTrust terms per epoch (training log + ``progress_entrust.png``; kept in the
+checkpoint, so ``--c`` continues the curves).
+"""
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+
+import numpy as np
+import torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+from torch import nn
+
+from entrust_nnunet.model.network import LOSS_WEIGHTS, EnTrustUNet
+from entrust_nnunet.model.outputs import full_resolution
+from entrust_nnunet.nnunet.calibration import calibration_subset, calibration_voxels, fit_calib_head
+from entrust_nnunet.nnunet.distributed import unwrap
+
+ENTRUST_NETWORK = f"{EnTrustUNet.__module__}.{EnTrustUNet.__name__}"
+AUX_LOG_KEYS = tuple(f"entrust_{k}" for k in LOSS_WEIGHTS)
+
+
+class EnTrustLoss(nn.Module):
+    """nnU-Net's loss plus the EnTrust terms computed from the parts the network cached in forward.
+
+    ``total = base(output, target) + sum_k LOSS_WEIGHTS[k] * aux_k``; the detached aux values of
+    training calls are collected in ``history`` for logging.
+    """
+
+    def __init__(self, base_loss: nn.Module, network: nn.Module, weights: dict[str, float] | None = None):
+        super().__init__()
+        self.base = base_loss
+        self.network = [network]  # a list: keep the network out of this module's parameters/state_dict
+        self.weights = dict(LOSS_WEIGHTS if weights is None else weights)
+        self.history: dict[str, list[float]] = defaultdict(list)
+
+    def forward(self, output, target):
+        loss = self.base(output, target)
+        net = self.network[0]
+        full_res_target = full_resolution(target)  # deep-supervision targets come as a list too
+        aux = net.auxiliary_losses(net.last_parts, full_res_target)
+        net.last_parts = None
+        for k, v in aux.items():
+            loss = loss + self.weights[k] * v
+            if net.training:
+                self.history[k].append(float(v.detach()))
+        return loss
+
+
+class nnUNetTrainerEnTrust(nnUNetTrainer):
+    #: with fold 'all' only (no validation fold): share of the training cases held out to fit CalibHead
+    calibration_fraction = 0.25
+    #: CalibHead sees at most this many voxels per case (a seeded uniform subset), bounding its memory
+    calibration_voxels_per_case = 200_000
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self._register_aux_log_keys()
+
+    def _register_aux_log_keys(self):
+        for key in AUX_LOG_KEYS:
+            self.logger.local_logger.my_fantastic_logging.setdefault(key, [])
+
+    @staticmethod
+    def build_network_architecture(plans_manager, configuration_manager, num_input_channels: int,
+                                   num_output_channels: int, enable_deep_supervision: bool = True) -> nn.Module:
+        return get_network_from_plans(ENTRUST_NETWORK, configuration_manager.network_arch_init_kwargs,
+                                      configuration_manager.network_arch_init_kwargs_req_import,
+                                      num_input_channels, num_output_channels, allow_init=True,
+                                      deep_supervision=enable_deep_supervision)
+
+    def initialize(self):
+        if self.label_manager.has_regions or self.label_manager.has_ignore_label:
+            raise NotImplementedError(
+                f"{self.__class__.__name__}: region-based training and ignore labels are not supported yet by "
+                f"SegDiff (dataset {self.plans_manager.dataset_name}); train nnUNetTrainer for this dataset")
+        super().initialize()
+
+    def _build_loss(self):
+        net = unwrap(self.network)
+        net.cache_parts = True
+        return EnTrustLoss(super()._build_loss(), net)
+
+    def on_train_epoch_end(self, train_outputs):
+        super().on_train_epoch_end(train_outputs)
+        history = self.loss.history
+        for key, name in zip(AUX_LOG_KEYS, LOSS_WEIGHTS):
+            value = float(np.mean(history[name])) if history[name] else float("nan")
+            self.logger.log(key, value, self.current_epoch)
+        self.print_to_log_file("entrust losses", {k: round(float(np.mean(v)), 4) for k, v in history.items()})
+        history.clear()
+
+    def on_epoch_end(self):
+        super().on_epoch_end()
+        if self.local_rank == 0:
+            self._plot_aux_losses()
+
+    def _plot_aux_losses(self):
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(8, 5))
+        for key in AUX_LOG_KEYS:
+            values = self.logger.get_value(key, step=None)
+            ax.plot(range(len(values)), values, label=key.removeprefix("entrust_"), linewidth=2)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("loss term (unweighted)")
+        ax.set_yscale("log")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(os.path.join(self.output_folder, "progress_entrust.png"))
+        plt.close(fig)
+
+    def load_checkpoint(self, filename_or_checkpoint):
+        super().load_checkpoint(filename_or_checkpoint)
+        self._register_aux_log_keys()  # checkpoints of other trainers lack our keys
+        self.__dict__.pop("_calibration_cache", None)  # statistics of other weights
+
+    def on_train_end(self):
+        self.fit_calibration()
+        super().on_train_end()
+
+    def do_split(self):
+        """nnU-Net's split. CalibHead is fitted on the validation fold; only fold ``all``, whose validation
+        cases are its training cases, holds a calibration subset (``calibration_fraction``, at least one
+        case) out of training instead, so CalibHead never sees cases the network was trained on."""
+        tr_keys, val_keys = super().do_split()
+        if self.fold != "all":
+            self.calibration_keys = sorted(val_keys)
+            return tr_keys, val_keys
+        self.calibration_keys = calibration_subset(tr_keys, self.calibration_fraction, seed=12345)
+        return [k for k in tr_keys if k not in self.calibration_keys], val_keys
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        super().perform_actual_validation(save_probabilities)
+        if self.local_rank == 0 and not self.is_cascaded:
+            self.write_validation_maps()
+
+    def _predictor(self):
+        # nnU-Net's own shape: the trainer uses the predictor (not the other way round)
+        from entrust_nnunet.nnunet.predictor import EnTrustPredictor
+
+        predictor = EnTrustPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=True,
+                                     perform_everything_on_device=True, device=self.device, allow_tqdm=False)
+        # the current weights as the one 'fold' (nnU-Net's own validation calls the network directly instead)
+        predictor.manual_initialization(self.network, self.plans_manager, self.configuration_manager,
+                                        [unwrap(self.network).state_dict()], self.dataset_json,
+                                        self.__class__.__name__, self.inference_allowed_mirroring_axes)
+        return predictor
+
+    def _preprocessed_cases(self, keys):
+        """(key, data tensor, segmentation, properties) of preprocessed cases, as nnU-Net's validation loads them."""
+        dataset = self.dataset_class(self.preprocessed_dataset_folder, keys)
+        for key in dataset.identifiers:
+            data, seg, _, properties = dataset.load_case(key)
+            yield key, torch.from_numpy(np.asarray(data[:])), np.asarray(seg[:]), properties
+
+    def write_validation_maps(self) -> None:
+        """Uncertainty maps of the validation fold, each half with a CalibHead fitted on the other half."""
+        from entrust_nnunet.nnunet.predictor import export_prediction_with_maps
+
+        _, val_keys = self.do_split()
+        val_keys = sorted(val_keys)
+        calib = unwrap(self.network).calib
+        fitted = {k: v.clone() for k, v in calib.state_dict().items()}
+        halves = [val_keys[0::2], val_keys[1::2]]
+        cross_fit = self.fold != "all" and len(val_keys) >= 2
+        groups = [(halves[0], halves[1]), (halves[1], halves[0])] if cross_fit else [(val_keys, None)]
+        folder = os.path.join(self.output_folder, "validation")
+        try:
+            for keys, other in groups:
+                if other is not None:
+                    self._fit_calib_head(other)
+                predictor = self._predictor()
+                for key, data, _, properties in self._preprocessed_cases(keys):
+                    prediction = predictor.predict_logits_from_preprocessed_data(data)
+                    export_prediction_with_maps(prediction.cpu().numpy(), properties, self.configuration_manager,
+                                                self.plans_manager, self.dataset_json, os.path.join(folder, key),
+                                                keep_mask=False)
+        finally:
+            calib.load_state_dict(fitted)
+        how = "cross-fitted CalibHead (each half fitted on the other)" if cross_fit else "the fitted CalibHead"
+        self.print_to_log_file(f"uncertainty maps of {len(val_keys)} validation cases in {folder}/uncertainty, "
+                               f"{how}")
+
+    def _calibration_voxels(self, keys) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """TrustMap statistics and error indicators of the voxels of ``keys``, predicted as at inference."""
+        cache = self.__dict__.setdefault("_calibration_cache", {})  # per case; emptied when weights load
+        self.set_deep_supervision_enabled(False)
+        unwrap(self.network).eval()
+        try:
+            todo = [k for k in keys if k not in cache]
+            cases = ((key, data, seg) for key, data, seg, _ in self._preprocessed_cases(todo))
+            return calibration_voxels(self._predictor(), cases, keys, cache, self.calibration_voxels_per_case)
+        finally:
+            self.set_deep_supervision_enabled(self.enable_deep_supervision)
+
+    def _fit_calib_head(self, keys) -> str:
+        """Fit the network's CalibHead on the voxels of ``keys``; returns a one-line summary."""
+        calib = unwrap(self.network).calib.cpu()
+        try:
+            return fit_calib_head(calib, self._calibration_voxels, keys)
+        finally:
+            calib.to(self.device)
+
+    def fit_calibration(self) -> None:
+        """Fit CalibHead on the calibration cases (the validation fold; a held-out subset with fold 'all')."""
+        if not getattr(self, "calibration_keys", None):
+            self.do_split()
+        if not self.calibration_keys:
+            self.print_to_log_file("CalibHead not fitted: no cases to fit it on; total falls back to "
+                                   "1 - max probability")
+            return
+        self.print_to_log_file(f"CalibHead fitted on {self._fit_calib_head(self.calibration_keys)}")

@@ -1,0 +1,77 @@
+"""Trainer variants that change only the schedule: one small class each, named for what it changes.
+
+Every variant is ``class X(ScheduleMixin, Parent)`` with a ``schedule`` dict. The mixin comes FIRST
+in the bases, so its ``__init__`` runs nnU-Net's (same signature) and then overwrites nnU-Net's
+defaults with the schedule; a key that is not an attribute nnU-Net's trainer sets fails loudly.
+"""
+from __future__ import annotations
+
+import torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+from entrust_nnunet.nnunet.baseline_trainers import nnUNetTrainerCRNP, nnUNetTrainerMCDropout
+from entrust_nnunet.nnunet.trainers import nnUNetTrainerEnTrust
+
+#: the demo's short CPU schedule: 15 epochs x 50 iterations of batch 2 (2D 64x64 phantoms), about 2-3 min
+DEMO_SCHEDULE = {"num_epochs": 15, "num_iterations_per_epoch": 50, "num_val_iterations_per_epoch": 5}
+#: the tests' schedule: 4 epochs x 3 iterations, 1 validation iteration, a checkpoint every epoch
+TINY_SCHEDULE = {"num_epochs": 4, "num_iterations_per_epoch": 3, "num_val_iterations_per_epoch": 1, "save_every": 1}
+
+
+class ScheduleMixin:
+    """Put FIRST in the bases of a trainer variant: nnU-Net's ``__init__`` (same signature) runs, then the
+    entries of the class's ``schedule`` overwrite the trainer attributes of the same name."""
+
+    schedule: dict = {}
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        unknown = sorted(k for k in self.schedule if not hasattr(self, k))
+        if unknown:
+            raise AttributeError(f"{type(self).__name__}.schedule: {', '.join(unknown)} is not an attribute of "
+                                 f"nnU-Net's trainer (misspelled?)")
+        for key, value in self.schedule.items():
+            setattr(self, key, value)
+
+
+class nnUNetTrainerEnTrust_5epochs(ScheduleMixin, nnUNetTrainerEnTrust):
+    schedule = {"num_epochs": 5}
+
+
+class nnUNetTrainerEnTrust_50epochs(ScheduleMixin, nnUNetTrainerEnTrust):
+    schedule = {"num_epochs": 50}
+
+
+class nnUNetTrainerEnTrust_demo(ScheduleMixin, nnUNetTrainerEnTrust):
+    schedule = DEMO_SCHEDULE
+
+
+class nnUNetTrainerEnTrust_tinyCPU(ScheduleMixin, nnUNetTrainerEnTrust):
+    schedule = TINY_SCHEDULE
+
+
+class nnUNetTrainer_demo(ScheduleMixin, nnUNetTrainer):
+    """Plain nnU-Net on the demo's schedule: the baseline the demo and the benchmark compare against."""
+
+    schedule = DEMO_SCHEDULE
+
+
+class nnUNetTrainer_tinyCPU(ScheduleMixin, nnUNetTrainer):
+    schedule = TINY_SCHEDULE
+
+
+class nnUNetTrainerMCDropout_demo(ScheduleMixin, nnUNetTrainerMCDropout):
+    schedule = DEMO_SCHEDULE
+
+
+class nnUNetTrainerMCDropout_tinyCPU(ScheduleMixin, nnUNetTrainerMCDropout):
+    schedule = TINY_SCHEDULE
+
+
+class nnUNetTrainerCRNP_demo(ScheduleMixin, nnUNetTrainerCRNP):
+    schedule = DEMO_SCHEDULE
+
+
+class nnUNetTrainerCRNP_tinyCPU(ScheduleMixin, nnUNetTrainerCRNP):
+    schedule = TINY_SCHEDULE

@@ -1,0 +1,39 @@
+"""IO helpers: one geometry check naming the file, dataset folder names, atomic writes."""
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from entrust_nnunet.data.io import (InputError, atomic_file, check_same_geometry, dataset_prefix, nnunet_dataset_name,
+                                    read_image, write_image)
+
+
+def _image(spacing=(1.0, 1.0), size=(4, 5)):
+    img = sitk.GetImageFromArray(np.zeros(size[::-1], np.float32))
+    img.SetSpacing(spacing)
+    return img
+
+
+def test_check_same_geometry_names_the_file_and_the_reference(tmp_path):
+    check_same_geometry(_image(), "a.nii.gz", _image(), "b.nii.gz")
+    with pytest.raises(InputError) as e:
+        check_same_geometry(_image(), "a.nii.gz", _image(spacing=(1.0, 2.0)), "b.nii.gz", "channel 0 of case x")
+    assert str(e.value).startswith("b.nii.gz: geometry differs from channel 0 of case x (spacing")
+    with pytest.raises(InputError, match=r"^b.nii.gz: geometry differs from a.nii.gz \(size"):
+        check_same_geometry(_image(), "a.nii.gz", _image(size=(4, 6)), "b.nii.gz")
+
+
+def test_dataset_names():
+    assert dataset_prefix(7) == "Dataset007_" and nnunet_dataset_name(501, "X") == "Dataset501_X"
+    with pytest.raises(InputError, match="between 1 and 999"):
+        dataset_prefix(1000)
+
+
+def test_writes_are_atomic_and_leave_no_temporary(tmp_path):
+    path = tmp_path / "img.nii.gz"
+    write_image(_image(), path)
+    assert read_image(path).GetSize() == (4, 5)
+    with pytest.raises(ValueError):
+        with atomic_file(tmp_path / "a.json") as f:
+            f.write("{")
+            raise ValueError("interrupted")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["img.nii.gz"]

@@ -1,0 +1,127 @@
+"""Phantoms: geometry, labels, conflict ground truth, real ambiguity, determinism, nnU-Net integrity."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from entrust_nnunet.cli import main
+from entrust_nnunet.data.phantoms import LABELS, geometry, modality_contrast, write_phantom_dataset
+
+
+def _arr(path):
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+def test_geometry_labels_and_conflict(tmp_path, dim):
+    out = write_phantom_dataset(tmp_path / "Dataset900_P", num_cases=8, num_modalities=3, dim=dim, seed=1,
+                                num_annotators=2, size=32, progress=False)
+    spacing, origin, direction = geometry(dim)
+    dj = json.loads((out / "dataset.json").read_text())
+    assert dj["labels"] == LABELS and dj["numTraining"] == 8 and len(dj["channel_names"]) == 3
+    conflict_voxels = []
+    for i in range(8):
+        case = f"case_{i:03d}"
+        files = [out / "imagesTr" / f"{case}_{m:04d}.nii.gz" for m in range(3)]
+        files += [out / "labelsTr" / f"{case}.nii.gz", out / "conflictTr" / f"{case}.nii.gz"]
+        files += [out / "labelsTr_annotators" / f"{case}_a{k}.nii.gz" for k in range(2)]
+        for f in files:
+            img = sitk.ReadImage(str(f))
+            assert img.GetDimension() == dim
+            np.testing.assert_allclose(img.GetSpacing(), spacing, rtol=1e-6)
+            np.testing.assert_allclose(img.GetOrigin(), origin, atol=1e-5)
+            np.testing.assert_allclose(img.GetDirection(), direction, atol=1e-6)
+        label, conflict = _arr(files[3]), _arr(files[4])
+        assert set(np.unique(label)) <= {0, 1, 2} and {1, 2} <= set(np.unique(label))
+        assert conflict.dtype == np.uint8 and set(np.unique(conflict)) <= {0, 1}
+        conflict_voxels.append(int(conflict.sum()))
+        # the images of the modalities differ inside conflict: one shows the blob, another hides it
+        if conflict.any():
+            from scipy import ndimage
+
+            imgs = [_arr(f) for f in files[:3]]
+            contrast = [abs(modality_contrast(m)[2] - modality_contrast(m)[0]) for m in range(3)]
+            blobs, n = ndimage.label(conflict > 0)
+            for b in range(1, n + 1):
+                blob = blobs == b
+                # tissue right around the blob (blobs sit inside the body, away from the lesion)
+                around = ndimage.binary_dilation(blob, iterations=2) & ~blob & (conflict == 0) & (label == 0)
+                # blob-vs-surroundings difference in units of the modality's core-vs-tissue contrast
+                z = [abs(im[blob].mean() - np.median(im[around])) / c for im, c in zip(imgs, contrast)]
+                assert max(z) > 0.4 and min(z) < 0.4 * max(z), z  # one shows it, another hides it
+    assert sum(v == 0 for v in conflict_voxels) >= 2  # every fourth case has no conflict
+    assert sum(v > 0 for v in conflict_voxels) >= 4
+
+
+def test_truth_inside_conflict_is_a_coin_flip(tmp_path):
+    out = write_phantom_dataset(tmp_path / "Dataset901_P", num_cases=60, dim=2, size=32, seed=3, num_test=0,
+                                progress=False)
+    fg_fraction = []
+    for i in range(60):
+        conflict = _arr(out / "conflictTr" / f"case_{i:03d}.nii.gz") > 0
+        if conflict.any():
+            fg_fraction.append((_arr(out / "labelsTr" / f"case_{i:03d}.nii.gz")[conflict] > 0).mean())
+    assert len(fg_fraction) >= 40
+    assert 0.35 < np.mean(fg_fraction) < 0.65
+    # not constant: both outcomes happen
+    assert min(fg_fraction) < 0.2 and max(fg_fraction) > 0.8
+
+
+def test_annotators_vary_inside_conflict(tmp_path):
+    out = write_phantom_dataset(tmp_path / "Dataset902_P", num_cases=8, dim=2, size=32, seed=5, num_annotators=4,
+                                progress=False)
+    differs = 0
+    for i in range(8):
+        conflict = _arr(out / "conflictTr" / f"case_{i:03d}.nii.gz") > 0
+        if conflict.any():
+            votes = np.stack([_arr(out / "labelsTr_annotators" / f"case_{i:03d}_a{k}.nii.gz")[conflict] > 0
+                              for k in range(4)])
+            differs += int(votes.any(0).any() and not votes.all(0).all())
+    assert differs >= 1
+
+
+def test_deterministic_for_a_seed(tmp_path):
+    a = write_phantom_dataset(tmp_path / "a", num_cases=3, dim=2, size=32, seed=7, progress=False)
+    b = write_phantom_dataset(tmp_path / "b", num_cases=3, dim=2, size=32, seed=7, progress=False)
+    c = write_phantom_dataset(tmp_path / "c", num_cases=3, dim=2, size=32, seed=8, progress=False)
+    fa, fb, fc = (_arr(d / "imagesTr" / "case_001_0002.nii.gz") for d in (a, b, c))
+    np.testing.assert_array_equal(fa, fb)
+    assert not np.array_equal(fa, fc)
+    np.testing.assert_array_equal(_arr(a / "conflictTs" / "test_000.nii.gz"), _arr(b / "conflictTs" / "test_000.nii.gz"))
+
+
+def test_cli_refuses_existing_output_and_leaves_no_partial(tmp_path, capsys):
+    out = tmp_path / "Dataset903_P"
+    assert main(["phantoms", str(out), "-n", "2", "--size", "16"]) == 0
+    before = sorted(p.name for p in out.rglob("*"))
+    capsys.readouterr()
+    assert main(["phantoms", str(out), "-n", "3", "--size", "16"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(out) in err[0] and "already exists" in err[0]
+    assert sorted(p.name for p in out.rglob("*")) == before
+    assert main(["phantoms", str(tmp_path / "x"), "-n", "0"]) == 2
+    assert not (tmp_path / "x").exists() and not list(tmp_path.glob(".tmp-*"))
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+def test_nnunet_verify_dataset_integrity(tmp_path, dim):
+    from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
+
+    out = write_phantom_dataset(tmp_path / "Dataset904_P", num_cases=4, dim=dim, size=24 if dim == 3 else 32,
+                                progress=False)
+    verify_dataset_integrity(str(out), num_processes=1)  # raises on any problem
+
+
+def test_stock_plan_and_preprocess_verifies_phantoms(tmp_path):
+    """The stock nnU-Net command with --verify_dataset_integrity accepts our phantoms (2D)."""
+    env = {**__import__("os").environ, "nnUNet_raw": str(tmp_path / "raw"), "nnUNet_preprocessed": str(tmp_path / "pre"),
+           "nnUNet_results": str(tmp_path / "res"), "nnUNet_def_n_proc": "1", "nnUNet_n_proc_DA": "1"}
+    write_phantom_dataset(tmp_path / "raw" / "Dataset905_P", num_cases=4, dim=2, size=32, progress=False)
+    exe = __import__("pathlib").Path(sys.executable).with_name("nnUNetv2_plan_and_preprocess")
+    r = subprocess.run([str(exe), "-d", "905", "-c", "2d", "-np", "1", "--verify_dataset_integrity"], env=env,
+                       capture_output=True, encoding="utf-8", errors="replace", timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert (tmp_path / "pre" / "Dataset905_P" / "nnUNetPlans.json").exists()

@@ -1,0 +1,46 @@
+"""EnFuse's independence penalties against references and their limits."""
+import numpy as np
+import pytest
+import torch
+from conftest import arch_kwargs
+
+from entrust_nnunet.model.enfuse import cross_covariance_penalty, hsic_penalty
+from entrust_nnunet.model.network import EnTrustUNet
+
+
+def test_cross_covariance_reference_and_limits():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(2, 4, 64, 64, generator=g), torch.randn(2, 3, 64, 64, generator=g)
+    # reference: numpy correlation coefficients between every channel pair, squared, averaged
+    ref = np.mean([np.corrcoef(a[i, c].ravel(), b[i, d].ravel())[0, 1] ** 2
+                   for i in range(2) for c in range(4) for d in range(3)])
+    assert float(cross_covariance_penalty(a, b)) == pytest.approx(ref, rel=1e-3)
+    assert float(cross_covariance_penalty(a, b)) < 0.01  # independent
+    assert float(cross_covariance_penalty(a[:, :1], a[:, :1])) == pytest.approx(1.0, abs=1e-3)
+    assert float(cross_covariance_penalty(a, 3 * a + 0.1 * b[:, :1])) > 0.2  # correlated
+    assert float(cross_covariance_penalty(a, 1000 * a)) == pytest.approx(float(cross_covariance_penalty(a, a)), rel=1e-4)
+
+
+def test_enfuse_independence_penalty_is_the_mean_of_pairwise_penalties():
+    """The one-pass xcov penalty of EnFuse equals the mean of cross_covariance_penalty over its 1 + 2M pairs."""
+    g = torch.Generator().manual_seed(2)
+    m, w = 3, 4
+    f_c, f_cf = torch.randn(2, w, 16, 16, generator=g), torch.rand(2, 1, 16, 16, generator=g)
+    f_u = torch.randn(2, m, w, 16, 16, generator=g) + 0.5 * f_c[:, None]  # correlated with F_c on purpose
+    parts = {"F_c": f_c, "F_u": f_u, "F_cf": f_cf}
+    pairs = [(f_c, f_cf)] + [p for i in range(m) for p in ((f_c, f_u[:, i]), (f_u[:, i], f_cf))]
+    expected = np.mean([float(cross_covariance_penalty(a, b)) for a, b in pairs])
+    fuse = EnTrustUNet(m, num_classes=2, **arch_kwargs(2)).fuse[0]
+    assert float(fuse.independence_penalty(parts)) == pytest.approx(expected, rel=1e-5)
+    assert expected > 0.02  # the correlated pairs count (independent parts score ~1/256)
+
+
+def test_hsic_sees_nonlinear_dependence_that_xcov_misses():
+    g = torch.Generator().manual_seed(1)
+    a = torch.randn(1, 1, 32, 32, generator=g)
+    indep = torch.randn(1, 1, 32, 32, generator=g)
+    sq = a ** 2  # uncorrelated with a (symmetric a), but fully dependent
+    assert float(cross_covariance_penalty(a, sq)) < 0.02
+    h_dep = float(hsic_penalty(a, sq, num_voxels=256, generator=torch.Generator().manual_seed(0)))
+    h_ind = float(hsic_penalty(a, indep, num_voxels=256, generator=torch.Generator().manual_seed(0)))
+    assert h_dep > 0.2 and h_ind < 0.05 and h_dep > 5 * h_ind

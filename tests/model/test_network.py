@@ -1,0 +1,107 @@
+"""EnTrustUNet: shapes like PlainConvUNet, gradients, hypotheses, experts, a loss that falls."""
+import numpy as np
+import pytest
+import torch
+from conftest import arch_kwargs
+from dynamic_network_architectures.architectures.unet import PlainConvUNet
+from torch import nn
+
+from entrust_nnunet.model.sampling import SamplingSettings
+from entrust_nnunet.model.network import EnTrustUNet, expert_disagreement
+from entrust_nnunet.model.segdiff import SegDiffHead
+from entrust_nnunet.model.trustmap import hypothesis_statistics
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+@pytest.mark.parametrize("m", [1, 2, 4])
+def test_forward_shapes_match_plain_unet(dim, m):
+    torch.manual_seed(0)
+    size = (32, 32) if dim == 2 else (8, 16, 16)
+    x = torch.randn(2, m, *size)
+    net = EnTrustUNet(m, num_classes=3, deep_supervision=True, **arch_kwargs(dim))
+    plain = PlainConvUNet(m, num_classes=3, deep_supervision=True, **arch_kwargs(dim))
+    assert [o.shape for o in net(x)] == [o.shape for o in plain(x)]
+    net.decoder.deep_supervision = False
+    out = net.eval().sample(x, SamplingSettings(num_hypotheses=3, steps=2))
+    assert out["hypotheses"].shape == (3, 2, 3, *size) and out["mean"].shape == (2, 3, *size)
+    for key in ("entropy", "aleatoric", "epistemic", "probe", "conflict", "head_confidence", "error"):
+        assert out[key].shape == (2, *size) and torch.isfinite(out[key]).all()
+    assert (out["conflict"] >= 0).all() and (out["conflict"] <= 1).all()
+    assert (out["error"] >= 0).all() and (out["error"] <= 1).all()
+    torch.testing.assert_close(out["mean"].sum(1), torch.ones(2, *size))
+
+
+def test_gradients_reach_every_part():
+    torch.manual_seed(0)
+    net = EnTrustUNet(3, num_classes=3, deep_supervision=True, **arch_kwargs(2))
+    x, target = torch.randn(2, 3, 32, 32), torch.randint(0, 3, (2, 1, 32, 32))
+    parts = net(x, return_parts=True)
+    loss = sum(o.float().mean() for o in parts["logits"]) + sum(net.auxiliary_losses(parts, target).values())
+    loss.backward()
+    missing = [n for n, p in net.named_parameters()
+               if not n.startswith("calib.") and (p.grad is None or p.grad.abs().sum() == 0)]
+    assert missing == []
+
+
+def test_independence_option_hsic_trains():
+    net = EnTrustUNet(2, num_classes=2, deep_supervision=True, independence="hsic", **arch_kwargs(2))
+    parts = net(torch.randn(1, 2, 32, 32), return_parts=True)
+    aux = net.auxiliary_losses(parts, torch.randint(0, 2, (1, 1, 32, 32)))
+    assert torch.isfinite(aux["independence"]) and aux["independence"] > 0
+    with pytest.raises(ValueError, match="independence"):
+        EnTrustUNet(2, num_classes=2, independence="mutual-info", **arch_kwargs(2))
+
+
+def test_hypotheses_diverge_only_where_labels_are_ambiguous():
+    """Train SegDiff's head alone: left half labels always 1, right half a coin flip per sample."""
+    torch.manual_seed(0)
+    head = SegDiffHead(nn.Conv2d, num_classes=2, cond_channels=1, hidden=16)
+    cond = torch.zeros(1, 1, 8, 16)
+    cond[..., :8] = 1.0
+    cond[..., 8:] = -1.0
+    opt = torch.optim.Adam(head.parameters(), lr=5e-3)
+    for _ in range(400):
+        target = torch.ones(16, 1, 8, 16, dtype=torch.long)
+        target[..., 8:] = torch.randint(0, 2, (16, 1, 1, 1)).expand(16, 1, 8, 8)
+        opt.zero_grad()
+        loss = head.loss(head.condition(cond.expand(16, -1, -1, -1)), target)
+        loss.backward()
+        opt.step()
+    hyps = head.sample(head.condition(cond), num_hypotheses=32, steps=8, seed=0)  # (K, 1, 2, 8, 16)
+    stats = hypothesis_statistics(hyps)
+    certain, ambiguous = stats["epistemic"][0, :, :8], stats["epistemic"][0, :, 8:]
+    p1 = stats["mean"][0, 1]
+    assert float(p1[:, :8].mean()) > 0.9
+    assert 0.3 < float(p1[:, 8:].mean()) < 0.7
+    assert float(ambiguous.mean()) > 4 * float(certain.mean())
+
+
+def test_expert_disagreement_is_max_pairwise_tv():
+    p = torch.tensor([[1.0, 0.0], [0.5, 0.5], [0.9, 0.1]]).view(1, 3, 2, 1, 1)
+    assert float(expert_disagreement(p)) == pytest.approx(0.5)
+    assert float(expert_disagreement(p[:, :1])) == 0.0
+
+
+def test_loss_falls_on_phantoms(tmp_path):
+    """A short training of the whole network (Dice+CE surrogate + EnTrust terms) on 2D phantoms."""
+    from entrust_nnunet.data.phantoms import make_case
+
+    rng = np.random.default_rng(0)
+    cases = [make_case(rng, 32, 3, 2) for _ in range(8)]
+    x = torch.tensor(np.stack([np.stack(c.images) for c in cases]), dtype=torch.float32)
+    x = (x - x.mean((2, 3), keepdim=True)) / x.std((2, 3), keepdim=True)
+    y = torch.tensor(np.stack([c.label for c in cases]), dtype=torch.long)[:, None]
+    torch.manual_seed(0)
+    net = EnTrustUNet(3, num_classes=3, deep_supervision=False, **arch_kwargs(2))
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    losses = []
+    for it in range(40):
+        idx = torch.tensor([it % 8, (it + 3) % 8])
+        opt.zero_grad()
+        parts = net(x[idx], return_parts=True)
+        loss = nn.functional.cross_entropy(parts["logits"], y[idx][:, 0])
+        loss = loss + sum(net.auxiliary_losses(parts, y[idx]).values())
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    assert np.mean(losses[-8:]) < 0.75 * np.mean(losses[:8])

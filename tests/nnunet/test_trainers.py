@@ -1,0 +1,113 @@
+"""The stock nnU-Net commands find, train, resume and load our trainers (subprocesses, CPU)."""
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+from conftest import SESSION_DATASET_ID, nnunet_bin
+
+ID = str(SESSION_DATASET_ID)
+
+
+def _run(env, *args, timeout=600):
+    r = subprocess.run([nnunet_bin(args[0]), *args[1:]], env=env, capture_output=True, encoding="utf-8", errors="replace", timeout=timeout)
+    assert r.returncode == 0, f"{args}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    return r
+
+
+def _load(path):
+    # nnU-Net's checkpoints hold numpy scalars in their logging dict; we trust files our tests just wrote
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def test_entrust_env_prints_the_plugin_folder(planned_phantoms):
+    env, _ = planned_phantoms
+    r = subprocess.run([nnunet_bin("entrust"), "env"], env=env, capture_output=True, encoding="utf-8", errors="replace")
+    line = [ln for ln in r.stdout.splitlines() if ln.startswith("export nnUNet_extTrainer=")][0]
+    folders = line.split("=", 1)[1].strip("'").split(":")
+    assert any((Path(f) / "nnUNetTrainerEnTrust.py").exists() for f in folders)
+
+
+def test_planner_names_entrust_network(planned_phantoms):
+    env, name = planned_phantoms
+    plans = json.loads((Path(env["nnUNet_preprocessed"]) / name / "nnUNetEnTrustPlans.json").read_text())
+    cfg = plans["configurations"]["2d"]
+    assert cfg["architecture"]["network_class_name"] == "entrust_nnunet.model.network.EnTrustUNet"
+    assert cfg["data_identifier"] == "nnUNetPlans_2d"  # shares nnUNetPlans' preprocessed data
+
+
+def test_stock_train_discovers_placeholder_and_old_plans_still_train_and_predict(planned_phantoms, tmp_path):
+    """A test-only plug-in folder on nnUNet_extTrainer is searched; that trainer (exactly nnUNetTrainer) builds
+    the network a plans file of the old layout names by its old dotted path, trains it, and predicts with it."""
+    env, name = planned_phantoms
+    r = _run(env, "nnUNetv2_train", ID, "2d", "0", "-tr", "nnUNetTrainerEnTrustPlaceholder_tinyCPU",
+             "-p", "nnUNetEnTrustPlansV0", "-device", "cpu")
+    out = Path(env["nnUNet_results"]) / name / "nnUNetTrainerEnTrustPlaceholder_tinyCPU__nnUNetEnTrustPlansV0__2d"
+    assert (out / "fold_0" / "checkpoint_final.pth").exists() and "Searching in" in r.stdout
+    keys = _load(out / "fold_0" / "checkpoint_final.pth")["network_weights"].keys()
+    assert any(k.startswith("segdiff.") for k in keys)  # EnTrustUNet, reached through the old path
+    pred = tmp_path / "pred"
+    _run(env, "nnUNetv2_predict", "-i", str(Path(env["nnUNet_raw"]) / name / "imagesTs"), "-o", str(pred),
+         "-d", ID, "-c", "2d", "-tr", "nnUNetTrainerEnTrustPlaceholder_tinyCPU", "-p", "nnUNetEnTrustPlansV0",
+         "-f", "0", "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1")
+    assert sorted(p.name for p in pred.glob("*.nii.gz")) == ["test_000.nii.gz", "test_001.nii.gz"]
+
+
+def test_entrust_trains_on_default_plans(planned_phantoms):
+    """-p nnUNetPlans names PlainConvUNet; our trainer still builds and trains EnTrustUNet."""
+    env, name = planned_phantoms
+    _run(env, "nnUNetv2_train", ID, "2d", "1", "-tr", "nnUNetTrainerEnTrust_tinyCPU", "-device", "cpu")
+    fold = Path(env["nnUNet_results"]) / name / "nnUNetTrainerEnTrust_tinyCPU__nnUNetPlans__2d" / "fold_1"
+    ckpt = _load(fold / "checkpoint_final.pth")
+    keys = ckpt["network_weights"].keys()
+    assert any(k.startswith("encoders.encoder.stages.") for k in keys) and any(k.startswith("segdiff.") for k in keys)
+    assert float(ckpt["network_weights"]["calib.fitted"]) == 1.0
+    assert (fold / "progress.png").exists() and (fold / "progress_entrust.png").exists()
+    assert json.loads((fold / "validation" / "summary.json").read_text())["foreground_mean"]["Dice"] >= 0
+
+
+def test_interrupted_training_resumes_with_c_and_predict_loads(planned_phantoms, tmp_path):
+    env, name = planned_phantoms
+    fold = Path(env["nnUNet_results"]) / name / "nnUNetTrainerEnTrust_tinyCPU__nnUNetEnTrustPlans__2d" / "fold_0"
+    cmd = [nnunet_bin("nnUNetv2_train"), ID, "2d", "0", "-tr", "nnUNetTrainerEnTrust_tinyCPU",
+           "-p", "nnUNetEnTrustPlans", "-device", "cpu"]
+    # own session: killing the group also ends nnU-Net's data-augmentation workers, as Ctrl-C would
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while not (fold / "checkpoint_latest.pth").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.3)  # let torch.save finish the file
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (fold / "checkpoint_final.pth").exists(), "training finished before it could be interrupted"
+    interrupted = _load(fold / "checkpoint_latest.pth")
+    done_before = interrupted["current_epoch"]
+    assert 1 <= done_before < 4
+
+    _run(env, *[Path(c).name if i == 0 else c for i, c in enumerate(cmd)], "--c")
+    final = _load(fold / "checkpoint_final.pth")
+    log = final["logging"]
+    assert final["current_epoch"] == 4 and len(log["train_losses"]) == 4 and len(log["entrust_generative"]) == 4
+    # the resumed run continued the same curve: the epochs before the interruption are kept verbatim
+    np.testing.assert_allclose(log["train_losses"][:done_before], interrupted["logging"]["train_losses"][:done_before])
+    assert len(list(fold.glob("training_log_*.txt"))) >= 1
+
+    # the stock predictor loads our checkpoint and writes masks with the input geometry
+    raw = Path(env["nnUNet_raw"]) / name
+    out = tmp_path / "pred"
+    _run(env, "nnUNetv2_predict", "-i", str(raw / "imagesTs"), "-o", str(out), "-d", ID, "-c", "2d",
+         "-tr", "nnUNetTrainerEnTrust_tinyCPU", "-p", "nnUNetEnTrustPlans", "-f", "0", "-device", "cpu",
+         "--disable_tta", "-npp", "1", "-nps", "1")
+    for case in ("test_000", "test_001"):
+        ref = sitk.ReadImage(str(raw / "imagesTs" / f"{case}_0000.nii.gz"))
+        pred = sitk.ReadImage(str(out / f"{case}.nii.gz"))
+        assert pred.GetSize() == ref.GetSize()
+        np.testing.assert_allclose(pred.GetSpacing(), ref.GetSpacing(), rtol=1e-6)
+        np.testing.assert_allclose(pred.GetOrigin(), ref.GetOrigin(), atol=1e-5)
+        np.testing.assert_allclose(pred.GetDirection(), ref.GetDirection(), atol=1e-6)
+        assert set(np.unique(sitk.GetArrayFromImage(pred))) <= {0, 1, 2}

@@ -1,0 +1,49 @@
+"""Schedule variants: the mixin sets nnU-Net's attributes and refuses a key nnU-Net's trainer does not have."""
+import pytest
+import torch
+
+from entrust_nnunet.nnunet import variants
+from entrust_nnunet.nnunet.trainers import nnUNetTrainerEnTrust
+from entrust_nnunet.nnunet.variants import DEMO_SCHEDULE, TINY_SCHEDULE, ScheduleMixin
+
+
+def _trainer(cls, planned_phantoms):
+    import json
+    from pathlib import Path
+
+    env, name = planned_phantoms
+    pre = Path(env["nnUNet_preprocessed"]) / name
+    plans = json.loads((pre / "nnUNetPlans.json").read_text())
+    dataset_json = json.loads((pre / "dataset.json").read_text())
+    return cls(plans, "2d", 0, dataset_json, torch.device("cpu"))
+
+
+def test_schedule_overwrites_nnunet_defaults(planned_phantoms, monkeypatch):
+    env, _ = planned_phantoms
+    for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        monkeypatch.setenv(k, env[k])
+    t = _trainer(variants.nnUNetTrainerEnTrust_tinyCPU, planned_phantoms)
+    assert (t.num_epochs, t.num_iterations_per_epoch, t.save_every) == (4, 3, 1)
+
+
+def test_misspelled_schedule_key_fails_loudly(planned_phantoms, monkeypatch):
+    env, _ = planned_phantoms
+    for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        monkeypatch.setenv(k, env[k])
+
+    class Misspelled(ScheduleMixin, nnUNetTrainerEnTrust):
+        schedule = {"num_epoch": 3}
+
+    with pytest.raises(AttributeError, match="num_epoch"):
+        _trainer(Misspelled, planned_phantoms)
+
+
+def test_every_variant_names_its_schedule_and_keeps_the_mixin_first():
+    classes = [c for c in vars(variants).values() if isinstance(c, type) and issubclass(c, ScheduleMixin)
+               and c is not ScheduleMixin]
+    assert len(classes) >= 10
+    for cls in classes:
+        assert cls.__mro__[1] is ScheduleMixin, cls.__name__
+        assert cls.schedule, cls.__name__
+    assert variants.nnUNetTrainerEnTrust_demo.schedule is DEMO_SCHEDULE
+    assert variants.nnUNetTrainer_tinyCPU.schedule is TINY_SCHEDULE

@@ -1,0 +1,40 @@
+"""The demo's steps: quiet by default (output to a log per step), loud with verbose, a failing step shows its log."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from entrust_nnunet.pipeline import LOG_TAIL_LINES, step_output
+
+
+def test_step_output_goes_to_the_log_also_from_child_processes(tmp_path, capfd):
+    log = tmp_path / "logs" / "step.log"
+    with step_output(log):
+        print("from python")
+        os.write(1, b"from fd 1\n")
+        subprocess.run([sys.executable, "-c", "import sys; print('from a child'); print('child err', file=sys.stderr)"])
+    print("after the step")
+    out, err = capfd.readouterr()
+    text = log.read_text()
+    assert "from python" in text and "from fd 1" in text and "from a child" in text and "child err" in text
+    assert "from" not in out + err and "after the step" in out
+
+
+def test_verbose_keeps_output_on_the_terminal(tmp_path, capfd):
+    log = tmp_path / "step.log"
+    with step_output(log, verbose=True):
+        print("visible")
+    assert "visible" in capfd.readouterr().out and not log.exists()
+
+
+def test_failing_step_prints_the_tail_of_its_log(tmp_path, capfd):
+    log = tmp_path / "step.log"
+    with pytest.raises(RuntimeError, match="boom"):
+        with step_output(log):
+            for i in range(40):
+                print(f"line {i}")
+            raise RuntimeError("boom")
+    err = capfd.readouterr().err
+    assert str(log) in err and f"line {39}" in err and f"line {39 - LOG_TAIL_LINES}\n" not in err
+    assert "line 39" in log.read_text()
