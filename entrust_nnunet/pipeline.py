@@ -131,8 +131,9 @@ def train_fold(dataset_id: int, configuration: str, fold: str, trainer: str, pla
            "-p", plans, "-device", device]
     with open(log_file, "w", encoding="utf-8") as log, \
             tqdm(total=num_epochs, desc=f"train fold {fold}", unit="epoch", disable=verbose) as bar:
+        # unbuffered: nnU-Net's epoch lines drive the progress bar as they happen, not when a buffer fills
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, encoding="utf-8",
-                                errors="replace", env=os.environ)
+                                errors="replace", env={**os.environ, "PYTHONUNBUFFERED": "1"})
         for line in proc.stdout:
             log.write(line)
             if verbose:

@@ -35,9 +35,18 @@ def nnunet_bin(name: str) -> str:
 
 @pytest.fixture(scope="session")
 def planned_phantoms(tmp_path_factory):
-    """(env, dataset_name): 2D phantoms (8 cases, 32x32) with nnUNetPlans and nnUNetEnTrustPlans preprocessed."""
+    """(env, dataset_name): 2D phantoms (8 cases, 32x32) with nnUNetPlans and nnUNetEnTrustPlans preprocessed.
+
+    nnUNetPlans come from the stock ``nnUNetv2_plan_and_preprocess --verify_dataset_integrity`` (so nnU-Net's
+    own checks accept our phantoms; its output is kept in ``stock_plan_output``), nnUNetEnTrustPlans from
+    EnTrustPlanner through nnU-Net's planning API (they share nnUNetPlans' preprocessed data).
+    """
+    import subprocess
+
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import plan_experiment_dataset
+
     from entrust_nnunet.data.phantoms import write_phantom_dataset
-    from entrust_nnunet.pipeline import plan_and_preprocess
+    from entrust_nnunet.nnunet.planner import EnTrustPlanner
 
     root = tmp_path_factory.mktemp("nnunet")
     env = set_nnunet_roots(root, dict(os.environ))
@@ -47,10 +56,15 @@ def planned_phantoms(tmp_path_factory):
     name = f"Dataset{SESSION_DATASET_ID}_Phantoms"
     write_phantom_dataset(Path(env["nnUNet_raw"]) / name, num_cases=8, num_test=2, dim=2, size=32, seed=11,
                           progress=False)
+    r = subprocess.run([nnunet_bin("nnUNetv2_plan_and_preprocess"), "-d", str(SESSION_DATASET_ID), "-c", "2d",
+                        "-np", "1", "--verify_dataset_integrity"], env=env, capture_output=True, encoding="utf-8",
+                       errors="replace", timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    (root / "stock_plan_output.txt").write_text(r.stdout, encoding="utf-8")
     old = dict(os.environ)
     os.environ.update({k: env[k] for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")})
     try:
-        plan_and_preprocess([SESSION_DATASET_ID], configurations=["2d"], num_processes=1)
+        plan_experiment_dataset(SESSION_DATASET_ID, EnTrustPlanner)
     finally:
         os.environ.clear()
         os.environ.update(old)
@@ -72,13 +86,14 @@ def _write_old_plans(folder: Path) -> None:
 
 @pytest.fixture(scope="session")
 def trained_entrust(planned_phantoms):
-    """(env, dataset_name, model_folder): nnUNetTrainerEnTrust_tinyCPU trained on fold 2 with nnUNetEnTrustPlans."""
+    """(env, dataset_name, model_folder): nnUNetTrainerEnTrust_tinyCPU trained on fold 2 with nnU-Net's default
+    nnUNetPlans (which name PlainConvUNet: our trainer builds EnTrustUNet from the same arch kwargs)."""
     import subprocess
 
     env, name = planned_phantoms
     r = subprocess.run([nnunet_bin("nnUNetv2_train"), str(SESSION_DATASET_ID), "2d", "2", "-tr",
-                        "nnUNetTrainerEnTrust_tinyCPU", "-p", "nnUNetEnTrustPlans", "-device", "cpu"],
+                        "nnUNetTrainerEnTrust_tinyCPU", "-device", "cpu"],
                        env=env, capture_output=True, encoding="utf-8", errors="replace", timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    model = Path(env["nnUNet_results"]) / name / "nnUNetTrainerEnTrust_tinyCPU__nnUNetEnTrustPlans__2d"
+    model = Path(env["nnUNet_results"]) / name / "nnUNetTrainerEnTrust_tinyCPU__nnUNetPlans__2d"
     return env, name, model

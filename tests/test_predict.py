@@ -35,7 +35,7 @@ def prediction(trained_entrust, tmp_path_factory):
     out = tmp_path_factory.mktemp("pred") / "out"
     raw = Path(env["nnUNet_raw"]) / name
     r = _entrust(env, "predict", "-i", str(raw / "imagesTs"), "-o", str(out), "-d", str(SESSION_DATASET_ID),
-                 "-c", "2d", "-tr", "nnUNetTrainerEnTrust_tinyCPU", "-f", "2", "--save_probabilities",
+                 "-c", "2d", "-tr", "nnUNetTrainerEnTrust_tinyCPU", "-p", "nnUNetPlans", "-f", "2", "--save_probabilities",
                  "-npp", "1", "-nps", "1", "--num-samples", "4")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return env, raw, out

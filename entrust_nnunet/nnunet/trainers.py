@@ -31,7 +31,7 @@ from torch import nn
 from entrust_nnunet.model.network import LOSS_WEIGHTS, EnTrustUNet
 from entrust_nnunet.model.outputs import full_resolution
 from entrust_nnunet.nnunet.calibration import calibration_subset, calibration_voxels, fit_calib_head
-from entrust_nnunet.nnunet.distributed import unwrap
+from entrust_nnunet.nnunet.distributed import broadcast_state, freeze, thawed, unwrap
 
 ENTRUST_NETWORK = f"{EnTrustUNet.__module__}.{EnTrustUNet.__name__}"
 AUX_LOG_KEYS = tuple(f"entrust_{k}" for k in LOSS_WEIGHTS)
@@ -82,10 +82,12 @@ class nnUNetTrainerEnTrust(nnUNetTrainer):
     @staticmethod
     def build_network_architecture(plans_manager, configuration_manager, num_input_channels: int,
                                    num_output_channels: int, enable_deep_supervision: bool = True) -> nn.Module:
-        return get_network_from_plans(ENTRUST_NETWORK, configuration_manager.network_arch_init_kwargs,
-                                      configuration_manager.network_arch_init_kwargs_req_import,
-                                      num_input_channels, num_output_channels, allow_init=True,
-                                      deep_supervision=enable_deep_supervision)
+        net = get_network_from_plans(ENTRUST_NETWORK, configuration_manager.network_arch_init_kwargs,
+                                     configuration_manager.network_arch_init_kwargs_req_import,
+                                     num_input_channels, num_output_channels, allow_init=True,
+                                     deep_supervision=enable_deep_supervision)
+        freeze(net.calib)  # fitted after training (fit_calibration), never by the training loss
+        return net
 
     def initialize(self):
         if self.label_manager.has_regions or self.label_manager.has_ignore_label:
@@ -219,16 +221,20 @@ class nnUNetTrainerEnTrust(nnUNetTrainer):
         """Fit the network's CalibHead on the voxels of ``keys``; returns a one-line summary."""
         calib = unwrap(self.network).calib.cpu()
         try:
-            return fit_calib_head(calib, self._calibration_voxels, keys)
+            with thawed(calib):
+                return fit_calib_head(calib, self._calibration_voxels, keys)
         finally:
             calib.to(self.device)
 
     def fit_calibration(self) -> None:
-        """Fit CalibHead on the calibration cases (the validation fold; a held-out subset with fold 'all')."""
+        """Fit CalibHead on the calibration cases (the validation fold; a held-out subset with fold 'all').
+        Under DDP rank 0 fits and the other ranks receive its fit."""
         if not getattr(self, "calibration_keys", None):
             self.do_split()
         if not self.calibration_keys:
             self.print_to_log_file("CalibHead not fitted: no cases to fit it on; total falls back to "
                                    "1 - max probability")
             return
-        self.print_to_log_file(f"CalibHead fitted on {self._fit_calib_head(self.calibration_keys)}")
+        if self.local_rank == 0:
+            self.print_to_log_file(f"CalibHead fitted on {self._fit_calib_head(self.calibration_keys)}")
+        broadcast_state(unwrap(self.network).calib)

@@ -1,7 +1,6 @@
 """Phantoms: geometry, labels, conflict ground truth, real ambiguity, determinism, nnU-Net integrity."""
 import json
-import subprocess
-import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -115,13 +114,10 @@ def test_nnunet_verify_dataset_integrity(tmp_path, dim):
     verify_dataset_integrity(str(out), num_processes=1)  # raises on any problem
 
 
-def test_stock_plan_and_preprocess_verifies_phantoms(tmp_path):
-    """The stock nnU-Net command with --verify_dataset_integrity accepts our phantoms (2D)."""
-    env = {**__import__("os").environ, "nnUNet_raw": str(tmp_path / "raw"), "nnUNet_preprocessed": str(tmp_path / "pre"),
-           "nnUNet_results": str(tmp_path / "res"), "nnUNet_def_n_proc": "1", "nnUNet_n_proc_DA": "1"}
-    write_phantom_dataset(tmp_path / "raw" / "Dataset905_P", num_cases=4, dim=2, size=32, progress=False)
-    exe = __import__("pathlib").Path(sys.executable).with_name("nnUNetv2_plan_and_preprocess")
-    r = subprocess.run([str(exe), "-d", "905", "-c", "2d", "-np", "1", "--verify_dataset_integrity"], env=env,
-                       capture_output=True, encoding="utf-8", errors="replace", timeout=600)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    assert (tmp_path / "pre" / "Dataset905_P" / "nnUNetPlans.json").exists()
+def test_stock_plan_and_preprocess_verifies_phantoms(planned_phantoms):
+    """The stock nnU-Net command with --verify_dataset_integrity accepts our phantoms (2D): the session's
+    dataset is planned and preprocessed by it (tests/conftest.py)."""
+    env, name = planned_phantoms
+    pre = Path(env["nnUNet_preprocessed"]) / name
+    assert (pre / "nnUNetPlans.json").exists() and (pre / "nnUNetPlans_2d").is_dir()
+    assert "verify_dataset_integrity Done" in (pre.parent.parent / "stock_plan_output.txt").read_text()

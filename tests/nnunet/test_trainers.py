@@ -58,11 +58,11 @@ def test_stock_train_discovers_placeholder_and_old_plans_still_train_and_predict
     assert sorted(p.name for p in pred.glob("*.nii.gz")) == ["test_000.nii.gz", "test_001.nii.gz"]
 
 
-def test_entrust_trains_on_default_plans(planned_phantoms):
-    """-p nnUNetPlans names PlainConvUNet; our trainer still builds and trains EnTrustUNet."""
-    env, name = planned_phantoms
-    _run(env, "nnUNetv2_train", ID, "2d", "1", "-tr", "nnUNetTrainerEnTrust_tinyCPU", "-device", "cpu")
-    fold = Path(env["nnUNet_results"]) / name / "nnUNetTrainerEnTrust_tinyCPU__nnUNetPlans__2d" / "fold_1"
+def test_entrust_trains_on_default_plans(trained_entrust):
+    """-p nnUNetPlans (the default) names PlainConvUNet; our trainer still builds and trains EnTrustUNet
+    (the session's trained model is this training: stock nnUNetv2_train without -p)."""
+    env, name, model = trained_entrust
+    fold = model / "fold_2"
     ckpt = _load(fold / "checkpoint_final.pth")
     keys = ckpt["network_weights"].keys()
     assert any(k.startswith("encoders.encoder.stages.") for k in keys) and any(k.startswith("segdiff.") for k in keys)
