@@ -19,13 +19,16 @@ resolution holds 4x (2D) or 8x (3D) the voxels of stage 1, while conflict region
 wide and survive one 2x upsampling.
 
 Per-modality experts (CLoE-style): each modality's own stage-1 features predict the labels on
-their own through a 1x1 head. Their disagreement ``d``, the largest pairwise total-variation distance
-between the experts' class probabilities, is an input of D_cf at every EnFuse stage (area-pooled
-to that resolution) and, detached, its training target. So F_cf says "the modalities say different
-things here", something no single-stream network sees, without ever using true conflict masks
-(real data has none). Measured on held-out 2D phantoms after a short training: d is 0.65 inside
-true conflict, 0.33 on lesion boundaries and 0.06 elsewhere; a D_cf that had to rediscover d from
-the fused features alone gave 0.31 / 0.40 / 0.09, i.e. it could not tell conflict from edges.
+their own through a 1x1 head. Their conflict ``d`` is an input of D_cf at every EnFuse stage
+(area-pooled to that resolution) and, detached, its training target. So F_cf says "the modalities
+say different things here", something no single-stream network sees, without ever using true
+conflict masks (real data has none). ``d`` is the experts' generalised Jensen-Shannon divergence
+``H(mean_m p_m) - mean_m H(p_m)`` divided by ``log(min(M, C))`` (:func:`expert_conflict`,
+``conflict_measure="jsd"``): it discounts what each expert is unsure of on its own, so it is high
+where CONFIDENT experts contradict each other, not on every blurred edge, where all experts are
+unsure alike. The earlier measure, the largest pairwise total-variation distance
+(:func:`expert_disagreement`, ``conflict_measure="tv"``), rose on edges too, wherever one expert
+was sharper than another.
 """
 from __future__ import annotations
 
@@ -40,12 +43,12 @@ from torch.nn import functional as F
 from entrust_nnunet.encoders import ModalityEncoders
 from entrust_nnunet.enfuse import EnFuse
 from entrust_nnunet.segdiff import SegDiffHead
-from entrust_nnunet.trustmap import CalibHead, hypothesis_statistics, probe_step
+from entrust_nnunet.trustmap import CalibHead, expert_conflict, hypothesis_statistics, probe_step
 
 #: floor of probabilities before taking logs: log(1e-4) = -9.2 is finite in fp16
 MIN_PROBABILITY = 1e-4
 #: weights of the EnTrust loss terms added to nnU-Net's Dice+CE (see ``auxiliary_losses``)
-LOSS_WEIGHTS = {"generative": 1.0, "independence": 0.1, "experts": 0.5, "conflict": 0.5}
+LOSS_WEIGHTS = {"generative": 1.0, "start": 1.0, "independence": 0.1, "experts": 0.5, "conflict": 0.5}
 
 
 class FeatureUNetDecoder(UNetDecoder):
@@ -78,6 +81,10 @@ def expert_disagreement(expert_probs: torch.Tensor) -> torch.Tensor:
     return torch.stack(d, 0).amax(0)
 
 
+#: measures of the experts' conflict ``d`` (see the module docstring)
+CONFLICT_MEASURES = {"jsd": expert_conflict, "tv": expert_disagreement}
+
+
 class EnTrustUNet(nn.Module):
     def __init__(self, input_channels: int, n_stages: int, features_per_stage, conv_op, kernel_sizes, strides,
                  n_conv_per_stage, num_classes: int, n_conv_per_stage_decoder, conv_bias: bool = False,
@@ -86,7 +93,8 @@ class EnTrustUNet(nn.Module):
                  deep_supervision: bool = False, nonlin_first: bool = False, num_hypotheses: int = 8,
                  sampling_steps: int = 2, independence: str = "xcov", min_modality_width: int = 8,
                  segdiff_hidden: int = 16, segdiff_t_start: float = 0.5, probe_strength: float = 1.0,
-                 probe_hypotheses: int = 2, sampling_chunk: int = 4):
+                 probe_hypotheses: int = 2, sampling_chunk: int = 4, segdiff_rank: int = 10,
+                 segdiff_mc_samples: int = 20, conflict_measure: str = "jsd"):
         super().__init__()
         if isinstance(features_per_stage, int):
             features_per_stage = [features_per_stage] * n_stages
@@ -104,6 +112,9 @@ class EnTrustUNet(nn.Module):
                                          dropout_op_kwargs, nonlin, nonlin_kwargs, min_width=min_modality_width)
         if n_stages < 2:
             raise ValueError("EnTrustUNet needs at least two resolution stages")
+        if conflict_measure not in CONFLICT_MEASURES:
+            raise ValueError(f"conflict_measure must be one of {sorted(CONFLICT_MEASURES)}, got {conflict_measure!r}")
+        self.conflict_measure = CONFLICT_MEASURES[conflict_measure]
         widths = self.encoders.widths
         self.fuse_full = nn.Sequential(conv_op(input_channels * widths[0] + 1, features_per_stage[0], 1),
                                        norm_op(features_per_stage[0], **(norm_op_kwargs or {})),
@@ -122,7 +133,7 @@ class EnTrustUNet(nn.Module):
         m = input_channels
         self.experts = conv_op(m * widths[1], m * num_classes, 1, groups=m)
         self.segdiff = SegDiffHead(conv_op, num_classes, features_per_stage[0] + 1, segdiff_hidden,
-                                   t_start=segdiff_t_start)
+                                   t_start=segdiff_t_start, rank=segdiff_rank, mc_samples=segdiff_mc_samples)
         self.calib = CalibHead(conv_op)
         #: when True, forward() keeps its intermediate parts in ``last_parts`` for :class:`EnTrustLoss`
         self.cache_parts = False
@@ -151,7 +162,7 @@ class EnTrustUNet(nn.Module):
         inputs (as plain nnU-Net holds its skips)."""
         skips = self.encoders(x)
         experts = self.expert_probabilities(skips)
-        d = expert_disagreement(experts)
+        d = self.conflict_measure(experts)
         full, streams = skips[0], skips[1:]
         kept = {"skips": skips, "experts": experts, "disagreement": d, "fused": []} if keep_all else {}
         del skips
@@ -184,13 +195,14 @@ class EnTrustUNet(nn.Module):
     def auxiliary_losses(self, parts: dict, target: torch.Tensor) -> dict[str, torch.Tensor]:
         """EnTrust's terms beside nnU-Net's Dice+CE, for integer ``target`` (B, 1, *s) at full resolution.
 
-        generative: SegDiff flow-matching loss; independence: mean EnFuse penalty over stages;
+        start: SegDiff's start likelihood (SSN, M samples; it also trains the deterministic logits, its
+        mean); generative: SegDiff flow-matching loss; independence: mean EnFuse penalty over stages;
         experts: mean cross-entropy of the per-modality experts (stage-1 resolution); conflict: BCE
-        of F_cf (every EnFuse stage, target area-pooled) against the experts' detached disagreement.
+        of F_cf (every EnFuse stage, target area-pooled) against the experts' detached conflict ``d``.
         """
         cond_h = self.segdiff.condition(parts["cond"])
         logits = parts["logits"][0] if isinstance(parts["logits"], (list, tuple)) else parts["logits"]
-        generative = self.segdiff.loss(cond_h, target, init_probs=torch.softmax(logits.float(), 1))
+        segdiff = self.segdiff.losses(cond_h, target, logits)
         independence = torch.stack([f.independence_penalty(p) for f, p in zip(self.fuse, parts["fused"])]).mean()
         expert_probs = parts["experts"]
         # nnU-Net's deep-supervision targets are nearest-downsampled the same way
@@ -201,13 +213,13 @@ class EnTrustUNet(nn.Module):
         conflict = torch.stack([
             F.binary_cross_entropy_with_logits(p["F_cf_logit"].float(), _area_pool(disagreement, p["F_cf_logit"].shape[2:]))
             for p in parts["fused"]]).mean()
-        return {"generative": generative, "independence": independence, "experts": experts, "conflict": conflict}
+        return {**segdiff, "independence": independence, "experts": experts, "conflict": conflict}
 
     # ------------------------------------------------------------------ inference
     def _hypotheses(self, logits: torch.Tensor, cond: torch.Tensor, k: int, s: int, seed: int = 0) -> torch.Tensor:
-        """K SegDiff hypotheses (K, B, C, *s) given the deterministic logits (truncated start) and conditioning."""
-        return self.segdiff.sample(self.segdiff.condition(cond), k, s, seed=seed,
-                                   init_probs=torch.softmax(logits.float(), 1), chunk=self.sampling_chunk)
+        """K SegDiff hypotheses (K, B, C, *s) given the deterministic logits (the start's mean) and conditioning."""
+        return self.segdiff.sample(self.segdiff.condition(cond), k, s, seed=seed, logits=logits,
+                                   chunk=self.sampling_chunk)
 
     @torch.no_grad()
     def sample(self, x: torch.Tensor, num_hypotheses: int | None = None, steps: int | None = None, seed: int = 0,
@@ -215,12 +227,14 @@ class EnTrustUNet(nn.Module):
         """Encoders + EnFuse + decoder once, then K hypotheses x S steps through the SegDiff head.
 
         Returns ``hypotheses`` (K, B, C, *s), ``mean`` (B, C, *s) and the maps (B, *s): ``total``
-        (entropy of the mean, nats), ``aleatoric``, ``epistemic``, ``probe``, ``conflict``,
+        (entropy of the mean, nats), ``aleatoric`` (= total: within one model the hypotheses' spread is
+        aleatoric), ``epistemic`` (0 within one model; the predictor's fold pooling makes it the folds'
+        disagreement), ``spread`` (the hypotheses' share of the entropy), ``probe``, ``conflict``,
         ``head_confidence`` (max softmax of the deterministic head) and ``error`` (CalibHead's
-        probability that argmax(mean) is wrong).
+        probability that argmax(mean) is wrong). See :mod:`entrust_nnunet.trustmap`.
         """
         k = num_hypotheses or self.num_hypotheses
-        s = steps or self.sampling_steps
+        s = self.sampling_steps if steps is None else steps
         parts = self._trunk(x, keep_all=False)
         logits = parts["logits"][0] if isinstance(parts["logits"], (list, tuple)) else parts["logits"]
 
