@@ -113,14 +113,23 @@ class SegDiffHead(nn.Module):
         # P (C * r channels) and D (C channels); pointwise: the trunk before it already mixes space
         self.cov = nn.Sequential(nn.GELU(), conv_op(hidden, hidden, 1), nn.GELU(),
                                  conv_op(hidden, num_classes * (rank + 1), 1))
-        with torch.no_grad():  # start close to the deterministic head: small P, D = softplus(-5) = 0.007
-            self.cov[-1].weight.mul_(0.1)
-            self.cov[-1].bias.zero_()
-            self.cov[-1].bias[num_classes * rank:] = -5.0
+        self.reset_start()
         self.state_in = conv_op(num_classes, hidden, 3, padding=1)
         self.time_mlp = nn.Sequential(nn.Linear(16, hidden), nn.GELU(), nn.Linear(hidden, hidden))
         self.mid = conv_op(hidden, hidden, 1)
         self.out = conv_op(hidden, num_classes, 1)
+
+    @torch.no_grad()
+    def reset_start(self) -> None:
+        """Start close to the deterministic head: P small (weights x 0.1), D = softplus(-5) = 0.007.
+
+        Called again after nnU-Net's He initialisation (see ``EnTrustUNet.initialize``), which would
+        otherwise give D = softplus(0) = 0.69 and a P as large as any feature map.
+        """
+        last = self.cov[-1]
+        last.weight.mul_(0.1)
+        last.bias.zero_()
+        last.bias[self.num_classes * self.rank:] = -5.0
 
     @staticmethod
     def _time_features(t: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,9 @@ Per network and patch (:func:`hypothesis_statistics`, from hypotheses ``p_k`` (K
   between hypotheses (alternative masks) rather than softness within each (not a CalibHead input);
 * ``probe``     (ProbeStep): how far the hypotheses move when the conditioning is perturbed where
   the modalities conflict (see :func:`probe_step`);
-* ``conflict``  = F_cf at full resolution, in [0, 1];
+* ``conflict``  = the per-modality experts' Jensen-Shannon divergence normalised to [0, 1]
+  (:func:`expert_conflict`), upsampled to full resolution: high where confident experts contradict
+  each other, low where they are unsure alike (blurred edges);
 * ``head_confidence`` = max class probability of the deterministic head (nnU-Net's softmax output).
 
 CalibHead maps (max mean probability, total, aleatoric, epistemic, probe, conflict, head confidence) per voxel to

@@ -211,3 +211,13 @@ def test_aleatoric_epistemic_decomposition_by_hand():
     out = net.sample(torch.randn(1, 2, 32, 32), num_hypotheses=4, steps=0, seed=0)
     torch.testing.assert_close(out["aleatoric"], entropy(out["hypotheses"].mean(0), axis=1))
     assert float(out["spread"].max()) > 0.05 and float(out["epistemic"].abs().max()) == 0.0
+
+
+def test_nnunet_initialisation_keeps_the_start_near_the_deterministic_head():
+    """nnU-Net applies He initialisation to every conv (``network.apply(network.initialize)``); the start's
+    diagonal must stay small and P a tenth of a normal layer, so training starts from the deterministic head."""
+    net = EnTrustUNet(2, num_classes=3, **arch_kwargs(2))
+    net.apply(net.initialize)
+    _, diag = net.segdiff.covariance(net.segdiff.condition(torch.randn(1, 17, 8, 8)))
+    assert float(diag.max()) < 0.01
+    assert float(net.segdiff.cov[-1].weight.std()) < 0.2 * float(net.segdiff.cov[1].weight.std())
