@@ -94,7 +94,7 @@ class EnTrustUNet(nn.Module):
                  sampling_steps: int = 2, independence: str = "xcov", min_modality_width: int = 8,
                  segdiff_hidden: int = 16, segdiff_t_start: float = 0.5, probe_strength: float = 1.0,
                  probe_hypotheses: int = 2, sampling_chunk: int = 4, segdiff_rank: int = 10,
-                 segdiff_mc_samples: int = 20, conflict_measure: str = "jsd"):
+                 segdiff_mc_samples: int = 20, segdiff_cov_penalty: float = 0.01, conflict_measure: str = "jsd"):
         super().__init__()
         if isinstance(features_per_stage, int):
             features_per_stage = [features_per_stage] * n_stages
@@ -133,7 +133,8 @@ class EnTrustUNet(nn.Module):
         m = input_channels
         self.experts = conv_op(m * widths[1], m * num_classes, 1, groups=m)
         self.segdiff = SegDiffHead(conv_op, num_classes, features_per_stage[0] + 1, segdiff_hidden,
-                                   t_start=segdiff_t_start, rank=segdiff_rank, mc_samples=segdiff_mc_samples)
+                                   t_start=segdiff_t_start, rank=segdiff_rank, mc_samples=segdiff_mc_samples,
+                                   cov_penalty=segdiff_cov_penalty)
         self.calib = CalibHead(conv_op)
         #: when True, forward() keeps its intermediate parts in ``last_parts`` for :class:`EnTrustLoss`
         self.cache_parts = False

@@ -4,12 +4,14 @@ nnU-Net's predictor is reused for everything it already does (preprocessing, sli
 Gaussian weighting, mirroring, fold averaging, resampling, crop/transpose back). Two hooks change:
 
 * the network it runs is wrapped in :class:`TrustStatistics`, which returns per patch the
-  quantities that pool by averaging: the hypotheses' mean class probabilities (C channels), their
-  mean entropy (aleatoric), ProbeStep's map and the conflict map. nnU-Net's Gaussian-weighted
+  quantities that pool by averaging: the hypotheses' mean class probabilities (C channels), the
+  entropy of that mean (aleatoric: the spread of one model's hypotheses is aleatoric), ProbeStep's
+  map and the conflict map. nnU-Net's Gaussian-weighted
   sliding window, its mirroring and its average over folds therefore pool the hypotheses of all
   patches, mirrorings and folds exactly; :meth:`EnTrustPredictor.predict_logits_from_preprocessed_data`
   then derives from the pooled numbers ``total``/``epistemic`` (entropy of the pooled mean minus
-  the pooled aleatoric part: with several folds it includes disagreement between folds) and the
+  the pooled aleatoric part: the folds' disagreement, and with one fold only what overlapping
+  patches and mirrorings of that model disagree on) and the
   calibrated probability of error (the folds' CalibHeads averaged);
 * export: the mask (and, with ``--save_probabilities``, the pooled class probabilities as
   ``.npz``/``.pkl``) is written by nnU-Net's own ``export_prediction_from_logits``; the maps are
@@ -57,7 +59,7 @@ def uncertainty_statistics(net: nn.Module, x: torch.Tensor, num_samples: int, st
     their own, ``head_confidence`` is the max of ``mean``.
     """
     if isinstance(net, EnTrustUNet):
-        s = net.sample(x, num_samples, steps or net.sampling_steps, seed=seed, probe=probe)
+        s = net.sample(x, num_samples, net.sampling_steps if steps is None else steps, seed=seed, probe=probe)
         return {k: s[k] for k in ("mean", *POOLED_MAPS)}
     if hasattr(net, "sample_statistics"):
         s = net.sample_statistics(x, num_samples=num_samples, seed=seed)
