@@ -28,7 +28,11 @@ conflict masks (real data has none). ``d`` is the experts' generalised Jensen-Sh
 where CONFIDENT experts contradict each other, not on every blurred edge, where all experts are
 unsure alike. The earlier measure, the largest pairwise total-variation distance
 (:func:`expert_disagreement`, ``conflict_measure="tv"``), rose on edges too, wherever one expert
-was sharper than another.
+was sharper than another. Measured on the same experts (held-out 2D phantoms, development seeds,
+three models): JSD separates true conflict from lesion edges with AUROC 0.90-0.96 against
+0.88-0.94 for TV, and 0.78-0.84 against 0.75-0.80 under other contrasts and blob shapes; JSD is
+0.20-0.24 inside conflict and 0.05-0.06 on edges, TV 0.54-0.62 and 0.20-0.22. ``sample()`` reports ``d``
+itself (upsampled) as the conflict map.
 """
 from __future__ import annotations
 
@@ -91,10 +95,10 @@ class EnTrustUNet(nn.Module):
                  norm_op=None, norm_op_kwargs: dict | None = None, dropout_op=None,
                  dropout_op_kwargs: dict | None = None, nonlin=None, nonlin_kwargs: dict | None = None,
                  deep_supervision: bool = False, nonlin_first: bool = False, num_hypotheses: int = 8,
-                 sampling_steps: int = 2, independence: str = "xcov", min_modality_width: int = 8,
+                 sampling_steps: int = 1, independence: str = "xcov", min_modality_width: int = 8,
                  segdiff_hidden: int = 16, segdiff_t_start: float = 0.5, probe_strength: float = 1.0,
                  probe_hypotheses: int = 2, sampling_chunk: int = 4, segdiff_rank: int = 10,
-                 segdiff_mc_samples: int = 20, segdiff_cov_penalty: float = 0.01, conflict_measure: str = "jsd"):
+                 segdiff_mc_samples: int = 20, segdiff_cov_penalty: float = 0.002, conflict_measure: str = "jsd"):
         super().__init__()
         if isinstance(features_per_stage, int):
             features_per_stage = [features_per_stage] * n_stages
@@ -248,7 +252,8 @@ class EnTrustUNet(nn.Module):
         hyps = self._hypotheses(logits, parts["cond"], k, s, seed)
         stats = hypothesis_statistics(hyps)
         # the experts' conflict itself, not F_cf, its learned copy: on held-out phantoms it separates
-        # conflict from lesion edges better (AUROC 0.97 vs 0.84; 0.89 vs 0.42 under another contrast)
+        # conflict from lesion edges better (AUROC 0.90-0.96 vs 0.84-0.92; 0.78-0.84 vs 0.59-0.74
+        # under other contrasts)
         conflict = self._upsample(parts["expert_conflict"].float(), x.shape[2:]).clamp(0, 1)
         stats["conflict"], stats["fusion_conflict"] = conflict[:, 0], parts["conflict"].float()[:, 0].clamp(0, 1)
         # ProbeStep redraws only the first few hypotheses (same noise: hypotheses are nested across K)

@@ -40,6 +40,17 @@ loss ``|| v_theta(x_t, t | c) - (x1 - x_s)/(1 - t0) ||^2`` with ``t ~ U(t0, 1)``
 start draw (detached: the start is trained by its own likelihood). Hypothesis k's probabilities after
 the flow: ``softmax(sharpness * x1_hat_k)``. With S = 0 the hypotheses are the start's ``p_k``.
 
+Measured (ad hoc, not a test: 2D 64x64 phantoms with 3 modalities, 800 Adam steps on development
+phantom seed 100, K = 8, 40 held-out cases each of seeds 101 and 103, 43 + 45 conflict blobs): a
+hypothesis takes or leaves a conflict blob WHOLE (>= 80 % or <= 20 % of it lesion) in 82 / 83 % of
+(blob, hypothesis) pairs, 80 / 87 % of conflict cases get both readings of every blob among their 8
+hypotheses, and the spread ``H(mean) - mean_k H(p_k)`` is 0.39 / 0.42 nats inside conflict and
+0.001 on lesion edges. The previous start (per-voxel noise around ``2 p_det - 1``, same training,
+seed 101) gave 34 % whole, no case with both readings, and 0.22 vs 0.024 nats. Defaults from these runs:
+``cov_penalty`` 0.002 (0.01 gave 75-79 % whole); S = 1 flow step (S = 0, 1, 2 tie on these seeds,
+82-83 % whole, but under other contrasts and blob shapes S = 1 gave both readings in 50 % of
+conflict cases against 43 % for S = 0; S > 1 changed nothing).
+
 Cost: the conditioning ``c`` is projected ONCE per patch (:meth:`SegDiffHead.condition`), and so are
 ``P`` and ``D``. A start hypothesis costs one (C x r) x r product per voxel; each of the K x S flow
 steps runs only the light head (one 3x3 conv on the C-channel state, two 1x1 convs of ``hidden``
@@ -96,7 +107,7 @@ class SegDiffHead(nn.Module):
     """The start distribution (covariance head) and the light flow head ``v_theta(x_t, t | c)`` of SegDiff."""
 
     def __init__(self, conv_op, num_classes: int, cond_channels: int, hidden: int = 16, sharpness: float = 2.0,
-                 t_start: float = 0.0, rank: int = 10, mc_samples: int = 20, cov_penalty: float = 0.01):
+                 t_start: float = 0.0, rank: int = 10, mc_samples: int = 20, cov_penalty: float = 0.002):
         super().__init__()
         if not 0.0 <= t_start < 1.0:
             raise ValueError(f"t_start must be in [0, 1), got {t_start}")
