@@ -18,10 +18,14 @@ streams are fused by a 1x1 convolution that also sees F_cf upsampled from stage 
 are several voxels wide and survive one 2x upsampling).
 
 Per-modality experts (CLoE-style): each modality's own stage-1 features predict the labels on
-their own through a 1x1 head. Their disagreement, the largest pairwise total-variation distance
-between the experts' class probabilities, is an input of D_cf at every EnFuse stage and, detached,
-its training target: F_cf says "the modalities say different things here" without ever using true
-conflict masks (real data has none). Why experts and not the fused features alone: docs/design.md.
+their own through a 1x1 head. Their conflict ``d`` is an input of D_cf at every EnFuse stage
+(area-pooled to that resolution) and, detached, its training target: F_cf says "the modalities say
+different things here" without ever using true conflict masks (real data has none). ``d`` is the
+experts' generalised Jensen-Shannon divergence ``H(mean_m p_m) - mean_m H(p_m)`` divided by
+``log(min(M, C))`` (:func:`~entrust_nnunet.model.trustmap.expert_conflict`, ``conflict_measure="jsd"``):
+it discounts what each expert is unsure of on its own, so it is high where CONFIDENT experts contradict
+each other, not on every blurred edge (why not the total-variation distance: docs/design.md).
+``sample()`` reports ``d`` itself (upsampled) as the conflict map.
 """
 from __future__ import annotations
 
@@ -36,9 +40,9 @@ from entrust_nnunet.model.enfuse import EnFuse
 from entrust_nnunet.model.outputs import MIN_PROBABILITY, full_resolution, log_probabilities  # noqa: F401
 from entrust_nnunet.model.sampling import DEFAULT_SAMPLING, SamplingSettings
 from entrust_nnunet.model.segdiff import SegDiffHead
-from entrust_nnunet.model.trustmap import CalibHead, hypothesis_statistics, probe_step
+from entrust_nnunet.model.trustmap import CalibHead, expert_conflict, hypothesis_statistics, probe_step
 #: weights of the EnTrust loss terms added to nnU-Net's Dice+CE (see ``auxiliary_losses``)
-LOSS_WEIGHTS = {"generative": 1.0, "independence": 0.1, "experts": 0.5, "conflict": 0.5}
+LOSS_WEIGHTS = {"generative": 1.0, "start": 1.0, "independence": 0.1, "experts": 0.5, "conflict": 0.5}
 
 
 class FeatureUNetDecoder(UNetDecoder):
@@ -71,6 +75,10 @@ def expert_disagreement(expert_probs: torch.Tensor) -> torch.Tensor:
     return torch.stack(d, 0).amax(0)
 
 
+#: measures of the experts' conflict ``d`` (see the module docstring)
+CONFLICT_MEASURES = {"jsd": expert_conflict, "tv": expert_disagreement}
+
+
 class EnTrustUNet(nn.Module):
     def __init__(self, input_channels: int, n_stages: int, features_per_stage, conv_op, kernel_sizes, strides,
                  n_conv_per_stage, num_classes: int, n_conv_per_stage_decoder, conv_bias: bool = False,
@@ -80,7 +88,8 @@ class EnTrustUNet(nn.Module):
                  num_hypotheses: int = DEFAULT_SAMPLING.num_hypotheses, sampling_steps: int = DEFAULT_SAMPLING.steps,
                  independence: str = "xcov", min_modality_width: int = 8,
                  segdiff_hidden: int = 16, segdiff_t_start: float = 0.5, probe_strength: float = 1.0,
-                 probe_hypotheses: int = 2, sampling_chunk: int = 4):
+                 probe_hypotheses: int = 2, sampling_chunk: int = 4, segdiff_rank: int = 10,
+                 segdiff_mc_samples: int = 20, segdiff_cov_penalty: float = 0.002, conflict_measure: str = "jsd"):
         super().__init__()
         if isinstance(features_per_stage, int):
             features_per_stage = [features_per_stage] * n_stages
@@ -98,6 +107,9 @@ class EnTrustUNet(nn.Module):
                                          dropout_op_kwargs, nonlin, nonlin_kwargs, min_width=min_modality_width)
         if n_stages < 2:
             raise ValueError("EnTrustUNet needs at least two resolution stages")
+        if conflict_measure not in CONFLICT_MEASURES:
+            raise ValueError(f"conflict_measure must be one of {sorted(CONFLICT_MEASURES)}, got {conflict_measure!r}")
+        self.conflict_measure = CONFLICT_MEASURES[conflict_measure]
         widths = self.encoders.widths
         self.fuse_full = nn.Sequential(conv_op(input_channels * widths[0] + 1, features_per_stage[0], 1),
                                        norm_op(features_per_stage[0], **(norm_op_kwargs or {})),
@@ -110,13 +122,19 @@ class EnTrustUNet(nn.Module):
         m = input_channels
         self.experts = conv_op(m * widths[1], m * num_classes, 1, groups=m)
         self.segdiff = SegDiffHead(conv_op, num_classes, features_per_stage[0] + 1, segdiff_hidden,
-                                   t_start=segdiff_t_start)
+                                   t_start=segdiff_t_start, rank=segdiff_rank, mc_samples=segdiff_mc_samples,
+                                   cov_penalty=segdiff_cov_penalty)
         self.calib = CalibHead(conv_op)
         #: when True, forward() keeps its intermediate parts in ``last_parts`` for :class:`EnTrustLoss`
         self.cache_parts = False
         self.last_parts: dict | None = None
 
-    initialize = InitWeights_He(1e-2)
+    def initialize(self, module: nn.Module) -> None:
+        """nnU-Net's He initialisation (``network.apply(network.initialize)``), then SegDiff's start head is put
+        back to its near-deterministic start (``apply`` visits a module after its children)."""
+        InitWeights_He(1e-2)(module)
+        if isinstance(module, SegDiffHead):
+            module.reset_start()
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, return_parts: bool = False):
@@ -139,7 +157,7 @@ class EnTrustUNet(nn.Module):
         inputs (as plain nnU-Net holds its skips)."""
         skips = self.encoders(x)
         experts = self.expert_probabilities(skips)
-        d = expert_disagreement(experts)
+        d = self.conflict_measure(experts)
         full, streams = skips[0], skips[1:]
         kept = {"skips": skips, "experts": experts, "disagreement": d, "fused": []} if keep_all else {}
         del skips
@@ -157,7 +175,8 @@ class EnTrustUNet(nn.Module):
         del full
         logits, features = self.decoder(f_en)
         del f_en
-        return {**kept, "logits": logits, "conflict": conflict, "cond": torch.cat([features, conflict], 1)}
+        return {**kept, "logits": logits, "conflict": conflict, "expert_conflict": d,
+                "cond": torch.cat([features, conflict], 1)}
 
     @staticmethod
     def _upsample(x: torch.Tensor, size) -> torch.Tensor:
@@ -172,13 +191,14 @@ class EnTrustUNet(nn.Module):
     def auxiliary_losses(self, parts: dict, target: torch.Tensor) -> dict[str, torch.Tensor]:
         """EnTrust's terms beside nnU-Net's Dice+CE, for integer ``target`` (B, 1, *s) at full resolution.
 
-        generative: SegDiff flow-matching loss; independence: mean EnFuse penalty over stages;
+        start: SegDiff's start likelihood (SSN, M samples; it also trains the deterministic logits, its
+        mean); generative: SegDiff flow-matching loss; independence: mean EnFuse penalty over stages;
         experts: mean cross-entropy of the per-modality experts (stage-1 resolution); conflict: BCE
-        of F_cf (every EnFuse stage, target area-pooled) against the experts' detached disagreement.
+        of F_cf (every EnFuse stage, target area-pooled) against the experts' detached conflict ``d``.
         """
         cond_h = self.segdiff.condition(parts["cond"])
         logits = full_resolution(parts["logits"])
-        generative = self.segdiff.loss(cond_h, target, init_probs=torch.softmax(logits.float(), 1))
+        segdiff = self.segdiff.losses(cond_h, target, logits)
         independence = torch.stack([f.independence_penalty(p) for f, p in zip(self.fuse, parts["fused"])]).mean()
         expert_probs = parts["experts"]
         # nnU-Net's deep-supervision targets are nearest-downsampled the same way
@@ -189,23 +209,26 @@ class EnTrustUNet(nn.Module):
         conflict = torch.stack([
             F.binary_cross_entropy_with_logits(p["F_cf_logit"].float(), _area_pool(disagreement, p["F_cf_logit"].shape[2:]))
             for p in parts["fused"]]).mean()
-        return {"generative": generative, "independence": independence, "experts": experts, "conflict": conflict}
+        return {**segdiff, "independence": independence, "experts": experts, "conflict": conflict}
 
     # ------------------------------------------------------------------ inference
     def _hypotheses(self, logits: torch.Tensor, cond: torch.Tensor, k: int, s: int, seed: int = 0) -> torch.Tensor:
-        """K SegDiff hypotheses (K, B, C, *s) given the deterministic logits (truncated start) and conditioning."""
-        return self.segdiff.sample(self.segdiff.condition(cond), k, s, seed=seed,
-                                   init_probs=torch.softmax(logits.float(), 1), chunk=self.sampling_chunk)
+        """K SegDiff hypotheses (K, B, C, *s) given the deterministic logits (the start's mean) and conditioning."""
+        return self.segdiff.sample(self.segdiff.condition(cond), k, s, seed=seed, logits=logits,
+                                   chunk=self.sampling_chunk)
 
     @torch.no_grad()
     def sample(self, x: torch.Tensor, settings: SamplingSettings | None = None) -> dict[str, torch.Tensor]:
         """Encoders + EnFuse + decoder once, then K hypotheses x S steps through the SegDiff head.
 
-        ``settings`` default to the network's own (:attr:`sampling`). Returns ``hypotheses``
-        (K, B, C, *s), ``mean`` (B, C, *s) and the maps (B, *s): ``entropy`` (of the mean, nats),
-        ``aleatoric``, ``epistemic``, ``probe``, ``conflict``, ``confidence`` (max of the mean),
-        ``head_confidence`` (max softmax of the deterministic head) and ``error`` (CalibHead's
-        probability that argmax(mean) is wrong).
+        ``settings`` default to the network's own (:attr:`sampling`). Returns ``hypotheses`` (K, B, C, *s),
+        ``mean`` (B, C, *s) and the maps (B, *s): ``entropy`` (of the mean, nats), ``aleatoric`` (= entropy:
+        within one model the hypotheses' spread is aleatoric), ``epistemic`` (0 within one model; the
+        predictor's fold pooling makes it the folds' disagreement), ``spread`` (the hypotheses' share of the
+        entropy), ``probe``, ``conflict`` (the experts' normalised Jensen-Shannon divergence, upsampled),
+        ``fusion_conflict`` (EnFuse's F_cf), ``confidence`` (max of the mean), ``head_confidence`` (max
+        softmax of the deterministic head) and ``error`` (CalibHead's probability that argmax(mean) is
+        wrong). See :mod:`entrust_nnunet.model.trustmap`.
         """
         settings = settings or self.sampling
         k, s, seed = settings.num_hypotheses, settings.steps, settings.seed
@@ -214,8 +237,10 @@ class EnTrustUNet(nn.Module):
 
         hyps = self._hypotheses(logits, parts["cond"], k, s, seed)
         stats = hypothesis_statistics(hyps)
-        conflict = parts["conflict"].float().clamp(0, 1)
-        stats["conflict"] = conflict[:, 0]
+        # the experts' conflict itself, not F_cf, its learned copy: it separates conflict from edges better
+        # (docs/design.md)
+        conflict = self._upsample(parts["expert_conflict"].float(), x.shape[2:]).clamp(0, 1)
+        stats["conflict"], stats["fusion_conflict"] = conflict[:, 0], parts["conflict"].float()[:, 0].clamp(0, 1)
         # ProbeStep redraws only the first few hypotheses (same noise: hypotheses are nested across K)
         p = min(k, self.probe_hypotheses)
         stats["probe"] = (probe_step(lambda cond: self._hypotheses(logits, cond, p, s, seed), parts["cond"],

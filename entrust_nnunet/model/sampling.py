@@ -8,20 +8,21 @@ from dataclasses import dataclass, replace
 class SamplingSettings:
     """How hypotheses are drawn at inference.
 
-    ``num_hypotheses``: K hypotheses per patch (and per fold); ``steps``: S flow-matching steps;
+    ``num_hypotheses``: K hypotheses per patch (and per fold); ``steps``: S flow-matching steps after
+    the start distribution (0: the start's draws themselves);
     ``seed``: the sampling seed (same seed, same hypotheses and maps); ``probe``: run ProbeStep.
     """
 
     num_hypotheses: int = 8
-    steps: int = 2
+    steps: int = 1
     seed: int = 0
     probe: bool = True
 
     def __post_init__(self):
         if self.num_hypotheses < 1:
             raise ValueError(f"num_hypotheses must be >= 1, got {self.num_hypotheses}")
-        if self.steps < 1:
-            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.steps < 0:
+            raise ValueError(f"steps must be >= 0, got {self.steps}")
 
     def with_(self, **changes) -> "SamplingSettings":
         """A copy with some fields changed (``None`` values are ignored)."""

@@ -1,32 +1,56 @@
-"""SegDiff: a flow-matching segmentation decoder in the logit space of the mask, conditioned on F_en.
+"""SegDiff: a start distribution in logit space (SSN) refined by S flow-matching steps, conditioned on F_en.
 
-Choice: conditional flow matching (rectified flow) rather than DDPM diffusion, because a straight
-probability path needs few Euler steps (S <= 10) and its loss is a plain regression.
+**Start distribution** (Stochastic Segmentation Networks, Monteiro et al. 2020; the Gaussian-truncated
+start of ATFM). Per image, the logits are Gaussian with a low-rank plus diagonal covariance::
 
-* Data point: ``x1 = 2 * onehot(y) - 1`` (C channels, +1 for the true class, -1 elsewhere).
-* Start (truncated flow matching, as in ATFM): at ``t0 = t_start`` the state is
-  ``x_s = (1 - t0) z + t0 (2 p_det - 1)`` with ``z ~ N(0, I)`` and ``p_det`` the deterministic head's
-  (detached) probabilities; with ``t0 = 0`` it is pure noise.
-* Path: straight from ``x_s`` at ``t0`` to ``x1`` at 1: ``x_t = (1 - r) x_s + r x1``,
-  ``r = (t - t0) / (1 - t0)``; target velocity ``(x1 - x_s) / (1 - t0)``.
-* Loss: ``|| v_theta(x_t, t | c) - (x1 - x_s) / (1 - t0) ||^2`` with ``t ~ U(t0, 1)``.
-* Sampling: Euler steps from ``x_s`` at ``t0`` to 1 for K hypotheses; training and sampling
-  use the same start distribution. Anchoring at the deterministic prediction keeps the mask as
-  good as the deterministic head and lets few steps suffice; where ``p_det`` is undecided the start
-  is mostly noise and the hypotheses spread.
-* Hypothesis k's class probabilities: ``softmax(sharpness * x1_hat_k)``.
+    l = mu + P eps + sqrt(D) * eta,   eps ~ N(0, I_r) (one per hypothesis), eta ~ N(0, I) (per voxel)
 
-Cost: the conditioning ``c`` (decoder features at full resolution and F_cf) is projected ONCE per
-patch (:meth:`SegDiffHead.condition`) and shared by the K hypotheses (broadcast, not copied); the
-time embedding is computed once per step. Each of the K x S steps runs only the light head (one
-3x3 conv on the C-channel state, two 1x1 convs of ``hidden`` channels), on ``chunk`` hypotheses at a
-time so that memory does not grow with K.
-Where the conditioning is the same but the training labels were split (ambiguous voxels), the
-learned velocity field is bimodal and the K hypotheses diverge; elsewhere they agree.
+``mu`` (B, C, *s) = the deterministic head's logits; ``P`` (B, C, r, *s) and ``D`` (B, C, *s) > 0 come
+from a light pointwise head on the projected conditioning (:meth:`SegDiffHead.covariance`). Because
+``eps`` is shared by every voxel, one draw moves a whole region at once: a hypothesis takes or
+leaves an ambiguous structure whole.
+
+* Training (:meth:`SegDiffHead.start_loss`): the Monte-Carlo log-likelihood of the label under M
+  samples, per image b with N voxels, divided by N so that it reads like a per-voxel cross-entropy,
+  plus a small quadratic cost on the covariance (weight ``lambda`` = ``cov_penalty``)::
+
+      L_b = -(1/N) [ logsumexp_m sum_v log softmax(l_m)_v[y_v] - log M ]
+            + lambda (1/N) sum_v sum_c (sum_r P_vcr^2 + D_vc)
+
+  Where the labels split (coin-flip structures), the best of M samples is one that flips the whole
+  structure: that gains about log 2 per voxel, far above the cost, so ``P`` grows there. Why the
+  cost: the likelihood of a product over N voxels rewards ANY coherent spread wherever ``mu`` is
+  slightly under-confident (0.96^64 is far below the 0.75 that a 3-in-4 coherent flip gives), and once
+  ``mu`` is confident the losing samples carry no gradient, so such spread would never shrink. With
+  the cost, the covariance collapses wherever it buys less likelihood than it costs (measured: see
+  tests/model/test_ambiguity.py, consistent labels give no spread).
+* Inference: ``eps_k`` is drawn from a CPU generator seeded with ``(seed, k)`` only, the same for every
+  batch element and every sliding-window patch, so hypothesis k is ONE coherent mask over the case and
+  hypotheses are nested across K. The diagonal part is not drawn: per-voxel noise would make every
+  mask salt-and-pepper, and overlapping patches would draw it differently. It is marginalised in
+  closed form instead (mean-field probit approximation of E[softmax], Lu et al. 2020)::
+
+      p_k = softmax( (mu + P eps_k) / sqrt(1 + pi D / 8) )
+
+  so D makes hypothesis k soft where voxel-wise doubt is (e.g. edges) without speckling it.
+
+**Flow** (S >= 1 steps, truncated rectified flow). From ``x_s = 2 p_k - 1`` at ``t0 = t_start``, a
+straight path to ``x1 = 2 onehot(y) - 1`` at 1: ``x_t = (1 - r) x_s + r x1``, ``r = (t - t0)/(1 - t0)``;
+loss ``|| v_theta(x_t, t | c) - (x1 - x_s)/(1 - t0) ||^2`` with ``t ~ U(t0, 1)`` and ``x_s`` from one
+start draw (detached: the start is trained by its own likelihood). Hypothesis k's probabilities after
+the flow: ``softmax(sharpness * x1_hat_k)``. With S = 0 the hypotheses are the start's ``p_k``.
+
+Defaults (``cov_penalty`` 0.002, S = 1) and what they were chosen on: docs/design.md.
+
+Cost: the conditioning ``c`` is projected ONCE per patch (:meth:`SegDiffHead.condition`), and so are
+``P`` and ``D``. A start hypothesis costs one (C x r) x r product per voxel; each of the K x S flow
+steps runs only the light head (one 3x3 conv on the C-channel state, two 1x1 convs of ``hidden``
+channels), on ``chunk`` hypotheses at a time so that memory does not grow with K.
 """
 from __future__ import annotations
 
 import math
+import zlib
 
 import torch
 from torch import nn
@@ -42,23 +66,72 @@ def one_hot_state(target: torch.Tensor, num_classes: int) -> torch.Tensor:
     return onehot.float() * 2 - 1
 
 
+def latent_draws(num_hypotheses: int, rank: int, seed: int) -> torch.Tensor:
+    """(K, r) global latents; row k comes from a CPU generator seeded with ``(seed, k)`` alone.
+
+    So hypothesis k does not depend on K, on the device, on the batch or on the patch.
+    """
+    if num_hypotheses < 1:
+        raise ValueError(f"need num_hypotheses >= 1, got {num_hypotheses}")
+    rows = [torch.randn(rank, generator=torch.Generator().manual_seed(zlib.crc32(f"{int(seed)}:{k}".encode())))
+            for k in range(num_hypotheses)]
+    return torch.stack(rows)
+
+
+def low_rank_shift(factor: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """``P eps``: factor (B, C, r, *s) and latents (K, r) -> (K, B, C, *s); or (K, B, r) per image."""
+    if eps.dim() == 2:
+        return torch.einsum("bcr...,kr->kbc...", factor, eps.to(factor.dtype))
+    return torch.einsum("bcr...,kbr->kbc...", factor, eps.to(factor.dtype))
+
+
+def marginal_probabilities(logits: torch.Tensor, diag: torch.Tensor) -> torch.Tensor:
+    """``E_eta softmax(l + sqrt(D) eta) ~= softmax(l / sqrt(1 + pi D / 8))`` (mean-field probit approximation).
+
+    ``logits`` (K, B, C, *s) or (B, C, *s), ``diag`` (B, C, *s); the class axis is ``diag``'s axis 1.
+    """
+    axis = logits.dim() - diag.dim() + 1
+    return torch.softmax(logits / torch.sqrt(1 + math.pi / 8 * diag), axis)
+
+
 class SegDiffHead(nn.Module):
-    """The light denoising head ``v_theta(x_t, t | c)`` of SegDiff."""
+    """The start distribution (covariance head) and the light flow head ``v_theta(x_t, t | c)`` of SegDiff."""
 
     def __init__(self, conv_op, num_classes: int, cond_channels: int, hidden: int = 16, sharpness: float = 2.0,
-                 t_start: float = 0.0):
+                 t_start: float = 0.0, rank: int = 10, mc_samples: int = 20, cov_penalty: float = 0.002):
         super().__init__()
         if not 0.0 <= t_start < 1.0:
             raise ValueError(f"t_start must be in [0, 1), got {t_start}")
+        if rank < 1 or mc_samples < 1:
+            raise ValueError(f"need rank >= 1 and mc_samples >= 1, got {rank}, {mc_samples}")
         self.num_classes = num_classes
         self.hidden = hidden
         self.sharpness = sharpness
         self.t_start = t_start
+        self.rank = rank
+        self.mc_samples = mc_samples
+        self.cov_penalty = cov_penalty
         self.cond_proj = conv_op(cond_channels, hidden, 1)
+        # P (C * r channels) and D (C channels); pointwise: the trunk before it already mixes space
+        self.cov = nn.Sequential(nn.GELU(), conv_op(hidden, hidden, 1), nn.GELU(),
+                                 conv_op(hidden, num_classes * (rank + 1), 1))
+        self.reset_start()
         self.state_in = conv_op(num_classes, hidden, 3, padding=1)
         self.time_mlp = nn.Sequential(nn.Linear(16, hidden), nn.GELU(), nn.Linear(hidden, hidden))
         self.mid = conv_op(hidden, hidden, 1)
         self.out = conv_op(hidden, num_classes, 1)
+
+    @torch.no_grad()
+    def reset_start(self) -> None:
+        """Start close to the deterministic head: P small (weights x 0.1), D = softplus(-5) = 0.007.
+
+        Called again after nnU-Net's He initialisation (see ``EnTrustUNet.initialize``), which would
+        otherwise give D = softplus(0) = 0.69 and a P as large as any feature map.
+        """
+        last = self.cov[-1]
+        last.weight.mul_(0.1)
+        last.bias.zero_()
+        last.bias[self.num_classes * self.rank:] = -5.0
 
     @staticmethod
     def _time_features(t: torch.Tensor) -> torch.Tensor:
@@ -69,6 +142,42 @@ class SegDiffHead(nn.Module):
     def condition(self, cond: torch.Tensor) -> torch.Tensor:
         """Project the conditioning once per patch: (B, cond_channels, *s) -> (B, hidden, *s)."""
         return self.cond_proj(cond)
+
+    def covariance(self, cond_h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Low-rank factor P (B, C, r, *s) and diagonal D (B, C, *s) > 0 of the start's logit covariance."""
+        out = self.cov(cond_h).float()
+        c, r = self.num_classes, self.rank
+        factor = out[:, :c * r].unflatten(1, (c, r))
+        return factor, F.softplus(out[:, c * r:]) + 1e-6
+
+    def _mean(self, logits: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+        """The start's mean: the deterministic logits, or 0 (uniform) for a head used without them."""
+        return like.new_zeros(like.shape[0], self.num_classes, *like.shape[2:]) if logits is None else logits.float()
+
+    def start_loss(self, cond_h: torch.Tensor, target: torch.Tensor, logits: torch.Tensor | None = None,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+        """SSN loss ``mean_b L_b``, ``L_b = -(1/N)[logsumexp_m sum_v log softmax(l_m)_v[y_v] - log M]`` plus
+        the covariance cost ``lambda mean_v sum_c (sum_r P^2 + D)`` (see the module docstring).
+
+        ``l_m = mu + P eps_m + sqrt(D) eta_m`` with M = ``mc_samples`` independent draws per image;
+        ``logits`` = mu (B, C, *s) is NOT detached, so, as in SSN, the likelihood also trains the mean.
+        """
+        factor, diag = self.covariance(cond_h)
+        mu = self._mean(logits, cond_h)
+        m, b = self.mc_samples, mu.shape[0]
+        eps = torch.randn(m, b, self.rank, device=mu.device, generator=generator)
+        eta = torch.randn(m, *mu.shape, device=mu.device, generator=generator)
+        samples = mu + low_rank_shift(factor, eps) + diag.sqrt() * eta  # (M, B, C, *s)
+        y = target[:, 0].long().unsqueeze(0).unsqueeze(2).expand(m, -1, 1, *target.shape[2:])
+        log_lik = torch.log_softmax(samples, 2).gather(2, y).flatten(2).sum(-1)  # (M, B)
+        n = y[0, 0].numel()
+        cost = (factor.square().sum(2) + diag).sum(1).mean()
+        return (-(torch.logsumexp(log_lik, 0) - math.log(m)) / n).mean() + self.cov_penalty * cost
+
+    def start_probabilities(self, factor: torch.Tensor, diag: torch.Tensor, mu: torch.Tensor,
+                            eps: torch.Tensor) -> torch.Tensor:
+        """Hypotheses' start probabilities ``softmax((mu + P eps_k) / sqrt(1 + pi D / 8))``, (K, B, C, *s)."""
+        return marginal_probabilities(mu + low_rank_shift(factor, eps), diag)
 
     def velocity(self, x_t: torch.Tensor, t: torch.Tensor, cond_h: torch.Tensor) -> torch.Tensor:
         """v_theta for states (K, B, C, *s) at times t (K,) given projected conditioning (B, hidden, *s).
@@ -86,22 +195,17 @@ class SegDiffHead(nn.Module):
         h = F.gelu(self.mid(F.gelu(h.flatten(0, 1))))
         return self.out(h).unflatten(0, (k, b))
 
-    def start_state(self, noise: torch.Tensor, init_probs: torch.Tensor | None) -> torch.Tensor:
-        """``x_s = (1 - t0) z + t0 (2 p_det - 1)`` (just ``z`` when t0 = 0 or no probabilities are given)."""
-        if self.t_start == 0 or init_probs is None:
-            return noise
-        return (1 - self.t_start) * noise + self.t_start * (2 * init_probs.to(noise.dtype) - 1)
+    def flow_loss(self, cond_h: torch.Tensor, target: torch.Tensor, logits: torch.Tensor | None = None,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+        """Flow-matching regression loss from one (detached) start draw ``x_s = 2 p - 1`` per image.
 
-    def loss(self, cond_h: torch.Tensor, target: torch.Tensor, init_probs: torch.Tensor | None = None,
-             generator: torch.Generator | None = None) -> torch.Tensor:
-        """Flow-matching regression loss for integer ``target`` (B, 1, *s) given projected conditioning and
-        (for t_start > 0) the deterministic head's probabilities ``init_probs`` (B, C, *s), detached.
-
-        One draw of (z, t) per sample: the B states are passed as B hypotheses of one batch element each.
+        The B states are passed as B hypotheses of one batch element each (one draw of (eps, t) per image).
         """
         x1 = one_hot_state(target, self.num_classes).to(cond_h.dtype)
-        noise = torch.randn(x1.shape, device=x1.device, dtype=x1.dtype, generator=generator)
-        x_s = self.start_state(noise, None if init_probs is None else init_probs.detach())
+        with torch.no_grad():
+            factor, diag = self.covariance(cond_h)
+            eps = torch.randn(1, x1.shape[0], self.rank, device=x1.device, generator=generator)  # one per image
+            x_s = (2 * self.start_probabilities(factor, diag, self._mean(logits, cond_h), eps)[0] - 1).to(x1.dtype)
         t0 = self.t_start
         t = t0 + (1 - t0) * torch.rand(x1.shape[0], device=x1.device, generator=generator)
         r = ((t - t0) / (1 - t0)).view(-1, *([1] * (x1.dim() - 1))).to(x1.dtype)
@@ -109,47 +213,52 @@ class SegDiffHead(nn.Module):
         v = self.velocity(x_t.unsqueeze(1), t, cond_h.unsqueeze(1)).squeeze(1)
         return F.mse_loss(v, (x1 - x_s) / (1 - t0))
 
-    def noise(self, cond_h: torch.Tensor, num_hypotheses: int, seed: int) -> torch.Tensor:
-        """Start noise (K, B, C, *s) of K hypotheses, from a generator seeded with ``seed``.
+    def losses(self, cond_h: torch.Tensor, target: torch.Tensor, logits: torch.Tensor | None = None,
+               generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """``start``: the SSN likelihood term; ``generative``: the flow-matching term."""
+        return {"start": self.start_loss(cond_h, target, logits, generator),
+                "generative": self.flow_loss(cond_h, target, logits, generator)}
 
-        Drawn one hypothesis after the other, so the first k of K hypotheses are those of a draw of k:
-        hypotheses are nested across K (ProbeStep relies on it).
-        """
-        if num_hypotheses < 1:
-            raise ValueError(f"need num_hypotheses >= 1, got {num_hypotheses}")
-        gen = torch.Generator(device=cond_h.device).manual_seed(int(seed))
-        shape = (cond_h.shape[0], self.num_classes, *cond_h.shape[2:])
-        return torch.stack([torch.randn(shape, device=cond_h.device, dtype=cond_h.dtype, generator=gen)
-                            for _ in range(num_hypotheses)])
+    def loss(self, cond_h: torch.Tensor, target: torch.Tensor, logits: torch.Tensor | None = None,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+        """Sum of :meth:`losses` (for training the head on its own)."""
+        return sum(self.losses(cond_h, target, logits, generator).values())
 
     @torch.no_grad()
     def sample(self, cond_h: torch.Tensor, num_hypotheses: int, steps: int, seed: int = 0,
-               init_probs: torch.Tensor | None = None, chunk: int = 2) -> torch.Tensor:
-        """K hypotheses per input by Euler integration; returns class probabilities (K, B, C, *s).
+               logits: torch.Tensor | None = None, chunk: int = 2) -> torch.Tensor:
+        """K hypotheses per input: start draws, then S Euler steps; class probabilities (K, B, C, *s).
 
-        Deterministic for a fixed ``seed``; hypothesis k depends only on its own noise (see
-        :meth:`noise`), not on K or ``chunk``. The head runs on ``chunk`` hypotheses at a time: its
-        hidden activations are ``hidden / C`` times larger than a hypothesis, so chunking bounds the
-        peak memory of sampling at that of ``chunk`` hypotheses, whatever K.
+        Deterministic for a fixed ``seed``; hypothesis k depends only on ``(seed, k)`` (see
+        :func:`latent_draws`), not on K, ``chunk``, the batch or the patch. The flow head runs on
+        ``chunk`` hypotheses at a time, bounding the peak memory of sampling at that of ``chunk`` hypotheses.
         """
-        if steps < 1:
-            raise ValueError(f"need steps >= 1, got {steps}")
-        noise = self.noise(cond_h, num_hypotheses, seed)
+        if steps < 0:
+            raise ValueError(f"need steps >= 0, got {steps}")
+        factor, diag = self.covariance(cond_h)
+        mu = self._mean(logits, cond_h)
+        eps = latent_draws(num_hypotheses, self.rank, seed).to(cond_h.device)
         t0 = self.t_start
-        dt = (1.0 - t0) / steps
+        dt = (1.0 - t0) / max(steps, 1)
         # every hypothesis is at the same time at step i: conditioning + time embedding once per step
         times = t0 + dt * torch.arange(steps, device=cond_h.device, dtype=cond_h.dtype)
-        temb = self.time_mlp(self._time_features(times))
-        biases = [cond_h + e.view(1, -1, *([1] * (cond_h.dim() - 2))) for e in temb]
+        biases = [cond_h + e.view(1, -1, *([1] * (cond_h.dim() - 2)))
+                  for e in (self.time_mlp(self._time_features(times)) if steps else [])]
         out = []
-        for z in noise.split(max(1, int(chunk))):
-            x = self.start_state(z, init_probs)
+        for e in eps.split(max(1, int(chunk))):
+            p = self.start_probabilities(factor, diag, mu, e)
+            if not steps:
+                out.append(p)
+                continue
+            x = (2 * p - 1).to(cond_h.dtype)
             for bias in biases:
                 x = (x + dt * self._head(x, bias)).clamp_(-STATE_CLAMP, STATE_CLAMP)
             out.append(torch.softmax(self.sharpness * x.float(), 2))
         return torch.cat(out, 0)
 
     def compute_conv_feature_map_size(self, input_size) -> int:
-        """Activations per patch while training (one state per sample), the planner's convention."""
+        """Activations per patch while training, the planner's convention: flow head (one state per sample),
+        covariance head, and the M start samples of the likelihood."""
         n = int(torch.tensor(input_size).prod())
-        return (3 * self.hidden + self.num_classes) * n
+        c = self.num_classes
+        return (3 * self.hidden + c + 2 * self.hidden + c * (self.rank + 1) + self.mc_samples * c) * n

@@ -1,24 +1,39 @@
 """TrustMap: per-voxel uncertainty from SegDiff's K hypotheses, probing, and a learned calibration.
 
-From hypotheses ``p_k`` (K, B, C, *s):
+Aleatoric and epistemic as the UQ literature defines them: the spread between one generative
+model's samples is ALEATORIC (ambiguity the data leave open, e.g. coin-flip labels), disagreement
+between models (folds) is EPISTEMIC. For models f with hypotheses' means ``p_f``::
+
+    aleatoric = mean_f H(p_f),   epistemic = H(mean_f p_f) - aleatoric   (generalised Jensen-Shannon)
+
+Per network and patch (:func:`hypothesis_statistics`, from hypotheses ``p_k`` (K, B, C, *s)):
 
 * ``mean``      = (1/K) sum_k p_k, the class probabilities (the mask is its argmax);
-* ``entropy``   = H(mean) in nats (entropy of the mean);
-* ``aleatoric`` = (1/K) sum_k H(p_k): how soft each hypothesis is (expected entropy);
-* ``epistemic`` = entropy - aleatoric = the mutual information between the label and the hypothesis
-  index: how much the hypotheses disagree. Pooled over folds it also holds model disagreement;
+* ``entropy``   = H(mean) in nats;
+* ``aleatoric`` = H(mean) as well: within one model all of it is aleatoric, including the hypotheses'
+  spread. The predictor averages it over patches, mirrorings and folds, so that its
+  ``H(pooled mean) - pooled aleatoric`` is the folds' disagreement only;
+* ``epistemic`` = 0: one network carries no model disagreement. With a single fold the predictor's
+  epistemic map is therefore only what overlapping sliding-window patches and mirrorings of the
+  same model disagree on (how much its prediction depends on context and orientation), never the
+  spread of generative samples;
+* ``spread``    = H(mean) - (1/K) sum_k H(p_k): the part of the aleatoric entropy that is spread
+  between hypotheses (alternative masks) rather than softness within each (not a CalibHead input);
 * ``probe``     (ProbeStep): how far the hypotheses move when the conditioning is perturbed where
   the modalities conflict (see :func:`probe_step`);
-* ``conflict``  = F_cf at full resolution, in [0, 1];
+* ``conflict``  = the per-modality experts' Jensen-Shannon divergence normalised to [0, 1]
+  (:func:`expert_conflict`), upsampled to full resolution: high where confident experts contradict
+  each other, low where they are unsure alike (blurred edges);
 * ``head_confidence`` = max class probability of the deterministic head (nnU-Net's softmax output):
-  the hypotheses are sharp by construction, so their entropies alone rank ordinary boundary errors
-  poorly (docs/design.md).
+  the hypotheses are sharp, so their entropies alone rank ordinary boundary errors poorly (docs/design.md).
 
-CalibHead maps these statistics per voxel to the probability that the mask is wrong there (the
-exported ``total`` map). It is fitted on cases the network never trained on: the validation fold
-(``entrust_nnunet.nnunet.calibration``).
+CalibHead maps the statistics of :data:`STATISTICS` per voxel to the probability that the mask is wrong
+there (the exported ``total`` map). It is fitted on cases the network never trained on: the validation
+fold (``entrust_nnunet.nnunet.calibration``).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -53,10 +68,36 @@ def mutual_information(samples_probs: torch.Tensor, eps: float = 1e-12) -> dict[
     return {"entropy": total, "aleatoric": aleatoric, "epistemic": (total - aleatoric).clamp_min(0.0)}
 
 
+def jensen_shannon(probs: torch.Tensor, member_axis: int, class_axis: int) -> torch.Tensor:
+    """Generalised Jensen-Shannon divergence ``H(mean_m p_m) - mean_m H(p_m)`` in nats (>= 0).
+
+    High only where members that are each confident contradict each other: members that are equally
+    unsure (same soft p) score 0, one-hot members that disagree score H(mean). Bounded by
+    ``log(min(M, C))``. The member and class axes are removed / kept as in ``probs.mean(member_axis)``.
+    """
+    mean = probs.mean(member_axis)
+    cls = class_axis - (1 if class_axis > member_axis else 0)
+    return (entropy(mean, axis=cls) - entropy(probs, axis=class_axis).mean(member_axis)).clamp_min(0)
+
+
+def expert_conflict(expert_probs: torch.Tensor) -> torch.Tensor:
+    """Conflict of M expert predictions (B, M, C, *s) -> (B, 1, *s) in [0, 1]: their Jensen-Shannon
+    divergence divided by its bound ``log(min(M, C))`` (0 for a single expert)."""
+    m, c = expert_probs.shape[1:3]
+    if m < 2:
+        return torch.zeros_like(expert_probs[:, 0, :1])
+    return (jensen_shannon(expert_probs.float(), 1, 2) / math.log(min(m, c))).clamp(0, 1).unsqueeze(1)
+
+
 def hypothesis_statistics(hypotheses: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Mean probabilities and the entropy decomposition of K hypotheses (K, B, C, *s); maps are (B, *s)."""
-    parts = mutual_information(hypotheses.float().transpose(1, 2))  # (K, C, B, *s): class axis second
-    return {"mean": hypotheses.float().mean(0), **parts}
+    """``mean`` (B, C, *s) and the maps (B, *s) ``entropy`` = ``aleatoric`` = H(mean), ``epistemic`` = 0 and
+    ``spread`` = H(mean) - mean_k H(p_k) of K hypotheses (K, B, C, *s) of ONE model (see the module doc)."""
+    hyps = hypotheses.float()
+    mean = hyps.mean(0)
+    total = entropy(mean, axis=1)
+    spread = jensen_shannon(hyps, 0, 2)
+    return {"mean": mean, "entropy": total, "aleatoric": total, "epistemic": torch.zeros_like(total),
+            "spread": spread}
 
 
 def probe_step(sample_fn, cond: torch.Tensor, conflict: torch.Tensor, reference: torch.Tensor,

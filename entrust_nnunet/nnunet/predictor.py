@@ -4,13 +4,14 @@ nnU-Net's predictor is reused for everything it already does (preprocessing, sli
 Gaussian weighting, mirroring, fold averaging, resampling, crop/transpose back). Two hooks change:
 
 * the network it runs is wrapped in :class:`TrustStatistics`, which returns per patch the
-  quantities that pool by averaging: the hypotheses' mean class probabilities (C channels), their
-  mean entropy (aleatoric), ProbeStep's map and the conflict map. nnU-Net's Gaussian-weighted
-  sliding window, its mirroring and its average over folds therefore pool the hypotheses of all
-  patches, mirrorings and folds exactly; :meth:`EnTrustPredictor.predict_logits_from_preprocessed_data`
-  then derives from the pooled numbers ``entropy``/``epistemic`` (entropy of the pooled mean minus
-  the pooled aleatoric part: with several folds it includes disagreement between folds) and the
-  calibrated probability of error (the folds' CalibHeads averaged);
+  quantities that pool by averaging: the hypotheses' mean class probabilities (C channels), the
+  entropy of that mean (aleatoric: the spread of one model's hypotheses is aleatoric), ProbeStep's
+  map and the conflict map. nnU-Net's Gaussian-weighted sliding window, its mirroring and its average
+  over folds therefore pool the hypotheses of all patches, mirrorings and folds exactly;
+  :meth:`EnTrustPredictor.predict_logits_from_preprocessed_data` then derives from the pooled numbers
+  ``entropy``/``epistemic`` (entropy of the pooled mean minus the pooled aleatoric part: the folds'
+  disagreement, and with one fold only what overlapping patches and mirrorings of that model disagree
+  on) and the calibrated probability of error (the folds' CalibHeads averaged);
 * export: the mask (and, with ``--save_probabilities``, the pooled class probabilities as
   ``.npz``/``.pkl``) is written by nnU-Net's own ``export_prediction_from_logits``; the maps are
   resampled by nnU-Net's own functions and written as float32 images with the mask's geometry into

@@ -69,7 +69,7 @@ def test_hypotheses_diverge_only_where_labels_are_ambiguous():
         opt.step()
     hyps = head.sample(head.condition(cond), num_hypotheses=32, steps=8, seed=0)  # (K, 1, 2, 8, 16)
     stats = hypothesis_statistics(hyps)
-    certain, ambiguous = stats["epistemic"][0, :, :8], stats["epistemic"][0, :, 8:]
+    certain, ambiguous = stats["spread"][0, :, :8], stats["spread"][0, :, 8:]
     p1 = stats["mean"][0, 1]
     assert float(p1[:, :8].mean()) > 0.9
     assert 0.3 < float(p1[:, 8:].mean()) < 0.7
