@@ -215,7 +215,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
 
     output = Path(args.o) if args.o else Path(args.pred) / "summary.json"
     summary = evaluate_folder(args.pred, args.gt, conflict_dir=args.conflict, dataset_json=args.djfile,
-                              output_file=output, num_processes=args.np)
+                              output_file=output, num_processes=args.np, annotators_dir=args.annotators)
     _print_headline(summary)
     print(f"summary: {output.absolute()}")
     if args.report:
@@ -253,6 +253,9 @@ def _add_evaluation(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pred", required=True, help="prediction folder (masks + uncertainty/)")
     p.add_argument("--gt", required=True, help="reference label folder (CASE<ending>)")
     p.add_argument("--conflict", default=None, help="true conflict masks (CASE<ending>, 0/1), e.g. conflictTs")
+    p.add_argument("--annotators", default=None,
+                   help="annotator labels CASE_aN<ending>: GED^2 and HM-IoU of the hypotheses (PRED/hypotheses/) "
+                        "against them")
     p.add_argument("-djfile", default=None,
                    help="dataset.json (default: PRED/dataset.json, else the one beside the --gt folder)")
     p.add_argument("-o", default=None, help="summary file to write (default: PRED/summary.json)")

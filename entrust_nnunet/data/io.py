@@ -44,6 +44,25 @@ def map_path(pred_dir: str | os.PathLike, case: str, name: str, file_ending: str
     return Path(pred_dir) / MAP_FOLDER / f"{case}_{name}{map_ending(file_ending)}"
 
 
+#: ``entrust predict --save-hypotheses`` writes one mask per hypothesis into this sub-folder
+HYPOTHESIS_FOLDER = "hypotheses"
+
+
+def hypothesis_path(pred_dir: str | os.PathLike, case: str, index: int, file_ending: str) -> Path:
+    """``PRED/hypotheses/CASE_hNN<ending>`` (NN = 00 ... K-1; with several folds, fold-major)."""
+    return Path(pred_dir) / HYPOTHESIS_FOLDER / f"{case}_h{index:02d}{file_ending}"
+
+
+def numbered_files(folder: Path, case: str, tag: str, file_ending: str) -> list[Path]:
+    """``folder/CASE_<tag>N<ending>`` files in the order of N (hypotheses ``h``, annotators ``a``)."""
+    if not folder.is_dir():
+        return []
+    prefix = f"{case}_{tag}"
+    found = [(f.name[len(prefix):-len(file_ending)], f) for f in folder.iterdir()
+             if f.name.startswith(prefix) and f.name.endswith(file_ending)]
+    return [f for n, f in sorted((int(n), f) for n, f in found if n.isdigit())]
+
+
 class InputError(Exception):
     """A problem with what the user gave us. ``str(err)`` is a single line fit for a terminal."""
 

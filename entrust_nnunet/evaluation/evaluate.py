@@ -37,7 +37,8 @@ import numpy as np
 import SimpleITK as sitk
 from tqdm import tqdm
 
-from entrust_nnunet.data.io import MAP_FOLDER, MAP_NAMES, InputError, check_same_geometry, map_path, read_header, read_image
+from entrust_nnunet.data.io import (HYPOTHESIS_FOLDER, MAP_FOLDER, MAP_NAMES, InputError, check_same_geometry, map_path,
+                                    numbered_files, read_header, read_image)
 from entrust_nnunet.evaluation import metrics
 from entrust_nnunet.evaluation.summary import CURVE_POINTS, DEFINITIONS, N_BINS, summarize, to_json, write_summary  # noqa: F401
 
@@ -94,6 +95,37 @@ def map_file(pred_dir: Path, case: str, name: str, file_ending: str) -> Path | N
     """The map file ``entrust predict`` writes for this case (see :func:`entrust_nnunet.data.io.map_path`), if present."""
     f = map_path(pred_dir, case, name, file_ending)
     return f if f.is_file() else None
+
+
+def _read_label_stack(paths: list[Path], reference: sitk.Image, ref_path: Path, allowed: set[int]) -> np.ndarray:
+    """(N, *spatial) label maps from ``paths``, each checked against ``reference``'s geometry."""
+    arrays = []
+    for path in paths:
+        image, arr = _read_labels(path, allowed)
+        check_same_geometry(reference, ref_path, image, path)
+        arrays.append(arr)
+    return np.stack(arrays)
+
+
+def _hypothesis_metrics(job: dict, pred_img: sitk.Image, pred: np.ndarray, truth: np.ndarray | None) -> dict:
+    """Hypotheses as whole alternatives (coherence, diversity: with a conflict mask) and against the
+    annotators (GED^2, HM-IoU; and GED^2 of K copies of the mask, the reference a sampler must beat)."""
+    out: dict[str, Any] = {}
+    hyps = _read_label_stack(job["hypotheses"], pred_img, job["pred_file"], job["allowed_pred"]) \
+        if job["hypotheses"] else None
+    if hyps is not None:
+        out["num_hypotheses"] = len(hyps)
+        if truth is not None and truth.any():
+            out["coherence"] = metrics.hypothesis_coherence(hyps, truth)
+            out["diversity"] = metrics.hypothesis_diversity(hyps, truth)
+    if job["annotators"]:
+        annotators = _read_label_stack(job["annotators"], pred_img, job["pred_file"], job["allowed_gt"])
+        samples = hyps if hyps is not None else pred[None]
+        out["ged2"] = metrics.generalized_energy_distance(samples, annotators)
+        out["ged2_mask_copies"] = metrics.generalized_energy_distance(np.repeat(pred[None], len(samples), 0),
+                                                                      annotators)
+        out["hm_iou"] = metrics.hungarian_matched_iou(samples, annotators)
+    return out
 
 
 def _names(keys) -> str:
@@ -264,6 +296,9 @@ def _evaluate_case(job: dict) -> dict:
             result["uncertainty"], result["_pool"] = _uncertainty(job, pred_img, pred, gt, valid, gt_img)
         else:
             result["uncertainty"] = {"note": f"no {MAP_FOLDER}/ folder in {job['pred_dir']}: uncertainty not evaluated"}
+        if job["hypotheses"] or job["annotators"]:
+            truth = sitk.GetArrayFromImage(read_image(job["conflict_file"])) > 0 if job["conflict_file"] else None
+            result["hypotheses"] = _hypothesis_metrics(job, pred_img, pred, truth)
     return result
 
 
@@ -294,7 +329,8 @@ def _plain(k):
     return tuple(int(x) for x in k) if isinstance(k, (tuple, list)) else int(k)
 
 
-def _jobs(pred_dir: Path, preds: dict, refs: dict, conflicts: dict, lm, ending: str, fraction: float):
+def _jobs(pred_dir: Path, preds: dict, refs: dict, conflicts: dict, lm, ending: str, fraction: float,
+          annotators_dir: Path | None = None):
     """One job per case for :func:`_evaluate_case`, and the label/region keys (all, foreground)."""
     keys = [_plain(k) for k in lm.foreground_labels]
     if lm.has_regions:
@@ -311,7 +347,9 @@ def _jobs(pred_dir: Path, preds: dict, refs: dict, conflicts: dict, lm, ending: 
             "maps": {n: map_file(pred_dir, case, n, ending) for n in MAP_NAMES} if maps_folder else {},
             "maps_folder": maps_folder, "keys": keys, "all_labels": [int(v) for v in lm.all_labels],
             "allowed_pred": declared, "allowed_gt": declared | ({lm.ignore_label} if lm.has_ignore_label else set()),
-            "ignore_label": lm.ignore_label, "has_regions": lm.has_regions, "sample_fraction": fraction})
+            "ignore_label": lm.ignore_label, "has_regions": lm.has_regions, "sample_fraction": fraction,
+            "hypotheses": numbered_files(pred_dir / HYPOTHESIS_FOLDER, case, "h", ending),
+            "annotators": numbered_files(annotators_dir, case, "a", ending) if annotators_dir else []})
     return jobs, keys, fg_keys
 
 
@@ -333,7 +371,7 @@ def _run(jobs: list[dict], num_processes: int, progress: bool | None) -> list[di
 
 def evaluate_folder(pred_dir, gt_dir, conflict_dir=None, dataset_json=None, output_file=None,
                     num_processes: int = 2, *, progress: bool | None = None,
-                    max_pooled_voxels: int = MAX_POOLED_VOXELS) -> dict:
+                    max_pooled_voxels: int = MAX_POOLED_VOXELS, annotators_dir=None) -> dict:
     """Evaluate every mask in ``pred_dir`` against ``gt_dir`` (and its uncertainty maps, if any).
 
     Args:
@@ -345,6 +383,8 @@ def evaluate_folder(pred_dir, gt_dir, conflict_dir=None, dataset_json=None, outp
         num_processes: worker processes (1 = in this process).
         progress: progress bar over cases (``None``: only on a terminal).
         max_pooled_voxels: cap on the voxels entering the pooled AUROC/AURC (see ``MAX_POOLED_VOXELS``).
+        annotators_dir: optional annotator labels ``CASE_aN<ending>``: GED^2 and HM-IoU of the hypotheses
+            (``PRED/hypotheses/CASE_hNN<ending>``, else of the mask alone) against them.
 
     Returns the summary as written (JSON types: NaN is ``None``). Raises :class:`InputError` for missing
     cases, geometry mismatch, undeclared labels, a missing dataset.json, ...
@@ -363,7 +403,11 @@ def evaluate_folder(pred_dir, gt_dir, conflict_dir=None, dataset_json=None, outp
         check_same_geometry(read_header(refs[case]), refs[case], pred_header, pred_file)
         num_voxels += int(np.prod(pred_header.GetSize()))
     fraction = min(1.0, max_pooled_voxels / max(num_voxels, 1))
-    jobs, keys, fg_keys = _jobs(pred_dir, preds, refs, conflicts, label_manager(dj, dj_path), ending, fraction)
+    annotators_dir = None if annotators_dir is None else Path(annotators_dir).absolute()
+    if annotators_dir is not None and not annotators_dir.is_dir():
+        raise InputError(f"{annotators_dir}: annotators folder does not exist")
+    jobs, keys, fg_keys = _jobs(pred_dir, preds, refs, conflicts, label_manager(dj, dj_path), ending, fraction,
+                                annotators_dir)
     results = _run(jobs, num_processes, progress)
     pools = [r.pop("_pool") for r in results if "_pool" in r]
     inputs = {"pred_dir": str(pred_dir), "gt_dir": str(gt_dir), "dataset_json": str(dj_path), "file_ending": ending,

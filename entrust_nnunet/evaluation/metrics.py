@@ -59,6 +59,8 @@ __all__ = [
     "au_eu_entanglement",
     "generalized_energy_distance",
     "hungarian_matched_iou",
+    "hypothesis_coherence",
+    "hypothesis_diversity",
 ]
 
 
@@ -595,3 +597,48 @@ def hungarian_matched_iou(samples: npt.ArrayLike, annotators: npt.ArrayLike,
     tiled = np.tile(iou, (big // n_s, big // n_a))  # row i -> sample i % S, column j -> annotator j % A
     rows, cols = linear_sum_assignment(tiled, maximize=True)
     return float(tiled[rows, cols].mean())
+
+
+# --------------------------------------------------------------------------------------------------
+# hypotheses as whole alternatives
+# --------------------------------------------------------------------------------------------------
+def _blob_fractions(hypotheses: npt.ArrayLike, conflict: npt.ArrayLike) -> np.ndarray:
+    """(K, B) lesion fraction of each hypothesis inside each connected conflict blob."""
+    h = np.asarray(hypotheses)
+    c = _as_binary(conflict, "conflict")
+    if h.ndim < 2 or h.shape[1:] != c.shape:
+        raise ValueError(f"hypotheses must be (K, *spatial) with spatial {c.shape}, got {h.shape}")
+    blobs, n = ndimage.label(c)
+    lesion = (h != 0).reshape(h.shape[0], -1).astype(np.float64)
+    flat = blobs.reshape(-1)
+    sizes = np.bincount(flat, minlength=n + 1)[1:]
+    inside = np.stack([np.bincount(flat, weights=row, minlength=n + 1)[1:] for row in lesion]) if n else \
+        np.zeros((h.shape[0], 0))
+    return inside / np.maximum(sizes, 1)
+
+
+def hypothesis_coherence(hypotheses: npt.ArrayLike, conflict: npt.ArrayLike, whole: float = 0.8) -> float:
+    """Share of (conflict blob, hypothesis) pairs in which the hypothesis takes or leaves the blob WHOLE.
+
+    Blobs are the connected components of ``conflict``; with ``f_kb`` the lesion (non-zero) fraction of
+    hypothesis k inside blob b::
+
+        coherence = mean_{k, b} [ f_kb >= whole  or  f_kb <= 1 - whole ]
+
+    ``nan`` when there is no conflict blob. Args: ``hypotheses`` (K, *spatial) label maps;
+    ``conflict`` (*spatial) binary.
+    """
+    f = _blob_fractions(hypotheses, conflict)
+    if f.size == 0:
+        return float("nan")
+    return float(((f >= whole) | (f <= 1 - whole)).mean())
+
+
+def hypothesis_diversity(hypotheses: npt.ArrayLike, conflict: npt.ArrayLike, whole: float = 0.8) -> float:
+    """Whether the hypotheses hold BOTH readings of every conflict blob: 1.0 if each blob is taken whole
+    (``f_kb >= whole``) by some hypothesis and left whole (``f_kb <= 1 - whole``) by another, else 0.0;
+    ``nan`` without conflict. Averaged over conflict cases it is the share of cases with both readings."""
+    f = _blob_fractions(hypotheses, conflict)
+    if f.size == 0:
+        return float("nan")
+    return float(((f >= whole).any(0) & (f <= 1 - whole).any(0)).all())

@@ -43,6 +43,13 @@ DEFINITIONS = {
     "foreground_mean": "mean over the evaluated foreground labels (regions, if dataset.json declares regions) "
                        "of the per-label means, as nnU-Net",
     "HD95": "95th-percentile symmetric Hausdorff distance in mm (0 if both masks are empty, null if one is)",
+    "coherence": "share of (conflict blob, hypothesis) pairs where the hypothesis marks >= 80 % or <= 20 % of the "
+                 "blob as foreground (metrics.hypothesis_coherence)",
+    "diversity": "per conflict case 1 if every conflict blob is taken whole by one hypothesis and left whole by "
+                 "another, else 0; its mean is the share of conflict cases with both readings",
+    "ged2 / ged2_mask_copies": "squared generalized energy distance (d = 1 - IoU of the foreground, empty vs empty "
+                               "IoU = 1) of the hypotheses / of K copies of the mask against the annotators",
+    "hm_iou": "Hungarian-matched IoU of the hypotheses and the annotators (sets replicated to their lcm)",
 }
 
 
@@ -137,8 +144,11 @@ def summarize(results: list[dict], keys: list, fg_keys: list, pooled_inputs: lis
             uncertainty_mean["ece_source"] = sources[0] if len(sources) == 1 else "mixed"
         uncertainty_mean["num_cases_with_maps"] = sum("error_auroc" in u for u in unc)
         pooled = _pooled(pooled_inputs, num_voxels, fraction) if pooled_inputs else {"note": "no uncertainty maps"}
+        hyps = [r["hypotheses"] for r in results if "hypotheses" in r]
+        hypotheses_mean = {k: _nanmean(h.get(k) for h in hyps) for k in _numeric_keys(hyps)}
     return to_json({"metric_per_case": results, "mean": mean, "foreground_mean": foreground_mean,
                     "uncertainty_mean": uncertainty_mean, "uncertainty_pooled": pooled,
+                    **({"hypotheses_mean": hypotheses_mean} if hyps else {}),
                     "uncertainty_definitions": DEFINITIONS, "entrust": {**inputs, "n_bins": N_BINS}})
 
 

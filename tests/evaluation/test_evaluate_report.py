@@ -19,7 +19,7 @@ from entrust_nnunet.evaluation import metrics
 from entrust_nnunet.cli import main
 from entrust_nnunet.evaluation.evaluate import evaluate_folder
 from entrust_nnunet.evaluation.summary import headline
-from entrust_nnunet.data.phantoms import write_phantom_dataset
+from entrust_nnunet.data.phantoms import CONFLICT_LABEL, write_phantom_dataset
 from entrust_nnunet.evaluation.report import write_report
 
 CASES = [f"test_{j:03d}" for j in range(4)]  # test_003 has no conflict (index % 4 == 3)
@@ -334,3 +334,33 @@ def test_3d_hd95_uses_physical_spacing_and_report_slices(tmp_path):
         img = mpimg.imread(out / f"case_{case}.png")
         assert img.ndim == 3 and img[..., :3].std() > 0.01
     assert not (out / "reliability.png").exists()  # no maps, no curves
+
+
+def test_hypotheses_coherence_diversity_and_ged_against_annotators(data, tmp_path):
+    """Hypotheses that take or leave every conflict blob whole, half of them each way, against annotators
+    that do the same: coherence 1, diversity 1, and GED^2 below that of K copies of the mask."""
+    ds = data["ds"]
+    pred_dir = tmp_path / "pred"
+    shutil.copytree(data["folders"]["oracle"][0], pred_dir)
+    (pred_dir / "hypotheses").mkdir()
+    annotators = tmp_path / "annotators"
+    annotators.mkdir()
+    for case in CASES:
+        ref = sitk.ReadImage(str(ds / "labelsTs" / f"{case}{END}"))
+        gt = sitk.GetArrayFromImage(ref)
+        truth = _read(ds / "conflictTs" / f"{case}{END}") > 0
+        for k in range(4):  # hypotheses 0, 2 take every blob as lesion, 1, 3 leave it
+            h = np.where(truth, CONFLICT_LABEL if k % 2 == 0 else 0, gt).astype(np.uint8)
+            _write(h, ref, pred_dir / "hypotheses" / f"{case}_h{k:02d}{END}")
+            _write(h, ref, annotators / f"{case}_a{k}{END}")
+    s = evaluate_folder(pred_dir, ds / "labelsTs", ds / "conflictTs", annotators_dir=annotators, num_processes=1,
+                        progress=False)
+    per_case = [c["hypotheses"] for c in s["metric_per_case"]]
+    assert all(c["num_hypotheses"] == 4 for c in per_case)
+    with_conflict = [c for c in per_case if "coherence" in c]
+    assert len(with_conflict) == 3  # test_003 has no conflict
+    assert all(c["coherence"] == 1.0 and c["diversity"] == 1.0 for c in with_conflict)
+    for c in with_conflict:  # the hypotheses ARE the annotators' distribution: GED^2 = 0, HM-IoU = 1
+        assert c["ged2"] == pytest.approx(0.0, abs=1e-9) and c["hm_iou"] == pytest.approx(1.0)
+        assert c["ged2_mask_copies"] > 0.05
+    assert s["hypotheses_mean"]["coherence"] == 1.0

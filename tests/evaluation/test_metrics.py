@@ -340,3 +340,36 @@ def test_hungarian_matched_iou_brute_force():
     # a permutation of the annotators matches perfectly
     assert M.hungarian_matched_iou(annot[::-1], annot) == pytest.approx(1.0)
     assert M.hungarian_matched_iou(np.zeros((1, 3, 3), bool), np.zeros((2, 3, 3), bool)) == 1.0
+
+
+# ------------------------------------------------------------------------------------------ whole alternatives
+def _two_blobs():
+    conflict = np.zeros((10, 10), bool)
+    conflict[1:3, 1:3] = True   # blob A, 4 voxels
+    conflict[6:9, 6:9] = True   # blob B, 9 voxels
+    return conflict
+
+
+def test_coherence_and_diversity_by_hand():
+    conflict = _two_blobs()
+    h = np.zeros((3, 10, 10), np.uint8)
+    h[0][1:3, 1:3] = 3            # takes A whole, leaves B whole
+    h[1][6:9, 6:9] = 3            # leaves A whole, takes B whole
+    h[2][1, 1:3] = 3              # half of A (not whole), leaves B whole
+    # pairs: (0,A) whole, (0,B) whole, (1,A) whole, (1,B) whole, (2,A) 0.5 partial, (2,B) whole -> 5/6
+    assert M.hypothesis_coherence(h, conflict) == pytest.approx(5 / 6)
+    assert M.hypothesis_diversity(h, conflict) == 1.0      # A taken by 0, left by 1; B taken by 1, left by 0
+    assert M.hypothesis_diversity(h[[0, 2]], conflict) == 0.0  # nobody takes B
+    assert M.hypothesis_coherence(h, np.zeros((10, 10), bool)) != M.hypothesis_coherence(h, np.zeros((10, 10), bool))
+    with pytest.raises(ValueError, match="hypotheses"):
+        M.hypothesis_coherence(h[0], conflict)
+
+
+def test_coherence_against_a_loop():
+    rng = np.random.default_rng(3)
+    conflict = _two_blobs()
+    h = (rng.random((6, 10, 10)) < 0.5).astype(np.uint8)
+    labels, n = __import__("scipy.ndimage", fromlist=["label"]).label(conflict)
+    pairs = [(h[k][labels == b] != 0).mean() for k in range(6) for b in range(1, n + 1)]
+    expected = np.mean([f >= 0.8 or f <= 0.2 for f in pairs])
+    assert M.hypothesis_coherence(h, conflict) == pytest.approx(expected)
