@@ -163,7 +163,7 @@ def _cmd_predict(args: argparse.Namespace) -> None:
     out = predict_folder(args.i, args.o, model, folds=folds, checkpoint=args.chk, device=args.device,
                          sampling=sampling, step_size=args.step_size, disable_tta=args.disable_tta,
                          save_probabilities=args.save_probabilities, num_processes_preprocessing=args.npp,
-                         num_processes_export=args.nps)
+                         num_processes_export=args.nps, save_hypotheses=args.save_hypotheses)
     print(f"masks in {out}, uncertainty maps in {out / 'uncertainty'}")
 
 
@@ -194,6 +194,9 @@ def _add_prediction(sub: argparse._SubParsersAction) -> None:
                    help=f"S flow-matching steps (default: {DEFAULT_SAMPLING.steps})")
     p.add_argument("--seed", type=int, default=DEFAULT_SAMPLING.seed,
                    help=f"sampling seed; same seed, same maps (default: {DEFAULT_SAMPLING.seed})")
+    p.add_argument("--save-hypotheses", action="store_true",
+                   help="also write every hypothesis as a mask: OUT/hypotheses/CASE_hNN<ending> (with several "
+                        "folds fold-major: fold 0's K hypotheses first)")
     p.add_argument("--no-probe", action="store_true", help="skip ProbeStep (faster; the probe statistic is then 0)")
     p.set_defaults(func=_cmd_predict)
 

@@ -50,8 +50,9 @@ def collect_cases(input_dir: Path, file_ending: str, num_channels: int) -> dict[
 def predict_folder(input_dir, output_dir, model_folder, folds=None, checkpoint: str = "checkpoint_final.pth",
                    device: str = "cpu", sampling: SamplingSettings = DEFAULT_SAMPLING, step_size: float = 0.5,
                    disable_tta: bool = False, save_probabilities: bool = False, num_processes_preprocessing: int = 2,
-                   num_processes_export: int = 2) -> Path:
-    """Predict every case of ``input_dir`` into ``output_dir`` (masks + ``uncertainty/`` maps)."""
+                   num_processes_export: int = 2, save_hypotheses: bool = False) -> Path:
+    """Predict every case of ``input_dir`` into ``output_dir`` (masks + ``uncertainty/`` maps; with
+    ``save_hypotheses`` also ``hypotheses/CASE_hNN`` masks)."""
     input_dir, output_dir, model_folder = Path(input_dir).absolute(), Path(output_dir).absolute(), Path(model_folder)
     if output_dir.resolve() == input_dir.resolve():
         raise InputError(f"{output_dir}: output folder is the input folder; choose another so inputs stay untouched")
@@ -68,7 +69,8 @@ def predict_folder(input_dir, output_dir, model_folder, folds=None, checkpoint: 
 
     predictor = EnTrustPredictor(tile_step_size=step_size, use_gaussian=True, use_mirroring=not disable_tta,
                                  perform_everything_on_device=device == "cuda", device=torch.device(device),
-                                 allow_tqdm=False, sampling=sampling)
+                                 allow_tqdm=False, sampling=sampling,
+                                 save_hypotheses=save_hypotheses)
     predictor.initialize_from_trained_model_folder(str(model_folder), folds, checkpoint)
     for name, content in (("dataset.json", predictor.dataset_json), ("plans.json", predictor.plans_manager.plans)):
         with open(output_dir / name, "w") as f:

@@ -36,7 +36,7 @@ def prediction(trained_entrust, tmp_path_factory):
     raw = Path(env["nnUNet_raw"]) / name
     r = _entrust(env, "predict", "-i", str(raw / "imagesTs"), "-o", str(out), "-d", str(SESSION_DATASET_ID),
                  "-c", "2d", "-tr", "nnUNetTrainerEnTrust_tinyCPU", "-p", "nnUNetPlans", "-f", "2", "--save_probabilities",
-                 "-npp", "1", "-nps", "1", "--num-samples", "4")
+                 "-npp", "1", "-nps", "1", "--num-hypotheses", "4", "--save-hypotheses")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return env, raw, out
 
@@ -60,6 +60,18 @@ def test_maps_have_input_geometry_and_ranges(prediction):
         np.testing.assert_array_equal(np.argmax(probs, 0).reshape(sitk.GetArrayFromImage(mask).shape),
                                       sitk.GetArrayFromImage(mask))
     assert not list(out.rglob(".tmp-*"))
+
+
+def test_hypotheses_are_whole_masks_with_the_input_geometry(prediction):
+    env, raw, out = prediction
+    for case in ("test_000", "test_001"):
+        ref = sitk.ReadImage(str(raw / "imagesTs" / f"{case}_0000.nii.gz"))
+        files = sorted((out / "hypotheses").glob(f"{case}_h*.nii.gz"))
+        assert [f.name for f in files] == [f"{case}_h{k:02d}.nii.gz" for k in range(4)]
+        for f in files:
+            img = sitk.ReadImage(str(f))
+            _same_geometry(ref, img)
+            assert set(np.unique(sitk.GetArrayFromImage(img))) <= {0, 1, 2}
 
 
 def test_nnunet_evaluate_folder_still_works(prediction):
@@ -139,6 +151,13 @@ def test_folds_are_pooled_epistemic_rises_when_folds_disagree(trained_entrust):
     assert float(epistemic_two.mean()) > float(epistemic_one.mean()) + 0.1
     # the mask is the argmax of the pooled mean, which now leans to the disagreeing fold's class
     assert (two[:c].argmax(0) == 2).float().mean() > (one[:c].argmax(0) == 2).float().mean()
+    # with hypotheses: fold-major, K per fold; the same pooled maps; fold 1's hypotheses lean to class 2
+    pooled.save_hypotheses = True
+    pooled._wrap_network()
+    three, hyps = pooled.predict_case(data)
+    torch.testing.assert_close(three, two)
+    assert hyps.shape == (8, 32, 32) and hyps.dtype == torch.uint8
+    assert (hyps[4:] == 2).float().mean() > (hyps[:4] == 2).float().mean()
 
 
 def _case_copy(raw, tmp_path):

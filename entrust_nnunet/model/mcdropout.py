@@ -48,6 +48,9 @@ class MCDropoutUNet(PlainConvUNet):
                                    nonlin_first=nonlin_first, dropout_op=dropout,
                                    dropout_op_kwargs={"p": decoder_dropout_p})
 
+    #: :meth:`sample_statistics` returns its ``num_hypotheses`` passes as ``hypotheses``
+    samples_hypotheses = True
+
     def dropout_layers(self) -> list[_DropoutNd]:
         return [m for m in self.modules() if isinstance(m, _DropoutNd)]
 
@@ -68,6 +71,7 @@ class MCDropoutUNet(PlainConvUNet):
         modes = [m.training for m in layers]
         devices = [x.device] if x.device.type == "cuda" else []
         mean = aleatoric = None
+        passes = []
         try:
             for m in layers:
                 m.train(True)
@@ -75,6 +79,7 @@ class MCDropoutUNet(PlainConvUNet):
                 torch.manual_seed(seed)
                 for _ in range(num_hypotheses):
                     p = torch.softmax(full_resolution(self(x)).float(), 1)
+                    passes.append(p)
                     h = entropy(p, axis=1)
                     mean = p if mean is None else mean + p
                     aleatoric = h if aleatoric is None else aleatoric + h
@@ -82,4 +87,5 @@ class MCDropoutUNet(PlainConvUNet):
             for m, mode in zip(layers, modes):
                 m.train(mode)
         mean, aleatoric = mean / num_hypotheses, aleatoric / num_hypotheses
-        return {"mean": mean, "aleatoric": aleatoric, "conflict": torch.zeros_like(aleatoric)}
+        return {"mean": mean, "aleatoric": aleatoric, "conflict": torch.zeros_like(aleatoric),
+                "hypotheses": torch.stack(passes)}

@@ -129,6 +129,9 @@ class EnTrustUNet(nn.Module):
         self.cache_parts = False
         self.last_parts: dict | None = None
 
+    #: :meth:`sample` draws ``num_hypotheses`` hypotheses (the predictor sizes its outputs by it)
+    samples_hypotheses = True
+
     def initialize(self, module: nn.Module) -> None:
         """nnU-Net's He initialisation (``network.apply(network.initialize)``), then SegDiff's start head is put
         back to its near-deterministic start (``apply`` visits a module after its children)."""

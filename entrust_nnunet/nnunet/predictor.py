@@ -39,7 +39,8 @@ from acvl_utils.cropping_and_padding.bounding_boxes import insert_crop_into_imag
 from torch import nn
 from tqdm import tqdm
 
-from entrust_nnunet.data.io import MAP_FOLDER, MAP_NAMES, InputError, map_path, write_image
+from entrust_nnunet.data.io import (HYPOTHESIS_FOLDER, MAP_FOLDER, MAP_NAMES, InputError, hypothesis_path, map_path,
+                                    write_image)
 from entrust_nnunet.model.network import EnTrustUNet
 from entrust_nnunet.model.outputs import log_probabilities
 from entrust_nnunet.model.sampling import DEFAULT_SAMPLING, SamplingSettings
@@ -55,13 +56,14 @@ def uncertainty_statistics(net: nn.Module, x: torch.Tensor, sampling: SamplingSe
     """Per-patch ``mean`` (B, C, *s) class probabilities and the maps of :data:`POOLED_MAPS` (B, *s).
 
     EnTrustUNet samples its SegDiff hypotheses; a network with ``sample_statistics`` (the baselines in
-    ``entrust_nnunet.model.mcdropout``, ``entrust_nnunet.model.crnp``) gives its own; any other nnU-Net network is read as plain softmax
-    (aleatoric = its entropy, no probe, no conflict). For networks without a deterministic head of
-    their own, ``head_confidence`` is the max of ``mean``.
+    ``entrust_nnunet.model.mcdropout``, ``entrust_nnunet.model.crnp``) gives its own; any other nnU-Net
+    network is read as plain softmax (aleatoric = its entropy, no probe, no conflict). For networks
+    without a deterministic head of their own, ``head_confidence`` is the max of ``mean``. Also
+    ``hypotheses`` (K, B, C, *s): the network's samples, or its one prediction (K = 1).
     """
     if isinstance(net, EnTrustUNet):
         s = net.sample(x, sampling)
-        return {k: s[k] for k in ("mean", *POOLED_MAPS)}
+        return {k: s[k] for k in ("mean", "hypotheses", *POOLED_MAPS)}
     if hasattr(net, "sample_statistics"):
         s = net.sample_statistics(x, num_hypotheses=sampling.num_hypotheses, seed=sampling.seed)
     else:
@@ -69,7 +71,7 @@ def uncertainty_statistics(net: nn.Module, x: torch.Tensor, sampling: SamplingSe
         s = {"mean": mean, "aleatoric": entropy(mean, axis=1)}
     zeros = torch.zeros_like(s["aleatoric"])
     return {"mean": s["mean"], "aleatoric": s["aleatoric"], "probe": zeros, "conflict": s.get("conflict", zeros),
-            "head_confidence": s["mean"].amax(1)}
+            "head_confidence": s["mean"].amax(1), "hypotheses": s.get("hypotheses", s["mean"][None])}
 
 
 class TrustStatistics(nn.Module):
@@ -80,14 +82,18 @@ class TrustStatistics(nn.Module):
     exactly. ``load_state_dict`` goes to the wrapped network, so nnU-Net's per-fold loading works.
     """
 
-    def __init__(self, network: nn.Module, sampling: SamplingSettings):
+    def __init__(self, network: nn.Module, sampling: SamplingSettings, with_hypotheses: bool = False):
         super().__init__()
         self.net = network
         self.sampling = sampling
+        #: also return every hypothesis' class probabilities (K x C more channels; hypothesis k draws the
+        #: same latent in every patch, so averaging it over patches and mirrorings keeps it one mask)
+        self.with_hypotheses = with_hypotheses
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = uncertainty_statistics(self.net, x, self.sampling)
-        return torch.cat([s["mean"], *(s[k][:, None] for k in POOLED_MAPS)], 1)
+        hyps = [s["hypotheses"].movedim(0, 1).flatten(1, 2).to(s["mean"].dtype)] if self.with_hypotheses else []
+        return torch.cat([s["mean"], *(s[k][:, None] for k in POOLED_MAPS), *hyps], 1)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         return self.net.load_state_dict(state_dict, strict=strict, assign=assign)
@@ -110,12 +116,29 @@ def _temporary_name(path: str) -> str:
     return os.path.join(head, f".tmp-{os.getpid()}-{tail}")
 
 
+def _write_hypotheses(hypotheses: np.ndarray, properties: dict, configuration_manager, plans_manager,
+                      dataset_json: dict, reference: sitk.Image, out_dir: str, case: str) -> None:
+    """Each hypothesis' labels (F*K, *s, preprocessed geometry) as a mask with the input's geometry, brought
+    back exactly as nnU-Net brings back the mask (resampled one-hot, cropping and transposition reverted)."""
+    label_manager = plans_manager.get_label_manager(dataset_json)
+    c = label_manager.num_segmentation_heads
+    shape = sitk.GetArrayViewFromImage(reference).shape
+    for k, labels in enumerate(hypotheses):
+        onehot_logits = np.moveaxis(np.eye(c, dtype=np.float32)[labels], -1, 0) * 20.0  # softmax -> one-hot
+        seg = convert_predicted_logits_to_segmentation_with_correct_shape(
+            torch.from_numpy(onehot_logits), plans_manager, configuration_manager, label_manager, properties)
+        image = sitk.GetImageFromArray(np.asarray(seg, dtype=np.uint8).reshape(shape))
+        image.CopyInformation(reference)
+        write_image(image, hypothesis_path(out_dir, case, k, dataset_json["file_ending"]))
+
+
 def export_prediction_with_maps(prediction: np.ndarray, properties: dict, configuration_manager, plans_manager,
                                 dataset_json: dict, output_file_truncated: str, save_probabilities: bool = False,
-                                keep_mask: bool = True) -> None:
-    """Write mask (+ probabilities) with nnU-Net's exporter and the maps beside it, all atomically.
+                                keep_mask: bool = True, hypotheses: np.ndarray | None = None) -> None:
+    """Write mask (+ probabilities) with nnU-Net's exporter and the maps (+ hypotheses) beside it, atomically.
 
     ``prediction`` is (C + 4, *s): log class probabilities, then total, aleatoric, epistemic, conflict.
+    ``hypotheses`` (F*K, *s): labels of every hypothesis, written to ``OUT/hypotheses/CASE_hNN``.
     With ``keep_mask=False`` only the maps are kept (nnU-Net's validation has written the masks).
     """
     num_classes = prediction.shape[0] - len(MAP_NAMES)
@@ -138,6 +161,10 @@ def export_prediction_with_maps(prediction: np.ndarray, properties: dict, config
             image = sitk.GetImageFromArray(np.asarray(values, dtype=np.float32).reshape(shape))
             image.CopyInformation(reference)
             write_image(image, map_path(out_dir, case, name, ending))
+        if hypotheses is not None:
+            os.makedirs(os.path.join(out_dir, HYPOTHESIS_FOLDER), exist_ok=True)
+            _write_hypotheses(hypotheses, properties, configuration_manager, plans_manager, dataset_json, reference,
+                              out_dir, case)
         for tmp in written if keep_mask else []:  # the mask last: a mask on disk means its maps are complete
             os.replace(tmp, output_file_truncated + tmp[len(tmp_trunc):])
     finally:
@@ -165,9 +192,12 @@ def _safe_load_check(checkpoint: Path) -> None:
 
 
 class EnTrustPredictor(nnUNetPredictor):
-    def __init__(self, *args, sampling: SamplingSettings = DEFAULT_SAMPLING, **kwargs):
+    def __init__(self, *args, sampling: SamplingSettings = DEFAULT_SAMPLING, save_hypotheses: bool = False,
+                 **kwargs):
         super().__init__(*args, **kwargs)
         self.sampling = sampling
+        #: also predict every hypothesis as a mask (fold-major: all of fold 0's, then fold 1's, ...)
+        self.save_hypotheses = save_hypotheses
         self.calib_heads: list[CalibHead] = []
 
     # --------------------------------------------------------------- initialisation
@@ -195,7 +225,7 @@ class EnTrustPredictor(nnUNetPredictor):
         net = unwrap(self.network)
         if isinstance(net, TrustStatistics):
             net = net.net
-        self.network = TrustStatistics(net, self.sampling)
+        self.network = TrustStatistics(net, self.sampling, with_hypotheses=self.save_hypotheses)
         self.calib_heads = []
         if isinstance(net, EnTrustUNet):
             for p in self.list_of_parameters or [net.state_dict()]:
@@ -210,35 +240,67 @@ class EnTrustPredictor(nnUNetPredictor):
         return torch.stack([head.predict_voxels(stats) for head in self.calib_heads]).mean(0).clamp(0, 1)
 
     # --------------------------------------------------------------- prediction
+    def hypotheses_per_fold(self) -> int:
+        """K for networks that sample hypotheses, else 1 (their one prediction)."""
+        return self.sampling.num_hypotheses if getattr(self.network.net, "samples_hypotheses", False) else 1
+
     def predict_sliding_window_return_logits(self, input_image: torch.Tensor):
-        # nnU-Net preallocates one accumulator channel per segmentation head; ours carry the pooled maps too
+        # nnU-Net preallocates one accumulator channel per segmentation head; ours carry the pooled maps
+        # (and, when asked, every hypothesis) too
         labels = self.label_manager
-        self.label_manager = SimpleNamespace(num_segmentation_heads=labels.num_segmentation_heads + len(POOLED_MAPS))
+        extra = len(POOLED_MAPS) + (self.hypotheses_per_fold() * labels.num_segmentation_heads
+                                    if self.network.with_hypotheses else 0)
+        self.label_manager = SimpleNamespace(num_segmentation_heads=labels.num_segmentation_heads + extra)
         try:
             return super().predict_sliding_window_return_logits(input_image)
         finally:
             self.label_manager = labels
 
+    def _pooled_with_hypotheses(self, data: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """nnU-Net's loop over folds (pooled channels averaged), keeping each fold's hypotheses apart:
+        returns the pooled (C + maps, *s) and the hypotheses' labels (F*K, *s), fold-major."""
+        c = self.label_manager.num_segmentation_heads
+        pooled, labels = None, []
+        for params in self.list_of_parameters:
+            self.network.load_state_dict(params)
+            out = self.predict_sliding_window_return_logits(data).to("cpu").float()
+            head = out[:c + len(POOLED_MAPS)]
+            pooled = head if pooled is None else pooled + head
+            labels.append(out[c + len(POOLED_MAPS):].unflatten(0, (-1, c)).argmax(1).to(torch.uint8))
+        return pooled / len(self.list_of_parameters), torch.cat(labels)
+
     @torch.inference_mode()
     def pooled_statistics(self, data: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Hypotheses pooled over patches, mirrorings and folds -> ``mean`` (C, *s) and CalibHead's inputs (*s)."""
-        pooled = super().predict_logits_from_preprocessed_data(data).float()
+        """Hypotheses pooled over patches, mirrorings and folds -> ``mean`` (C, *s) and CalibHead's inputs (*s);
+        with ``save_hypotheses`` also ``hypotheses`` (F*K, *s): every hypothesis' labels, fold-major."""
+        hypotheses = None
+        if self.network.with_hypotheses:
+            pooled, hypotheses = self._pooled_with_hypotheses(data)
+        else:
+            pooled = super().predict_logits_from_preprocessed_data(data).float()
         c = self.label_manager.num_segmentation_heads
         mean = pooled[:c].clamp_min(0)
         mean = mean / mean.sum(0, keepdim=True).clamp_min(1e-8)
         maps = dict(zip(POOLED_MAPS, pooled[c:]))
         total = entropy(mean, axis=0)
         return {**maps, "mean": mean, "confidence": mean.amax(0), "entropy": total,
-                "epistemic": (total - maps["aleatoric"]).clamp_min(0), "conflict": maps["conflict"].clamp(0, 1)}
+                "epistemic": (total - maps["aleatoric"]).clamp_min(0), "conflict": maps["conflict"].clamp(0, 1),
+                **({"hypotheses": hypotheses} if hypotheses is not None else {})}
 
     @torch.inference_mode()
-    def predict_logits_from_preprocessed_data(self, data: torch.Tensor) -> torch.Tensor:
+    def predict_case(self, data: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(C + 4, *s): log pooled class probabilities, then the maps of MAP_NAMES: P(error) (exported as
-        ``total``, see :meth:`probability_of_error`), aleatoric, epistemic, conflict."""
+        ``total``, see :meth:`probability_of_error`), aleatoric, epistemic, conflict; and the hypotheses'
+        labels (F*K, *s) with ``save_hypotheses`` (else None)."""
         stats = self.pooled_statistics(data)
         p_error = self.probability_of_error(stats)
         return torch.cat([log_probabilities(stats["mean"]),
-                          torch.stack([p_error, stats["aleatoric"], stats["epistemic"], stats["conflict"]])])
+                          torch.stack([p_error, stats["aleatoric"], stats["epistemic"], stats["conflict"]])]), \
+            stats.get("hypotheses")
+
+    def predict_logits_from_preprocessed_data(self, data: torch.Tensor) -> torch.Tensor:
+        """nnU-Net's entry point: :meth:`predict_case` without the hypotheses."""
+        return self.predict_case(data)[0]
 
     def predict_cases(self, input_files: list[list[str]], output_truncated: list[str], save_probabilities: bool = False,
                       num_processes_preprocessing: int = 2, num_processes_export: int = 2) -> None:
@@ -252,9 +314,10 @@ class EnTrustPredictor(nnUNetPredictor):
                 if isinstance(data, str):  # nnU-Net hands large cases over as a temporary .npy file
                     path, data = data, torch.from_numpy(np.load(data))
                     os.remove(path)
-                prediction = self.predict_logits_from_preprocessed_data(data).cpu().numpy()
+                prediction, hypotheses = self.predict_case(data)
                 pending.append(pool.apply_async(export_prediction_with_maps, (
-                    prediction, item["data_properties"], self.configuration_manager, self.plans_manager,
-                    self.dataset_json, item["ofile"], save_probabilities)))
+                    prediction.cpu().numpy(), item["data_properties"], self.configuration_manager, self.plans_manager,
+                    self.dataset_json, item["ofile"], save_probabilities, True,
+                    None if hypotheses is None else hypotheses.cpu().numpy())))
             for job in pending:
                 job.get()
