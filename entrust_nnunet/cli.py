@@ -142,6 +142,16 @@ def _add_pipeline(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_demo)
 
 
+def _env_int(name: str, default: int) -> int:
+    """nnUNetv2_predict's defaults for -npp/-nps: an integer environment variable, else ``default``."""
+    import os
+
+    try:
+        return int(os.environ.get(name, default))
+    except ValueError:
+        return default
+
+
 def _cmd_predict(args: argparse.Namespace) -> None:
     from nnunetv2.utilities.file_path_utilities import get_output_folder
 
@@ -151,6 +161,8 @@ def _cmd_predict(args: argparse.Namespace) -> None:
     ensure_ext_trainer()
     if args.model_folder is None and args.d is None:
         raise InputError("give -d DATASET (with -c/-tr/-p) or -m MODEL_FOLDER")
+    if args.model_folder is None and args.c is None:
+        raise InputError("-c: give the configuration (e.g. -c 2d), as nnUNetv2_predict requires it")
     try:
         model = args.model_folder or get_output_folder(args.d, args.tr, args.p, args.c)
     except RuntimeError as e:
@@ -175,18 +187,24 @@ def _add_prediction(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-i", required=True, help="input folder (CASE_XXXX<ending> files, nnU-Net naming)")
     p.add_argument("-o", required=True, help="output folder (must differ from the input folder)")
     p.add_argument("-d", default=None, help="dataset name or id")
-    p.add_argument("-c", default="2d", help="configuration (default: 2d)")
+    p.add_argument("-c", default=None, help="configuration, e.g. 2d or 3d_fullres (required with -d, as in nnUNetv2_predict)")
     p.add_argument("-tr", default="nnUNetTrainerEnTrust", help="trainer (default: nnUNetTrainerEnTrust)")
     p.add_argument("-p", default="nnUNetEnTrustPlans", help="plans identifier (default: nnUNetEnTrustPlans)")
     p.add_argument("-m", "--model-folder", default=None, help="trained model folder instead of -d/-c/-tr/-p")
-    p.add_argument("-f", nargs="+", default=None, help="folds to pool (default: all folds that exist)")
+    p.add_argument("-f", nargs="+", default=None,
+                   help="folds to pool (default: every fold_X with the checkpoint; with all five trained that is "
+                        "nnUNetv2_predict's default 0 1 2 3 4)")
     p.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint name (default: checkpoint_final.pth)")
-    p.add_argument("-device", default="cpu", choices=("cpu", "cuda"), help="device (default: cpu)")
+    p.add_argument("-device", default="cuda", choices=("cuda", "cpu", "mps"),
+                   help="cuda (GPU), cpu or mps (Apple GPU), as nnUNetv2_predict (default: cuda; without a usable GPU "
+                        "it falls back to the CPU and says so)")
     p.add_argument("-step_size", type=float, default=0.5, help="sliding-window step as a fraction of the patch (default: 0.5)")
     p.add_argument("--disable_tta", action="store_true", help="no mirroring test-time augmentation")
     p.add_argument("--save_probabilities", action="store_true", help="also write the calibrated class probabilities (.npz + .pkl)")
-    p.add_argument("-npp", type=int, default=2, help="processes for preprocessing (default: 2)")
-    p.add_argument("-nps", type=int, default=2, help="processes for export (default: 2)")
+    p.add_argument("-npp", type=int, default=_env_int("nnUNet_npp", 3),
+                   help="processes for preprocessing (default: $nnUNet_npp, else 3, as nnUNetv2_predict)")
+    p.add_argument("-nps", type=int, default=_env_int("nnUNet_nps", 3),
+                   help="processes for export (default: $nnUNet_nps, else 3, as nnUNetv2_predict)")
     p.add_argument("--num-hypotheses", type=int, default=DEFAULT_SAMPLING.num_hypotheses,
                    help=f"K hypotheses per patch and fold (default: {DEFAULT_SAMPLING.num_hypotheses})")
     p.add_argument("--num-samples", type=int, dest="num_hypotheses", help=argparse.SUPPRESS)  # old name
