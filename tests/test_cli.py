@@ -57,7 +57,8 @@ def test_predict_flags_mean_what_nnunet_predict_means():
 def test_predict_needs_a_configuration_with_a_dataset(capsys):
     rc = main(["predict", "-i", "in", "-o", "out", "-d", "1"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and err == ["entrust: error: -c: give the configuration (e.g. -c 2d), as nnUNetv2_predict requires it"]
+    assert rc == 2 and err == [
+        "entrust: error: -c: give the configuration (e.g. -c 2d), as nnUNetv2_predict requires it"]
 
 
 def test_cuda_falls_back_to_the_cpu_with_one_line(monkeypatch, capsys):
