@@ -218,6 +218,11 @@ def test_entrust_ensemble_pools_members_like_folds(members, tmp_path):
         np.testing.assert_allclose(epistemic, expected, atol=1e-5)
         # the members' disagreement adds to their own epistemic parts (the JSD of their means is >= 0)
         assert epistemic.mean() >= np.mean([_map(f, case, "epistemic").mean() for f in folders]) - 1e-3
+        image = sitk.ReadImage(str(raw / "imagesTs" / f"{case}_0000.nii.gz"))
+        for name in MAP_NAMES:  # every map, with the input's geometry
+            written = sitk.ReadImage(str(out / "uncertainty" / f"{case}_{name}.nii.gz"))
+            assert written.GetSize() == image.GetSize() and written.GetPixelID() == sitk.sitkFloat32
+            np.testing.assert_allclose(written.GetDirection(), image.GetDirection(), atol=1e-6)
         total = _map(out, case, "total")
         agree = np.all([_array(f / f"{case}.nii.gz") == mask for f in folders], 0)
         np.testing.assert_allclose(total[agree], np.mean([_map(f, case, "total")[agree] for f in folders], 0),
