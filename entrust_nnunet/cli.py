@@ -142,6 +142,16 @@ def _add_pipeline(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_demo)
 
 
+def _env_int(name: str, default: int) -> int:
+    """nnUNetv2_predict's defaults for -npp/-nps: an integer environment variable, else ``default``."""
+    import os
+
+    try:
+        return int(os.environ.get(name, default))
+    except ValueError:
+        return default
+
+
 def _cmd_predict(args: argparse.Namespace) -> None:
     from nnunetv2.utilities.file_path_utilities import get_output_folder
 
@@ -151,6 +161,8 @@ def _cmd_predict(args: argparse.Namespace) -> None:
     ensure_ext_trainer()
     if args.model_folder is None and args.d is None:
         raise InputError("give -d DATASET (with -c/-tr/-p) or -m MODEL_FOLDER")
+    if args.model_folder is None and args.c is None:
+        raise InputError("-c: give the configuration (e.g. -c 2d), as nnUNetv2_predict requires it")
     try:
         model = args.model_folder or get_output_folder(args.d, args.tr, args.p, args.c)
     except RuntimeError as e:
@@ -175,18 +187,24 @@ def _add_prediction(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-i", required=True, help="input folder (CASE_XXXX<ending> files, nnU-Net naming)")
     p.add_argument("-o", required=True, help="output folder (must differ from the input folder)")
     p.add_argument("-d", default=None, help="dataset name or id")
-    p.add_argument("-c", default="2d", help="configuration (default: 2d)")
+    p.add_argument("-c", default=None, help="configuration, e.g. 2d or 3d_fullres (required with -d, as in nnUNetv2_predict)")
     p.add_argument("-tr", default="nnUNetTrainerEnTrust", help="trainer (default: nnUNetTrainerEnTrust)")
     p.add_argument("-p", default="nnUNetEnTrustPlans", help="plans identifier (default: nnUNetEnTrustPlans)")
     p.add_argument("-m", "--model-folder", default=None, help="trained model folder instead of -d/-c/-tr/-p")
-    p.add_argument("-f", nargs="+", default=None, help="folds to pool (default: all folds that exist)")
+    p.add_argument("-f", nargs="+", default=None,
+                   help="folds to pool (default: every fold_X with the checkpoint; with all five trained that is "
+                        "nnUNetv2_predict's default 0 1 2 3 4)")
     p.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint name (default: checkpoint_final.pth)")
-    p.add_argument("-device", default="cpu", choices=("cpu", "cuda"), help="device (default: cpu)")
+    p.add_argument("-device", default="cuda", choices=("cuda", "cpu", "mps"),
+                   help="cuda (GPU), cpu or mps (Apple GPU), as nnUNetv2_predict (default: cuda; without a usable GPU "
+                        "it falls back to the CPU and says so)")
     p.add_argument("-step_size", type=float, default=0.5, help="sliding-window step as a fraction of the patch (default: 0.5)")
     p.add_argument("--disable_tta", action="store_true", help="no mirroring test-time augmentation")
     p.add_argument("--save_probabilities", action="store_true", help="also write the calibrated class probabilities (.npz + .pkl)")
-    p.add_argument("-npp", type=int, default=2, help="processes for preprocessing (default: 2)")
-    p.add_argument("-nps", type=int, default=2, help="processes for export (default: 2)")
+    p.add_argument("-npp", type=int, default=_env_int("nnUNet_npp", 3),
+                   help="processes for preprocessing (default: $nnUNet_npp, else 3, as nnUNetv2_predict)")
+    p.add_argument("-nps", type=int, default=_env_int("nnUNet_nps", 3),
+                   help="processes for export (default: $nnUNet_nps, else 3, as nnUNetv2_predict)")
     p.add_argument("--num-hypotheses", type=int, default=DEFAULT_SAMPLING.num_hypotheses,
                    help=f"K hypotheses per patch and fold (default: {DEFAULT_SAMPLING.num_hypotheses})")
     p.add_argument("--num-samples", type=int, dest="num_hypotheses", help=argparse.SUPPRESS)  # old name
@@ -199,6 +217,58 @@ def _add_prediction(sub: argparse._SubParsersAction) -> None:
                         "folds fold-major: fold 0's K hypotheses first)")
     p.add_argument("--no-probe", action="store_true", help="skip ProbeStep (faster; the probe statistic is then 0)")
     p.set_defaults(func=_cmd_predict)
+
+
+def _cmd_postprocess(args: argparse.Namespace) -> None:
+    from entrust_nnunet.nnunet.toolchain import postprocess_folder
+
+    record = postprocess_folder(args.i, args.o, args.pp_pkl_file, num_processes=args.np, plans_json=args.plans_json,
+                                dataset_json=args.dataset_json)
+    for case, r in record["cases"].items():
+        if r["removed_conflict_voxels"]:
+            print(f"{case}: post-processing removed {r['removed_conflict_regions']} region(s) that the conflict map "
+                  f"marks ({r['removed_conflict_voxels']} voxels with conflict > {record['conflict_mark']})")
+    removed = sum(r["removed_voxels"] for r in record["cases"].values())
+    print(f"post-processed {len(record['cases'])} cases into {args.o} ({removed} voxels removed; there P(error) is "
+          f"now the probability that removing them was wrong)")
+
+
+def _cmd_ensemble(args: argparse.Namespace) -> None:
+    from entrust_nnunet.nnunet.toolchain import ensemble_folders
+
+    out = ensemble_folders(args.i, args.o, save_probabilities=args.save_npz, num_processes=args.np)
+    print(f"ensemble of {len(args.i)} folders: masks in {out}, uncertainty maps in {out / 'uncertainty'}")
+
+
+def _add_toolchain(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("postprocess", help="nnUNetv2_apply_postprocessing that keeps the uncertainty maps consistent",
+                       description="Apply nnU-Net's post-processing (postprocessing.pkl from "
+                                   "nnUNetv2_find_best_configuration) to an `entrust predict --save_probabilities` "
+                                   "folder. Where a component is removed, the P(error) map becomes the network's "
+                                   "foreground probability there (from the .npz of --save_probabilities; without it "
+                                   "1 - P(error)); other maps, .npz and .pkl are copied. Writes "
+                                   "postprocessed_regions.json (removed voxels per case, and those the conflict map "
+                                   "marks).")
+    p.add_argument("-i", required=True, help="input folder (entrust predict output, best with --save_probabilities)")
+    p.add_argument("-o", required=True, help="output folder (must differ from the input folder)")
+    p.add_argument("-pp_pkl_file", required=True, help="postprocessing.pkl written by nnUNetv2_find_best_configuration")
+    p.add_argument("-np", type=int, default=2, help="processes (default: 2)")
+    p.add_argument("-plans_json", default=None, help="plans file (default: INPUT/plans.json), as nnU-Net's")
+    p.add_argument("-dataset_json", default=None, help="dataset.json (default: INPUT/dataset.json), as nnU-Net's")
+    p.set_defaults(func=_cmd_postprocess)
+
+    p = sub.add_parser("ensemble", help="nnUNetv2_ensemble with uncertainty maps (pools configurations like folds)",
+                       description="Pool several `entrust predict --save_probabilities` folders (e.g. 2d and "
+                                   "3d_fullres): class probabilities averaged as nnUNetv2_ensemble does; aleatoric and "
+                                   "conflict averaged; epistemic = entropy of the pooled probabilities minus the mean "
+                                   "aleatoric; P(error) = the members' calibrated P(error) for the ensemble's label, "
+                                   "averaged.")
+    p.add_argument("-i", nargs="+", required=True, help="prediction folders (two or more)")
+    p.add_argument("-o", required=True, help="output folder")
+    p.add_argument("-np", type=int, default=2, help="processes (default: 2)")
+    p.add_argument("--save_npz", "--save_probabilities", dest="save_npz", action="store_true",
+                   help="also write the pooled class probabilities (.npz + .pkl), as nnUNetv2_ensemble --save_npz")
+    p.set_defaults(func=_cmd_ensemble)
 
 
 def _print_headline(summary: dict) -> None:
@@ -220,6 +290,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     summary = evaluate_folder(args.pred, args.gt, conflict_dir=args.conflict, dataset_json=args.djfile,
                               output_file=output, num_processes=args.np, annotators_dir=args.annotators)
     _print_headline(summary)
+    pp = summary.get("postprocessing")
+    if pp and pp["cases_with_removed_conflict"]:
+        print(f"post-processing removed {pp['removed_conflict_voxels']} voxels that the conflict map marks "
+              f"(conflict > {pp['conflict_mark']}) in {len(pp['cases_with_removed_conflict'])} case(s)")
     print(f"summary: {output.absolute()}")
     if args.report:
         from entrust_nnunet.evaluation.report import write_report
@@ -313,6 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_pipeline(sub)
     _add_evaluation(sub)
     _add_prediction(sub)
+    _add_toolchain(sub)
     return parser
 
 

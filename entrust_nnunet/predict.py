@@ -47,6 +47,17 @@ def collect_cases(input_dir: Path, file_ending: str, num_channels: int) -> dict[
     return {case: [str(channels[c]) for c in range(num_channels)] for case, channels in cases.items()}
 
 
+def resolve_device(name: str) -> torch.device:
+    """nnUNetv2_predict's ``-device`` (cuda, cpu, mps), except that ``cuda`` without a usable GPU falls back
+    to the CPU with one printed line, so CPU users and the demo need no flag."""
+    if name == "cuda" and not torch.cuda.is_available():
+        print("entrust: CUDA is not available on this machine; predicting on the CPU")
+        return torch.device("cpu")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise InputError("-device mps: MPS (Apple GPU) is not available on this machine")
+    return torch.device(name)
+
+
 def predict_folder(input_dir, output_dir, model_folder, folds=None, checkpoint: str = "checkpoint_final.pth",
                    device: str = "cpu", sampling: SamplingSettings = DEFAULT_SAMPLING, step_size: float = 0.5,
                    disable_tta: bool = False, save_probabilities: bool = False, num_processes_preprocessing: int = 2,
@@ -67,10 +78,10 @@ def predict_folder(input_dir, output_dir, model_folder, folds=None, checkpoint: 
     dataset_json = json.loads((model_folder / "dataset.json").read_text())
     cases = collect_cases(input_dir, dataset_json["file_ending"], len(dataset_json["channel_names"]))
 
+    device = resolve_device(str(device))
     predictor = EnTrustPredictor(tile_step_size=step_size, use_gaussian=True, use_mirroring=not disable_tta,
-                                 perform_everything_on_device=device == "cuda", device=torch.device(device),
-                                 allow_tqdm=False, sampling=sampling,
-                                 save_hypotheses=save_hypotheses)
+                                 perform_everything_on_device=device.type == "cuda", device=device,
+                                 allow_tqdm=False, sampling=sampling, save_hypotheses=save_hypotheses)
     predictor.initialize_from_trained_model_folder(str(model_folder), folds, checkpoint)
     for name, content in (("dataset.json", predictor.dataset_json), ("plans.json", predictor.plans_manager.plans)):
         with open(output_dir / name, "w") as f:

@@ -16,3 +16,58 @@ def test_invalid_sampling_is_one_line(tmp_path, capsys):
     rc = main(["predict", "-i", str(tmp_path), "-o", str(tmp_path / "o"), "-m", str(tmp_path), "--num-hypotheses", "0"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "num_hypotheses must be >= 1" in err[0]
+
+
+def _nnunet_predict_arguments() -> dict[str, dict]:
+    """nnUNetv2_predict's flags as the installed nnU-Net declares them (read from its source, not copied)."""
+    import ast
+    import inspect
+
+    from nnunetv2.inference import predict_from_raw_data as nnunet_predict
+
+    flags = {}
+    for node in ast.walk(ast.parse(inspect.getsource(nnunet_predict.predict_entry_point))):
+        if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "add_argument":
+            keywords = {k.arg: k.value for k in node.keywords}
+            default = keywords.get("default")
+            if isinstance(default, ast.Call):  # _getDefaultValue('nnUNet_npp', int, 3): evaluate it as nnU-Net does
+                default = getattr(nnunet_predict, default.func.id)(*(eval(compile(ast.Expression(a), "", "eval"))
+                                                                      for a in default.args))
+            elif default is not None:
+                default = ast.literal_eval(default)
+            flags[node.args[0].value] = {"default": default, **{k: ast.literal_eval(v) for k, v in keywords.items()
+                                                                 if k in ("required", "action")}}
+    return flags
+
+
+def test_predict_flags_mean_what_nnunet_predict_means():
+    """Every nnUNetv2_predict flag we accept has nnU-Net's default (-f, -c, -tr, -p: see README)."""
+    nnunet = _nnunet_predict_arguments()
+    ours = {a.option_strings[0]: a for a in build_parser()._subparsers._group_actions[0].choices["predict"]._actions}
+    for flag in ("-step_size", "-chk", "-npp", "-nps", "-device"):
+        assert ours[flag].default == nnunet[flag]["default"], flag
+    assert ours["-tr"].default == "nnUNetTrainerEnTrust"  # our trainer, on purpose (README)
+    for flag in ("--disable_tta", "--save_probabilities"):
+        assert nnunet[flag]["action"] == "store_true" and ours[flag].default is False, flag
+    assert nnunet["-c"]["required"] and ours["-c"].default is None  # required with -d, checked when run
+    assert set(ours["-device"].choices) == {"cuda", "cpu", "mps"}
+    assert nnunet["-f"]["default"] == (0, 1, 2, 3, 4) and ours["-f"].default is None  # every trained fold
+
+
+def test_predict_needs_a_configuration_with_a_dataset(capsys):
+    rc = main(["predict", "-i", "in", "-o", "out", "-d", "1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err == [
+        "entrust: error: -c: give the configuration (e.g. -c 2d), as nnUNetv2_predict requires it"]
+
+
+def test_cuda_falls_back_to_the_cpu_with_one_line(monkeypatch, capsys):
+    import torch
+
+    from entrust_nnunet.predict import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("cuda") == torch.device("cpu")
+    assert capsys.readouterr().out.strip().splitlines() == [
+        "entrust: CUDA is not available on this machine; predicting on the CPU"]
+    assert resolve_device("cpu") == torch.device("cpu")

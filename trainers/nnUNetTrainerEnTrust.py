@@ -3,6 +3,7 @@ from entrust_nnunet.nnunet.trainers import nnUNetTrainerEnTrust  # noqa: F401
 from entrust_nnunet.nnunet.variants import (  # noqa: F401
     nnUNetTrainerEnTrust_5epochs,
     nnUNetTrainerEnTrust_50epochs,
+    nnUNetTrainerEnTrust_1epochCPU,
     nnUNetTrainerEnTrust_demo,
     nnUNetTrainerEnTrust_tinyCPU,
 )

@@ -31,6 +31,10 @@ GEOMETRY_TOLERANCE = 1e-4
 #: ``nnUNetv2_evaluate_folder`` still works on the masks beside it), one file per map name
 MAP_FOLDER = "uncertainty"
 MAP_NAMES = ("total", "aleatoric", "epistemic", "conflict")
+#: ``entrust postprocess`` records beside its masks what it removed per case (``entrust evaluate`` reports it);
+#: a removed voxel counts as marked by the conflict map above CONFLICT_MARK
+POSTPROCESSING_RECORD = "postprocessed_regions.json"
+CONFLICT_MARK = 0.5
 #: endings SimpleITK writes float32 images to; other dataset endings (e.g. .png) get .nii.gz maps
 FLOAT_ENDINGS = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd")
 

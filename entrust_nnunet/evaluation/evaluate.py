@@ -37,8 +37,8 @@ import numpy as np
 import SimpleITK as sitk
 from tqdm import tqdm
 
-from entrust_nnunet.data.io import (HYPOTHESIS_FOLDER, MAP_FOLDER, MAP_NAMES, InputError, check_same_geometry, map_path,
-                                    numbered_files, read_header, read_image)
+from entrust_nnunet.data.io import (HYPOTHESIS_FOLDER, MAP_FOLDER, MAP_NAMES, POSTPROCESSING_RECORD, InputError,
+                                    check_same_geometry, map_path, numbered_files, read_header, read_image)
 from entrust_nnunet.evaluation import metrics
 from entrust_nnunet.evaluation.summary import CURVE_POINTS, DEFINITIONS, N_BINS, summarize, to_json, write_summary  # noqa: F401
 
@@ -369,6 +369,27 @@ def _run(jobs: list[dict], num_processes: int, progress: bool | None) -> list[di
     return results
 
 
+def add_postprocessing_record(summary: dict, pred_dir: Path, ending: str) -> None:
+    """What ``entrust postprocess`` removed (its record beside the masks): per case under ``postprocessing`` and
+    in total under ``summary["postprocessing"]``, so the report can say where it removed conflict-marked regions."""
+    path = pred_dir / POSTPROCESSING_RECORD
+    if not path.is_file():
+        return
+    try:
+        record = json.loads(path.read_text())
+        cases = record["cases"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise InputError(f"{path}: not a post-processing record ({type(e).__name__})") from None
+    for entry in summary["metric_per_case"]:
+        name = Path(entry["prediction_file"]).name
+        entry["postprocessing"] = cases.get(name[: -len(ending)] if name.endswith(ending) else name)
+    total = {k: sum((c or {}).get(k, 0) for c in cases.values())
+             for k in ("removed_voxels", "removed_regions", "removed_conflict_voxels", "removed_conflict_regions")}
+    summary["postprocessing"] = {**total, "cases_with_removed_conflict": sorted(
+        c for c, r in cases.items() if r.get("removed_conflict_voxels")), "conflict_mark": record.get("conflict_mark"),
+        "postprocessing_fns": record.get("postprocessing_fns"), "record": str(path)}
+
+
 def evaluate_folder(pred_dir, gt_dir, conflict_dir=None, dataset_json=None, output_file=None,
                     num_processes: int = 2, *, progress: bool | None = None,
                     max_pooled_voxels: int = MAX_POOLED_VOXELS, annotators_dir=None) -> dict:
@@ -415,6 +436,7 @@ def evaluate_folder(pred_dir, gt_dir, conflict_dir=None, dataset_json=None, outp
     summary = summarize(results, keys, fg_keys, pools, num_voxels, fraction, inputs)
     if not (pred_dir / MAP_FOLDER).is_dir():
         summary["uncertainty_mean"]["note"] = f"no {MAP_FOLDER}/ folder in {pred_dir}: uncertainty not evaluated"
+    add_postprocessing_record(summary, pred_dir, ending)
     if output_file is not None:
         write_summary(summary, output_file)
     return summary

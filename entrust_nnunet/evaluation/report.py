@@ -303,6 +303,26 @@ def write_report(pred_dir, summary, out_dir, images_dir=None, gt_dir=None, confl
     return Path(out_dir).absolute()
 
 
+def _postprocessing_html(summary: dict) -> list[str]:
+    """Where ``entrust postprocess`` removed regions that the conflict map marks (nnU-Net's post-processing
+    removes small components, which is where the modalities often disagree)."""
+    pp = summary.get("postprocessing")
+    if not pp:
+        return []
+    rows = [[Path(e["prediction_file"]).name, r.get("removed_regions"), r.get("removed_voxels"),
+             r.get("removed_conflict_regions"), r.get("removed_conflict_voxels")]
+            for e in summary["metric_per_case"] if (r := e.get("postprocessing")) and r.get("removed_voxels")]
+    marked = pp.get("cases_with_removed_conflict") or []
+    note = (f"Post-processing ({', '.join(pp.get('postprocessing_fns') or []) or 'none'}) removed "
+            f"{pp.get('removed_conflict_voxels')} voxels in {len(marked)} case(s) where the conflict map marks "
+            f"conflict (&gt; {pp.get('conflict_mark')}): the modalities disagree there, so what was removed may be "
+            "real; the P(error) map there is the probability that removing it was wrong.") if marked else \
+        "Post-processing removed no region that the conflict map marks."
+    return ["<h2>Post-processing</h2>", f"<p>{note}</p>",
+            _table(["case", "removed regions", "removed voxels", "conflict-marked regions", "conflict-marked voxels"],
+                   rows) if rows else ""]
+
+
 def _html(summary: dict, figures, curves, label_names, pred_dir: Path) -> str:
 
     mean, fg = summary.get("mean") or {}, summary.get("foreground_mean") or {}
@@ -342,6 +362,7 @@ def _html(summary: dict, figures, curves, label_names, pred_dir: Path) -> str:
                      "conflict or without errors.</p>")
     else:
         parts.append(f"<p>{html.escape(str(umean.get('note', pooled.get('note', 'no uncertainty maps'))))}</p>")
+    parts += _postprocessing_html(summary)
     if curves:
         parts.append("<h2>Calibration and selective prediction</h2><p>"
                      + "".join(f"<img src='{c}' alt='{c}'>" for c in curves) + "</p>")

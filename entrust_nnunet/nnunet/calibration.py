@@ -54,15 +54,15 @@ def calibration_voxels(predictor, cases: Iterable, keys, cache: dict, max_voxels
     return columns, torch.cat([cache[key][1] for key in keys])
 
 
-def fit_calib_head(calib: CalibHead, voxels_of: Callable[[list], Voxels], keys) -> str:
+def fit_calib_head(calib: CalibHead, voxels_of: Callable[[list], Voxels], keys, max_steps: int = CALIBRATION_STEPS) -> str:
     """Fit ``calib`` on the voxels of ``keys`` (``voxels_of(keys)``); returns a one-line summary.
 
     With two cases or more, every other case judges a fit on the rest, which picks the number of
     steps (early stopping: a handful of calibration cases is easy to overfit); the head is then
-    fitted on all of ``keys`` for that many steps.
+    fitted on all of ``keys`` for that many steps (at most ``max_steps``).
     """
     keys = sorted(keys)
-    steps = CALIBRATION_STEPS
+    steps = max_steps
     if len(keys) >= 2:
         _, steps = calib.fit_voxels(*voxels_of(keys[0::2]), steps=steps, judge=voxels_of(keys[1::2]))
     columns, error = voxels_of(keys)

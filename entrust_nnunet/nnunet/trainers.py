@@ -30,7 +30,8 @@ from torch import nn
 
 from entrust_nnunet.model.network import LOSS_WEIGHTS, EnTrustUNet
 from entrust_nnunet.model.outputs import full_resolution
-from entrust_nnunet.nnunet.calibration import calibration_subset, calibration_voxels, fit_calib_head
+from entrust_nnunet.nnunet.calibration import (CALIBRATION_STEPS, calibration_subset, calibration_voxels,
+                                               fit_calib_head)
 from entrust_nnunet.nnunet.distributed import broadcast_state, freeze, thawed, unwrap
 
 ENTRUST_NETWORK = f"{EnTrustUNet.__module__}.{EnTrustUNet.__name__}"
@@ -69,6 +70,8 @@ class nnUNetTrainerEnTrust(nnUNetTrainer):
     calibration_fraction = 0.25
     #: CalibHead sees at most this many voxels per case (a seeded uniform subset), bounding its memory
     calibration_voxels_per_case = 200_000
+    #: most Adam steps of a CalibHead fit (early stopping picks fewer); schedule variants for tests lower it
+    calibration_steps = CALIBRATION_STEPS
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -222,7 +225,7 @@ class nnUNetTrainerEnTrust(nnUNetTrainer):
         calib = unwrap(self.network).calib.cpu()
         try:
             with thawed(calib):
-                return fit_calib_head(calib, self._calibration_voxels, keys)
+                return fit_calib_head(calib, self._calibration_voxels, keys, self.calibration_steps)
         finally:
             calib.to(self.device)
 

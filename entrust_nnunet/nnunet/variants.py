@@ -16,6 +16,10 @@ from entrust_nnunet.nnunet.trainers import nnUNetTrainerEnTrust
 DEMO_SCHEDULE = {"num_epochs": 15, "num_iterations_per_epoch": 50, "num_val_iterations_per_epoch": 5}
 #: the tests' schedule: 4 epochs x 3 iterations, 1 validation iteration, a checkpoint every epoch
 TINY_SCHEDULE = {"num_epochs": 4, "num_iterations_per_epoch": 3, "num_val_iterations_per_epoch": 1, "save_every": 1}
+#: the toolchain test's schedule (5 folds): one epoch of 2 iterations and a 50-step CalibHead fit (the fits took
+#: most of a 1-epoch fold: 4.5 of 6 min on a loaded 2-core machine); the test checks plumbing, not quality
+ONE_EPOCH_SCHEDULE = {"num_epochs": 1, "num_iterations_per_epoch": 2, "num_val_iterations_per_epoch": 1, "save_every": 1,
+                      "calibration_steps": 50}
 
 
 class ScheduleMixin:
@@ -49,6 +53,10 @@ class nnUNetTrainerEnTrust_demo(ScheduleMixin, nnUNetTrainerEnTrust):
 
 class nnUNetTrainerEnTrust_tinyCPU(ScheduleMixin, nnUNetTrainerEnTrust):
     schedule = TINY_SCHEDULE
+
+
+class nnUNetTrainerEnTrust_1epochCPU(ScheduleMixin, nnUNetTrainerEnTrust):
+    schedule = ONE_EPOCH_SCHEDULE
 
 
 class nnUNetTrainer_demo(ScheduleMixin, nnUNetTrainer):
