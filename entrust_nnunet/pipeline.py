@@ -231,7 +231,7 @@ def _demo_predict(paths: DemoPaths, folds: Sequence[str], device: str, verbose: 
         with step_output(log, verbose):
             predict_folder(paths.raw / "imagesTs", paths.predictions, paths.model,
                            folds=[f if f == "all" else int(f) for f in folds], device=device,
-                           num_processes_preprocessing=2, num_processes_export=2)
+                           num_processes_preprocessing=2, num_processes_export=2, save_hypotheses=True)
 
 
 def _demo_evaluate(paths: DemoPaths, started: float, verbose: bool) -> dict:

@@ -28,13 +28,14 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 
-from entrust_nnunet.data.io import MAP_NAMES
 from entrust_nnunet.evaluation.evaluate import load_dataset_json, map_file
 from entrust_nnunet.evaluation.summary import headline, load_summary, to_json
-from entrust_nnunet.data.io import InputError, atomic_directory, read_image
+from entrust_nnunet.data.io import HYPOTHESIS_FOLDER, MAP_NAMES, InputError, atomic_directory, numbered_files, read_image
 
 LABEL_COLOURS = ("#ffd700", "#00e676", "#ff5252", "#40c4ff", "#e040fb", "#ff9100", "#b2ff59", "#ffffff")
 CONFLICT_COLOUR = "#00ffff"
+#: hypotheses drawn beside the mask (from PRED/hypotheses/, when entrust predict --save-hypotheses wrote them)
+NUM_HYPOTHESES_DRAWN = 3
 UNCERTAINTY_ROWS = (
     ("ece", "ECE"), ("ece_fg_boundary", "ECE (foreground + boundary)"), ("brier", "Brier score"),
     ("nll", "NLL (nats)"), ("error_rate", "error rate"), ("error_auroc", "error AUROC of total"),
@@ -86,8 +87,9 @@ def _window(img: np.ndarray) -> tuple[float, float]:
 
 def _case_figure(path: Path, case: str, entry: dict, pred: np.ndarray, spacing, images: list[tuple[str, np.ndarray]],
                  maps: dict[str, np.ndarray], gt: np.ndarray | None, conflict: np.ndarray | None,
-                 label_values: list[int], label_names: dict[str, str]) -> None:
-    """One row of panels for one case (all arrays 2-D slices)."""
+                 label_values: list[int], label_names: dict[str, str],
+                 hypotheses: list[np.ndarray] = ()) -> None:
+    """One row of panels for one case (all arrays 2-D slices); ``hypotheses`` are drawn as outlines."""
     unc = entry.get("uncertainty") or {}
     seg = entry.get("metrics") or {}
     aspect = spacing[0] / spacing[1]  # (row, column) spacing in numpy order: pixel height / width
@@ -100,6 +102,7 @@ def _case_figure(path: Path, case: str, entry: dict, pred: np.ndarray, spacing, 
                              ("conflict", "viridis", f"conflict AUROC {_fmt(unc.get('conflict_auroc_conflict'))}")):
         title = f"{name} map\n{what}" if name in maps else f"{name} map: missing"
         panels.append((title, background, (cmap, maps.get(name))))
+    panels += [(f"hypothesis {k}", background, ("labels", h)) for k, h in enumerate(hypotheses)]
     if not images and gt is None:
         panels.insert(0, ("mask", None, None))
 
@@ -112,7 +115,8 @@ def _case_figure(path: Path, case: str, entry: dict, pred: np.ndarray, spacing, 
             ax.imshow(img, cmap="gray", vmin=lo, vmax=hi, aspect=aspect, interpolation="nearest")
         else:
             ax.imshow(np.zeros_like(pred, dtype=float), cmap="gray", vmin=0, vmax=1, aspect=aspect)
-        if overlay is not None and overlay[1] is not None:
+        outlined = overlay[1] if overlay is not None and overlay[0] == "labels" else pred
+        if overlay is not None and overlay[1] is not None and overlay[0] != "labels":
             cmap, values = overlay
             if cmap == "error":
                 cmap = ListedColormap(["#ff1744"])
@@ -123,8 +127,9 @@ def _case_figure(path: Path, case: str, entry: dict, pred: np.ndarray, spacing, 
                                interpolation="nearest")
                 fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
         for j, value in enumerate(label_values):
-            if (pred == value).any():
-                ax.contour(pred == value, levels=[0.5], colors=[LABEL_COLOURS[j % len(LABEL_COLOURS)]], linewidths=1.0)
+            if (outlined == value).any():
+                ax.contour(outlined == value, levels=[0.5], colors=[LABEL_COLOURS[j % len(LABEL_COLOURS)]],
+                           linewidths=1.0)
         if conflict is not None and conflict.any():
             ax.contour(conflict, levels=[0.5], colors=[CONFLICT_COLOUR], linewidths=1.2, linestyles="dashed")
         ax.set_title(title if i else f"{case}: {title}", fontsize=8)
@@ -241,12 +246,14 @@ def _draw_case(path: Path, entry: dict, case: str, ctx: dict) -> None:
     if ctx["images_dir"] is not None:
         for c, cname in enumerate(ctx["channels"] or ["image"]):
             images.append((cname, _array(ctx["images_dir"] / f"{case}_{c:04d}{ending}")[0].astype(float)))
+    hypotheses = [_array(f)[0] for f in
+                  numbered_files(pred_dir / HYPOTHESIS_FOLDER, case, "h", ending)[:ctx["num_hypotheses"]]]
     z = _best_slice(pred, gt, conflict)
     sp2 = tuple(reversed(spacing))[-2:]  # numpy order, in-plane
     _case_figure(path, case if z is None else f"{case} (slice {z})", entry, _slice(pred, z), sp2,
                  [(n, _slice(a, z)) for n, a in images], {k: _slice(v, z) for k, v in maps.items()},
                  None if gt is None else _slice(gt, z), None if conflict is None else _slice(conflict, z),
-                 ctx["label_values"], ctx["label_names"])
+                 ctx["label_values"], ctx["label_names"], [_slice(h, z) for h in hypotheses])
 
 
 def _draw_curves(folder: Path, pooled: dict) -> list[str]:
@@ -288,7 +295,7 @@ def write_report(pred_dir, summary, out_dir, images_dir=None, gt_dir=None, confl
     label_values, channels = _dataset_labels(dj)
     ctx = {"pred_dir": pred_dir, "ending": dj["file_ending"], "gt_dir": gt_dir, "images_dir": images_dir,
            "conflict_dir": None if conflict_dir is None else Path(conflict_dir), "channels": channels,
-           "label_values": label_values, "label_names": _label_names(dj)}
+           "label_values": label_values, "label_names": _label_names(dj), "num_hypotheses": NUM_HYPOTHESES_DRAWN}
     entries = summary["metric_per_case"]
     with atomic_directory(out_dir, overwrite=True) as tmp:
         figures = []

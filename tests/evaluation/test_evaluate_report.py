@@ -364,3 +364,9 @@ def test_hypotheses_coherence_diversity_and_ged_against_annotators(data, tmp_pat
         assert c["ged2"] == pytest.approx(0.0, abs=1e-9) and c["hm_iou"] == pytest.approx(1.0)
         assert c["ged2_mask_copies"] > 0.05
     assert s["hypotheses_mean"]["coherence"] == 1.0
+    # the report draws the first hypotheses beside the mask: three more panels than without them
+    with_h = write_report(pred_dir, s, tmp_path / "report_h", gt_dir=ds / "labelsTs", conflict_dir=ds / "conflictTs")
+    without = write_report(data["folders"]["oracle"][0], data["oracle"], tmp_path / "report",
+                           gt_dir=ds / "labelsTs", conflict_dir=ds / "conflictTs")
+    width = [mpimg.imread(r / "case_test_000.png").shape[1] for r in (with_h, without)]
+    assert width[0] - width[1] == 3 * 310
