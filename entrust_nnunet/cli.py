@@ -271,6 +271,29 @@ def _add_toolchain(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_ensemble)
 
 
+def _cmd_calibrate(args: argparse.Namespace) -> None:
+    from nnunetv2.utilities.file_path_utilities import get_output_folder
+
+    from entrust_nnunet.nnunet.calibration import calibrate_model
+
+    try:
+        model = get_output_folder(args.d, args.tr, args.p, args.c)
+    except RuntimeError as e:
+        raise InputError(str(e).splitlines()[0]) from None
+    folds = None if args.f is None else [int(f) for f in args.f]
+    path, content = calibrate_model(model, folds)
+    report = content["report"]
+    print(f"calibrator {content['calibrator']} on the out-of-fold voxels of folds {content['folds']} "
+          f"({report['voxels']} voxels, error rate {report['error_rate']:.4f})")
+    for name, bce in report["held_out_bce_fg_boundary"].items():
+        print(f"  held-out BCE (foreground + boundary) {name}: {bce:.4f}")
+    if report["in_conflict_map"]:
+        c = report["in_conflict_map"]
+        print(f"  inside the conflict map (> 0.5): mean P(error) {c['mean_p_error']:.3f}, error rate "
+              f"{c['error_rate']:.3f} ({c['voxels']} voxels)")
+    print(f"wrote {path}; entrust predict uses it for this model")
+
+
 def _print_headline(summary: dict) -> None:
     from entrust_nnunet.evaluation.summary import headline
 
@@ -386,6 +409,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_convert(sub)
     _add_pipeline(sub)
     _add_evaluation(sub)
+    p = sub.add_parser("calibrate", help="fit one calibrator on the out-of-fold validation cases of all folds",
+                       description="Fits the probability-of-error calibrator on the out-of-fold voxels every trained "
+                                   "fold kept (each training case is out of fold once), choosing between a "
+                                   "Platt model on the head's confidence and one with the conflict map and the "
+                                   "other statistics by leave-one-fold-out BCE on foreground + boundary voxels. "
+                                   "Stores MODEL/entrust_calibration.json; entrust predict then uses it.")
+    p.add_argument("-d", required=True, help="dataset name or id")
+    p.add_argument("-c", required=True, help="configuration")
+    p.add_argument("-tr", default="nnUNetTrainerEnTrust", help="trainer (default: nnUNetTrainerEnTrust)")
+    p.add_argument("-p", default="nnUNetPlans", help="plans identifier (default: nnUNetPlans)")
+    p.add_argument("-f", nargs="+", default=None, help="folds (default: every fold with calibration voxels)")
+    p.set_defaults(func=_cmd_calibrate)
     _add_prediction(sub)
     _add_toolchain(sub)
     return parser

@@ -45,6 +45,7 @@ from entrust_nnunet.model.network import EnTrustUNet
 from entrust_nnunet.model.outputs import log_probabilities
 from entrust_nnunet.model.sampling import DEFAULT_SAMPLING, SamplingSettings
 from entrust_nnunet.model.trustmap import CalibHead, entropy
+from entrust_nnunet.nnunet.calibration import load_calibrator
 from entrust_nnunet.nnunet.distributed import unwrap
 
 
@@ -214,6 +215,7 @@ class EnTrustPredictor(nnUNetPredictor):
             _safe_load_check(folder / f"fold_{f}" / checkpoint_name)
         super().initialize_from_trained_model_folder(str(folder), use_folds, checkpoint_name)
         self._wrap_network()
+        self.calibrator = load_calibrator(folder)
 
     def manual_initialization(self, network, plans_manager, configuration_manager, parameters, dataset_json,
                               trainer_name, inference_allowed_mirroring_axes):
@@ -234,7 +236,10 @@ class EnTrustPredictor(nnUNetPredictor):
                 self.calib_heads.append(head.eval())
 
     def probability_of_error(self, stats: dict[str, torch.Tensor]) -> torch.Tensor:
-        """EnTrust: the folds' CalibHeads averaged; other methods: 1 - max of the pooled mean."""
+        """EnTrust: the calibrator of ``entrust calibrate`` (fitted on every fold's out-of-fold cases) when the
+        model folder has one, else the folds' CalibHeads averaged; other methods: 1 - max of the pooled mean."""
+        if getattr(self, "calibrator", None) is not None:
+            return self.calibrator.probability_of_error(stats).clamp(0, 1)
         if not self.calib_heads:
             return 1 - stats["confidence"]
         return torch.stack([head.predict_voxels(stats) for head in self.calib_heads]).mean(0).clamp(0, 1)

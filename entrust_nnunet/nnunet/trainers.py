@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 from collections import defaultdict
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -30,8 +31,8 @@ from torch import nn
 
 from entrust_nnunet.model.network import LOSS_WEIGHTS, EnTrustUNet
 from entrust_nnunet.model.outputs import full_resolution
-from entrust_nnunet.nnunet.calibration import (CALIBRATION_STEPS, calibration_subset, calibration_voxels,
-                                               fit_calib_head)
+from entrust_nnunet.nnunet.calibration import (CALIBRATION_STEPS, FOLD_VOXELS_FILE, calibration_subset,
+                                               calibration_voxels, fit_calib_head, save_fold_voxels)
 from entrust_nnunet.nnunet.distributed import broadcast_state, freeze, thawed, unwrap
 
 ENTRUST_NETWORK = f"{EnTrustUNet.__module__}.{EnTrustUNet.__name__}"
@@ -240,4 +241,6 @@ class nnUNetTrainerEnTrust(nnUNetTrainer):
             return
         if self.local_rank == 0:
             self.print_to_log_file(f"CalibHead fitted on {self._fit_calib_head(self.calibration_keys)}")
+            # out-of-fold voxels for `entrust calibrate`, which fits one calibrator on every fold's
+            save_fold_voxels(Path(self.output_folder) / FOLD_VOXELS_FILE, self._calibration_voxels(self.calibration_keys))
         broadcast_state(unwrap(self.network).calib)

@@ -110,6 +110,28 @@ def test_find_best_configuration_reads_our_cross_validation(five_folds, best):
         assert len(list((model / f"fold_{fold}" / "validation" / "uncertainty").glob("*_total.nii.gz"))) == 2
 
 
+def test_entrust_calibrate_fits_on_every_fold_out_of_fold(five_folds):
+    """entrust calibrate reads the out-of-fold voxels every fold kept (each training case once) and writes
+    one calibrator that entrust predict then uses; the file is removed again for the tests below."""
+    import torch
+
+    from entrust_nnunet.nnunet.calibration import CALIBRATION_FILE, FOLD_VOXELS_FILE
+    from entrust_nnunet.nnunet.predictor import EnTrustPredictor
+
+    env, raw, model = five_folds
+    r = _run(env, "entrust", "calibrate", "-d", str(DATASET_ID), "-c", "2d", "-tr", TRAINER, "-p", PLANS)
+    content = json.loads((model / CALIBRATION_FILE).read_text())
+    try:
+        assert content["folds"] == [0, 1, 2, 3, 4] and "wrote" in r.stdout
+        voxels = sum(len(np.load(model / f"fold_{f}" / FOLD_VOXELS_FILE)["error"]) for f in range(5))
+        assert content["report"]["voxels"] == voxels > 0
+        predictor = EnTrustPredictor(device=torch.device("cpu"), allow_tqdm=False)
+        predictor.initialize_from_trained_model_folder(str(model), (0,))
+        assert predictor.calibrator is not None and predictor.calibrator.name == content["calibrator"]
+    finally:
+        (model / CALIBRATION_FILE).unlink()
+
+
 def _entrust_command(line: str, replacements: dict[str, str]) -> list[str]:
     """nnU-Net's printed command with its nnUNetv2_* program replaced by our sub-command and placeholders filled."""
     words = [replacements.get(w, w) for w in shlex.split(line)]

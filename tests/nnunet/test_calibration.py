@@ -1,0 +1,74 @@
+"""entrust calibrate: one low-variance calibrator on every fold's out-of-fold voxels, chosen across folds."""
+import json
+
+import pytest
+import torch
+
+from entrust_nnunet.data.io import InputError
+from entrust_nnunet.model.trustmap import STATISTICS
+from entrust_nnunet.nnunet.calibration import (CALIBRATION_FILE, FOLD_VOXELS_FILE, calibrate_model, fit_logistic,
+                                               load_calibrator, save_fold_voxels)
+
+
+def test_logistic_fit_recovers_a_known_relation():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(20000, 1, generator=g) * 2 + 3
+    y = (torch.rand(20000, generator=g) < torch.sigmoid(1.5 * x[:, 0] - 4)).float()
+    w, bce = fit_logistic(x, y)
+    assert w[0] == pytest.approx(1.5, abs=0.1) and w[1] == pytest.approx(-4.0, abs=0.3) and 0 < bce < 0.7
+
+
+def _fold_voxels(seed: int, n: int = 6000):
+    """Voxels where P(error) follows the head's confidence outside conflict and is a coin flip inside it."""
+    g = torch.Generator().manual_seed(seed)
+    stats = {k: torch.rand(n, generator=g) * 0.01 for k in STATISTICS}
+    stats["head_confidence"] = 0.5 + 0.5 * torch.rand(n, generator=g)
+    stats["confidence"] = stats["head_confidence"]
+    in_conflict = torch.rand(n, generator=g) < 0.15
+    stats["conflict"] = torch.where(in_conflict, 0.7 + 0.3 * torch.rand(n, generator=g), 0.05 * torch.rand(n, generator=g))
+    p = torch.where(in_conflict, torch.full((n,), 0.5), 1 - stats["head_confidence"])
+    error = (torch.rand(n, generator=g) < p).float()
+    return {**stats, "fg_boundary": torch.ones(n)}, error
+
+
+def _model_folder(tmp_path, folds=(0, 1, 2)):
+    model = tmp_path / "nnUNetTrainerEnTrust__nnUNetPlans__2d"
+    model.mkdir()
+    (model / "plans.json").write_text(json.dumps({"plans_name": "nnUNetPlans"}))
+    for f in folds:
+        (model / f"fold_{f}").mkdir()
+        save_fold_voxels(model / f"fold_{f}" / FOLD_VOXELS_FILE, _fold_voxels(f))
+    return model
+
+
+def test_calibrator_with_conflict_is_chosen_and_matches_the_error_rate_inside_conflict(tmp_path):
+    model = _model_folder(tmp_path)
+    path, content = calibrate_model(model)
+    assert path == model / CALIBRATION_FILE and content["folds"] == [0, 1, 2]
+    scores = content["report"]["held_out_bce_fg_boundary"]
+    assert content["calibrator"] == "platt_with_conflict" and scores["platt_with_conflict"] < scores["platt_head_confidence"]
+    inside = content["report"]["in_conflict_map"]
+    assert abs(inside["mean_p_error"] - inside["error_rate"]) < 0.03 and 0.4 < inside["error_rate"] < 0.6
+    calibrator = load_calibrator(model)  # plain JSON, read back exactly
+    stats, _ = _fold_voxels(9)
+    p = calibrator.probability_of_error(stats)
+    conflict = stats["conflict"] > 0.5
+    assert abs(float(p[conflict].mean()) - 0.5) < 0.1 and float(p[~conflict].mean()) < 0.35
+
+
+def test_bad_inputs_are_one_clear_error(tmp_path):
+    model = _model_folder(tmp_path, folds=(0, 1))
+    with pytest.raises(InputError, match="fold_4.*fold 4 has no out-of-fold calibration voxels"):
+        calibrate_model(model, folds=[0, 4])
+    with pytest.raises(InputError, match="no trained model here"):
+        calibrate_model(tmp_path / "nowhere")
+    calibrate_model(model)
+    other = tmp_path / "nnUNetTrainerEnTrust__nnUNetPlans__3d_fullres"
+    other.mkdir()
+    (other / CALIBRATION_FILE).write_text((model / CALIBRATION_FILE).read_text())
+    with pytest.raises(InputError, match="written for nnUNetTrainerEnTrust__nnUNetPlans__2d"):
+        load_calibrator(other)
+    (other / CALIBRATION_FILE).write_text("{not json")
+    with pytest.raises(InputError, match="not a calibration file"):
+        load_calibrator(other)
+    assert load_calibrator(tmp_path) is None
