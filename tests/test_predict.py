@@ -34,7 +34,8 @@ def prediction(trained_entrust, tmp_path_factory):
     out = tmp_path_factory.mktemp("pred") / "out"
     raw = Path(env["nnUNet_raw"]) / name
     r = _entrust(env, "predict", "-i", str(raw / "imagesTs"), "-o", str(out), "-d", str(SESSION_DATASET_ID),
-                 "-c", "2d", "-tr", "nnUNetTrainerEnTrust_tinyCPU", "-f", "2", "--save_probabilities",
+                 "-c", "2d", "-tr", "nnUNetTrainerEnTrust_tinyCPU", "-p", "nnUNetEnTrustPlans", "-f", "2",
+                 "--save_probabilities",
                  "-npp", "1", "-nps", "1", "--num-samples", "4")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return env, raw, out
@@ -151,7 +152,8 @@ def test_bad_input_one_line_error_and_nothing_written(trained_entrust, tmp_path,
     raw = Path(env["nnUNet_raw"]) / name
     src = _case_copy(raw, tmp_path)
     out = tmp_path / "out"
-    args = ["-d", str(SESSION_DATASET_ID), "-c", "2d", "-tr", "nnUNetTrainerEnTrust_tinyCPU", "-f", "2"]
+    args = ["-d", str(SESSION_DATASET_ID), "-c", "2d", "-tr", "nnUNetTrainerEnTrust_tinyCPU", "-p", "nnUNetEnTrustPlans",
+            "-f", "2"]
     culprit = None
     if problem == "missing_channel":
         culprit = src / "test_001_0001.nii.gz"
