@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import math
 import multiprocessing
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -417,6 +418,17 @@ def load_summary(path) -> dict:
 # --------------------------------------------------------------------------------------------------
 # folder
 # --------------------------------------------------------------------------------------------------
+def _report_missing_maps(jobs: list[dict]) -> None:
+    """Say on the terminal which map files are missing: their cases drop out of those maps' metrics."""
+    for job in jobs:
+        if job["maps_folder"]:
+            for name, path in job["maps"].items():
+                if path is None:
+                    missing = map_path(job["pred_dir"], job["case"], name, job["ending"])
+                    print(f"entrust: warning: {missing}: missing; case {job['case']} is left out of the "
+                          f"metrics of the {name} map", file=sys.stderr)
+
+
 def evaluate_folder(pred_dir, gt_dir, conflict_dir=None, dataset_json=None, output_file=None,
                     num_processes: int = 2, *, progress: bool | None = None,
                     max_pooled_voxels: int = MAX_POOLED_VOXELS) -> dict:
@@ -487,7 +499,8 @@ def evaluate_folder(pred_dir, gt_dir, conflict_dir=None, dataset_json=None, outp
             "maps": {n: map_file(pred_dir, case, n, ending) for n in MAP_NAMES} if maps_folder else {},
             "maps_folder": maps_folder, "keys": keys, "all_labels": [int(v) for v in lm.all_labels],
             "allowed_pred": declared, "allowed_gt": declared | ({lm.ignore_label} if lm.has_ignore_label else set()),
-            "ignore_label": lm.ignore_label, "has_regions": lm.has_regions, "sample_fraction": fraction})
+            "ignore_label": lm.ignore_label, "has_regions": lm.has_regions, "sample_fraction": fraction,
+            "ending": ending})
 
     results = []
     with tqdm(total=len(jobs), desc="evaluate", unit="case", disable=None if progress is None else not progress) as bar:
@@ -502,6 +515,7 @@ def evaluate_folder(pred_dir, gt_dir, conflict_dir=None, dataset_json=None, outp
                 bar.update()
 
     pools = [r.pop("_pool") for r in results if "_pool" in r]
+    _report_missing_maps(jobs)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         mean = {}
