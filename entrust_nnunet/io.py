@@ -196,16 +196,31 @@ class Terminated(KeyboardInterrupt):
     tears down pools on Ctrl-C does the same here."""
 
 
+_FORK_HOOK = []
+
+
+def _default_sigterm_in_forked_child() -> None:
+    if getattr(signal.getsignal(signal.SIGTERM), "entrust_sigterm", False):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def sigterm_handler_of_this_process(handler):
+    """Mark ``handler`` so that processes forked from here (fork pools, Managers) get SIGTERM's default
+    back: a Python handler runs only between bytecodes, so a pool worker ended by ``terminate()`` could
+    die later, holding a lock its siblings wait for (a hang)."""
+    if not _FORK_HOOK:
+        os.register_at_fork(after_in_child=_default_sigterm_in_forked_child)
+        _FORK_HOOK.append(True)
+    handler.entrust_sigterm = True
+    return handler
+
+
 def raise_on_sigterm():
     """Turn SIGTERM into :class:`Terminated` in this process, so ``finally`` blocks remove temporaries.
     Returns the previous handler."""
-    main_pid = os.getpid()
 
+    @sigterm_handler_of_this_process
     def handler(signum, frame):
-        if os.getpid() != main_pid:  # a forked child inherited the handler: end as SIGTERM would
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-            return
         signal.signal(signum, signal.SIG_IGN)  # a second SIGTERM must not cut the cleanup short
         raise Terminated()
 

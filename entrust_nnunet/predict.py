@@ -41,8 +41,8 @@ from torch import nn
 from tqdm import tqdm
 
 from entrust_nnunet.io import (MAP_FOLDER, MAP_NAMES, InputError, atomic_file, check_writable_folder, folder_lock,
-                               geometry_mismatch, map_path, read_image, remove_stale_temporaries, temporary_path,
-                               write_image)
+                               geometry_mismatch, map_path, read_image, remove_stale_temporaries,
+                               sigterm_handler_of_this_process, temporary_path, write_image)
 from entrust_nnunet.metrics import entropy
 from entrust_nnunet.network import MIN_PROBABILITY, EnTrustUNet
 from entrust_nnunet.trustmap import CalibHead
@@ -259,6 +259,7 @@ def _workers_ended_first_on_signals(ours: set):
         return
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
 
+    @sigterm_handler_of_this_process
     def handler(signum, frame):
         _end_processes({p for p in multiprocessing.active_children() if p.daemon} - ours)
         if callable(previous[signum]):
