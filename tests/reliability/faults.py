@@ -34,7 +34,7 @@ class Fault:
 FAULTS = (
     # --------------------------------------------------------------- predict: images
     Fault("predict-truncated-image", "predict", "an input image cut to half its bytes", 2,
-          "entrust: error: {IN}/test_000_0001.nii.gz: *"),
+          "entrust: error: {IN}/test_000_0001.nii.gz: truncated or corrupt file (*)"),
     Fault("predict-corrupt-image", "predict", "an input image overwritten with random bytes", 2,
           "entrust: error: {IN}/test_000_0001.nii.gz: unreadable or corrupt image (*)"),
     Fault("predict-nan", "predict", "100 NaN voxels in one channel", 2,
@@ -93,7 +93,7 @@ FAULTS = (
     Fault("evaluate-undeclared-label", "evaluate", "a mask holds label 7, not in dataset.json", 2,
           "entrust: error: {PRED}/test_000.nii.gz: label value(s) 7 not declared in dataset.json labels [0, 1, 2]"),
     Fault("evaluate-truncated-mask", "evaluate", "a mask cut to half its bytes", 2,
-          "entrust: error: {PRED}/test_001.nii.gz: *"),
+          "entrust: error: {PRED}/test_001.nii.gz: unreadable or corrupt image (*)"),
     Fault("evaluate-missing-map", "evaluate", "one uncertainty map of a case is missing", 0,
           "entrust: warning: {PRED}/uncertainty/test_001_total.nii.gz: missing; case test_001 is left out of the "
           "metrics of the total map", also="the line is on stderr; the summary is written"),
@@ -115,7 +115,7 @@ FAULTS = (
     Fault("convert-id-taken", "convert folder", "another dataset already has the id", 2,
           "entrust: error: {RAW}/Dataset952_Other: dataset id 952 is already taken"),
     Fault("convert-truncated-image", "convert folder", "a source image cut to half its bytes", 2,
-          "entrust: error: {SRC}/case_000/T2.nii.gz: *"),
+          "entrust: error: {SRC}/case_000/T2.nii.gz: truncated or corrupt file (*)"),
     Fault("convert-nan", "convert folder", "NaN voxels in a source image", 2,
           "entrust: error: {SRC}/case_001/FLAIR.nii.gz: image contains NaN or Inf values"),
     Fault("convert-geometry", "convert folder", "a label with another origin than its images", 2,
