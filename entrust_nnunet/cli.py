@@ -7,10 +7,11 @@ Errors in the user's input print one line ``entrust: error: ...`` and exit with 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from entrust_nnunet import __version__
-from entrust_nnunet.data.io import InputError
+from entrust_nnunet.data.io import InputError, Terminated, raise_on_sigterm
 from entrust_nnunet.model.sampling import DEFAULT_SAMPLING, SamplingSettings
 
 
@@ -152,21 +153,45 @@ def _env_int(name: str, default: int) -> int:
         return default
 
 
-def _cmd_predict(args: argparse.Namespace) -> None:
+#: nnUNetv2_predict's default plans identifier
+DEFAULT_PLANS = "nnUNetPlans"
+
+
+def _model_folder(args: argparse.Namespace) -> str:
+    """-m, or nnU-Net's results folder for -d/-tr/-p/-c. Without -p: nnUNetPlans, like nnUNetv2_predict,
+    unless exactly one plans identifier has a trained model for this trainer and configuration."""
+    from pathlib import Path
+
     from nnunetv2.utilities.file_path_utilities import get_output_folder
 
+    if args.model_folder is not None:
+        return args.model_folder
+    if args.d is None:
+        raise InputError("give -d DATASET (with -c/-tr/-p) or -m MODEL_FOLDER")
+    if args.c is None:
+        raise InputError("-c: give the configuration (e.g. -c 2d), as nnUNetv2_predict requires it")
+    try:
+        if args.p is not None:
+            return get_output_folder(args.d, args.tr, args.p, args.c)
+        default = Path(get_output_folder(args.d, args.tr, DEFAULT_PLANS, args.c))
+    except RuntimeError as e:
+        raise InputError(str(e).splitlines()[0]) from None
+    prefix, suffix = f"{args.tr}__", f"__{args.c}"
+    trained = sorted(p for p in default.parent.glob(f"{prefix}*{suffix}") if any(p.glob(f"fold_*/{args.chk}")))
+    if len(trained) == 1 and trained[0] != default:
+        plans = trained[0].name[len(prefix):-len(suffix)]
+        print(f"entrust: using plans {plans}, the only one with a trained {args.tr} {args.c} model "
+              f"(-p {DEFAULT_PLANS} is the default otherwise)")
+        return str(trained[0])
+    return str(default)
+
+
+def _cmd_predict(args: argparse.Namespace) -> None:
     from entrust_nnunet.nnunet.env import ensure_ext_trainer
     from entrust_nnunet.predict import predict_folder
 
     ensure_ext_trainer()
-    if args.model_folder is None and args.d is None:
-        raise InputError("give -d DATASET (with -c/-tr/-p) or -m MODEL_FOLDER")
-    if args.model_folder is None and args.c is None:
-        raise InputError("-c: give the configuration (e.g. -c 2d), as nnUNetv2_predict requires it")
-    try:
-        model = args.model_folder or get_output_folder(args.d, args.tr, args.p, args.c)
-    except RuntimeError as e:
-        raise InputError(str(e).splitlines()[0]) from None
+    model = _model_folder(args)
     folds = None if args.f is None else [f if f == "all" else int(f) for f in args.f]
     try:
         sampling = SamplingSettings(args.num_hypotheses, args.steps, args.seed, not args.no_probe)
@@ -189,7 +214,9 @@ def _add_prediction(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-d", default=None, help="dataset name or id")
     p.add_argument("-c", default=None, help="configuration, e.g. 2d or 3d_fullres (required with -d, as in nnUNetv2_predict)")
     p.add_argument("-tr", default="nnUNetTrainerEnTrust", help="trainer (default: nnUNetTrainerEnTrust)")
-    p.add_argument("-p", default="nnUNetEnTrustPlans", help="plans identifier (default: nnUNetEnTrustPlans)")
+    p.add_argument("-p", default=None,
+                   help="plans identifier (default: nnUNetPlans, as nnUNetv2_predict; without -p, the only plans "
+                        "with a trained model for -tr/-c if there is exactly one)")
     p.add_argument("-m", "--model-folder", default=None, help="trained model folder instead of -d/-c/-tr/-p")
     p.add_argument("-f", nargs="+", default=None,
                    help="folds to pool (default: every fold_X with the checkpoint; with all five trained that is "
@@ -429,14 +456,20 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    previous = raise_on_sigterm()  # so that SIGTERM, like Ctrl-C, runs the cleanup of temporaries
     try:
         args.func(args)
     except InputError as e:
         print(f"entrust: error: {e}", file=sys.stderr)
         return 2
+    except Terminated:
+        print("entrust: terminated", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("entrust: interrupted", file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)  # main() may run inside another program (tests)
     return 0
 
 

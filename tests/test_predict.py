@@ -173,7 +173,8 @@ def test_bad_input_one_line_error_and_nothing_written(trained_entrust, tmp_path,
     raw = Path(env["nnUNet_raw"]) / name
     src = _case_copy(raw, tmp_path)
     out = tmp_path / "out"
-    args = ["-d", str(SESSION_DATASET_ID), "-c", "2d", "-tr", "nnUNetTrainerEnTrust_tinyCPU", "-f", "2"]
+    args = ["-d", str(SESSION_DATASET_ID), "-c", "2d", "-tr", "nnUNetTrainerEnTrust_tinyCPU", "-p", "nnUNetEnTrustPlans",
+            "-f", "2"]
     culprit = None
     if problem == "missing_channel":
         culprit = src / "test_001_0001.nii.gz"

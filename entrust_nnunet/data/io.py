@@ -5,6 +5,10 @@
 * Nothing is written in place: files go to a temporary name in the destination folder and are
   renamed (``os.replace`` is atomic on one filesystem), whole datasets are built in a temporary
   sibling folder and renamed at the end. An interrupted run leaves no truncated ``.nii.gz``.
+* Temporaries are named ``.tmp-<pid>-<random>-<name>`` (:func:`temporary_sibling`): SIGINT and
+  SIGTERM (:func:`raise_on_sigterm`) become exceptions, so ``finally`` removes them; after SIGKILL
+  the next writer into that folder removes those whose process is dead
+  (:func:`remove_stale_temporaries`).
 * Inputs are only ever read.
 """
 from __future__ import annotations
@@ -12,8 +16,9 @@ from __future__ import annotations
 import contextlib
 import gzip
 import os
+import re
 import shutil
-import tempfile
+import signal
 import uuid
 import zlib
 from pathlib import Path
@@ -212,46 +217,134 @@ def copy_geometry(array: np.ndarray, reference: sitk.Image) -> sitk.Image:
     return image
 
 
-def _temporary_sibling(path: Path) -> Path:
-    # keep the full suffix (.nii.gz) so SimpleITK picks the right writer for the temporary file
-    return path.with_name(f".tmp-{uuid.uuid4().hex[:8]}-{path.name}")
+#: prefix of every temporary file or folder; the pid after it names the process that writes it
+TEMP_PREFIX = ".tmp-"
+_TEMP_NAME = re.compile(r"^\.tmp-(\d+)-")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM as an exception (see :func:`raise_on_sigterm`); a KeyboardInterrupt, so code that
+    tears down pools on Ctrl-C does the same here."""
+
+
+_FORK_HOOK = []
+
+
+def _default_sigterm_in_forked_child() -> None:
+    if getattr(signal.getsignal(signal.SIGTERM), "entrust_sigterm", False):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def sigterm_handler_of_this_process(handler):
+    """Mark ``handler`` so that processes forked from here (fork pools, Managers) get SIGTERM's default
+    back: a Python handler runs only between bytecodes, so a pool worker ended by ``terminate()`` could
+    die later, holding a lock its siblings wait for (a hang)."""
+    if not _FORK_HOOK:
+        os.register_at_fork(after_in_child=_default_sigterm_in_forked_child)
+        _FORK_HOOK.append(True)
+    handler.entrust_sigterm = True
+    return handler
+
+
+def raise_on_sigterm():
+    """Turn SIGTERM into :class:`Terminated` in this process, so ``finally`` blocks remove temporaries.
+    Returns the previous handler."""
+
+    @sigterm_handler_of_this_process
+    def handler(signum, frame):
+        signal.signal(signum, signal.SIG_IGN)  # a second SIGTERM must not cut the cleanup short
+        raise Terminated()
+
+    return signal.signal(signal.SIGTERM, handler)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie counts as dead: it can write nothing any more)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def temporary_path(path: str | os.PathLike) -> Path:
+    """``.tmp-<pid>-<random>-<name>`` beside ``path``; the full suffix (.nii.gz) stays, so writers that
+    pick the format by ending still do."""
+    path = Path(path)
+    return path.with_name(f"{TEMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}-{path.name}")
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+@contextlib.contextmanager
+def temporary_sibling(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary name beside ``path`` (file or folder, not created); removed on exit unless renamed."""
+    tmp = temporary_path(path)
+    try:
+        yield tmp
+    finally:
+        _remove(tmp)
+
+
+def remove_stale_temporaries(*folders: str | os.PathLike) -> list[Path]:
+    """Remove the temporaries in ``folders`` whose writing process is dead (left by SIGKILL); return them."""
+    removed = []
+    for folder in map(Path, folders):
+        with contextlib.suppress(OSError):
+            for entry in list(folder.iterdir()):
+                match = _TEMP_NAME.match(entry.name)
+                if match and not pid_alive(int(match.group(1))):
+                    _remove(entry)
+                    removed.append(entry)
+    return removed
 
 
 def write_image(image: sitk.Image, path: str | os.PathLike, compress: bool = True) -> None:
     """Write atomically: to a hidden temporary name in the same folder, then rename."""
-    path = Path(path)
-    tmp = _temporary_sibling(path)
-    try:
+    with temporary_sibling(path) as tmp:
         sitk.WriteImage(image, str(tmp), useCompression=compress)
         os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike, mode: str = "w") -> Iterator:
     """Open a temporary sibling of ``path`` for writing; rename it onto ``path`` on success."""
-    path = Path(path)
-    tmp = _temporary_sibling(path)
-    try:
+    with temporary_sibling(path) as tmp:
         with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
             yield f
         os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+
+
+def check_writable_folder(folder: Path) -> None:
+    """``folder`` (or, if it does not exist yet, its nearest existing ancestor) is a writable folder."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise InputError(f"{existing}: is a file, not a folder"
+                         + ("" if existing == folder else f" (cannot create {folder})"))
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"{existing}: output {'folder' if existing == folder else 'location'} is not writable")
 
 
 def check_writable_parent(folder: Path) -> None:
-    parent = folder.parent
-    if not parent.exists():
-        try:
-            parent.mkdir(parents=True)
-        except OSError as e:
-            raise InputError(f"{parent}: cannot create output folder ({e.strerror})") from None
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise InputError(f"{parent}: output location is not writable")
+    check_writable_folder(folder.parent)
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"{folder.parent}: cannot create output folder ({e.strerror})") from None
 
 
 @contextlib.contextmanager
@@ -259,26 +352,67 @@ def atomic_directory(final: str | os.PathLike, overwrite: bool = False) -> Itera
     """Build a folder under a temporary name beside ``final`` and rename it into place at the end.
 
     On any exception the temporary folder is removed and ``final`` is untouched. An existing
-    ``final`` is refused unless ``overwrite`` (then it is replaced only after the new one is
-    complete).
+    ``final`` (folder or file) is refused unless ``overwrite`` (then it is replaced only after the
+    new one is complete). The folder gets the mode the umask gives, like ``mkdir``.
     """
     final = Path(final).absolute()
-    if final.exists() and not overwrite:
+    if (final.exists() or final.is_symlink()) and not overwrite:
         raise InputError(f"{final}: already exists (use --overwrite to replace it)")
     check_writable_parent(final)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
-    try:
+    remove_stale_temporaries(final.parent)
+    with temporary_sibling(final) as tmp:
+        tmp.mkdir()  # not tempfile.mkdtemp: its 0700 would hide the dataset from other users
         yield tmp
-        if final.exists():
-            trash = final.with_name(f".trash-{uuid.uuid4().hex[:8]}-{final.name}")
-            os.replace(final, trash)
-            os.replace(tmp, final)
-            shutil.rmtree(trash, ignore_errors=True)
+        if final.exists() or final.is_symlink():
+            with temporary_sibling(final) as trash:  # removed on exit, file or folder
+                os.replace(final, trash)
+                os.replace(tmp, final)
         else:
             os.replace(tmp, final)
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path, name: str, what: str) -> Iterator[Path]:
+    """Hold ``folder/name`` (created with O_EXCL, holding our pid) while writing into ``folder``.
+
+    Another live holder is refused with an :class:`InputError`; a lock whose pid is dead is stale
+    (SIGKILL) and taken over.
+    """
+    lock = folder / name
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            break
+        except FileExistsError:
+            holder = _lock_holder(lock)
+            if holder != os.getpid() and (pid_alive(holder) if holder else _age(lock) < 10):
+                raise InputError(f"{lock}: another {what} (pid {holder}) is writing into {folder}; "
+                                 f"wait for it or choose another output folder") from None
+            _remove(lock)
+    else:
+        raise InputError(f"{lock}: cannot take the lock")
+    with os.fdopen(fd, "w") as f:
+        f.write(f"{os.getpid()}\n")
+    try:
+        yield lock
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        _remove(lock)
+
+
+def _lock_holder(lock: Path) -> int | None:
+    try:
+        return int(lock.read_text().split()[0])
+    except (OSError, ValueError, IndexError):  # empty: its writer is between open and write, or died there
+        return None
+
+
+def _age(path: Path) -> float:
+    import time
+
+    try:
+        return time.time() - path.stat().st_mtime
+    except OSError:
+        return float("inf")
 
 
 def dataset_prefix(dataset_id: int) -> str:

@@ -217,6 +217,8 @@ def write_phantom_dataset(out: str | os.PathLike, num_cases: int = 20, num_modal
     if size < 16:
         raise InputError(f"--size {size}: must be at least 16 voxels")
     num_test = max(2, num_cases // 4) if num_test is None else num_test
+    if num_test < 0:
+        raise InputError(f"--num-test {num_test}: must be >= 0")
     out = Path(out)
     names = modality_names(num_modalities)
 

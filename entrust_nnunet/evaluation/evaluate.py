@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import math
 import multiprocessing
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -305,6 +306,17 @@ def _evaluate_case(job: dict) -> dict:
 # --------------------------------------------------------------------------------------------------
 # folder
 # --------------------------------------------------------------------------------------------------
+def _report_missing_maps(jobs: list[dict]) -> None:
+    """Say on the terminal which map files are missing: their cases drop out of those maps' metrics."""
+    for job in jobs:
+        if job["maps_folder"]:
+            for name, path in job["maps"].items():
+                if path is None:
+                    missing = map_path(job["pred_dir"], job["case"], name, job["ending"])
+                    print(f"entrust: warning: {missing}: missing; case {job['case']} is left out of the "
+                          f"metrics of the {name} map", file=sys.stderr)
+
+
 def _paired_cases(pred_dir: Path, gt_dir: Path, conflict_dir: Path | None, ending: str):
     """``(predictions, references, conflict masks)`` as ``CASE -> file``; every case must have all three."""
     preds, refs = list_cases(pred_dir, ending), list_cases(gt_dir, ending)
@@ -349,7 +361,8 @@ def _jobs(pred_dir: Path, preds: dict, refs: dict, conflicts: dict, lm, ending: 
             "allowed_pred": declared, "allowed_gt": declared | ({lm.ignore_label} if lm.has_ignore_label else set()),
             "ignore_label": lm.ignore_label, "has_regions": lm.has_regions, "sample_fraction": fraction,
             "hypotheses": numbered_files(pred_dir / HYPOTHESIS_FOLDER, case, "h", ending),
-            "annotators": numbered_files(annotators_dir, case, "a", ending) if annotators_dir else []})
+            "annotators": numbered_files(annotators_dir, case, "a", ending) if annotators_dir else [],
+            "ending": ending})
     return jobs, keys, fg_keys
 
 
@@ -431,6 +444,7 @@ def evaluate_folder(pred_dir, gt_dir, conflict_dir=None, dataset_json=None, outp
                                 annotators_dir)
     results = _run(jobs, num_processes, progress)
     pools = [r.pop("_pool") for r in results if "_pool" in r]
+    _report_missing_maps(jobs)
     inputs = {"pred_dir": str(pred_dir), "gt_dir": str(gt_dir), "dataset_json": str(dj_path), "file_ending": ending,
               "conflict_dir": None if conflict_dir is None else str(conflict_dir)}
     summary = summarize(results, keys, fg_keys, pools, num_voxels, fraction, inputs)

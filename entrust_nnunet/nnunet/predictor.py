@@ -23,6 +23,7 @@ Output per case: ``OUT/CASE<ending>`` and ``OUT/uncertainty/CASE_{total,aleatori
 """
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 from pathlib import Path
@@ -35,18 +36,22 @@ from nnunetv2.inference.export_prediction import (convert_predicted_logits_to_se
                                                   export_prediction_from_logits)
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.utilities.label_handling.label_handling import LabelManager
+from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from acvl_utils.cropping_and_padding.bounding_boxes import insert_crop_into_image
 from torch import nn
 from tqdm import tqdm
 
 from entrust_nnunet.data.io import (HYPOTHESIS_FOLDER, MAP_FOLDER, MAP_NAMES, InputError, hypothesis_path, map_path,
-                                    write_image)
+                                    temporary_path, write_image)
 from entrust_nnunet.model.network import EnTrustUNet
 from entrust_nnunet.model.outputs import log_probabilities
 from entrust_nnunet.model.sampling import DEFAULT_SAMPLING, SamplingSettings
 from entrust_nnunet.model.trustmap import CalibHead, entropy
 from entrust_nnunet.nnunet.calibration import load_calibrator
+from entrust_nnunet.nnunet.checkpoints import build_network, check_weights_fit, load_checkpoint
 from entrust_nnunet.nnunet.distributed import unwrap
+from entrust_nnunet.nnunet.workers import (end_processes, sigint_blocked_in_children, workers_ended_first_on_signals,
+                                           workers_started)
 
 
 #: per-voxel statistics pooled beside the mean probabilities (by averaging, like nnU-Net pools logits)
@@ -112,11 +117,6 @@ class _MapChannels(LabelManager):
         return insert_crop_into_image(out, predicted_probabilities, bbox)
 
 
-def _temporary_name(path: str) -> str:
-    head, tail = os.path.split(path)
-    return os.path.join(head, f".tmp-{os.getpid()}-{tail}")
-
-
 def _write_hypotheses(hypotheses: np.ndarray, properties: dict, configuration_manager, plans_manager,
                       dataset_json: dict, reference: sitk.Image, out_dir: str, case: str) -> None:
     """Each hypothesis' labels (F*K, *s, preprocessed geometry) as a mask with the input's geometry, brought
@@ -145,7 +145,7 @@ def export_prediction_with_maps(prediction: np.ndarray, properties: dict, config
     num_classes = prediction.shape[0] - len(MAP_NAMES)
     ending = dataset_json["file_ending"]
     out_dir, case = os.path.split(output_file_truncated)
-    tmp_trunc = _temporary_name(output_file_truncated)
+    tmp_trunc = str(temporary_path(output_file_truncated))
     written = []
     try:
         export_prediction_from_logits(prediction[:num_classes], properties, configuration_manager, plans_manager,
@@ -174,24 +174,6 @@ def export_prediction_with_maps(prediction: np.ndarray, properties: dict, config
                 os.remove(tmp)
 
 
-def _safe_load_check(checkpoint: Path) -> None:
-    """Refuse checkpoints that hold more than weights and plain data (torch.load weights_only=True)."""
-    from torch.serialization import safe_globals
-
-    numpy_types = [np.dtype, np.core.multiarray.scalar, np.ndarray, np.core.multiarray._reconstruct,
-                   type(np.dtype("float32")), type(np.dtype("float64")), type(np.dtype("int64"))]
-    try:
-        with safe_globals(numpy_types):
-            ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise InputError(f"{checkpoint}: checkpoint not found") from None
-    except Exception as e:  # unpickling errors have many types
-        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
-        raise InputError(f"{checkpoint}: not a loadable nnU-Net checkpoint ({first})") from None
-    if not isinstance(ckpt, dict) or "network_weights" not in ckpt or "trainer_name" not in ckpt:
-        raise InputError(f"{checkpoint}: not an nnU-Net checkpoint (no network_weights/trainer_name)")
-
-
 class EnTrustPredictor(nnUNetPredictor):
     def __init__(self, *args, sampling: SamplingSettings = DEFAULT_SAMPLING, save_hypotheses: bool = False,
                  **kwargs):
@@ -204,17 +186,33 @@ class EnTrustPredictor(nnUNetPredictor):
     # --------------------------------------------------------------- initialisation
     def initialize_from_trained_model_folder(self, model_training_output_dir: str, use_folds,
                                              checkpoint_name: str = "checkpoint_final.pth"):
+        """nnU-Net's initialisation, with checkpoints read by :func:`load_checkpoint` (weights only, our
+        messages) and checked to fit the network before anything is predicted."""
         folder = Path(model_training_output_dir)
-        if not (folder / "plans.json").exists():
-            raise InputError(f"{folder}: no trained model here (plans.json missing)")
+        for name in ("plans.json", "dataset.json"):
+            if not (folder / name).exists():
+                raise InputError(f"{folder}: no trained model here ({name} missing)")
         if use_folds is None:
             use_folds = self.auto_detect_available_folds(str(folder), checkpoint_name)
             if not use_folds:
                 raise InputError(f"{folder}: no fold_*/{checkpoint_name} found")
-        for f in use_folds:
-            _safe_load_check(folder / f"fold_{f}" / checkpoint_name)
-        super().initialize_from_trained_model_folder(str(folder), use_folds, checkpoint_name)
-        self._wrap_network()
+        files = [folder / f"fold_{f}" / checkpoint_name for f in use_folds]
+        checkpoints = [load_checkpoint(f) for f in files]
+        dataset_json = json.loads((folder / "dataset.json").read_text())
+        plans_manager = PlansManager(json.loads((folder / "plans.json").read_text()))
+        first = checkpoints[0]
+        configuration = first.get("init_args", {}).get("configuration")
+        if configuration not in plans_manager.available_configurations:
+            raise InputError(f"{files[0]}: trained for configuration {configuration!r}, which "
+                             f"{folder / 'plans.json'} does not hold")
+        configuration_manager = plans_manager.get_configuration(configuration)
+        network = build_network(first["trainer_name"], plans_manager, configuration_manager, dataset_json, files[0])
+        for ckpt, f in zip(checkpoints, files):
+            check_weights_fit(network, ckpt["network_weights"], f, folder / "plans.json")
+        parameters = [c["network_weights"] for c in checkpoints]
+        network.load_state_dict(parameters[0])
+        self.manual_initialization(network, plans_manager, configuration_manager, parameters, dataset_json,
+                                   first["trainer_name"], first.get("inference_allowed_mirroring_axes"))
         self.calibrator = load_calibrator(folder)
 
     def manual_initialization(self, network, plans_manager, configuration_manager, parameters, dataset_json,
@@ -312,17 +310,32 @@ class EnTrustPredictor(nnUNetPredictor):
         """Preprocess (nnU-Net's iterator), predict with maps, export in a spawn pool; progress bar per case."""
         iterator = self._internal_get_data_iterator_from_lists_of_filenames(
             input_files, [None] * len(input_files), output_truncated, num_processes_preprocessing)
-        with multiprocessing.get_context("spawn").Pool(num_processes_export) as pool:
-            pending = []
-            for item in tqdm(iterator, total=len(input_files), desc="predict", unit="case", disable=not self.allow_tqdm):
-                data = item["data"]
-                if isinstance(data, str):  # nnU-Net hands large cases over as a temporary .npy file
-                    path, data = data, torch.from_numpy(np.load(data))
-                    os.remove(path)
-                prediction, hypotheses = self.predict_case(data)
-                pending.append(pool.apply_async(export_prediction_with_maps, (
-                    prediction.cpu().numpy(), item["data_properties"], self.configuration_manager, self.plans_manager,
-                    self.dataset_json, item["ofile"], save_probabilities, True,
-                    None if hypotheses is None else hypotheses.cpu().numpy())))
-            for job in pending:
-                job.get()
+        with sigint_blocked_in_children():
+            pool = multiprocessing.get_context("spawn").Pool(num_processes_export)
+        ours = set(multiprocessing.active_children())
+        with pool, workers_ended_first_on_signals(ours):  # the pool's exit terminates the export workers
+            try:
+                pending = []
+                for item in tqdm(workers_started(iter(iterator)), total=len(input_files), desc="predict",
+                                 unit="case", disable=not self.allow_tqdm):
+                    pending.append(pool.apply_async(export_prediction_with_maps, self._predicted(item,
+                                                                                              save_probabilities)))
+                for job in pending:
+                    job.get()
+            except BaseException:
+                # any other error (signals: see workers.py): end nnU-Net's workers and their Manager while its
+                # iterator still holds their shared objects; at exit the Manager would go first and the
+                # workers would print EOFError tracebacks
+                end_processes(set(multiprocessing.active_children()) - ours)
+                raise
+
+    def _predicted(self, item: dict, save_probabilities: bool) -> tuple:
+        """The arguments of :func:`export_prediction_with_maps` for one preprocessed case of nnU-Net's iterator."""
+        data = item["data"]
+        if isinstance(data, str):  # nnU-Net hands large cases over as a temporary .npy file
+            path, data = data, torch.from_numpy(np.load(data))
+            os.remove(path)
+        prediction, hypotheses = self.predict_case(data)
+        return (prediction.cpu().numpy(), item["data_properties"], self.configuration_manager, self.plans_manager,
+                self.dataset_json, item["ofile"], save_probabilities, True,
+                None if hypotheses is None else hypotheses.cpu().numpy())

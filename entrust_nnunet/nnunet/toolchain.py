@@ -39,7 +39,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from scipy import ndimage
 
 from entrust_nnunet.data.io import (CONFLICT_MARK, MAP_NAMES, POSTPROCESSING_RECORD, InputError, atomic_file, map_path,
-                                   read_image, write_image)
+                                    read_image, temporary_path, write_image)
 from entrust_nnunet.model.trustmap import entropy
 
 
@@ -111,15 +111,11 @@ def _maps(pred: dict, case: str, shape: tuple) -> dict[str, np.ndarray]:
     return maps
 
 
-def _temporary(path: Path) -> Path:
-    return path.with_name(f".tmp-{os.getpid()}-{path.name}")
-
-
 def write_case(out: Path, case: str, ending: str, rw, seg: np.ndarray, properties: dict, maps: dict,
                npz_pkl: tuple[bytes, bytes] | None = None) -> None:
     """Mask (nnU-Net's writer), maps (mask's geometry), optional .npz/.pkl contents: temporary names first, the
     mask renamed last."""
-    mask, tmp_mask = out / f"{case}{ending}", _temporary(out / f"{case}{ending}")
+    mask, tmp_mask = out / f"{case}{ending}", temporary_path(out / f"{case}{ending}")
     try:
         rw.write_seg(seg, str(tmp_mask), properties)
         reference = sitk.ReadImage(str(tmp_mask))
