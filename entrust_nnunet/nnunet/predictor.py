@@ -34,6 +34,7 @@ import SimpleITK as sitk
 import torch
 from nnunetv2.inference.export_prediction import (convert_predicted_logits_to_segmentation_with_correct_shape,
                                                   export_prediction_from_logits)
+from nnunetv2.configuration import default_num_processes
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.utilities.label_handling.label_handling import LabelManager
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
@@ -264,12 +265,17 @@ class EnTrustPredictor(nnUNetPredictor):
         returns the pooled (C + maps, *s) and the hypotheses' labels (F*K, *s), fold-major."""
         c = self.label_manager.num_segmentation_heads
         pooled, labels = None, []
-        for params in self.list_of_parameters:
-            self.network.load_state_dict(params)
-            out = self.predict_sliding_window_return_logits(data).to("cpu").float()
-            head = out[:c + len(POOLED_MAPS)]
-            pooled = head if pooled is None else pooled + head
-            labels.append(out[c + len(POOLED_MAPS):].unflatten(0, (-1, c)).argmax(1).to(torch.uint8))
+        threads = torch.get_num_threads()
+        torch.set_num_threads(min(default_num_processes, threads))  # as nnU-Net's own loop
+        try:
+            for params in self.list_of_parameters:
+                self.network.load_state_dict(params)
+                out = self.predict_sliding_window_return_logits(data).to("cpu").float()
+                head = out[:c + len(POOLED_MAPS)]
+                pooled = head if pooled is None else pooled + head
+                labels.append(out[c + len(POOLED_MAPS):].unflatten(0, (-1, c)).argmax(1).to(torch.uint8))
+        finally:
+            torch.set_num_threads(threads)
         return pooled / len(self.list_of_parameters), torch.cat(labels)
 
     @torch.inference_mode()
