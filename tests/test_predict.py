@@ -157,7 +157,7 @@ def test_folds_are_pooled_epistemic_rises_when_folds_disagree(trained_entrust):
     three, hyps = pooled.predict_case(data)
     # same maps; our per-fold loop runs with torch's thread count, nnU-Net's with its own: float rounding
     torch.testing.assert_close(three, two, atol=2e-3, rtol=0)
-    assert hyps.shape == (8, 32, 32) and hyps.dtype == torch.uint8
+    assert hyps.shape == (8, 1, 32, 32) and hyps.dtype == torch.uint8  # fold-major, (F*K, *s)
     assert (hyps[4:] == 2).float().mean() > (hyps[:4] == 2).float().mean()
 
 
