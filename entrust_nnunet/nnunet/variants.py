@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
+from entrust_nnunet.nnunet.ablation_trainers import (nnUNetTrainerEnTrustNoEnFuse, nnUNetTrainerEnTrustNoProbe,
+                                                      nnUNetTrainerEnTrustNoSteps)
 from entrust_nnunet.nnunet.baseline_trainers import nnUNetTrainerCRNP, nnUNetTrainerMCDropout
 from entrust_nnunet.nnunet.trainers import nnUNetTrainerEnTrust
 
@@ -115,3 +117,26 @@ class nnUNetTrainerCRNP_demo(ScheduleMixin, nnUNetTrainerCRNP):
 class nnUNetTrainerCRNP_tinyCPU(ScheduleMixin, nnUNetTrainerCRNP):
     schedule = TINY_SCHEDULE
 
+
+class nnUNetTrainerEnTrustNoEnFuse_demo(ScheduleMixin, nnUNetTrainerEnTrustNoEnFuse):
+    schedule = DEMO_SCHEDULE
+
+
+class nnUNetTrainerEnTrustNoEnFuse_tinyCPU(ScheduleMixin, nnUNetTrainerEnTrustNoEnFuse):
+    schedule = TINY_SCHEDULE
+
+
+class nnUNetTrainerEnTrustNoSteps_demo(ScheduleMixin, nnUNetTrainerEnTrustNoSteps):
+    schedule = DEMO_SCHEDULE
+
+
+class nnUNetTrainerEnTrustNoSteps_tinyCPU(ScheduleMixin, nnUNetTrainerEnTrustNoSteps):
+    schedule = TINY_SCHEDULE
+
+
+class nnUNetTrainerEnTrustNoProbe_demo(ScheduleMixin, nnUNetTrainerEnTrustNoProbe):
+    schedule = DEMO_SCHEDULE
+
+
+class nnUNetTrainerEnTrustNoProbe_tinyCPU(ScheduleMixin, nnUNetTrainerEnTrustNoProbe):
+    schedule = TINY_SCHEDULE
