@@ -442,10 +442,11 @@ def temperature_row(args, dataset_id: int, config: str, name: str, raw: Path, lo
     """The temperature-scaled softmax row: T from fold 0's out-of-fold validation probabilities."""
     trainer, plans, _, _ = methods(args.smoke)["softmax nnU-Net"]
     src = log_dir / "predictions" / "softmax_nnU-Net"
-    if "softmax nnU-Net" not in record["methods"]:
-        return {}
+    dataset_json = json.loads((raw / "dataset.json").read_text())
+    if "softmax nnU-Net" not in record["methods"] or dataset_json.get("regions_class_order"):
+        return {}  # with regions nnU-Net saves per-region sigmoids, not a softmax to scale
     model = model_folder(name, trainer, plans, config)
-    ending = json.loads((raw / "dataset.json").read_text())["file_ending"]
+    ending = dataset_json["file_ending"]
     npz = validation_probabilities(args, dataset_id, config, trainer, plans, model, log_dir / "validation_npz.log")
     temperature = fit_softmax_temperature(npz, raw / "labelsTr", ending)
     dst = temperature_folder(src, log_dir / "predictions" / "softmax_temperature", temperature, ending)
