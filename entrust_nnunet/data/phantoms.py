@@ -200,10 +200,12 @@ def _to_sitk(array: np.ndarray, case: PhantomCase) -> sitk.Image:
 
 def write_phantom_dataset(out: str | os.PathLike, num_cases: int = 20, num_modalities: int = 3, dim: int = 2,
                           seed: int = 0, num_annotators: int = 0, num_test: int | None = None,
-                          size: int | None = None, overwrite: bool = False, progress: bool = True) -> Path:
+                          size: int | None = None, overwrite: bool = False, progress: bool = True,
+                          test_seed: int | None = None) -> Path:
     """Write an nnU-Net v2 raw dataset of phantoms to ``out`` (built in a temporary folder, then renamed).
 
-    Case ``i`` of the training set depends only on ``(seed, i)``; test case ``j`` on ``(seed, 100000 + j)``.
+    Case ``i`` of the training set depends only on ``(seed, i)``; test case ``j`` on ``(test_seed, 100000 + j)``
+    (``test_seed`` defaults to ``seed``), so a benchmark can draw fresh test cases beside the same training cases.
     """
     if num_cases < 1:
         raise InputError(f"-n {num_cases}: need at least one training case")
@@ -219,19 +221,21 @@ def write_phantom_dataset(out: str | os.PathLike, num_cases: int = 20, num_modal
     num_test = max(2, num_cases // 4) if num_test is None else num_test
     if num_test < 0:
         raise InputError(f"--num-test {num_test}: must be >= 0")
+    test_seed = seed if test_seed is None else test_seed
     out = Path(out)
     names = modality_names(num_modalities)
 
     with atomic_directory(out, overwrite=overwrite) as tmp:
-        splits = [("Tr", [f"case_{i:03d}" for i in range(num_cases)], 0),
-                  ("Ts", [f"test_{j:03d}" for j in range(num_test)], 100000)]
+        splits = [("Tr", [f"case_{i:03d}" for i in range(num_cases)], 0, seed),
+                  ("Ts", [f"test_{j:03d}" for j in range(num_test)], 100000, test_seed)]
         for sub in ("imagesTr", "labelsTr", "conflictTr", "imagesTs", "labelsTs", "conflictTs"):
             (tmp / sub).mkdir()
         if num_annotators:
             (tmp / "labelsTr_annotators").mkdir()
-        jobs = [(suffix, idx, name, offset) for suffix, cases, offset in splits for idx, name in enumerate(cases)]
-        for suffix, idx, name, offset in tqdm(jobs, desc=f"phantoms {out.name}", disable=not progress, unit="case"):
-            rng = np.random.default_rng([seed, offset + idx])
+        jobs = [(suffix, idx, name, offset, s) for suffix, cases, offset, s in splits for idx, name in enumerate(cases)]
+        for suffix, idx, name, offset, case_seed in tqdm(jobs, desc=f"phantoms {out.name}", disable=not progress,
+                                                         unit="case"):
+            rng = np.random.default_rng([case_seed, offset + idx])
             case = make_case(rng, size, num_modalities, dim,
                              num_annotators=num_annotators if suffix == "Tr" else 0,
                              allow_conflict=(idx % 4 != 3))
@@ -250,7 +254,7 @@ def write_phantom_dataset(out: str | os.PathLike, num_cases: int = 20, num_modal
             "name": out.name,
             "description": f"EnTrust phantoms, {dim}D, {num_modalities} modalities, seed {seed}; conflict masks in "
                            f"conflictTr/conflictTs, truth inside conflict is a coin flip",
-            "entrust": {"kind": "phantoms", "dim": dim, "seed": seed, "num_annotators": num_annotators,
+            "entrust": {"kind": "phantoms", "dim": dim, "seed": seed, "test_seed": test_seed, "num_annotators": num_annotators,
                         "conflict_label": CONFLICT_LABEL},
         }
         with open(tmp / "dataset.json", "w") as f:

@@ -12,8 +12,9 @@ Output: a ``summary.json`` that keeps nnU-Net's conventions (``metric_per_case``
 ``foreground_mean``; ``nnunetv2.evaluation.evaluate_predictions.load_summary_json`` reads it) and adds
 
 * ``metric_per_case[i]["uncertainty"]``: per case ECE (all voxels and foreground + boundary band),
-  Brier, NLL, error AUROC and AURC of ``total``, AU/EU entanglement and, with a conflict folder,
-  the AUROCs of ``total`` and ``conflict`` for detecting conflict voxels and the mean of every map
+  Brier, NLL (of the class probabilities when a ``.npz`` is there, and then ALSO of the P(error) view
+  of ``total`` as ``ece_perror``, ``brier_perror``, ...), error AUROC and AURC of ``total``, AU/EU
+  entanglement and, with a conflict folder, the AUROCs of ``total`` and ``conflict`` for detecting conflict voxels and the mean of every map
   inside / outside the true conflict;
 * ``uncertainty_mean``: ``nanmean`` of those over cases;
 * ``uncertainty_pooled``: the same measured over the voxels of all cases together (per-case AUROCs
@@ -255,6 +256,11 @@ def _uncertainty(job: dict, pred_img: sitk.Image, pred: np.ndarray, gt: np.ndarr
     probs, labels, source = _probabilities_and_labels(job, gt, valid, error, total)
     if probs is not None:
         _calibration(out, pool, probs, labels, source, valid, fg_mask, n_valid)
+    if source == "probabilities" and total is not None:  # the P(error) view of total too, under its own keys
+        view, pool["perror"] = {}, {"n": n_valid}
+        _calibration(view, pool["perror"], np.stack([1.0 - total, total]), error.astype(np.int64), "total", valid,
+                     fg_mask, n_valid)
+        out.update({f"{k}_perror": v for k, v in view.items() if k != "ece_source"})
     if total is not None:
         out["error_auroc"] = metrics.error_auroc(total, error, mask=valid)
         out["aurc"] = metrics.aurc(total, error, mask=valid)

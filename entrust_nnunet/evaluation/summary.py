@@ -30,6 +30,8 @@ DEFINITIONS = {
                  "NLL = mean -log(probability given to what happened)",
     },
     "ece": f"expected calibration error, {N_BINS} equal-width bins, all voxels",
+    "<ece, ece_fg_boundary, brier, nll>_perror": "the same of the binary P(error) view of total, written beside the "
+                                                 "class-probability view when both a .npz and total exist",
     "ece_fg_boundary": "ECE over foreground of reference or mask plus a 2-voxel band around the reference "
                        "(metrics.foreground_boundary_mask)",
     "error_auroc": "AUROC of total for detecting voxels where mask != reference",
@@ -76,19 +78,26 @@ def _pooled_curve(parts: list[dict]) -> dict:
     return metrics.calibration_from_statistics(metrics.pool_calibration_statistics(parts))
 
 
+def _pooled_calibration(pools: list[dict]) -> dict:
+    """ECE (with its reliability curve), ECE on foreground + boundary, Brier and NLL over the pools' voxels."""
+    curve = _pooled_curve([p["reliability"] for p in pools])
+    n = sum(p["n"] for p in pools)
+    return {"ece": curve.pop("ece"), "reliability": curve,
+            "ece_fg_boundary": _pooled_curve([p["reliability_fg"] for p in pools])["ece"],
+            "brier": sum(p["brier_sum"] for p in pools) / n if n else math.nan,
+            "nll": sum(p["nll_sum"] for p in pools) / n if n else math.nan}
+
+
 def _pooled(pools: list[dict], num_voxels: int, fraction: float) -> dict:
     out: dict[str, Any] = {"num_voxels": int(num_voxels), "sampling_fraction": fraction}
     with_probs = [p for p in pools if "reliability" in p]
     if with_probs:
         sources = sorted({p["source"] for p in with_probs})
         out["ece_source"] = sources[0] if len(sources) == 1 else "mixed"
-        curve = _pooled_curve([p["reliability"] for p in with_probs])
-        out["ece"] = curve.pop("ece")
-        out["reliability"] = curve
-        out["ece_fg_boundary"] = _pooled_curve([p["reliability_fg"] for p in with_probs])["ece"]
-        n = sum(p["n"] for p in with_probs)
-        out["brier"] = sum(p["brier_sum"] for p in with_probs) / n if n else math.nan
-        out["nll"] = sum(p["nll_sum"] for p in with_probs) / n if n else math.nan
+        out.update(_pooled_calibration(with_probs))
+    perror = [p["perror"] for p in pools if "perror" in p]
+    if perror:  # the P(error) view of total beside the class-probability one
+        out.update({f"{k}_perror": v for k, v in _pooled_calibration(perror).items() if k != "reliability"})
 
     def cat(name, among):
         return np.concatenate([p["sample"][name] for p in among]) if among else np.zeros(0)

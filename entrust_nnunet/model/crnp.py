@@ -1,8 +1,10 @@
-"""Cross-modal random network prediction (CRNP) as an nnU-Net network: the CRNP uncertainty baseline.
+"""Cross-modal random network prediction (CRNP) as an nnU-Net network: the CRNP uncertainty baseline,
+as its paper defines it.
 
 Built from the arch kwargs nnU-Net's planner writes for PlainConvUNet (plus CRNP options); ``forward``
 returns what PlainConvUNet returns; ``sample_statistics`` gives the maps ``entrust predict`` pools.
-The trainer and its alternating loss live in ``entrust_nnunet.nnunet.baseline_trainers``.
+The trainer and its loss (predictor step IN ADDITION to every segmentation update) live in
+``entrust_nnunet.nnunet.baseline_trainers``.
 """
 from __future__ import annotations
 
@@ -18,63 +20,72 @@ from entrust_nnunet.model.encoders import ModalityEncoders
 from entrust_nnunet.model.outputs import full_resolution
 from entrust_nnunet.model.trustmap import entropy
 
+#: the paper's RNP networks: LeakyReLU slope, output width, hidden layers of the random target / the predictor
+RNP_SLOPE, RNP_WIDTH, TARGET_HIDDEN_LAYERS, PREDICTOR_HIDDEN_LAYERS = 0.25, 256, 3, 2
 
-def _conv_block(conv_op, cin: int, cout: int, kernel_size, nonlin, nonlin_kwargs) -> list[nn.Module]:
+
+def depthwise_net(conv_op, cin: int, hidden: int, cout: int, hidden_layers: int, kernel_size) -> nn.Sequential:
+    """A depth-wise convolutional net: ``hidden_layers`` x [depth-wise conv k (groups = channels), 1x1 conv
+    -> ``hidden``, LeakyReLU(0.25)], then depth-wise conv k and 1x1 conv -> ``cout`` (no nonlinearity)."""
     k = [kernel_size] * convert_conv_op_to_dim(conv_op) if isinstance(kernel_size, int) else list(kernel_size)
-    return [conv_op(cin, cout, k, padding=[(i - 1) // 2 for i in k]), nonlin(**(nonlin_kwargs or {}))]
+    pad = [(i - 1) // 2 for i in k]
+    layers, c = [], cin
+    for _ in range(hidden_layers):
+        layers += [conv_op(c, c, k, padding=pad, groups=c), conv_op(c, hidden, 1), nn.LeakyReLU(RNP_SLOPE)]
+        c = hidden
+    layers += [conv_op(c, c, k, padding=pad, groups=c), conv_op(c, cout, 1)]
+    return nn.Sequential(*layers)
 
 
 class RandomNetworkPair(nn.Module):
     """One modality's random network prediction pair on its bottleneck features h (B, w, *s).
 
-    ``target`` g: conv k (w -> 2r) - nonlin - conv k (2r -> 2r) - nonlin - conv 1 (2r -> r), randomly
-    initialised and frozen (``requires_grad=False``; its weights are parameters, so they are in the
-    state dict and travel with the checkpoint). ``predictor`` f, smaller and trained:
-    conv k (w -> r) - nonlin - conv 1 (r -> r). ``forward`` gives the per-voxel error
-    ``e = (1/r) sum_c (f(h) - g(h))_c^2`` (B, *s).
+    ``target`` f_phi: :func:`depthwise_net` with 3 hidden layers, randomly initialised and frozen
+    (``requires_grad=False``; its weights are parameters, so they are in the state dict and travel
+    with the checkpoint). ``predictor`` f_psi: the same with 2 hidden layers, trained. Both output
+    ``width`` (256) channels. ``forward`` gives the channel-wise squared error
+    ``(f_phi(h) - f_psi(h))^2`` (B, width, *s), in float32.
     """
 
-    def __init__(self, conv_op, width: int, rnp_width: int, kernel_size, nonlin, nonlin_kwargs):
+    def __init__(self, conv_op, cin: int, width: int, kernel_size):
         super().__init__()
-        r = rnp_width
-        self.target = nn.Sequential(*_conv_block(conv_op, width, 2 * r, kernel_size, nonlin, nonlin_kwargs),
-                                    *_conv_block(conv_op, 2 * r, 2 * r, kernel_size, nonlin, nonlin_kwargs),
-                                    conv_op(2 * r, r, 1))
-        self.predictor = nn.Sequential(*_conv_block(conv_op, width, r, kernel_size, nonlin, nonlin_kwargs),
-                                       conv_op(r, r, 1))
+        self.target = depthwise_net(conv_op, cin, width, width, TARGET_HIDDEN_LAYERS, kernel_size)
+        self.predictor = depthwise_net(conv_op, cin, width, width, PREDICTOR_HIDDEN_LAYERS, kernel_size)
         self.target.requires_grad_(False)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             t = self.target(h)
-        return (self.predictor(h) - t).float().pow(2).mean(1)
+        return (self.predictor(h) - t).float().pow(2)
 
 
 class CRNPUNet(nn.Module):
     """Cross-modal random network prediction U-Net, built from PlainConvUNet's arch kwargs (+ CRNP options).
 
-    With ``h_m`` (B, w_L, *s_L) modality m's bottleneck features (one :class:`ModalityEncoders`
-    encoder per input channel), ``sg`` stop-gradient, M modalities:
+    With ``h_q`` (B, w_L, *s_L) modality q's bottleneck features (one :class:`ModalityEncoders` encoder
+    per input channel), ``sg`` stop-gradient, M modalities, d = ``rnp_width`` (256):
 
-    1. error: ``e_m = RandomNetworkPair_m(sg(h_m))`` = (1/r) sum_c (f_m(sg h_m) - g_m(sg h_m))_c^2 per voxel;
-       ``sg`` keeps the RNP loss out of the encoders, and the fusion below uses ``sg(e)``, so the
-       segmentation loss never trains the predictors: f_m learns only from its RNP loss, ``mean(e_m)``.
-    2. normalised error: ``ê_m = e_m / (sigma_m + 1e-6)``, ``sigma_m`` a buffer holding the running mean of
-       e_m over training batches (first batch, then EMA with momentum ``rnp_momentum``), so ê ~ 1 on
-       familiar features of every modality and > 1 on unfamiliar ones.
-    3. fusion weights, per voxel, from the OTHER modalities' errors:
-       ``w_n = softmax_n( sum_{m != n} ê_m / tau )`` (tau = ``fusion_temperature``): the more unfamiliar
-       the other modalities' features are, the more weight modality n's features get. Because
-       ``sum_{m != n} ê_m = sum_m ê_m - ê_n`` and softmax ignores a shared shift, this equals
-       ``softmax_n(-ê_n / tau)``. M = 1 gives w = 1.
-    4. residual fusion ``b = (1/M) sum_m h_m + sum_m w_m h_m``; 1x1 conv (w_L -> f_L) + norm + nonlin; one pre-norm
-       self-attention block over the bottleneck voxels: ``z = b' + MHA(LN(b'))`` (torch.nn.MultiheadAttention,
-       no positional encoding: the convolutional features carry position through padding).
-    5. skips at stages s < L: the M streams concatenated, 1x1 conv (M w_s -> f_s) + norm + nonlin; then nnU-Net's
-       UNetDecoder on [skips..., z] with nnU-Net's widths, so deep supervision works like PlainConvUNet's.
+    1. RNP error per modality, channel-wise: ``e_q = (f_phi_q(sg h_q) - f_psi_q(sg h_q))^2`` (B, d, *s);
+       ``sg`` keeps the predictors' loss ``mean(e)`` out of the encoders, and the fusion reads ``sg(e)``,
+       so the segmentation loss never trains the predictors.
+    2. modality p's uncertainty is the OTHER modalities' error, ``u_p = sum_{q != p} e_q`` (so
+       ``||.||^2`` kept per channel), channel-wise normalised: ``û_p,c = u_p,c / sum_{q != p} s_q,c`` with
+       ``s`` (M, d) a buffer holding the running mean of ``e_q,c`` over training batches (first batch, then
+       EMA with momentum ``rnp_momentum``), i.e. u divided by its own running mean: û ~ 1 where the other
+       modalities' features look familiar. M = 1 gives û = 0.
+    3. ``x_p = P_p(h_p)``, a per-modality 1x1 conv to d channels, and the residual fusion per modality
+       ``x̃_p = x_p + û_p ⊙ x_p``: where the OTHER modalities are unfamiliar, modality p's features count more.
+    4. self-attention with Q = K = V = the concatenation of all modalities' x̃ as per-modality tokens
+       (B, M * N_L, d): ``z = t + MHA(LN(t))`` (torch.nn.MultiheadAttention, no positional encoding:
+       the convolutional features carry position through padding); the M token maps are concatenated
+       on channels and a 1x1 conv (M d -> f_L) + norm + nonlin gives the decoder's bottleneck.
+    5. skips at stages s < L: the M streams concatenated, 1x1 conv (M w_s -> f_s) + norm + nonlin; then
+       nnU-Net's UNetDecoder with nnU-Net's widths, so deep supervision works like PlainConvUNet's.
 
-    Conflict map (:meth:`sample_statistics`): ``(max_m ê_m - min_m ê_m) / (max_m ê_m + 1e-6)`` in [0, 1] at the
-    bottleneck, up-sampled (bi/trilinear, a convex interpolation, then clamped) to the input size; 0 for M = 1.
+    Conflict map (:meth:`conflict`): per voxel, the contrast between the most and the least familiar
+    modality, ``(max_q ē_q - min_q ē_q) / (max_q ē_q + min_q ē_q)`` in [0, 1] with ``ē_q = mean_c e_q,c / s_q,c``
+    modality q's own normalised error; 0 where all modalities are equally (un)familiar, -> 1 where one is
+    far less familiar than another. Up-sampled to the input size; 0 for M = 1.
     """
 
     def __init__(self, input_channels: int, n_stages: int, features_per_stage, conv_op, kernel_sizes, strides,
@@ -82,41 +93,36 @@ class CRNPUNet(nn.Module):
                  norm_op=None, norm_op_kwargs: dict | None = None, dropout_op=None,
                  dropout_op_kwargs: dict | None = None, nonlin=None, nonlin_kwargs: dict | None = None,
                  deep_supervision: bool = False, nonlin_first: bool = False, min_modality_width: int = 8,
-                 rnp_width: int = 16, fusion_temperature: float = 1.0, rnp_momentum: float = 0.05,
-                 attention_heads: int = 4):
+                 rnp_width: int = RNP_WIDTH, rnp_momentum: float = 0.05, attention_heads: int = 4):
         super().__init__()
         if n_stages < 2:
             raise ValueError("CRNPUNet needs at least two resolution stages")
-        if isinstance(features_per_stage, int):
-            features_per_stage = [features_per_stage] * n_stages
-        if isinstance(kernel_sizes, int):
-            kernel_sizes = [kernel_sizes] * n_stages
+        features_per_stage = [features_per_stage] * n_stages if isinstance(features_per_stage, int) else features_per_stage
+        kernel_sizes = [kernel_sizes] * n_stages if isinstance(kernel_sizes, int) else kernel_sizes
         nonlin = nonlin or nn.LeakyReLU
         self.num_modalities = m = input_channels
         self.num_classes = num_classes
-        self.fusion_temperature = fusion_temperature
         self.rnp_momentum = rnp_momentum
         self.encoders = ModalityEncoders(m, n_stages, features_per_stage, conv_op, kernel_sizes, strides,
                                          n_conv_per_stage, conv_bias, norm_op, norm_op_kwargs, dropout_op,
                                          dropout_op_kwargs, nonlin, nonlin_kwargs, min_width=min_modality_width)
-        widths = self.encoders.widths
+        widths, d = self.encoders.widths, rnp_width
 
-        def project(cin, cout):
+        def project(cin, cout, groups=1):
             norm = [norm_op(cout, **(norm_op_kwargs or {}))] if norm_op is not None else []
-            return nn.Sequential(conv_op(cin, cout, 1, bias=True), *norm, nonlin(**(nonlin_kwargs or {})))
+            return nn.Sequential(conv_op(cin, cout, 1, bias=True, groups=groups), *norm, nonlin(**(nonlin_kwargs or {})))
 
         self.skip_fusion = nn.ModuleList(project(m * w, f) for w, f in zip(widths[:-1], features_per_stage[:-1]))
-        self.rnp = nn.ModuleList(RandomNetworkPair(conv_op, widths[-1], rnp_width, kernel_sizes[-1], nonlin,
-                                                   nonlin_kwargs) for _ in range(m))
-        self.register_buffer("rnp_scale", torch.ones(m))
+        self.rnp = nn.ModuleList(RandomNetworkPair(conv_op, widths[-1], d, kernel_sizes[-1]) for _ in range(m))
+        self.register_buffer("rnp_scale", torch.ones(m, d))
         self.register_buffer("rnp_updates", torch.zeros((), dtype=torch.long))
-        f_l = features_per_stage[-1]
-        self.bottleneck_fusion = project(widths[-1], f_l)
-        heads = attention_heads if f_l % attention_heads == 0 else 1
-        self.attention_norm = nn.LayerNorm(f_l)
-        self.attention = nn.MultiheadAttention(f_l, heads, batch_first=True)
-        self.decoder = UNetDecoder(self.encoders.decoder_spec(features_per_stage), num_classes, n_conv_per_stage_decoder, deep_supervision,
-                                   nonlin_first=nonlin_first)
+        self.embed = conv_op(m * widths[-1], m * d, 1, groups=m)  # x_p = P_p(h_p), one 1x1 conv per modality
+        heads = attention_heads if d % attention_heads == 0 else 1
+        self.attention_norm = nn.LayerNorm(d)
+        self.attention = nn.MultiheadAttention(d, heads, batch_first=True)
+        self.bottleneck_fusion = project(m * d, features_per_stage[-1])
+        self.decoder = UNetDecoder(self.encoders.decoder_spec(features_per_stage), num_classes, n_conv_per_stage_decoder,
+                                   deep_supervision, nonlin_first=nonlin_first)
         #: when True, training-mode forward() keeps its parts in ``last_parts`` for :class:`CRNPLoss`
         self.cache_parts = False
         self.last_parts: dict | None = None
@@ -125,27 +131,44 @@ class CRNPUNet(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def modality_errors(self, h: torch.Tensor) -> torch.Tensor:
-        """RNP errors e (B, M, *s_L) of bottleneck features h (B, M, w_L, *s_L); gradients reach the predictors only."""
+        """Channel-wise RNP errors e (B, M, d, *s_L) of bottleneck features h (B, M, w_L, *s_L); gradients
+        reach the predictors only."""
         h = h.detach()
         return torch.stack([pair(h[:, i]) for i, pair in enumerate(self.rnp)], 1)
 
     def normalised_errors(self, e: torch.Tensor) -> torch.Tensor:
-        shape = (1, -1) + (1,) * (e.dim() - 2)
+        """ê (B, M, d, *s) = e / s channel-wise, ``s`` (M, d) the running mean of e per modality and channel (detached)."""
+        shape = (1, *self.rnp_scale.shape) + (1,) * (e.dim() - 3)
         return e.detach() / (self.rnp_scale.view(shape) + 1e-6)
 
-    def fusion_weights(self, e_hat: torch.Tensor) -> torch.Tensor:
-        """w (B, M, *s): softmax over modalities of the summed normalised errors of the OTHER modalities."""
-        others = e_hat.sum(1, keepdim=True) - e_hat
-        return torch.softmax(others / self.fusion_temperature, 1)
+    def cross_modal_uncertainty(self, e: torch.Tensor) -> torch.Tensor:
+        """û (B, M, d, *s): ``u_p = sum_{q != p} e_q`` (the OTHER modalities' errors, detached), divided channel-wise
+        by its running mean ``sum_{q != p} s_q`` (a mean is linear, so that IS the running mean of u_p)."""
+        e = e.detach()
+        u = e.sum(1, keepdim=True) - e
+        scale = self.rnp_scale.sum(0, keepdim=True) - self.rnp_scale
+        return u / (scale.view((1, *scale.shape) + (1,) * (e.dim() - 3)) + 1e-6)
 
     @torch.no_grad()
     def _update_scale(self, e: torch.Tensor) -> None:
-        batch = e.detach().float().transpose(0, 1).flatten(1).mean(1)
+        batch = e.detach().float().transpose(0, 2).flatten(2).mean(2).transpose(0, 1)  # (M, d)
         if int(self.rnp_updates) == 0:
             self.rnp_scale.copy_(batch)
         else:
             self.rnp_scale.lerp_(batch, self.rnp_momentum)
         self.rnp_updates += 1
+
+    def fuse(self, h: torch.Tensor, u_hat: torch.Tensor) -> torch.Tensor:
+        """Residual fusion per modality and self-attention over per-modality tokens -> (B, f_L, *s_L)."""
+        b, m, w = h.shape[:3]
+        spatial = h.shape[3:]
+        x = self.embed(h.flatten(1, 2)).unflatten(1, (m, -1))           # (B, M, d, *s)
+        x = x + u_hat.to(x.dtype) * x                                    # x̃_p = x_p + û_p ⊙ x_p
+        tokens = x.flatten(3).permute(0, 1, 3, 2).flatten(1, 2)         # (B, M * N, d)
+        q = self.attention_norm(tokens)
+        tokens = tokens + self.attention(q, q, q, need_weights=False)[0]
+        z = tokens.unflatten(1, (m, -1)).permute(0, 1, 3, 2).reshape(b, m * x.shape[2], *spatial)
+        return self.bottleneck_fusion(z)
 
     def forward(self, x: torch.Tensor, return_parts: bool = False):
         skips = self.encoders(x)
@@ -153,17 +176,11 @@ class CRNPUNet(nn.Module):
         e = self.modality_errors(h)
         if self.training:
             self._update_scale(e)
-        e_hat = self.normalised_errors(e)
-        w = self.fusion_weights(e_hat)
-        fused = h.mean(1) + (w.unsqueeze(2).to(h.dtype) * h).sum(1)
-        z = self.bottleneck_fusion(fused)
-        tokens = z.flatten(2).transpose(1, 2)
-        q = self.attention_norm(tokens)
-        tokens = tokens + self.attention(q, q, q, need_weights=False)[0]
-        z = tokens.transpose(1, 2).reshape(z.shape)
+        u_hat = self.cross_modal_uncertainty(e) if self.num_modalities > 1 else torch.zeros_like(e)
+        z = self.fuse(h, u_hat)
         logits = self.decoder([f(s.flatten(1, 2)) for f, s in zip(self.skip_fusion, skips[:-1])] + [z])
         if return_parts or (self.cache_parts and self.training):
-            parts = {"logits": logits, "errors": e, "normalised_errors": e_hat, "weights": w}
+            parts = {"logits": logits, "errors": e, "uncertainty": u_hat}
             if self.cache_parts and self.training:
                 self.last_parts = parts
             if return_parts:
@@ -172,26 +189,27 @@ class CRNPUNet(nn.Module):
 
     @staticmethod
     def rnp_loss(parts: dict) -> torch.Tensor:
-        """The predictors' loss: mean RNP error over batch, modalities and bottleneck voxels (reaches f_m only)."""
+        """The predictors' loss: mean RNP error over batch, modalities, channels and voxels (reaches f_psi only)."""
         return parts["errors"].mean()
 
-    def conflict(self, e_hat: torch.Tensor, size) -> torch.Tensor:
-        """(max_m ê_m - min_m ê_m) / (max_m ê_m + 1e-6) (B, *size), bottleneck map up-sampled to ``size``."""
-        if e_hat.shape[1] < 2:
-            return torch.zeros((e_hat.shape[0], *size), device=e_hat.device)
-        hi, lo = e_hat.float().amax(1, keepdim=True), e_hat.float().amin(1, keepdim=True)
-        c = (hi - lo) / (hi + 1e-6)
+    def conflict(self, e: torch.Tensor, size) -> torch.Tensor:
+        """(max_q ē_q - min_q ē_q) / (max_q ē_q + min_q ē_q) (B, *size) of the modalities' normalised errors
+        ē (B, M, *s) (channel means of :meth:`normalised_errors`), bottleneck map up-sampled to ``size``."""
+        if e.shape[1] < 2:
+            return torch.zeros((e.shape[0], *size), device=e.device)
+        hi, lo = e.float().amax(1, keepdim=True), e.float().amin(1, keepdim=True)
+        c = (hi - lo) / (hi + lo + 1e-6)
         mode = "bilinear" if c.dim() == 4 else "trilinear"
         return F.interpolate(c, size=tuple(size), mode=mode, align_corners=False)[:, 0].clamp(0, 1)
 
     @torch.no_grad()
     def sample_statistics(self, x: torch.Tensor, num_hypotheses: int = 1, seed: int = 0) -> dict[str, torch.Tensor]:
         """One deterministic forward (``num_hypotheses`` and ``seed`` are unused): ``mean`` = softmax of the logits
-        (B, C, *s), ``aleatoric`` = its entropy (nats), ``conflict`` = :meth:`conflict` of the normalised RNP errors."""
+        (B, C, *s), ``aleatoric`` = its entropy (nats), ``conflict`` = :meth:`conflict` of the modalities' errors."""
         parts = self.forward(x, return_parts=True)
         mean = torch.softmax(full_resolution(parts["logits"]).float(), 1)
         return {"mean": mean, "aleatoric": entropy(mean, axis=1),
-                "conflict": self.conflict(parts["normalised_errors"], x.shape[2:])}
+                "conflict": self.conflict(self.normalised_errors(parts["errors"]).mean(2), x.shape[2:])}
 
     def compute_conv_feature_map_size(self, input_size) -> int:
         """Activation estimate in PlainConvUNet's convention (encoders + fusion outputs + decoder)."""
@@ -203,6 +221,7 @@ class CRNPUNet(nn.Module):
             if stage < len(self.skip_fusion):
                 total += n * self.skip_fusion[stage][0].out_channels
             else:
-                rnp = self.rnp[0].target[0].out_channels
-                total += n * self.num_modalities * 3 * rnp + 2 * n * self.bottleneck_fusion[0].out_channels
+                d = self.rnp_scale.shape[1]
+                # RNP layers (target 3 + predictor 2 hidden, outputs), embedding, attention, fusion
+                total += n * self.num_modalities * (9 * d + 4 * d) + n * self.bottleneck_fusion[0].out_channels
         return int(total + self.decoder.compute_conv_feature_map_size(input_size))

@@ -57,18 +57,16 @@ class nnUNetTrainerMCDropout(nnUNetTrainer):
 
 
 class CRNPLoss(nn.Module):
-    """nnU-Net's loss on even training iterations, the predictors' RNP loss on odd ones.
+    """nnU-Net's loss with the predictors' RNP loss added, its gradient confined to the predictors.
 
-    Counting training calls k = 0, 1, 2, ... (validation calls, in eval mode, always get nnU-Net's loss):
-
-    * k even: ``base(output, target)``: nnU-Net's deep-supervised Dice+CE; it trains encoders, fusion,
-      attention and decoder, not the predictors (the fusion reads their errors detached) and never the
-      frozen targets;
-    * k odd: ``base(...).detach() + (L_rnp - L_rnp.detach())``: its value is nnU-Net's loss (so
-      nnU-Net's logged train loss stays a segmentation loss), its gradient is that of
-      ``L_rnp = mean(e)`` (:meth:`CRNPUNet.rnp_loss`), which reaches the predictors f_m only. Every other
-      parameter has no gradient (``None``), so nnU-Net's SGD leaves it, momentum and weight decay
-      included, untouched on that iteration.
+    Every training call returns ``base(output, target) + (L_rnp - L_rnp.detach())`` with
+    ``L_rnp = mean(e)`` (:meth:`CRNPUNet.rnp_loss`). Its value is nnU-Net's deep-supervised Dice+CE (so
+    nnU-Net's logged train loss stays a segmentation loss); its gradient is nnU-Net's loss's, which
+    trains encoders, fusion, attention and decoder on EVERY iteration (the fusion reads the RNP errors
+    detached, so it never reaches the predictors), plus ``L_rnp``'s, which reaches the predictors f_psi
+    only (the features they read are detached, the random targets frozen). One optimiser step therefore
+    makes one segmentation update, as for every other method, and one predictor update in addition.
+    Validation calls (eval mode) get nnU-Net's loss alone.
 
     nnU-Net's ``train_step`` runs unchanged; the RNP loss of every training call is kept in ``history``.
     """
@@ -77,7 +75,6 @@ class CRNPLoss(nn.Module):
         super().__init__()
         self.base = base_loss
         self.network = [network]  # a list: keep the network out of this module's parameters/state_dict
-        self.calls = 0
         self.history: dict[str, list[float]] = defaultdict(list)
 
     def forward(self, output, target):
@@ -88,15 +85,12 @@ class CRNPLoss(nn.Module):
             return loss
         rnp = net.rnp_loss(parts)
         self.history["rnp"].append(float(rnp.detach()))
-        step, self.calls = self.calls, self.calls + 1
-        if step % 2 == 0:
-            return loss
-        return loss.detach() + (rnp - rnp.detach()).to(loss.dtype)
+        return loss + (rnp - rnp.detach()).to(loss.dtype)
 
 
 class nnUNetTrainerCRNP(nnUNetTrainer):
-    """nnU-Net training of :class:`CRNPUNet` from the plans' arch kwargs, predictors on alternate iterations
-    (:class:`CRNPLoss`); the mean RNP loss of each epoch goes to the training log."""
+    """nnU-Net training of :class:`CRNPUNet` from the plans' arch kwargs, the predictors' step added to every
+    segmentation step (:class:`CRNPLoss`); the mean RNP loss of each epoch goes to the training log."""
 
     @staticmethod
     def build_network_architecture(plans_manager, configuration_manager, num_input_channels: int,

@@ -3,12 +3,25 @@
 Every variant is ``class X(ScheduleMixin, Parent)`` with a ``schedule`` dict. The mixin comes FIRST
 in the bases, so its ``__init__`` runs nnU-Net's (same signature) and then overwrites nnU-Net's
 defaults with the schedule; a key that is not an attribute nnU-Net's trainer sets fails loudly.
+
+Every variant also has an explicit training seed (nnU-Net seeds nothing itself): the trainer attribute
+``seed``, read from the environment variable ``ENTRUST_TRAIN_SEED`` (default 0), seeds python's
+``random``, numpy and torch before nnU-Net builds the network (so it fixes the initial weights and the
+main process's random state) and is written to the training log. nnU-Net's data-augmentation worker
+processes draw their own seeds (``NonDetMultiThreadedAugmenter(seeds=None)``), so two runs with one seed
+are not bit-identical; different seeds give different initialisations.
 """
 from __future__ import annotations
 
+import os
+import random
+
+import numpy as np
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
+from entrust_nnunet.nnunet.ablation_trainers import (nnUNetTrainerEnTrustNoEnFuse, nnUNetTrainerEnTrustNoProbe,
+                                                      nnUNetTrainerEnTrustNoSteps)
 from entrust_nnunet.nnunet.baseline_trainers import nnUNetTrainerCRNP, nnUNetTrainerMCDropout
 from entrust_nnunet.nnunet.trainers import nnUNetTrainerEnTrust
 
@@ -22,9 +35,30 @@ ONE_EPOCH_SCHEDULE = {"num_epochs": 1, "num_iterations_per_epoch": 2, "num_val_i
                       "calibration_steps": 50}
 
 
+#: the environment variable that sets a variant's training seed (benchmarks/run.py --seeds sets it per run)
+TRAIN_SEED_ENV = "ENTRUST_TRAIN_SEED"
+
+
+def training_seed() -> int:
+    """The training seed from ``ENTRUST_TRAIN_SEED`` (0 when unset); anything but an integer fails loudly."""
+    value = os.environ.get(TRAIN_SEED_ENV, "").strip() or "0"
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"{TRAIN_SEED_ENV}={value!r}: must be an integer") from None
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python's ``random``, numpy's global generator and torch (CPU and every CUDA device)."""
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
 class ScheduleMixin:
     """Put FIRST in the bases of a trainer variant: nnU-Net's ``__init__`` (same signature) runs, then the
-    entries of the class's ``schedule`` overwrite the trainer attributes of the same name."""
+    entries of the class's ``schedule`` overwrite the trainer attributes of the same name; ``seed``
+    (:func:`training_seed`) seeds everything when nnU-Net initialises the trainer."""
 
     schedule: dict = {}
 
@@ -37,6 +71,15 @@ class ScheduleMixin:
                                  f"nnU-Net's trainer (misspelled?)")
         for key, value in self.schedule.items():
             setattr(self, key, value)
+        #: the training seed (``ENTRUST_TRAIN_SEED``), applied in :meth:`initialize`
+        self.seed = training_seed()
+
+    def initialize(self):
+        if not self.was_initialized:
+            seed_everything(self.seed)
+            self.print_to_log_file(f"training seed: {self.seed} (from {TRAIN_SEED_ENV}; seeds random, numpy and "
+                                   f"torch before the network is built)")
+        super().initialize()
 
 
 class nnUNetTrainerEnTrust_5epochs(ScheduleMixin, nnUNetTrainerEnTrust):
@@ -82,4 +125,28 @@ class nnUNetTrainerCRNP_demo(ScheduleMixin, nnUNetTrainerCRNP):
 
 
 class nnUNetTrainerCRNP_tinyCPU(ScheduleMixin, nnUNetTrainerCRNP):
+    schedule = TINY_SCHEDULE
+
+
+class nnUNetTrainerEnTrustNoEnFuse_demo(ScheduleMixin, nnUNetTrainerEnTrustNoEnFuse):
+    schedule = DEMO_SCHEDULE
+
+
+class nnUNetTrainerEnTrustNoEnFuse_tinyCPU(ScheduleMixin, nnUNetTrainerEnTrustNoEnFuse):
+    schedule = TINY_SCHEDULE
+
+
+class nnUNetTrainerEnTrustNoSteps_demo(ScheduleMixin, nnUNetTrainerEnTrustNoSteps):
+    schedule = DEMO_SCHEDULE
+
+
+class nnUNetTrainerEnTrustNoSteps_tinyCPU(ScheduleMixin, nnUNetTrainerEnTrustNoSteps):
+    schedule = TINY_SCHEDULE
+
+
+class nnUNetTrainerEnTrustNoProbe_demo(ScheduleMixin, nnUNetTrainerEnTrustNoProbe):
+    schedule = DEMO_SCHEDULE
+
+
+class nnUNetTrainerEnTrustNoProbe_tinyCPU(ScheduleMixin, nnUNetTrainerEnTrustNoProbe):
     schedule = TINY_SCHEDULE

@@ -4,7 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]  # tests/benchmarks/ -> the repository
 
 
 def test_benchmark_smoke(tmp_path):
@@ -13,16 +13,27 @@ def test_benchmark_smoke(tmp_path):
                        capture_output=True, encoding="utf-8", errors="replace", timeout=1500)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     result = json.loads((out / "results.json").read_text())
-    assert {"softmax nnU-Net", "5-fold deep ensemble", "EnTrust (K=8)"} <= set(result["methods"])
+    assert result["seeds"] == [0] and result["test_seed"] == 99 and result["commit"] and result["machine"]["cpus"]
+    assert {"softmax nnU-Net", "softmax nnU-Net + temperature", "5-fold deep ensemble", "EnTrust (K=8)"} <= set(result["methods"])
     for row in result["methods"].values():
-        assert 0 <= row["dice"] <= 1 and 0 <= row["ece"] <= 1
+        assert 0 <= row["dice"]["mean"] <= 1 and 0 <= row["ece"]["mean"] <= 1 and row["dice"]["values"]
+        assert 0 <= row["ece_perror"]["mean"] <= 1  # both calibration views, from the .npz and from total
+    seed = result["per_seed"][0]
+    assert seed["seed"] == 0 and seed["temperature"] > 0 and seed["temperature_fitted_on"]
+    assert seed["results_root"].endswith("seed_0")
+    log = next((Path(seed["results_root"])).rglob("training_log_*.txt")).read_text(encoding="utf-8")
+    assert "training seed: 0" in log
+    # the temperature row keeps the softmax masks (same Dice), only the probabilities change
+    assert result["methods"]["softmax nnU-Net + temperature"]["dice"]["mean"] == result["methods"]["softmax nnU-Net"]["dice"]["mean"]
     speed = result["speed"]
     assert speed["plain nnU-Net forward"]["time_ratio"] == 1.0
     # K hypotheses cost about as much as one or more (on CPU mostly per-operation overhead): measured, not assumed
     assert speed["EnTrust K=8"]["median_s"] > speed["EnTrust K=1"]["median_s"] * 0.8
-    assert all(t["value"] is None or t["value"] == t["value"] for t in result["targets"])
+    assert {t["verdict"] for t in result["targets"]} <= {"met", "missed", "within noise", None}
     md = (out / "results.md").read_text(encoding="utf-8")
-    assert "| EnTrust (K=8) |" in md and "ratio to one plain forward" in md
+    assert "| EnTrust (K=8) |" in md and "ratio to one plain forward" in md and "AURC x1000" in md
+    assert not (REPO / "benchmarks" / "results" / "phantoms2d.json").exists() or \
+        json.loads((REPO / "benchmarks" / "results" / "phantoms2d.json").read_text())["schedule"] != "smoke"
 
 
 def test_benchmark_dataset_needs_nnunet_roots_and_test_labels(tmp_path):

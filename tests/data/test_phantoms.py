@@ -92,6 +92,15 @@ def test_deterministic_for_a_seed(tmp_path):
     np.testing.assert_array_equal(_arr(a / "conflictTs" / "test_000.nii.gz"), _arr(b / "conflictTs" / "test_000.nii.gz"))
 
 
+def test_test_seed_draws_fresh_test_cases_beside_the_same_training_cases(tmp_path):
+    a = write_phantom_dataset(tmp_path / "a", num_cases=2, num_test=2, dim=2, size=32, seed=7, progress=False)
+    d = write_phantom_dataset(tmp_path / "d", num_cases=2, num_test=2, dim=2, size=32, seed=7, test_seed=2026,
+                              progress=False)
+    np.testing.assert_array_equal(_arr(a / "imagesTr" / "case_001_0000.nii.gz"), _arr(d / "imagesTr" / "case_001_0000.nii.gz"))
+    assert not np.array_equal(_arr(a / "imagesTs" / "test_000_0000.nii.gz"), _arr(d / "imagesTs" / "test_000_0000.nii.gz"))
+    assert json.loads((d / "dataset.json").read_text())["entrust"]["test_seed"] == 2026
+
+
 def test_cli_refuses_existing_output_and_leaves_no_partial(tmp_path, capsys):
     out = tmp_path / "Dataset903_P"
     assert main(["phantoms", str(out), "-n", "2", "--size", "16"]) == 0

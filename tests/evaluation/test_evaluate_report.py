@@ -157,6 +157,15 @@ def test_random_maps_and_npz_probabilities(data):
     labels = np.concatenate([_read(ds / "labelsTs" / f"{c}{END}") for c in CASES], axis=0)
     assert pooled["ece"] == pytest.approx(metrics.ece(probs, labels), abs=1e-6)  # float32 npz, renormalised
     assert sum(pooled["reliability"]["count"]) == 4096
+    # beside it, the P(error) view of total, labelled apart: [1 - total, total] against mask != reference
+    total = np.concatenate([_read(folder / "uncertainty" / f"{c}_total{END}").reshape(-1) for c in CASES])
+    pred = np.concatenate([_read(folder / f"{c}{END}").reshape(-1) for c in CASES])
+    error = (pred != labels.reshape(-1)).astype(np.int64)
+    view = np.stack([1 - total, total])
+    assert pooled["ece_perror"] == pytest.approx(metrics.ece(view, error), abs=1e-5)
+    assert pooled["nll_perror"] == pytest.approx(metrics.nll(view, error), rel=1e-4)
+    assert pooled["brier_perror"] == pytest.approx(metrics.brier_score(view, error) / 2, rel=1e-4)
+    assert "ece_perror" in s["metric_per_case"][0]["uncertainty"] and "ece_perror" in s["uncertainty_mean"]
 
 
 def test_calibrated_total_gives_zero_ece_and_hand_brier_nll(data):

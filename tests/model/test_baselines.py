@@ -47,18 +47,73 @@ def test_mc_dropout_only_in_decoder_and_seeded():
     assert (a["aleatoric"] <= h_mean + 1e-5).all()
 
 
-def test_crnp_fusion_weights_favour_the_familiar_modality():
+def test_crnp_networks_are_the_papers():
+    """Depth-wise RNP nets (3 hidden layers random, 2 predictor), LeakyReLU 0.25, output width 256, frozen target."""
+    from torch import nn
+
+    from entrust_nnunet.model.crnp import RNP_WIDTH
+
     net = CRNPUNet(3, num_classes=2, **arch_kwargs(2))
-    e_hat = torch.ones(1, 3, 4, 4)
-    e_hat[:, 1] = 5.0  # modality 1 unfamiliar everywhere
-    w = net.fusion_weights(e_hat)
-    torch.testing.assert_close(w.sum(1), torch.ones(1, 4, 4))
-    assert (w[:, 1] < w[:, 0]).all() and torch.allclose(w[:, 0], w[:, 2])
-    # the softmax of the other modalities' errors equals softmax(-ê_n / tau)
-    torch.testing.assert_close(w, torch.softmax(-e_hat / net.fusion_temperature, 1))
-    c = net.conflict(e_hat, (8, 8))
-    assert c.shape == (1, 8, 8) and torch.allclose(c, torch.full_like(c, 0.8), atol=1e-5)
-    assert net.conflict(torch.ones(1, 3, 4, 4), (8, 8)).abs().max() < 1e-5
+    for pair in net.rnp:
+        for f, hidden in ((pair.target, 3), (pair.predictor, 2)):
+            acts = [m for m in f if isinstance(m, nn.LeakyReLU)]
+            assert len(acts) == hidden and all(a.negative_slope == 0.25 for a in acts)
+            convs = [m for m in f if isinstance(m, nn.Conv2d)]
+            assert all(c.groups == c.in_channels for c in convs[0::2])  # depth-wise, then point-wise
+            assert convs[-1].out_channels == RNP_WIDTH
+        assert not any(p.requires_grad for p in pair.target.parameters())
+    assert net.attention.embed_dim == RNP_WIDTH
+
+
+def test_crnp_uncertainty_is_the_other_modalities_error_and_fusion_is_residual():
+    torch.manual_seed(0)
+    net = CRNPUNet(3, num_classes=2, **arch_kwargs(2), rnp_width=8, attention_heads=2)
+    e = torch.rand(1, 3, 8, 4, 4)
+    e[:, 1] += 5.0  # modality 1 unfamiliar everywhere
+    net.rnp_scale.copy_(torch.full((3, 8), 2.0))
+    u = net.cross_modal_uncertainty(e)
+    torch.testing.assert_close(u[:, 0], (e[:, 1] + e[:, 2]) / 4.0)  # channel-wise, by the others' scales
+    assert (u[:, 1] < u[:, 0]).all() and (u[:, 1] < u[:, 2]).all()  # its own error does not count for it
+    # residual fusion per modality: with zero uncertainty the fusion sees x_p itself, with û = 1 twice x_p
+    h = torch.randn(1, 3, net.encoders.widths[-1], 4, 4)
+    x = net.embed(h.flatten(1, 2)).unflatten(1, (3, -1))
+    captured = {}
+    net.attention_norm.register_forward_hook(lambda m, i, o: captured.setdefault("t", i[0]))
+    net.fuse(h, torch.ones(1, 3, 8, 4, 4))
+    tokens = x.flatten(3).permute(0, 1, 3, 2).flatten(1, 2)  # per-modality tokens (B, M * N, d)
+    torch.testing.assert_close(captured["t"], 2 * tokens)
+    assert captured["t"].shape == (1, 3 * 16, 8)
+
+
+def test_crnp_conflict_map_marks_where_one_modality_is_unfamiliar():
+    net = CRNPUNet(3, num_classes=2, **arch_kwargs(2))
+    e_bar = torch.ones(1, 3, 4, 4)
+    assert net.conflict(e_bar, (8, 8)).abs().max() < 1e-5  # all equally familiar: no conflict
+    e_bar[:, 1, :2] = 5.0  # modality 1 unfamiliar in the top half only
+    c = net.conflict(e_bar, (8, 8))
+    assert c.shape == (1, 8, 8) and (c >= 0).all() and (c <= 1).all()
+    assert c[:, :2].min() > 0.6 and c[:, 6:].max() < 1e-5
+
+
+def test_crnp_conflict_after_fitting_rises_where_one_modality_is_unfamiliar():
+    """Predictors fitted on familiar bottleneck features; features of ONE modality pushed off their
+    distribution in the left half raise the conflict map there, not in the right half."""
+    torch.manual_seed(0)
+    net = CRNPUNet(2, num_classes=2, **arch_kwargs(2), rnp_width=64, attention_heads=2).eval()
+    h = torch.randn(8, 2, net.encoders.widths[-1], 16, 16)
+    opt = torch.optim.Adam([p for pair in net.rnp for p in pair.predictor.parameters()], 3e-3)
+    for _ in range(100):
+        opt.zero_grad()
+        e = net.modality_errors(h)
+        e.mean().backward()
+        opt.step()
+        net._update_scale(e)
+    odd = h[:1].clone()
+    odd[:, 0, :, :, :4] *= 4.0
+    with torch.no_grad():
+        c = net.conflict(net.normalised_errors(net.modality_errors(odd)).mean(2), (16, 16))[0]
+    # the RNP nets' receptive field is 9 voxels wide: columns 10+ are out of reach of the pushed ones
+    assert c[:, :4].mean() > 0.5 and c[:, :4].mean() > 3 * c[:, 10:].mean()
 
 
 def test_crnp_predictor_training_lowers_its_error():
@@ -69,6 +124,7 @@ def test_crnp_predictor_training_lowers_its_error():
     params = [p for pair in net.rnp for p in pair.predictor.parameters()]
     opt = torch.optim.Adam(params, 1e-2)
     first = float(net.modality_errors(h).mean().detach())
+    assert net.modality_errors(h).shape == (4, 2, 256, 8, 8)
     for _ in range(60):
         opt.zero_grad()
         net.modality_errors(h).mean().backward()

@@ -14,6 +14,7 @@ def _trainer(cls, planned_phantoms):
     env, name = planned_phantoms
     pre = Path(env["nnUNet_preprocessed"]) / name
     plans = json.loads((pre / "nnUNetPlans.json").read_text())
+    plans["continue_training"] = False  # nnU-Net >= 2.8 pops it in __init__ (its get_trainer_from_args sets it)
     dataset_json = json.loads((pre / "dataset.json").read_text())
     return cls(plans, "2d", 0, dataset_json, torch.device("cpu"))
 
@@ -47,3 +48,25 @@ def test_every_variant_names_its_schedule_and_keeps_the_mixin_first():
         assert cls.schedule, cls.__name__
     assert variants.nnUNetTrainerEnTrust_demo.schedule is DEMO_SCHEDULE
     assert variants.nnUNetTrainer_tinyCPU.schedule is TINY_SCHEDULE
+
+
+def test_training_seed_comes_from_the_environment_and_is_applied(planned_phantoms, monkeypatch):
+    env, _ = planned_phantoms
+    for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        monkeypatch.setenv(k, env[k])
+    monkeypatch.setenv(variants.TRAIN_SEED_ENV, "7")
+    t = _trainer(variants.nnUNetTrainer_tinyCPU, planned_phantoms)
+    assert t.seed == 7
+    t.initialize()
+    first = [p.detach().clone() for p in t.network.parameters()]
+    again = _trainer(variants.nnUNetTrainer_tinyCPU, planned_phantoms)
+    again.initialize()
+    assert all(torch.equal(a, b) for a, b in zip(first, again.network.parameters()))  # same seed, same weights
+    assert "training seed: 7" in open(t.log_file, encoding="utf-8").read()
+    monkeypatch.setenv(variants.TRAIN_SEED_ENV, "8")
+    other = _trainer(variants.nnUNetTrainer_tinyCPU, planned_phantoms)
+    other.initialize()
+    assert not all(torch.equal(a, b) for a, b in zip(first, other.network.parameters()))
+    monkeypatch.setenv(variants.TRAIN_SEED_ENV, "x")
+    with pytest.raises(ValueError, match=variants.TRAIN_SEED_ENV):
+        variants.training_seed()

@@ -1,0 +1,300 @@
+"""Cost at the sizes users train: EnTrust against plain nnU-Net on plans from nnU-Net's own planner.
+
+(a) a BraTS-like 3D plan (4 channels, 1 mm, 240x240x155 volumes generated on the fly) and (b) a 2D plan
+at 512x512 (4 channels): one forward of one patch with untrained weights from the same arch kwargs, for
+plain nnU-Net, EnTrust K = 1 and K = 8 with all maps; (c) whole-case sliding-window prediction of one
+BraTS-sized case (240x240x155, every voxel inside the case) through our predictor against nnU-Net's own
+``nnUNetPredictor`` with the plain network (what ``nnUNetv2_predict`` runs), for EnTrust K = 1 and 8,
+the 5-fold ensemble and MC dropout T = 8. Times and peak memory are ratios to plain, median and spread;
+every measurement runs in a fresh process (memory in a second one, with glibc returning freed memory at once).
+
+    python benchmarks/cost.py                       # (a) + (b), 2 CPU threads
+    python benchmarks/cost.py --whole-case          # + (c) (slow on CPU: minutes per pass)
+    python benchmarks/cost.py --smoke               # tiny volumes, for a quick check of the harness
+
+Writes ``benchmarks/results/cost_large.json`` (``--out``), which ``benchmarks/run.py`` includes in its results.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+#: dataset id, image size (x, y, z for 3D), configuration, label of each plan
+PLANS = {"3d": (991, (240, 240, 155), "3d_fullres", "BraTS-like 3D (4 ch, 1 mm)"),
+         "2d": (992, (512, 512), "2d", "2D 512x512 (4 ch)")}
+SMOKE_SIZES = {"3d": (48, 48, 32), "2d": (96, 96)}
+PATCH_JOBS = [("plain nnU-Net forward", "plain", 1), ("EnTrust K=1", "entrust", 1), ("EnTrust K=8", "entrust", 8)]
+CASE_JOBS = [("plain nnU-Net prediction", "plain", 1), ("EnTrust K=1", "entrust", 1), ("EnTrust K=8", "entrust", 8),
+             ("5-fold deep ensemble", "ensemble", 1), ("MC dropout T=8", "mcdropout", 8)]
+
+
+# ------------------------------------------------------------------------------------------ plans
+def write_volumes(raw: Path, size: tuple, num_cases: int = 2) -> None:
+    """``num_cases`` skull-stripped-looking cases: 4 channels of a smooth ellipsoidal 'brain' with a lesion, zeros
+    outside, spacing 1 mm, labels 0-3 (nnU-Net raw layout)."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    (raw / "imagesTr").mkdir(parents=True, exist_ok=True)
+    (raw / "labelsTr").mkdir(exist_ok=True)
+    shape = tuple(reversed(size))  # numpy (z, y, x)
+    grid = np.meshgrid(*[np.linspace(-1, 1, s, dtype=np.float32) for s in shape], indexing="ij")
+    r2 = sum(g ** 2 for g in grid)
+    brain = r2 < 0.8
+    for case in range(num_cases):
+        rng = np.random.default_rng(case)
+        lesion = sum((g - c) ** 2 for g, c in zip(grid, rng.uniform(-0.3, 0.3, len(shape)))) < 0.05
+        label = (brain.astype(np.uint8) * 0 + lesion * 1 + (lesion & (r2 < 0.4)) * 1).astype(np.uint8)
+        for m in range(4):
+            image = (brain * (100 + 20 * m) + lesion * (60 - 30 * m)).astype(np.int16)
+            image += (rng.normal(0, 5, shape) * brain).astype(np.int16)
+            img = sitk.GetImageFromArray(image)
+            img.SetSpacing([1.0] * len(shape))
+            sitk.WriteImage(img, str(raw / "imagesTr" / f"case_{case:03d}_{m:04d}.nii.gz"))
+        lab = sitk.GetImageFromArray(label)
+        lab.SetSpacing([1.0] * len(shape))
+        sitk.WriteImage(lab, str(raw / "labelsTr" / f"case_{case:03d}.nii.gz"))
+    (raw / "dataset.json").write_text(json.dumps({
+        "channel_names": {"0": "T1", "1": "T1ce", "2": "T2", "3": "FLAIR"},
+        "labels": {"background": 0, "edema": 1, "core": 2}, "numTraining": num_cases, "file_ending": ".nii.gz"}))
+
+
+def make_plans(root: Path, key: str, size: tuple) -> dict:
+    """nnU-Net's fingerprint and default ExperimentPlanner on volumes of ``size``; returns the plans dict."""
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprints, plan_experiments
+
+    dataset_id = PLANS[key][0]
+    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        os.environ[var] = str(root / var)
+        (root / var).mkdir(parents=True, exist_ok=True)
+    name = f"Dataset{dataset_id:03d}_CostPlan{key.upper()}"
+    write_volumes(root / "nnUNet_raw" / name, size)
+    extract_fingerprints([dataset_id], num_processes=2, check_dataset_integrity=False, verbose=False)
+    plan_experiments([dataset_id])
+    return json.loads((root / "nnUNet_preprocessed" / name / "nnUNetPlans.json").read_text())
+
+
+# ------------------------------------------------------------------------------------------ one measurement
+def build(plans: dict, config: str, method: str):
+    """(network, predictor or None) with untrained weights from the plans' arch kwargs; eval mode."""
+    import torch
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from entrust_nnunet.nnunet.baseline_trainers import MCDROPOUT_NETWORK, _build
+    from entrust_nnunet.nnunet.trainers import ENTRUST_NETWORK
+
+    cm = PlansManager(plans).get_configuration(config)
+    torch.manual_seed(0)
+    if method == "entrust":
+        net = get_network_from_plans(ENTRUST_NETWORK, cm.network_arch_init_kwargs, cm.network_arch_init_kwargs_req_import,
+                                     4, 3, allow_init=True, deep_supervision=False)
+    elif method == "mcdropout":
+        net = _build(MCDROPOUT_NETWORK, cm, 4, 3, False)
+    else:
+        net = get_network_from_plans(cm.network_arch_class_name, cm.network_arch_init_kwargs,
+                                     cm.network_arch_init_kwargs_req_import, 4, 3, allow_init=True, deep_supervision=False)
+    return net.eval(), cm
+
+
+def predictor(plans: dict, config: str, method: str, k: int, net, cm, mirroring: bool):
+    """nnU-Net's own predictor for plain nnU-Net; our EnTrustPredictor for the rest (5 folds for the ensemble)."""
+    import torch
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from entrust_nnunet.model.sampling import SamplingSettings
+    from entrust_nnunet.nnunet.predictor import EnTrustPredictor
+
+    kwargs = dict(tile_step_size=0.5, use_gaussian=True, use_mirroring=mirroring, perform_everything_on_device=False,
+                  device=torch.device("cpu"), allow_tqdm=False)
+    p = nnUNetPredictor(**kwargs) if method == "plain" else EnTrustPredictor(**kwargs, sampling=SamplingSettings(k))
+    params = [net.state_dict()] * (5 if method == "ensemble" else 1)
+    dataset_json = {"labels": {"background": 0, "a": 1, "b": 2}, "channel_names": {str(i): str(i) for i in range(4)},
+                    "file_ending": ".nii.gz"}
+    axes = tuple(range(len(cm.patch_size)))
+    p.manual_initialization(net, PlansManager(plans), cm, params, dataset_json, "cost", axes)
+    return p
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+def peak_above(fn, repeats: int = 1) -> int:
+    """Peak resident memory above the current level while ``fn`` runs ``repeats`` times (sampled every 0.2 ms)."""
+    import gc
+
+    gc.collect()
+    base, high, done = _rss(), [0], threading.Event()
+
+    def watch():
+        while not done.is_set():
+            high[0] = max(high[0], _rss())
+            time.sleep(0.0002)
+
+    w = threading.Thread(target=watch)
+    w.start()
+    try:
+        for _ in range(repeats):
+            fn()
+    finally:
+        done.set()
+        w.join()
+    return max(high[0] - base, 0)
+
+
+def job(cfg: dict) -> dict:
+    """One measurement in this process: times of ``repeats`` passes after ``warmup``, or the peak memory of one."""
+    import torch
+
+    from entrust_nnunet.model.sampling import SamplingSettings
+    from entrust_nnunet.nnunet.predictor import TrustStatistics
+
+    torch.set_num_threads(cfg["threads"])
+    plans = json.loads(Path(cfg["plans"]).read_text())
+    net, cm = build(plans, cfg["config"], cfg["method"])
+    if cfg["mode"] == "patch":
+        x = torch.randn(1, 4, *cm.patch_size)
+        model = net if cfg["method"] == "plain" else TrustStatistics(net, SamplingSettings(cfg["k"]))
+        fn = lambda: model(x)  # noqa: E731
+    else:
+        p = predictor(plans, cfg["config"], cfg["method"], cfg["k"], net, cm, cfg["mirroring"])
+        data = torch.randn(4, *reversed(cfg["case_size"]))
+        fn = lambda: p.predict_logits_from_preprocessed_data(data)  # noqa: E731
+    with torch.inference_mode():
+        for _ in range(cfg["warmup"]):
+            fn()
+        if cfg["memory"]:
+            return {"peak_bytes": peak_above(fn)}
+        times = []
+        for _ in range(cfg["repeats"]):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+    return {"times": times}
+
+
+# ------------------------------------------------------------------------------------------ orchestration
+def measure(cfg: dict) -> dict | None:
+    """Times (one process) and peak memory (a second process, glibc returning freed memory at once) of one job."""
+    memory_env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536"}
+    out = {}
+    for memory, env in ((False, os.environ), (True, memory_env)):
+        r = subprocess.run([sys.executable, __file__, "--job", json.dumps({**cfg, "memory": memory})],
+                           capture_output=True, encoding="utf-8", errors="replace", env=env)
+        if r.returncode != 0:
+            print(f"{cfg['method']} ({cfg['mode']}) failed:\n{r.stderr[-2000:]}", file=sys.stderr)
+            return None
+        out.update(json.loads(r.stdout.strip().splitlines()[-1]))
+    t = out["times"]
+    return {"median_s": statistics.median(t), "min_s": min(t), "max_s": max(t), "n": len(t), "times": t,
+            "peak_bytes": out["peak_bytes"]}
+
+
+def table(jobs, base_cfg: dict) -> dict:
+    """label -> measurement, with ``time_ratio`` (of medians), ``time_ratios`` (each pass / plain's median) and
+    ``memory_ratio``, all to the first job (plain)."""
+    rows = {}
+    for label, method, k in jobs:
+        row = measure({**base_cfg, "method": method, "k": k})
+        if row is not None:
+            rows[label] = row
+            print(f"  {label}: median {row['median_s']:.2f} s, peak {row['peak_bytes'] / 2 ** 20:.0f} MiB", flush=True)
+    base = rows.get(jobs[0][0])
+    for row in rows.values():
+        if base:
+            row["time_ratio"] = row["median_s"] / base["median_s"]
+            row["time_ratios"] = [t / base["median_s"] for t in row["times"]]
+            row["memory_ratio"] = row["peak_bytes"] / base["peak_bytes"] if base["peak_bytes"] else None
+    return rows
+
+
+def _fmt(v, digits=2) -> str:
+    return f"{v:.{digits}f}" if isinstance(v, (int, float)) and v == v else "n/a"
+
+
+def markdown(result: dict) -> str:
+    lines = [f"Large-size cost (`{result['command']}`, commit `{result['commit']}`, {result['threads']} CPU threads, "
+             f"untrained weights from nnU-Net's own plans; ratios to plain nnU-Net measured in the same run):"]
+    for key, plan in result["plans"].items():
+        lines += ["", f"| {plan['label']}: one patch {plan['patch_size']} | median s | spread (min–max) | time ratio | "
+                      f"peak memory MiB | memory ratio |", "|---|---|---|---|---|---|"]
+        lines += [_row(label, row) for label, row in plan["patch"].items()]
+    if result.get("whole_case"):
+        case = result["whole_case_settings"]
+        lines += ["", f"| whole case {case['case_size']} (3D plan, mirroring {'on' if case['mirroring'] else 'off'}) | "
+                      f"median s | spread (min–max) | time ratio | peak memory MiB | memory ratio |", "|---|---|---|---|---|---|"]
+        lines += [_row(label, row) for label, row in result["whole_case"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def _row(label: str, row: dict) -> str:
+    return (f"| {label} | {_fmt(row['median_s'], 3)} | {_fmt(row['min_s'], 3)}–{_fmt(row['max_s'], 3)} (n={row['n']}) | "
+            f"{_fmt(row.get('time_ratio'))} | {row['peak_bytes'] / 2 ** 20:.0f} | {_fmt(row.get('memory_ratio'))} |")
+
+
+def run(args) -> dict:
+    started = time.time()
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    result = {"command": " ".join(["python", *sys.argv]), "commit": commit, "threads": args.threads, "plans": {},
+              "device": "cpu", "cpus": os.cpu_count()}
+    with tempfile.TemporaryDirectory() as tmp:
+        for key in args.plans:
+            dataset_id, size, config, label = PLANS[key]
+            size = SMOKE_SIZES[key] if args.smoke else size
+            plans = make_plans(Path(tmp) / key, key, size)
+            plans_file = Path(tmp) / f"{key}_plans.json"
+            plans_file.write_text(json.dumps(plans))
+            cm = plans["configurations"][config]
+            print(f"{label}: patch {cm['patch_size']}, {cm['architecture']['arch_kwargs']['n_stages']} stages", flush=True)
+            base = {"plans": str(plans_file), "config": config, "mode": "patch", "threads": args.threads,
+                    "warmup": 1, "repeats": args.repeats}
+            result["plans"][key] = {"label": label, "patch_size": cm["patch_size"], "image_size": size,
+                                    "arch_kwargs": cm["architecture"]["arch_kwargs"], "patch": table(PATCH_JOBS, base)}
+            if key == "3d" and args.whole_case:
+                case = list(size)
+                result["whole_case_settings"] = {"case_size": case, "mirroring": args.mirroring, "tile_step_size": 0.5}
+                base.update(mode="case", case_size=case, mirroring=args.mirroring, warmup=0, repeats=args.case_repeats)
+                result["whole_case"] = table(CASE_JOBS, base)
+    result["wall_seconds"] = time.time() - started
+    result["markdown"] = markdown(result)
+    return result
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--job", help=argparse.SUPPRESS)
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "cost_large.json"))
+    parser.add_argument("--plans", nargs="+", default=["3d", "2d"], choices=list(PLANS))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", choices=("cpu",), help="CPU only for now")
+    parser.add_argument("--repeats", type=int, default=3, help="timed passes per patch measurement (default 3)")
+    parser.add_argument("--whole-case", action="store_true", help="(c): whole-case sliding-window prediction")
+    parser.add_argument("--case-repeats", type=int, default=1, help="timed whole-case passes (default 1)")
+    parser.add_argument("--mirroring", action="store_true", help="test-time mirroring in (c) (8x the work in 3D)")
+    parser.add_argument("--smoke", action="store_true", help="tiny volumes (harness check); writes nothing")
+    args = parser.parse_args(argv)
+    if args.job:
+        print(json.dumps(job(json.loads(args.job))))
+        return 0
+    result = run(args)
+    print(result["markdown"])
+    if not args.smoke:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
