@@ -83,10 +83,14 @@ class nnUNetTrainerEnTrust(nnUNetTrainer):
         for key in AUX_LOG_KEYS:
             self.logger.local_logger.my_fantastic_logging.setdefault(key, [])
 
-    @staticmethod
-    def build_network_architecture(plans_manager, configuration_manager, num_input_channels: int,
+    #: the network built from the plans' arch kwargs (the ablation trainers name a subclass)
+    network_class = EnTrustUNet
+
+    @classmethod
+    def build_network_architecture(cls, plans_manager, configuration_manager, num_input_channels: int,
                                    num_output_channels: int, enable_deep_supervision: bool = True) -> nn.Module:
-        net = get_network_from_plans(ENTRUST_NETWORK, configuration_manager.network_arch_init_kwargs,
+        net = get_network_from_plans(f"{cls.network_class.__module__}.{cls.network_class.__name__}",
+                                     configuration_manager.network_arch_init_kwargs,
                                      configuration_manager.network_arch_init_kwargs_req_import,
                                      num_input_channels, num_output_channels, allow_init=True,
                                      deep_supervision=enable_deep_supervision)
