@@ -198,15 +198,9 @@ def _to_sitk(array: np.ndarray, case: PhantomCase) -> sitk.Image:
     return image
 
 
-def write_phantom_dataset(out: str | os.PathLike, num_cases: int = 20, num_modalities: int = 3, dim: int = 2,
-                          seed: int = 0, num_annotators: int = 0, num_test: int | None = None,
-                          size: int | None = None, overwrite: bool = False, progress: bool = True,
-                          test_seed: int | None = None) -> Path:
-    """Write an nnU-Net v2 raw dataset of phantoms to ``out`` (built in a temporary folder, then renamed).
-
-    Case ``i`` of the training set depends only on ``(seed, i)``; test case ``j`` on ``(test_seed, 100000 + j)``
-    (``test_seed`` defaults to ``seed``), so a benchmark can draw fresh test cases beside the same training cases.
-    """
+def _checked_sizes(num_cases: int, num_modalities: int, dim: int, num_annotators: int, num_test: int | None,
+                   size: int | None) -> tuple[int, int]:
+    """One clear line per bad argument; returns the edge length and number of test cases with defaults filled."""
     if num_cases < 1:
         raise InputError(f"-n {num_cases}: need at least one training case")
     if num_modalities < 1:
@@ -221,6 +215,19 @@ def write_phantom_dataset(out: str | os.PathLike, num_cases: int = 20, num_modal
     num_test = max(2, num_cases // 4) if num_test is None else num_test
     if num_test < 0:
         raise InputError(f"--num-test {num_test}: must be >= 0")
+    return size, num_test
+
+
+def write_phantom_dataset(out: str | os.PathLike, num_cases: int = 20, num_modalities: int = 3, dim: int = 2,
+                          seed: int = 0, num_annotators: int = 0, num_test: int | None = None,
+                          size: int | None = None, overwrite: bool = False, progress: bool = True,
+                          test_seed: int | None = None) -> Path:
+    """Write an nnU-Net v2 raw dataset of phantoms to ``out`` (built in a temporary folder, then renamed).
+
+    Case ``i`` of the training set depends only on ``(seed, i)``; test case ``j`` on ``(test_seed, 100000 + j)``
+    (``test_seed`` defaults to ``seed``), so a benchmark can draw fresh test cases beside the same training cases.
+    """
+    size, num_test = _checked_sizes(num_cases, num_modalities, dim, num_annotators, num_test, size)
     test_seed = seed if test_seed is None else test_seed
     out = Path(out)
     names = modality_names(num_modalities)
