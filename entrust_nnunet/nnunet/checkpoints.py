@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from entrust_nnunet.data.io import InputError
+from entrust_nnunet.nnunet.env import ensure_ext_trainer
 
 
 def load_checkpoint(checkpoint: Path) -> dict:
@@ -72,6 +73,7 @@ def build_network(trainer_name: str, plans_manager, configuration_manager, datas
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
     from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
 
+    ensure_ext_trainer()  # our trainers are found without the user exporting nnUNet_extTrainer
     try:
         with warnings.catch_warnings():  # nnU-Net imports every trainer module to find one; not the user's concern
             warnings.simplefilter("ignore", FutureWarning)
