@@ -173,7 +173,7 @@ def line_pattern(line: str, places: dict[str, str]) -> re.Pattern:
 
 if __name__ == "__main__":
     if sys.argv[1:] == ["--update-readme"]:
-        README.write_text(readme_text(README.read_text()))
+        README.write_text(readme_text(README.read_text(encoding="utf-8")), encoding="utf-8")
         print(f"updated {README}")
     else:
         print(readme_section())

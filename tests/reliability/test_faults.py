@@ -639,5 +639,5 @@ def test_faults_tested_elsewhere_exist():
 
 
 def test_readme_fault_table_is_generated_from_the_suite():
-    text = README.read_text()
+    text = README.read_text(encoding="utf-8")
     assert text == readme_text(text), "run: python tests/reliability/faults.py --update-readme"
