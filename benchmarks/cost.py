@@ -91,13 +91,12 @@ def build(plans: dict, config: str, method: str):
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     from entrust_nnunet.nnunet.baseline_trainers import MCDROPOUT_NETWORK, _build
-    from entrust_nnunet.nnunet.trainers import ENTRUST_NETWORK
+    from entrust_nnunet.nnunet.trainers import nnUNetTrainerEnTrust
 
     cm = PlansManager(plans).get_configuration(config)
     torch.manual_seed(0)
     if method == "entrust":
-        net = get_network_from_plans(ENTRUST_NETWORK, cm.network_arch_init_kwargs, cm.network_arch_init_kwargs_req_import,
-                                     4, 3, allow_init=True, deep_supervision=False)
+        net = nnUNetTrainerEnTrust.build_network_architecture(None, cm, 4, 3, enable_deep_supervision=False)
     elif method == "mcdropout":
         net = _build(MCDROPOUT_NETWORK, cm, 4, 3, False)
     else:

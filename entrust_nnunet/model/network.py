@@ -37,7 +37,7 @@ from torch.nn import functional as F
 
 from entrust_nnunet.model.encoders import ModalityEncoders
 from entrust_nnunet.model.enfuse import EnFuse
-from entrust_nnunet.model.outputs import MIN_PROBABILITY, full_resolution, log_probabilities  # noqa: F401
+from entrust_nnunet.model.outputs import full_resolution, log_probabilities
 from entrust_nnunet.model.sampling import DEFAULT_SAMPLING, SamplingSettings
 from entrust_nnunet.model.segdiff import SegDiffHead
 from entrust_nnunet.model.trustmap import CalibHead, expert_conflict, hypothesis_statistics, probe_step

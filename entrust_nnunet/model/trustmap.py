@@ -93,11 +93,10 @@ def hypothesis_statistics(hypotheses: torch.Tensor) -> dict[str, torch.Tensor]:
     """``mean`` (B, C, *s) and the maps (B, *s) ``entropy`` = ``aleatoric`` = H(mean), ``epistemic`` = 0 and
     ``spread`` = H(mean) - mean_k H(p_k) of K hypotheses (K, B, C, *s) of ONE model (see the module doc)."""
     hyps = hypotheses.float()
-    mean = hyps.mean(0)
-    total = entropy(mean, axis=1)
-    spread = jensen_shannon(hyps, 0, 2)
-    return {"mean": mean, "entropy": total, "aleatoric": total, "epistemic": torch.zeros_like(total),
-            "spread": spread}
+    parts = mutual_information(hyps.transpose(1, 2))  # (K, C, B, *s): class axis second
+    total = parts["entropy"]
+    return {"mean": hyps.mean(0), "entropy": total, "aleatoric": total, "epistemic": torch.zeros_like(total),
+            "spread": parts["epistemic"]}
 
 
 def probe_step(sample_fn, cond: torch.Tensor, conflict: torch.Tensor, reference: torch.Tensor,

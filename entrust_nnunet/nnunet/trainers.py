@@ -35,7 +35,6 @@ from entrust_nnunet.nnunet.calibration import (CALIBRATION_STEPS, FOLD_VOXELS_FI
                                                calibration_voxels, fit_calib_head, save_fold_voxels)
 from entrust_nnunet.nnunet.distributed import broadcast_state, freeze, thawed, unwrap
 
-ENTRUST_NETWORK = f"{EnTrustUNet.__module__}.{EnTrustUNet.__name__}"
 AUX_LOG_KEYS = tuple(f"entrust_{k}" for k in LOSS_WEIGHTS)
 
 
