@@ -99,13 +99,16 @@ def plan_and_preprocess(dataset_ids, configurations=("2d",), planner: str = "EnT
     """Fingerprint, plan (with ``planner``) and preprocess through nnunetv2's API; returns plans identifiers.
 
     The default ``nnUNetPlans`` are planned as well, so stock nnU-Net trainers can be compared on the
-    same preprocessed data.
+    same preprocessed data. A dataset's ``labelsTr_annotators/`` go through the same preprocessing
+    (:func:`~entrust_nnunet.nnunet.annotators.preprocess_annotators`), for multi-annotator training.
     """
     from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
     from nnunetv2.experiment_planning.plan_and_preprocess_api import (extract_fingerprints,
                                                                       plan_experiment_dataset, preprocess)
 
     _require_nnunet_paths("nnUNet_raw", "nnUNet_preprocessed")
+    from entrust_nnunet.nnunet.annotators import preprocess_annotators
+
     ensure_ext_trainer()
     planner_cls = resolve_planner(planner)
     dataset_ids = [int(d) for d in dataset_ids]
@@ -119,6 +122,8 @@ def plan_and_preprocess(dataset_ids, configurations=("2d",), planner: str = "EnT
     for ident in dict.fromkeys(i for i in identifiers if i != ENTRUST_PLANS):
         preprocess(dataset_ids, ident, configurations=tuple(configurations),
                    num_processes=[num_processes] * len(configurations))
+        for d in dataset_ids:  # labelsTr_annotators/ through the same preprocessing, for multi-annotator training
+            preprocess_annotators(d, ident, configurations, num_processes)
     return list(dict.fromkeys(identifiers))
 
 

@@ -7,6 +7,9 @@ It changes these hooks of nnUNetTrainer and nothing else:
   EnTrustUNet in ``nnUNetEnTrustPlans``), build EnTrustUNet from the same arch kwargs, so both plans train;
 * ``_build_loss``: nnU-Net's own deep-supervised Dice+CE, wrapped by :class:`EnTrustLoss`, which adds
   the EnTrust terms; nnU-Net's ``train_step`` and ``validation_step`` run unchanged;
+* ``get_tr_and_val_datasets``: where ``entrust plan`` preprocessed annotator labels (``labelsTr_annotators/``),
+  each training sample draws one annotator's label (:mod:`entrust_nnunet.nnunet.annotators`); validation keeps
+  labelsTr;
 * ``do_split`` / ``on_train_end``: fit TrustMap's CalibHead on the validation fold (cases the network
   never trained on) before the final checkpoint; with fold ``all`` a held-out subset of the training
   cases instead (:mod:`entrust_nnunet.nnunet.calibration`);
@@ -31,6 +34,7 @@ from torch import nn
 
 from entrust_nnunet.model.network import LOSS_WEIGHTS, EnTrustUNet
 from entrust_nnunet.model.outputs import full_resolution
+from entrust_nnunet.nnunet.annotators import training_dataset
 from entrust_nnunet.nnunet.calibration import (CALIBRATION_STEPS, FOLD_VOXELS_FILE, calibration_subset,
                                                calibration_voxels, fit_calib_head, save_fold_voxels)
 from entrust_nnunet.nnunet.distributed import broadcast_state, freeze, thawed, unwrap
@@ -159,6 +163,10 @@ class nnUNetTrainerEnTrust(nnUNetTrainer):
             return tr_keys, val_keys
         self.calibration_keys = calibration_subset(tr_keys, self.calibration_fraction, seed=12345)
         return [k for k in tr_keys if k not in self.calibration_keys], val_keys
+
+    def get_tr_and_val_datasets(self):
+        dataset_tr, dataset_val = super().get_tr_and_val_datasets()
+        return training_dataset(dataset_tr, self.print_to_log_file), dataset_val
 
     def perform_actual_validation(self, save_probabilities: bool = False):
         super().perform_actual_validation(save_probabilities)
