@@ -161,6 +161,34 @@ def test_folds_are_pooled_epistemic_rises_when_folds_disagree(trained_entrust):
     assert (hyps[4:] == 2).float().mean() > (hyps[:4] == 2).float().mean()
 
 
+def test_saved_class_probabilities_are_temperature_scaled_and_keep_the_mask(trained_entrust):
+    """The class channels are softmax(log mean / T), T the folds' fitted CalibHead temperatures averaged: they sum
+    to 1, their argmax is the hypotheses' mean's (the mask), and T < 1 sharpens, T > 1 softens them."""
+    env, name, model = trained_entrust
+    import os
+
+    os.environ.update({k: env[k] for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results",
+                                           "nnUNet_extTrainer")})
+    predictor = EnTrustPredictor(device=torch.device("cpu"), allow_tqdm=False, use_mirroring=False,
+                                 sampling=SamplingSettings(num_hypotheses=2, probe=False))
+    predictor.initialize_from_trained_model_folder(str(model), [2])
+    fitted = float(predictor.list_of_parameters[0]["calib.temperature"])
+    assert fitted != 1.0 and predictor.class_temperature() == pytest.approx(fitted)  # fitted at the end of training
+    data = torch.randn(3, 1, 32, 32)
+    mean = predictor.pooled_statistics(data)["mean"]
+    confidence = {}
+    for t in (0.5, 2.0):
+        for head in predictor.calib_heads:
+            head.temperature.fill_(t)
+        probs = torch.softmax(predictor.predict_case(data)[0][:3], 0)
+        torch.testing.assert_close(probs.sum(0), torch.ones_like(probs[0]))
+        assert torch.equal(probs.argmax(0), mean.argmax(0))
+        expected = mean.clamp_min(1e-4) ** (1 / t)
+        torch.testing.assert_close(probs, expected / expected.sum(0, keepdim=True), atol=1e-4, rtol=0)
+        confidence[t] = float(probs.amax(0).mean())
+    assert confidence[0.5] > float(mean.amax(0).mean()) > confidence[2.0]
+
+
 def _case_copy(raw, tmp_path):
     src = tmp_path / "in"
     shutil.copytree(raw / "imagesTs", src)

@@ -6,9 +6,10 @@ plans, 2D or 3D alike.
 
 ``forward(x)`` returns what PlainConvUNet returns, so nnU-Net's loss, validation and sliding-window
 inference use it unchanged: deep-supervision logits while training; at inference (eval mode,
-deep supervision off) ``log`` of the mean of K SegDiff hypotheses, so that masks from the stock
-``nnUNetv2_predict`` and from nnU-Net's end-of-training validation are the argmax of the
-hypotheses' mean, exactly as ``entrust predict`` writes them.
+deep supervision off) ``log`` of the mean of K SegDiff hypotheses divided by CalibHead's fitted
+temperature, so that masks from the stock ``nnUNetv2_predict`` and from nnU-Net's end-of-training
+validation are the argmax of the hypotheses' mean, and their probabilities the temperature-scaled
+ones, exactly as ``entrust predict`` writes them.
 ``forward(x, return_parts=True)`` additionally returns the fusion parts the trainer needs for the
 EnTrust losses (:meth:`auxiliary_losses`). :meth:`sample` runs encoders and EnFuse ONCE and
 draws K hypotheses through the light SegDiff head only.
@@ -37,10 +38,11 @@ from torch.nn import functional as F
 
 from entrust_nnunet.model.encoders import ModalityEncoders
 from entrust_nnunet.model.enfuse import EnFuse
-from entrust_nnunet.model.outputs import full_resolution, log_probabilities
+from entrust_nnunet.model.outputs import full_resolution
 from entrust_nnunet.model.sampling import DEFAULT_SAMPLING, SamplingSettings
 from entrust_nnunet.model.segdiff import SegDiffHead
-from entrust_nnunet.model.trustmap import CalibHead, expert_conflict, hypothesis_statistics, probe_step
+from entrust_nnunet.model.trustmap import (CalibHead, expert_conflict, hypothesis_statistics, probe_step,
+                                          tempered_log_probabilities)
 #: weights of the EnTrust loss terms added to nnU-Net's Dice+CE (see ``auxiliary_losses``)
 LOSS_WEIGHTS = {"generative": 1.0, "start": 1.0, "independence": 0.1, "experts": 0.5, "conflict": 0.5}
 
@@ -147,7 +149,8 @@ class EnTrustUNet(nn.Module):
             if self.training or self.decoder.deep_supervision:
                 return logits
             hyps = self._hypotheses(logits, parts["cond"], self.sampling.num_hypotheses, self.sampling.steps)
-            return log_probabilities(hyps.mean(0)).to(logits.dtype)
+            # the fitted temperature (CalibHead's), so stock nnU-Net's probabilities are the calibrated ones too
+            return tempered_log_probabilities(hyps.mean(0), self.calib.temperature).to(logits.dtype)
         if self.cache_parts:
             self.last_parts = parts
         return parts if return_parts else logits

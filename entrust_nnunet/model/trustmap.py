@@ -29,7 +29,9 @@ Per network and patch (:func:`hypothesis_statistics`, from hypotheses ``p_k`` (K
 
 CalibHead maps the statistics of :data:`STATISTICS` per voxel to the probability that the mask is wrong
 there (the exported ``total`` map). It is fitted on cases the network never trained on: the validation
-fold (``entrust_nnunet.nnunet.calibration``).
+fold (``entrust_nnunet.nnunet.calibration``). On the same cases it holds the temperature of the class
+probabilities (:func:`tempered_log_probabilities`), which the network's inference output and
+``--save_probabilities`` carry.
 """
 from __future__ import annotations
 
@@ -38,6 +40,8 @@ import math
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from entrust_nnunet.model.outputs import log_probabilities
 
 #: CalibHead's inputs, in this order (its first layer's weights follow it)
 STATISTICS = ("confidence", "entropy", "aleatoric", "epistemic", "probe", "conflict", "head_confidence")
@@ -119,6 +123,12 @@ def probe_step(sample_fn, cond: torch.Tensor, conflict: torch.Tensor, reference:
     return 0.5 * (moved - reference).abs().sum(2).mean(0)
 
 
+def tempered_log_probabilities(probs: torch.Tensor, temperature) -> torch.Tensor:
+    """``log(max(p, MIN_PROBABILITY)) / T``: logits whose softmax over the class axis is the temperature-scaled
+    ``softmax(log p / T)`` (T < 1 sharpens, T > 1 softens; the argmax never changes)."""
+    return log_probabilities(probs.float()) / torch.as_tensor(temperature, dtype=torch.float32, device=probs.device)
+
+
 class CalibHead(nn.Module):
     """Per-voxel map (statistics -> probability of error): a two-layer 1x1-conv MLP with sigmoid output."""
 
@@ -128,6 +138,9 @@ class CalibHead(nn.Module):
         self.net = nn.Sequential(conv_op(n, hidden, 1), nn.GELU(), conv_op(hidden, 1, 1))
         # until fitted, behave like 1 - confidence (a sane default, not a hidden constant)
         self.register_buffer("fitted", torch.zeros(()))
+        #: temperature T of the class probabilities (``softmax(log mean / T)``), NLL-fitted on the same cases as
+        #: the head: the hypotheses' mean is not calibrated by itself (docs/design.md); T keeps every argmax
+        self.register_buffer("temperature", torch.ones(()))
 
     @staticmethod
     def features(stats: dict[str, torch.Tensor]) -> torch.Tensor:

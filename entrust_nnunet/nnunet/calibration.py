@@ -18,6 +18,8 @@ from torch.nn import functional as F
 
 from entrust_nnunet.data.io import InputError, atomic_file
 from entrust_nnunet.evaluation.metrics import foreground_boundary_mask
+from entrust_nnunet.evaluation.temperature import fit_temperature, temperature_nll
+from entrust_nnunet.model.outputs import MIN_PROBABILITY
 from entrust_nnunet.model.trustmap import STATISTICS, CalibHead
 
 #: Adam steps of a fit when no held-out cases choose the number
@@ -52,14 +54,15 @@ def case_voxels(stats: dict[str, torch.Tensor], seg: np.ndarray, key: str, max_v
     error = (pred != seg).flatten().cpu()[valid].float()
     fg = foreground_boundary_mask(seg.clamp_min(0).cpu().numpy(), pred.cpu().numpy())
     columns = {k: stats[k].flatten().float().cpu()[valid] for k in STATISTICS}
-    return {**columns, "fg_boundary": torch.from_numpy(fg).flatten()[valid].float()}, error
+    return {**columns, "fg_boundary": torch.from_numpy(fg).flatten()[valid].float(),
+            "label": seg.flatten().cpu()[valid].long(), "probabilities": stats["mean"].flatten(1).float().cpu()[:, valid].T}, error
 
 
 def calibration_voxels(predictor, cases: Iterable, keys, cache: dict, max_voxels_per_case: int) -> Voxels:
     """Voxels of ``keys``: ``cases`` yields (key, data, seg) of those not yet in ``cache`` (filled here)."""
     for key, data, seg in cases:
         cache[key] = case_voxels(predictor.pooled_statistics(data), seg, key, max_voxels_per_case)
-    columns = {k: torch.cat([cache[key][0][k] for key in keys]) for k in (*STATISTICS, "fg_boundary")}
+    columns = {k: torch.cat([cache[key][0][k] for key in keys]) for k in cache[keys[0]][0]}
     return columns, torch.cat([cache[key][1] for key in keys])
 
 
@@ -78,6 +81,18 @@ def fit_calib_head(calib: CalibHead, voxels_of: Callable[[list], Voxels], keys, 
     bce, _ = calib.fit_voxels(columns, error, steps=steps)
     return (f"{len(keys)} cases ({error.numel()} voxels, error rate {float(error.mean()):.4f}, {steps} steps "
             f"chosen on held-out cases, BCE {bce:.4f})")
+
+
+def fit_class_temperature(calib: CalibHead, voxels: Voxels) -> str:
+    """Fit ``calib.temperature``, the temperature of the class probabilities (the hypotheses' mean), by NLL on
+    the calibration voxels (every valid voxel, as the benchmark fits softmax nnU-Net's); returns a summary."""
+    columns, _ = voxels
+    probs, labels = columns["probabilities"].double().numpy().T, columns["label"].numpy()
+    # the floor the network's output puts on probabilities: fit what inference applies
+    t = fit_temperature(probs, labels, eps=MIN_PROBABILITY)
+    before, after = (temperature_nll(probs, labels, x, eps=MIN_PROBABILITY) for x in (1.0, t))
+    calib.temperature.fill_(t)
+    return f"class-probability temperature {t:.3f} (NLL {before:.4f} -> {after:.4f} on {labels.size} voxels)"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -144,6 +159,8 @@ class Calibrator:
     name: str
     features: tuple[str, ...]
     weights: tuple[float, ...]  # w_1 ... w_n, b
+    #: the class probabilities' temperature fitted on the same voxels (None: the folds' CalibHead temperatures)
+    class_temperature: float | None = None
 
     def logits(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
         w = torch.tensor(self.weights, dtype=torch.float32)
@@ -155,11 +172,36 @@ class Calibrator:
         return torch.sigmoid(self.logits(calibration_features(stats))).to(device)
 
 
+#: what the fold voxels file keeps beside the statistics: the class probabilities and labels (class temperature)
+CLASS_COLUMNS = ("probabilities", "label")
+
+
 def save_fold_voxels(path: Path, voxels: Voxels) -> None:
     """The out-of-fold voxels a trained fold was calibrated on (numpy arrays only: loads without pickle)."""
     columns, error = voxels
+    keys = (*STATISTICS, "fg_boundary", *(k for k in CLASS_COLUMNS if k in columns))
     with atomic_file(path, "wb") as f:
-        np.savez_compressed(f, error=error.numpy(), **{k: columns[k].numpy() for k in (*STATISTICS, "fg_boundary")})
+        np.savez_compressed(f, error=error.numpy(), **{k: columns[k].numpy() for k in keys})
+
+
+def load_fold_class_voxels(model_folder: Path, fold) -> tuple[np.ndarray, np.ndarray] | None:
+    """(C, N) class probabilities and (N,) labels of a fold's out-of-fold voxels; None for files without them."""
+    with np.load(Path(model_folder) / f"fold_{fold}" / FOLD_VOXELS_FILE, allow_pickle=False) as f:
+        if not all(k in f for k in CLASS_COLUMNS):
+            return None
+        return f["probabilities"].astype(np.float64).T, f["label"].astype(np.int64)
+
+
+def fit_pooled_temperature(model_folder: Path, folds: list) -> dict | None:
+    """One class-probability temperature NLL-fitted on every fold's out-of-fold voxels (None when a fold's file
+    predates them); with its NLL at T = 1 and at T."""
+    parts = [load_fold_class_voxels(model_folder, f) for f in folds]
+    if any(p is None for p in parts):
+        return None
+    probs, labels = np.concatenate([p[0] for p in parts], 1), np.concatenate([p[1] for p in parts])
+    t = fit_temperature(probs, labels, eps=MIN_PROBABILITY)
+    return {"temperature": t, "voxels": int(labels.size),
+            "nll": [temperature_nll(probs, labels, x, eps=MIN_PROBABILITY) for x in (1.0, t)]}
 
 
 def load_fold_voxels(model_folder: Path, fold) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
@@ -220,10 +262,12 @@ def calibrate_model(model_folder, folds=None) -> tuple[Path, dict]:
         if not folds:
             raise InputError(f"{model_folder}: no fold has out-of-fold calibration voxels ({FOLD_VOXELS_FILE})")
     calibrator, report = fit_calibrator(model_folder, list(folds))
+    temperature = fit_pooled_temperature(model_folder, list(folds))
     plans = json.loads((model_folder / "plans.json").read_text())
     content = {"trainer_plans_configuration": model_folder.name, "plans_name": plans.get("plans_name"),
                "folds": list(folds), "calibrator": calibrator.name, "features": list(calibrator.features),
-               "weights": list(calibrator.weights), "report": report}
+               "weights": list(calibrator.weights), "report": report,
+               "class_temperature": temperature and temperature["temperature"], "class_temperature_fit": temperature}
     path = model_folder / CALIBRATION_FILE
     with atomic_file(path) as f:
         json.dump(content, f, indent=2)
@@ -240,8 +284,9 @@ def load_calibrator(model_folder) -> Calibrator | None:
         return None
     try:
         content = json.loads(path.read_text())
+        t = content.get("class_temperature")
         calibrator = Calibrator(content["calibrator"], tuple(content["features"]),
-                                tuple(float(w) for w in content["weights"]))
+                                tuple(float(w) for w in content["weights"]), None if t is None else float(t))
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise InputError(f"{path}: not a calibration file of entrust calibrate ({e})") from None
     if content.get("trainer_plans_configuration") != Path(model_folder).name:

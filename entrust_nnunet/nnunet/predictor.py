@@ -12,8 +12,8 @@ Gaussian weighting, mirroring, fold averaging, resampling, crop/transpose back).
   ``entropy``/``epistemic`` (entropy of the pooled mean minus the pooled aleatoric part: the folds'
   disagreement, and with one fold only what overlapping patches and mirrorings of that model disagree
   on) and the calibrated probability of error (the folds' CalibHeads averaged);
-* export: the mask (and, with ``--save_probabilities``, the pooled class probabilities as
-  ``.npz``/``.pkl``) is written by nnU-Net's own ``export_prediction_from_logits``; the maps are
+* export: the mask (and, with ``--save_probabilities``, the pooled class probabilities, temperature-scaled
+  by the folds' fitted temperature (:meth:`EnTrustPredictor.class_temperature`), as ``.npz``/``.pkl``) is written by nnU-Net's own ``export_prediction_from_logits``; the maps are
   resampled by nnU-Net's own functions and written as float32 images with the mask's geometry into
   ``OUT/uncertainty/``. Everything goes to temporary names first and is renamed at the end, maps
   before the mask, so a mask on disk means its maps are complete.
@@ -45,9 +45,8 @@ from tqdm import tqdm
 from entrust_nnunet.data.io import (HYPOTHESIS_FOLDER, MAP_FOLDER, MAP_NAMES, InputError, hypothesis_path, map_path,
                                     temporary_path, write_image)
 from entrust_nnunet.model.network import EnTrustUNet
-from entrust_nnunet.model.outputs import log_probabilities
 from entrust_nnunet.model.sampling import DEFAULT_SAMPLING, SamplingSettings
-from entrust_nnunet.model.trustmap import CalibHead, entropy
+from entrust_nnunet.model.trustmap import CalibHead, entropy, tempered_log_probabilities
 from entrust_nnunet.nnunet.calibration import load_calibrator
 from entrust_nnunet.nnunet.checkpoints import build_network, check_weights_fit, load_checkpoint
 from entrust_nnunet.nnunet.distributed import unwrap
@@ -243,6 +242,17 @@ class EnTrustPredictor(nnUNetPredictor):
             return 1 - stats["confidence"]
         return torch.stack([head.predict_voxels(stats) for head in self.calib_heads]).mean(0).clamp(0, 1)
 
+    def class_temperature(self) -> float:
+        """T of the class probabilities written (``softmax(log mean / T)``): the one ``entrust calibrate`` fitted on
+        every fold's out-of-fold voxels when the model folder has it, else the folds' CalibHead temperatures
+        averaged (as their P(error) is); 1 for networks without CalibHead."""
+        calibrator = getattr(self, "calibrator", None)
+        if calibrator is not None and calibrator.class_temperature is not None:
+            return calibrator.class_temperature
+        if not self.calib_heads:
+            return 1.0
+        return float(torch.stack([head.temperature for head in self.calib_heads]).mean())
+
     # --------------------------------------------------------------- prediction
     def hypotheses_per_fold(self) -> int:
         """K for networks that sample hypotheses, else 1 (their one prediction)."""
@@ -298,12 +308,12 @@ class EnTrustPredictor(nnUNetPredictor):
 
     @torch.inference_mode()
     def predict_case(self, data: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(C + 4, *s): log pooled class probabilities, then the maps of MAP_NAMES: P(error) (exported as
-        ``total``, see :meth:`probability_of_error`), aleatoric, epistemic, conflict; and the hypotheses'
-        labels (F*K, *s) with ``save_hypotheses`` (else None)."""
+        """(C + 4, *s): log pooled class probabilities over the fitted temperature (:meth:`class_temperature`),
+        then the maps of MAP_NAMES: P(error) (exported as ``total``, see :meth:`probability_of_error`),
+        aleatoric, epistemic, conflict; and the hypotheses' labels (F*K, *s) with ``save_hypotheses`` (else None)."""
         stats = self.pooled_statistics(data)
         p_error = self.probability_of_error(stats)
-        return torch.cat([log_probabilities(stats["mean"]),
+        return torch.cat([tempered_log_probabilities(stats["mean"], self.class_temperature()),
                           torch.stack([p_error, stats["aleatoric"], stats["epistemic"], stats["conflict"]])]), \
             stats.get("hypotheses")
 

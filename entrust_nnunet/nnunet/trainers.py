@@ -10,8 +10,8 @@ It changes these hooks of nnUNetTrainer and nothing else:
 * ``get_tr_and_val_datasets``: where ``entrust plan`` preprocessed annotator labels (``labelsTr_annotators/``),
   each training sample draws one annotator's label (:mod:`entrust_nnunet.nnunet.annotators`); validation keeps
   labelsTr;
-* ``do_split`` / ``on_train_end``: fit TrustMap's CalibHead on the validation fold (cases the network
-  never trained on) before the final checkpoint; with fold ``all`` a held-out subset of the training
+* ``do_split`` / ``on_train_end``: fit TrustMap's CalibHead, and the temperature of the class probabilities,
+  on the validation fold (cases the network never trained on) before the final checkpoint; with fold ``all`` a held-out subset of the training
   cases instead (:mod:`entrust_nnunet.nnunet.calibration`);
 * ``perform_actual_validation``: after nnU-Net's own validation, write the uncertainty maps of every
   validation case into ``fold_X/validation/uncertainty/``, cross-fitted (each half of the fold from a
@@ -36,7 +36,8 @@ from entrust_nnunet.model.network import LOSS_WEIGHTS, EnTrustUNet
 from entrust_nnunet.model.outputs import full_resolution
 from entrust_nnunet.nnunet.annotators import training_dataset
 from entrust_nnunet.nnunet.calibration import (CALIBRATION_STEPS, FOLD_VOXELS_FILE, calibration_subset,
-                                               calibration_voxels, fit_calib_head, save_fold_voxels)
+                                               calibration_voxels, fit_calib_head, fit_class_temperature,
+                                               save_fold_voxels)
 from entrust_nnunet.nnunet.distributed import broadcast_state, freeze, thawed, unwrap
 
 AUX_LOG_KEYS = tuple(f"entrust_{k}" for k in LOSS_WEIGHTS)
@@ -252,6 +253,8 @@ class nnUNetTrainerEnTrust(nnUNetTrainer):
             return
         if self.local_rank == 0:
             self.print_to_log_file(f"CalibHead fitted on {self._fit_calib_head(self.calibration_keys)}")
+            voxels = self._calibration_voxels(self.calibration_keys)
+            self.print_to_log_file(fit_class_temperature(unwrap(self.network).calib, voxels))
             # out-of-fold voxels for `entrust calibrate`, which fits one calibrator on every fold's
-            save_fold_voxels(Path(self.output_folder) / FOLD_VOXELS_FILE, self._calibration_voxels(self.calibration_keys))
+            save_fold_voxels(Path(self.output_folder) / FOLD_VOXELS_FILE, voxels)
         broadcast_state(unwrap(self.network).calib)

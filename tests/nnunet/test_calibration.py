@@ -50,6 +50,7 @@ def test_calibrator_with_conflict_is_chosen_and_matches_the_error_rate_inside_co
     inside = content["report"]["in_conflict_map"]
     assert abs(inside["mean_p_error"] - inside["error_rate"]) < 0.03 and 0.4 < inside["error_rate"] < 0.6
     calibrator = load_calibrator(model)  # plain JSON, read back exactly
+    assert content["class_temperature"] is None and calibrator.class_temperature is None  # files without classes
     stats, _ = _fold_voxels(9)
     p = calibrator.probability_of_error(stats)
     conflict = stats["conflict"] > 0.5
@@ -72,3 +73,48 @@ def test_bad_inputs_are_one_clear_error(tmp_path):
     with pytest.raises(InputError, match="not a calibration file"):
         load_calibrator(other)
     assert load_calibrator(tmp_path) is None
+
+
+def test_class_temperature_recovers_the_sharpening_of_overconfident_probabilities():
+    """Labels drawn from q; the model says softmax(3 log q) (overconfident). The NLL-fitted temperature is ~3,
+    lowers the NLL, and the tempered probabilities sum to 1 with every argmax kept."""
+    from torch import nn
+
+    from entrust_nnunet.model.trustmap import CalibHead, tempered_log_probabilities
+    from entrust_nnunet.nnunet.calibration import fit_class_temperature
+
+    gen = torch.Generator().manual_seed(0)
+    q = torch.softmax(2 * torch.randn(20000, 3, generator=gen), 1)
+    labels = torch.multinomial(q, 1, generator=gen)[:, 0]
+    overconfident = torch.softmax(3 * q.log(), 1)
+    head = CalibHead(nn.Conv2d)
+    summary = fit_class_temperature(head, ({"probabilities": overconfident, "label": labels}, labels.float()))
+    before, after = (float(v) for v in summary.split("NLL ")[1].split(" on")[0].split(" -> "))
+    assert float(head.temperature) == pytest.approx(3.0, rel=0.1) and after < before - 0.05
+    tempered = torch.softmax(tempered_log_probabilities(overconfident.T, head.temperature), 0)
+    torch.testing.assert_close(tempered.sum(0), torch.ones(20000))
+    assert torch.equal(tempered.argmax(0), overconfident.argmax(1))
+    # T undoes the sharpening (up to the fit and the 1e-4 floor on probabilities)
+    assert float((tempered.T - q).abs().mean()) < float((overconfident - q).abs().mean()) / 3
+
+
+def _overconfident(n: int, seed: int, sharpening: float = 3.0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.softmax(2 * torch.randn(n, 3, generator=gen), 1)
+    return torch.softmax(sharpening * q.log(), 1), torch.multinomial(q, 1, generator=gen)[:, 0]
+
+
+def test_calibrate_fits_one_class_temperature_on_every_folds_voxels(tmp_path):
+    model = tmp_path / "nnUNetTrainerEnTrust__nnUNetPlans__2d"
+    model.mkdir()
+    (model / "plans.json").write_text(json.dumps({"plans_name": "nnUNetPlans"}))
+    for f in (0, 1):
+        stats, error = _fold_voxels(f)
+        probs, labels = _overconfident(error.numel(), f)
+        (model / f"fold_{f}").mkdir()
+        save_fold_voxels(model / f"fold_{f}" / FOLD_VOXELS_FILE, ({**stats, "probabilities": probs, "label": labels}, error))
+    _, content = calibrate_model(model)
+    fit = content["class_temperature_fit"]
+    assert content["class_temperature"] == pytest.approx(3.0, rel=0.1) and fit["voxels"] == 12000
+    assert fit["nll"][1] < fit["nll"][0] - 0.05
+    assert load_calibrator(model).class_temperature == pytest.approx(content["class_temperature"])

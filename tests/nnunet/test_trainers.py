@@ -67,6 +67,10 @@ def test_entrust_trains_on_default_plans(trained_entrust):
     keys = ckpt["network_weights"].keys()
     assert any(k.startswith("encoders.encoder.stages.") for k in keys) and any(k.startswith("segdiff.") for k in keys)
     assert float(ckpt["network_weights"]["calib.fitted"]) == 1.0
+    # the class probabilities' temperature, fitted beside CalibHead (on the validation fold) and logged
+    assert 0.01 < float(ckpt["network_weights"]["calib.temperature"]) < 100
+    log = next(fold.glob("training_log_*.txt")).read_text(encoding="utf-8")
+    assert "class-probability temperature" in log
     assert (fold / "progress.png").exists() and (fold / "progress_entrust.png").exists()
     assert json.loads((fold / "validation" / "summary.json").read_text())["foreground_mean"]["Dice"] >= 0
 
