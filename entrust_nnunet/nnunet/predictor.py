@@ -50,6 +50,7 @@ from entrust_nnunet.model.trustmap import CalibHead, entropy, tempered_log_proba
 from entrust_nnunet.nnunet.calibration import load_calibrator
 from entrust_nnunet.nnunet.checkpoints import build_network, check_weights_fit, load_checkpoint
 from entrust_nnunet.nnunet.distributed import unwrap
+from entrust_nnunet.nnunet.toolchain import TEMPERATURE_KEY
 from entrust_nnunet.nnunet.workers import (end_processes, sigint_blocked_in_children, workers_ended_first_on_signals,
                                            workers_started)
 
@@ -352,6 +353,8 @@ class EnTrustPredictor(nnUNetPredictor):
             path, data = data, torch.from_numpy(np.load(data))
             os.remove(path)
         prediction, hypotheses = self.predict_case(data)
+        # recorded in the .pkl, so that `entrust ensemble` can pool the members' untempered means
+        item["data_properties"][TEMPERATURE_KEY] = self.class_temperature()
         return (prediction.cpu().numpy(), item["data_properties"], self.configuration_manager, self.plans_manager,
                 self.dataset_json, item["ofile"], save_probabilities, True,
                 None if hypotheses is None else hypotheses.cpu().numpy())

@@ -240,12 +240,23 @@ def member_error_probability(total: np.ndarray, member_label: np.ndarray, member
     return np.where(member_label == label, total, np.clip(1.0 - total * share, 0.0, 1.0))
 
 
+#: the .pkl key under which `entrust predict` records the temperature of the class probabilities it saved
+TEMPERATURE_KEY = "entrust_class_temperature"
+
+
+def untempered(probs: np.ndarray, properties: dict) -> np.ndarray:
+    """The hypotheses' mean behind saved class probabilities ``softmax(log mean / T)``: ``p^T`` renormalised
+    (T from the case's .pkl; 1 where it names none)."""
+    q = np.power(np.clip(probs, 1e-12, None), float(properties.get(TEMPERATURE_KEY, 1.0)))
+    return q / q.sum(0, keepdims=True)
+
+
 def _ensemble_case(job: dict) -> dict:
     members, case, out, first = job["members"], job["case"], job["out"], job["members"][0]
     probs = average_probabilities([str(m["folder"] / f"{case}.npz") for m in members])
     label = first["label_manager"].convert_probabilities_to_segmentation(probs)
     properties = load_pickle(str(first["folder"] / f"{case}.pkl"))
-    errors, aleatoric, conflict = [], [], []
+    errors, aleatoric, conflict, means = [], [], [], []
     for m in members:
         seg, _ = m["rw"].read_seg(str(m["folder"] / f"{case}{m['ending']}"))
         maps = _maps(m, case, label.shape)
@@ -253,9 +264,12 @@ def _ensemble_case(job: dict) -> dict:
         errors.append(member_error_probability(maps["total"], seg[0], member_probs, label))
         aleatoric.append(maps["aleatoric"])
         conflict.append(maps["conflict"])
+        means.append(untempered(member_probs, load_pickle(str(m["folder"] / f"{case}.pkl"))))
     maps = {"aleatoric": np.mean(aleatoric, 0), "conflict": np.mean(conflict, 0), "total": np.mean(errors, 0)}
-    # the mutual information of all members' hypotheses: entropy of the pooled mean minus the mean entropy
-    maps["epistemic"] = np.clip(entropy(torch.from_numpy(probs), axis=0).numpy() - maps["aleatoric"], 0.0, None)
+    # the mutual information of all members' hypotheses: entropy of the pooled mean minus the mean entropy (of the
+    # hypotheses' means, before the members' temperatures, as the aleatoric maps are)
+    pooled = torch.from_numpy(np.mean(means, 0))
+    maps["epistemic"] = np.clip(entropy(pooled, axis=0).numpy() - maps["aleatoric"], 0.0, None)
     write_case(out, case, first["ending"], first["rw"], label, properties, maps,
                _npz_pkl(probs, properties) if job["save_probabilities"] else None)
     return {"case": case}

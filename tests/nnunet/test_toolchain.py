@@ -288,3 +288,16 @@ def test_bad_input_one_line_and_nothing_written(members, tmp_path, problem):
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("entrust: error: ") and culprit in lines[0]
     assert not out.exists()
+
+
+def test_untempered_recovers_the_hypotheses_mean_behind_saved_probabilities():
+    """`entrust ensemble` pools the members' means before their temperatures (the aleatoric maps' space)."""
+    from entrust_nnunet.model.trustmap import tempered_log_probabilities
+    from entrust_nnunet.nnunet.toolchain import TEMPERATURE_KEY, untempered
+
+    mean = torch.softmax(torch.randn(3, 200, generator=torch.Generator().manual_seed(0)), 0).clamp_min(1e-3)
+    mean = mean / mean.sum(0)
+    saved = torch.softmax(tempered_log_probabilities(mean, 0.4), 0).numpy()
+    assert np.abs(saved - mean.numpy()).max() > 0.1  # sharpened
+    np.testing.assert_allclose(untempered(saved, {TEMPERATURE_KEY: 0.4}), mean.numpy(), atol=1e-5)
+    np.testing.assert_allclose(untempered(saved, {}), saved, atol=1e-6)  # files of other methods: as saved
