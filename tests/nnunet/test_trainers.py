@@ -68,7 +68,7 @@ def test_entrust_trains_on_default_plans(trained_entrust):
     assert any(k.startswith("encoders.encoder.stages.") for k in keys) and any(k.startswith("segdiff.") for k in keys)
     assert float(ckpt["network_weights"]["calib.fitted"]) == 1.0
     # the class probabilities' temperature, fitted beside CalibHead (on the validation fold) and logged
-    assert 0.01 < float(ckpt["network_weights"]["calib.temperature"]) < 100
+    assert 0.01 <= float(ckpt["network_weights"]["calib.temperature"]) <= 100  # fit_temperature's range
     log = next(fold.glob("training_log_*.txt")).read_text(encoding="utf-8")
     assert "class-probability temperature" in log
     assert (fold / "progress.png").exists() and (fold / "progress_entrust.png").exists()
