@@ -329,6 +329,9 @@ def _print_headline(summary: dict) -> None:
              "conflict_auroc_conflict": "conflict AUROC of conflict map (pooled)"}
     for key, value in headline(summary).items():
         print(f"{names[key]:<42} {'n/a' if value != value else f'{value:.4f}'}")
+    for key, name in (summary.get("foreground_names") or {}).items():  # per label, or per region (BraTS)
+        dice = (summary["mean"].get(key) or {}).get("Dice")
+        print(f"{'Dice ' + name:<42} {'n/a' if dice is None else f'{dice:.4f}'}")
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:
