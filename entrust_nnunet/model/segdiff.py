@@ -49,7 +49,8 @@ region and a hypothesis after the flow is ``sigmoid(2 * sharpness * x1_hat)``: a
 the two-class softmax of ``(x, -x)``, so a region hypothesis is as sharp as a label hypothesis.
 
 **Ignored voxels** (nnU-Net's ignore label; ``valid`` = False): no likelihood, no flow-matching error;
-the per-image normalisation N counts valid voxels only. The covariance cost does not see labels and is
+the per-image normalisation N counts valid voxels only. In flow matching their data point is the start
+draw itself (x1 = x_s), so their labels reach no valid voxel through the head's 3x3 convolution either. The covariance cost does not see labels and is
 kept over every voxel.
 
 Defaults (``cov_penalty`` 0.002, S = 1) and what they were chosen on: docs/design.md.
@@ -245,6 +246,8 @@ class SegDiffHead(nn.Module):
             factor, diag = self.covariance(cond_h)
             eps = torch.randn(1, x1.shape[0], self.rank, device=x1.device, generator=generator)  # one per image
             x_s = (2 * self.start_probabilities(factor, diag, self._mean(logits, cond_h), eps)[0] - 1).to(x1.dtype)
+        if valid is not None:  # no label to flow to: ignored voxels stay at the start (the 3x3 head sees them)
+            x1 = torch.where(valid, x1, x_s)
         t0 = self.t_start
         t = t0 + (1 - t0) * torch.rand(x1.shape[0], device=x1.device, generator=generator)
         r = ((t - t0) / (1 - t0)).view(-1, *([1] * (x1.dim() - 1))).to(x1.dtype)

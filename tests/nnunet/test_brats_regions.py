@@ -55,7 +55,7 @@ def make_brats_2021(root: Path, cases: int = 6) -> Path:
     return root
 
 
-def _run(env, *cmd, timeout=600):
+def _run(env, *cmd, timeout=1800):
     exe = nnunet_bin(cmd[0])
     r = subprocess.run([exe, *cmd[1:]], env=env, capture_output=True, encoding="utf-8", errors="replace",
                        timeout=timeout)
