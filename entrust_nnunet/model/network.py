@@ -142,7 +142,7 @@ class EnTrustUNet(nn.Module):
 
     #: :meth:`sample` draws ``num_hypotheses`` hypotheses (the predictor sizes its outputs by it)
     samples_hypotheses = True
-    #: state-dict keys that checkpoints written before they existed may lack (their default is kept)
+    #: state-dict keys that checkpoints written before they existed may lack (they load as 0: label outputs)
     optional_weights = ("region_outputs",)
 
     def use_regions(self, regions: bool) -> "EnTrustUNet":
@@ -155,9 +155,9 @@ class EnTrustUNet(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        # checkpoints from before region support hold label outputs: keep the default instead of failing
+        # checkpoints from before region support hold label outputs (0) instead of failing
         for name in self.optional_weights:
-            state_dict.setdefault(prefix + name, getattr(self, name))
+            state_dict.setdefault(prefix + name, torch.zeros_like(getattr(self, name)))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         self.use_regions(bool(self.region_outputs))

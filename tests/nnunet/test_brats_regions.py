@@ -70,6 +70,100 @@ def _env(root: Path) -> dict:
     return env
 
 
+def _check_case(inp: Path, out: Path, case: str) -> None:
+    """Mask = nnU-Net's region conversion of the saved sigmoid probabilities; maps with the input's geometry."""
+    ref = sitk.ReadImage(str(inp / f"{case}_0000.nii.gz"))
+    mask_img = sitk.ReadImage(str(out / f"{case}.nii.gz"))
+    for img in [mask_img] + [sitk.ReadImage(str(out / "uncertainty" / f"{case}_{n}.nii.gz")) for n in MAP_NAMES]:
+        assert img.GetSize() == ref.GetSize()
+        np.testing.assert_allclose(img.GetSpacing(), ref.GetSpacing(), rtol=1e-6)
+        np.testing.assert_allclose(img.GetOrigin(), ref.GetOrigin(), atol=1e-5)
+        np.testing.assert_allclose(img.GetDirection(), ref.GetDirection(), atol=1e-6)
+    mask = sitk.GetArrayFromImage(mask_img)
+    probs = np.load(out / f"{case}.npz")["probabilities"]  # (3 regions, z, y, x), a sigmoid each
+    assert probs.shape == (3, *mask.shape) and probs.min() >= 0 and probs.max() <= 1
+    expected = np.zeros(mask.shape, np.uint8)
+    for label, p in zip((1, 2, 3), probs):  # regions_class_order
+        expected[p > 0.5] = label
+    np.testing.assert_array_equal(mask, expected)
+    maps = {n: sitk.GetArrayFromImage(sitk.ReadImage(str(out / "uncertainty" / f"{case}_{n}.nii.gz")))
+            for n in MAP_NAMES}
+    assert 0 <= maps["total"].min() and maps["total"].max() <= 1 and 0 <= maps["conflict"].min() <= 1
+    # entropies are sums of binary entropies over the three regions
+    assert maps["aleatoric"].max() <= 3 * np.log(2) + 1e-4 and maps["epistemic"].min() >= 0
+
+
+def _check_whole_tumor_dice(out: Path, gt: Path, cases: list, summary: dict) -> None:
+    from nnunetv2.evaluation.evaluate_predictions import region_or_label_to_mask
+
+    dices = []
+    for case in cases:
+        p = region_or_label_to_mask(sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"{case}.nii.gz"))), (1, 2, 3))
+        t = region_or_label_to_mask(sitk.GetArrayFromImage(sitk.ReadImage(str(gt / f"{case}.nii.gz"))), (1, 2, 3))
+        dices.append(2 * (p & t).sum() / (p.sum() + t.sum()) if p.sum() + t.sum() else np.nan)
+    assert summary["mean"]["(1, 2, 3)"]["Dice"] == pytest.approx(np.nanmean(dices), abs=1e-6)
+
+
+def test_entrust_loss_on_nnunets_region_targets_with_an_ignore_channel():
+    """What nnUNetTrainerEnTrust's loss gets for BraTS with an ignore label: nnU-Net's DC_and_BCE_loss under its
+    deep-supervision wrapper, targets (B, 3 regions + ignore, *s) per scale (tests/model/test_regions.py checks
+    that the ignored voxels change no EnTrust term)."""
+    import torch
+    from conftest import arch_kwargs
+    from nnunetv2.training.loss.compound_losses import DC_and_BCE_loss
+    from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
+
+    from entrust_nnunet.model.network import EnTrustUNet
+    from entrust_nnunet.nnunet.trainers import EnTrustLoss
+
+    torch.manual_seed(0)
+    net = EnTrustUNet(4, num_classes=3, deep_supervision=True, segdiff_mc_samples=4, **arch_kwargs(3)).use_regions(True)
+    net.cache_parts = True
+    base = DeepSupervisionWrapper(DC_and_BCE_loss({}, {"batch_dice": False, "do_bg": True, "smooth": 1e-5},
+                                                  use_ignore_label=True), [1, 0.5])
+    loss = EnTrustLoss(base, net, regions=True, ignore_label=4)
+    x = torch.randn(2, 4, 8, 16, 16)
+    labels = torch.randint(0, 5, (2, 1, 8, 16, 16))  # 4 = ignore
+    regions = torch.cat([torch.isin(labels, torch.tensor(r)) for r in ((1, 2, 3), (2, 3), (3,), (4,))], 1)
+    targets = [regions, regions[:, :, ::2, ::2, ::2]]
+    value = loss(net(x), targets)
+    value.backward()
+    assert torch.isfinite(value) and set(loss.history) == {"generative", "start", "independence", "experts", "conflict"}
+    assert all(all(v == v for v in values) for values in loss.history.values())
+
+
+def test_split_target_reads_nnunets_label_and_region_targets():
+    import torch
+
+    from entrust_nnunet.nnunet.trainers import split_target
+
+    labels = torch.tensor([[[0, 1, 3, 2]]])  # ignore label 3
+    target, valid = split_target(labels, False, 3)
+    assert target.tolist() == [[[0, 1, 0, 2]]] and valid.tolist() == [[[True, True, False, True]]]
+    # regions: nnU-Net's loader appends the ignore label as the last channel
+    regions = torch.tensor([[[1, 0], [1, 1], [0, 1]]])  # (B, 2 regions + ignore, 2 voxels)
+    target, valid = split_target(regions, True, 3)
+    assert target.tolist() == [[[1, 0], [1, 1]]] and valid.tolist() == [[[True, False]]]
+    assert split_target(labels, False, None)[1] is None
+
+
+def test_plan_refuses_regions_that_nnunet_rejects(tmp_path):
+    env = _env(tmp_path / "nnunet")
+    src = make_brats_2021(tmp_path / "brats", cases=2)
+    _run(env, "entrust", "convert", "brats", str(src), "-d", str(DATASET_ID))
+    raw = next(Path(env["nnUNet_raw"]).glob(f"Dataset{DATASET_ID}_*"))
+    dj = json.loads((raw / "dataset.json").read_text())
+    dj["regions_class_order"] = [1, 2]  # three regions, two entries
+    (raw / "dataset.json").write_text(json.dumps(dj))
+    r = subprocess.run([nnunet_bin("entrust"), "plan", "-d", str(DATASET_ID), "-c", "3d_fullres"], env=env,
+                       capture_output=True, encoding="utf-8", errors="replace", timeout=300)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"entrust: error: {raw / 'dataset.json'}: invalid labels")
+    assert "regions_class_order" in lines[0] and "Traceback" not in r.stderr
+    assert not (Path(env["nnUNet_preprocessed"]) / raw.name).exists()
+
+
 def test_brats_regions_convert_plan_train_predict_evaluate(tmp_path):
     env = _env(tmp_path / "nnunet")
     src = make_brats_2021(tmp_path / "brats")
@@ -106,69 +200,3 @@ def test_brats_regions_convert_plan_train_predict_evaluate(tmp_path):
         assert f"Dice {name}" in r.stdout
         assert 0 <= summary["mean"][key]["Dice"] <= 1
     _check_whole_tumor_dice(out, gt, cases, summary)
-
-
-def _check_case(inp: Path, out: Path, case: str) -> None:
-    """Mask = nnU-Net's region conversion of the saved sigmoid probabilities; maps with the input's geometry."""
-    ref = sitk.ReadImage(str(inp / f"{case}_0000.nii.gz"))
-    mask_img = sitk.ReadImage(str(out / f"{case}.nii.gz"))
-    for img in [mask_img] + [sitk.ReadImage(str(out / "uncertainty" / f"{case}_{n}.nii.gz")) for n in MAP_NAMES]:
-        assert img.GetSize() == ref.GetSize()
-        np.testing.assert_allclose(img.GetSpacing(), ref.GetSpacing(), rtol=1e-6)
-        np.testing.assert_allclose(img.GetOrigin(), ref.GetOrigin(), atol=1e-5)
-        np.testing.assert_allclose(img.GetDirection(), ref.GetDirection(), atol=1e-6)
-    mask = sitk.GetArrayFromImage(mask_img)
-    probs = np.load(out / f"{case}.npz")["probabilities"]  # (3 regions, z, y, x), a sigmoid each
-    assert probs.shape == (3, *mask.shape) and probs.min() >= 0 and probs.max() <= 1
-    expected = np.zeros(mask.shape, np.uint8)
-    for label, p in zip((1, 2, 3), probs):  # regions_class_order
-        expected[p > 0.5] = label
-    np.testing.assert_array_equal(mask, expected)
-    maps = {n: sitk.GetArrayFromImage(sitk.ReadImage(str(out / "uncertainty" / f"{case}_{n}.nii.gz")))
-            for n in MAP_NAMES}
-    assert 0 <= maps["total"].min() and maps["total"].max() <= 1 and 0 <= maps["conflict"].min() <= 1
-    # entropies are sums of binary entropies over the three regions
-    assert maps["aleatoric"].max() <= 3 * np.log(2) + 1e-4 and maps["epistemic"].min() >= 0
-
-
-def _check_whole_tumor_dice(out: Path, gt: Path, cases: list, summary: dict) -> None:
-    from nnunetv2.evaluation.evaluate_predictions import region_or_label_to_mask
-
-    dices = []
-    for case in cases:
-        p = region_or_label_to_mask(sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"{case}.nii.gz"))), (1, 2, 3))
-        t = region_or_label_to_mask(sitk.GetArrayFromImage(sitk.ReadImage(str(gt / f"{case}.nii.gz"))), (1, 2, 3))
-        dices.append(2 * (p & t).sum() / (p.sum() + t.sum()) if p.sum() + t.sum() else np.nan)
-    assert summary["mean"]["(1, 2, 3)"]["Dice"] == pytest.approx(np.nanmean(dices), abs=1e-6)
-
-
-def test_split_target_reads_nnunets_label_and_region_targets():
-    import torch
-
-    from entrust_nnunet.nnunet.trainers import split_target
-
-    labels = torch.tensor([[[0, 1, 3, 2]]])  # ignore label 3
-    target, valid = split_target(labels, False, 3)
-    assert target.tolist() == [[[0, 1, 0, 2]]] and valid.tolist() == [[[True, True, False, True]]]
-    # regions: nnU-Net's loader appends the ignore label as the last channel
-    regions = torch.tensor([[[1, 0], [1, 1], [0, 1]]])  # (B, 2 regions + ignore, 2 voxels)
-    target, valid = split_target(regions, True, 3)
-    assert target.tolist() == [[[1, 0], [1, 1]]] and valid.tolist() == [[[True, False]]]
-    assert split_target(labels, False, None)[1] is None
-
-
-def test_plan_refuses_regions_that_nnunet_rejects(tmp_path):
-    env = _env(tmp_path / "nnunet")
-    src = make_brats_2021(tmp_path / "brats", cases=2)
-    _run(env, "entrust", "convert", "brats", str(src), "-d", str(DATASET_ID))
-    raw = next(Path(env["nnUNet_raw"]).glob(f"Dataset{DATASET_ID}_*"))
-    dj = json.loads((raw / "dataset.json").read_text())
-    dj["regions_class_order"] = [1, 2]  # three regions, two entries
-    (raw / "dataset.json").write_text(json.dumps(dj))
-    r = subprocess.run([nnunet_bin("entrust"), "plan", "-d", str(DATASET_ID), "-c", "3d_fullres"], env=env,
-                       capture_output=True, encoding="utf-8", errors="replace", timeout=300)
-    assert r.returncode == 2
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"entrust: error: {raw / 'dataset.json'}: invalid labels")
-    assert "regions_class_order" in lines[0] and "Traceback" not in r.stderr
-    assert not (Path(env["nnUNet_preprocessed"]) / raw.name).exists()
