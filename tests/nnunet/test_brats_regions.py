@@ -156,7 +156,7 @@ def test_plan_refuses_regions_that_nnunet_rejects(tmp_path):
     dj["regions_class_order"] = [1, 2]  # three regions, two entries
     (raw / "dataset.json").write_text(json.dumps(dj))
     r = subprocess.run([nnunet_bin("entrust"), "plan", "-d", str(DATASET_ID), "-c", "3d_fullres"], env=env,
-                       capture_output=True, encoding="utf-8", errors="replace", timeout=300)
+                       capture_output=True, encoding="utf-8", errors="replace", timeout=1800)
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"entrust: error: {raw / 'dataset.json'}: invalid labels")
