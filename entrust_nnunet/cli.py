@@ -88,8 +88,11 @@ def _cmd_plan(args: argparse.Namespace) -> None:
     import os
     from pathlib import Path
 
-    from entrust_nnunet.pipeline import plan_and_preprocess, step_output
+    from entrust_nnunet.pipeline import check_labels, plan_and_preprocess, step_output
 
+    if os.environ.get("nnUNet_raw"):
+        for d in args.d:  # bad labels/regions in one line, before the step's log takes the terminal
+            check_labels(d)
     root = os.environ.get("nnUNet_preprocessed")
     log = Path(root) / f"entrust_plan_{'_'.join(map(str, args.d))}.log" if root else None
     if log is not None and not args.verbose:
@@ -329,6 +332,9 @@ def _print_headline(summary: dict) -> None:
              "conflict_auroc_conflict": "conflict AUROC of conflict map (pooled)"}
     for key, value in headline(summary).items():
         print(f"{names[key]:<42} {'n/a' if value != value else f'{value:.4f}'}")
+    for key, name in (summary.get("foreground_names") or {}).items():  # per label, or per region (BraTS)
+        dice = (summary["mean"].get(key) or {}).get("Dice")
+        print(f"{'Dice ' + name:<42} {'n/a' if dice is None else f'{dice:.4f}'}")
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:

@@ -94,6 +94,24 @@ def resolve_planner(name: str):
     return cls
 
 
+def check_labels(dataset_id: int) -> None:
+    """One line naming dataset.json when nnU-Net's LabelManager refuses its labels or regions (e.g. regions
+    without ``regions_class_order``), before nnU-Net fails deep inside planning or training."""
+    from entrust_nnunet.evaluation.evaluate import label_manager
+
+    folders = sorted(Path(os.environ["nnUNet_raw"]).glob(dataset_prefix(dataset_id) + "*"))
+    path = folders[0] / "dataset.json" if folders else None
+    if path is None or not path.is_file():
+        return  # nnU-Net names the missing dataset itself
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{path}: not valid JSON ({type(e).__name__})") from None
+    if not isinstance(content, dict) or not isinstance(content.get("labels"), dict):
+        raise InputError(f"{path}: needs a 'labels' object")
+    label_manager(content, path)
+
+
 def plan_and_preprocess(dataset_ids, configurations=("2d",), planner: str = "EnTrustPlanner",
                         num_processes: int = 2, verify: bool = False) -> list[str]:
     """Fingerprint, plan (with ``planner``) and preprocess through nnunetv2's API; returns plans identifiers.
@@ -112,6 +130,8 @@ def plan_and_preprocess(dataset_ids, configurations=("2d",), planner: str = "EnT
     ensure_ext_trainer()
     planner_cls = resolve_planner(planner)
     dataset_ids = [int(d) for d in dataset_ids]
+    for d in dataset_ids:
+        check_labels(d)
     extract_fingerprints(dataset_ids, num_processes=num_processes, check_dataset_integrity=verify)
     identifiers = []
     for d in dataset_ids:

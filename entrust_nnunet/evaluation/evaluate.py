@@ -312,6 +312,13 @@ def _evaluate_case(job: dict) -> dict:
 # --------------------------------------------------------------------------------------------------
 # folder
 # --------------------------------------------------------------------------------------------------
+def key_names(labels: dict, keys: list) -> dict[str, str]:
+    """``str(label_or_region)`` -> its name in dataset.json's ``labels`` (e.g. ``"(1, 2, 3)": "whole tumor"``),
+    for the evaluated foreground ``keys``; a region named nowhere keeps its key."""
+    by_key = {str(_plain(v)): name for name, v in labels.items() if name != "ignore"}
+    return {str(k): by_key.get(str(k), str(k)) for k in keys}
+
+
 def _report_missing_maps(jobs: list[dict]) -> None:
     """Say on the terminal which map files are missing: their cases drop out of those maps' metrics."""
     for job in jobs:
@@ -454,6 +461,7 @@ def evaluate_folder(pred_dir, gt_dir, conflict_dir=None, dataset_json=None, outp
     inputs = {"pred_dir": str(pred_dir), "gt_dir": str(gt_dir), "dataset_json": str(dj_path), "file_ending": ending,
               "conflict_dir": None if conflict_dir is None else str(conflict_dir)}
     summary = summarize(results, keys, fg_keys, pools, num_voxels, fraction, inputs)
+    summary["foreground_names"] = key_names(dj["labels"], fg_keys)
     if not (pred_dir / MAP_FOLDER).is_dir():
         summary["uncertainty_mean"]["note"] = f"no {MAP_FOLDER}/ folder in {pred_dir}: uncertainty not evaluated"
     add_postprocessing_record(summary, pred_dir, ending)

@@ -44,6 +44,8 @@ DEFINITIONS = {
     "error_in_conflict / error_outside_conflict": "fraction of wrong voxels inside / outside the true conflict mask",
     "foreground_mean": "mean over the evaluated foreground labels (regions, if dataset.json declares regions) "
                        "of the per-label means, as nnU-Net",
+    "foreground_names": "the name in dataset.json's labels of each evaluated foreground label or region (BraTS: "
+                        "whole tumor, tumor core, enhancing tumor), keyed as mean",
     "HD95": "95th-percentile symmetric Hausdorff distance in mm (0 if both masks are empty, null if one is)",
     "coherence": "share of (conflict blob, hypothesis) pairs where the hypothesis marks >= 80 % or <= 20 % of the "
                  "blob as foreground (metrics.hypothesis_coherence)",

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from entrust_nnunet.model.network import EnTrustUNet
+from entrust_nnunet.model.outputs import probabilities
 from entrust_nnunet.model.sampling import SamplingSettings
 
 
@@ -77,7 +78,7 @@ class EnTrustNoStepsUNet(EnTrustUNet):
     """EnTrustUNet whose hypotheses are all the deterministic head's softmax (no SegDiff steps)."""
 
     def _hypotheses(self, logits: torch.Tensor, cond: torch.Tensor, k: int, s: int, seed: int = 0) -> torch.Tensor:
-        probs = torch.softmax(logits.float(), 1)
+        probs = probabilities(logits, self.regions)
         return probs.unsqueeze(0).expand(k, *probs.shape)
 
 

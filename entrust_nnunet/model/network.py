@@ -27,6 +27,12 @@ experts' generalised Jensen-Shannon divergence ``H(mean_m p_m) - mean_m H(p_m)``
 it discounts what each expert is unsure of on its own, so it is high where CONFIDENT experts contradict
 each other, not on every blurred edge (why not the total-variation distance: docs/design.md).
 ``sample()`` reports ``d`` itself (upsampled) as the conflict map.
+
+Regions and the ignore label (:meth:`use_regions`, :meth:`auxiliary_losses`' ``valid``): with nnU-Net's
+region-based training every output channel is a region with its own sigmoid (regions may overlap); the
+deterministic head, SegDiff's start and flow, the experts and TrustMap then all work per region (binary
+likelihoods, sigmoid hypotheses, binary entropies summed over regions, the experts' conflict per region
+and its maximum kept). Voxels under nnU-Net's ignore label add nothing to any EnTrust loss.
 """
 from __future__ import annotations
 
@@ -38,7 +44,8 @@ from torch.nn import functional as F
 
 from entrust_nnunet.model.encoders import ModalityEncoders
 from entrust_nnunet.model.enfuse import EnFuse
-from entrust_nnunet.model.outputs import full_resolution
+from entrust_nnunet.model.outputs import (as_logits, decision_confidence, full_resolution, masked_mean,
+                                          probabilities)
 from entrust_nnunet.model.sampling import DEFAULT_SAMPLING, SamplingSettings
 from entrust_nnunet.model.segdiff import SegDiffHead
 from entrust_nnunet.model.trustmap import (CalibHead, expert_conflict, hypothesis_statistics, probe_step,
@@ -127,12 +134,35 @@ class EnTrustUNet(nn.Module):
                                    t_start=segdiff_t_start, rank=segdiff_rank, mc_samples=segdiff_mc_samples,
                                    cov_penalty=segdiff_cov_penalty)
         self.calib = CalibHead(conv_op)
+        #: region outputs (one sigmoid per channel, nnU-Net's region-based training) instead of one softmax;
+        #: a buffer, so checkpoints carry it and a network built for prediction reads it from the weights
+        self.register_buffer("region_outputs", torch.zeros(()))
+        self.regions = False
         #: when True, forward() keeps its intermediate parts in ``last_parts`` for :class:`EnTrustLoss`
         self.cache_parts = False
         self.last_parts: dict | None = None
 
     #: :meth:`sample` draws ``num_hypotheses`` hypotheses (the predictor sizes its outputs by it)
     samples_hypotheses = True
+    #: state-dict keys that checkpoints written before they existed may lack (they load as 0: label outputs)
+    optional_weights = ("region_outputs",)
+
+    def use_regions(self, regions: bool) -> "EnTrustUNet":
+        """Switch the output space: ``True`` for nnU-Net's regions (a sigmoid per channel; every EnTrust part
+        then works per region, see :mod:`entrust_nnunet.model.outputs`), ``False`` for labels (softmax)."""
+        self.regions = bool(regions)
+        self.segdiff.regions = self.regions
+        self.region_outputs.fill_(float(self.regions))
+        return self
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # checkpoints from before region support hold label outputs (0) instead of failing
+        for name in self.optional_weights:
+            state_dict.setdefault(prefix + name, torch.zeros_like(getattr(self, name)))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        self.use_regions(bool(self.region_outputs))
 
     def initialize(self, module: nn.Module) -> None:
         """nnU-Net's He initialisation (``network.apply(network.initialize)``), then SegDiff's start head is put
@@ -149,8 +179,11 @@ class EnTrustUNet(nn.Module):
             if self.training or self.decoder.deep_supervision:
                 return logits
             hyps = self._hypotheses(logits, parts["cond"], self.sampling.num_hypotheses, self.sampling.steps)
-            # the fitted temperature (CalibHead's), so stock nnU-Net's probabilities are the calibrated ones too
-            return tempered_log_probabilities(hyps.mean(0), self.calib.temperature).to(logits.dtype)
+            # labels: the fitted temperature (CalibHead's), so stock nnU-Net's probabilities are the calibrated ones
+            # too; regions keep their sigmoids (the temperature is a softmax's, docs/design.md)
+            mean = hyps.mean(0)
+            return (as_logits(mean, True) if self.regions
+                    else tempered_log_probabilities(mean, self.calib.temperature)).to(logits.dtype)
         if self.cache_parts:
             self.last_parts = parts
         return parts if return_parts else logits
@@ -163,7 +196,7 @@ class EnTrustUNet(nn.Module):
         inputs (as plain nnU-Net holds its skips)."""
         skips = self.encoders(x)
         experts = self.expert_probabilities(skips)
-        d = self.conflict_measure(experts)
+        d = self.expert_conflict(experts)
         full, streams = skips[0], skips[1:]
         kept = {"skips": skips, "experts": experts, "disagreement": d, "fused": []} if keep_all else {}
         del skips
@@ -189,33 +222,64 @@ class EnTrustUNet(nn.Module):
         return F.interpolate(x, size=tuple(size), mode="bilinear" if x.dim() == 4 else "trilinear", align_corners=False)
 
     def expert_probabilities(self, skips: list[torch.Tensor]) -> torch.Tensor:
-        """(B, M, C, *s1) class probabilities of the per-modality experts at stage-1 resolution."""
+        """(B, M, C, *s1) probabilities of the per-modality experts at stage-1 resolution (softmax over C, or a
+        sigmoid per region channel)."""
         s1 = skips[1]
         b, m = s1.shape[:2]
-        return torch.softmax(self.experts(s1.flatten(1, 2)).reshape(b, m, self.num_classes, *s1.shape[3:]).float(), 2)
+        return probabilities(self.experts(s1.flatten(1, 2)).reshape(b, m, self.num_classes, *s1.shape[3:]),
+                             self.regions, axis=2)
 
-    def auxiliary_losses(self, parts: dict, target: torch.Tensor) -> dict[str, torch.Tensor]:
-        """EnTrust's terms beside nnU-Net's Dice+CE, for integer ``target`` (B, 1, *s) at full resolution.
+    def expert_conflict(self, experts: torch.Tensor) -> torch.Tensor:
+        """The experts' conflict ``d`` (B, 1, *s) in [0, 1]. For regions each channel is a two-class
+        distribution ``(p_r, 1 - p_r)``; ``d`` is the largest over regions of the per-region measure."""
+        if not self.regions:
+            return self.conflict_measure(experts)
+        b, m, r = experts.shape[:3]
+        pairs = torch.stack([experts, 1 - experts], 3).transpose(1, 2).flatten(0, 1)  # (B * R, M, 2, *s)
+        return self.conflict_measure(pairs).unflatten(0, (b, r)).amax(1)
+
+    def _expert_loss(self, expert_probs: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None):
+        """Mean over experts of their cross-entropy (per region: binary) on the valid voxels, at their resolution."""
+        size = expert_probs.shape[3:]
+        # nnU-Net's deep-supervision targets are nearest-downsampled the same way
+        tgt = F.interpolate(target.float(), size=size, mode="nearest")
+        ok = None if valid is None else F.interpolate(valid.float(), size=size, mode="nearest") > 0.5
+        losses = []
+        for m in range(expert_probs.shape[1]):
+            p = expert_probs[:, m]
+            if self.regions:
+                ce = F.binary_cross_entropy(p.clamp(1e-6, 1 - 1e-6), tgt, reduction="none")
+            else:
+                ce = F.nll_loss(p.clamp_min(1e-6).log(), tgt[:, 0].long(), reduction="none")[:, None]
+            losses.append(masked_mean(ce, ok))
+        return torch.stack(losses).mean()
+
+    def auxiliary_losses(self, parts: dict, target: torch.Tensor, valid: torch.Tensor | None = None
+                         ) -> dict[str, torch.Tensor]:
+        """EnTrust's terms beside nnU-Net's Dice+CE, at full resolution, for ``target``: integer labels
+        (B, 1, *s), or with :meth:`use_regions` region membership (B, C, *s) in {0, 1}. ``valid`` (B, 1, *s,
+        bool): voxels that count (False where nnU-Net's ignore label is); every term below skips the others.
 
         start: SegDiff's start likelihood (SSN, M samples; it also trains the deterministic logits, its
         mean); generative: SegDiff flow-matching loss; independence: mean EnFuse penalty over stages;
         experts: mean cross-entropy of the per-modality experts (stage-1 resolution); conflict: BCE
-        of F_cf (every EnFuse stage, target area-pooled) against the experts' detached conflict ``d``.
+        of F_cf (every EnFuse stage, target area-pooled) against the experts' detached conflict ``d``,
+        each cell weighted by its share of valid voxels.
         """
         cond_h = self.segdiff.condition(parts["cond"])
         logits = full_resolution(parts["logits"])
-        segdiff = self.segdiff.losses(cond_h, target, logits)
+        segdiff = self.segdiff.losses(cond_h, target, logits, valid=valid)
         independence = torch.stack([f.independence_penalty(p) for f, p in zip(self.fuse, parts["fused"])]).mean()
-        expert_probs = parts["experts"]
-        # nnU-Net's deep-supervision targets are nearest-downsampled the same way
-        tgt = F.interpolate(target.float(), size=expert_probs.shape[3:], mode="nearest")[:, 0].long()
-        experts = torch.stack([F.nll_loss(expert_probs[:, m].clamp_min(1e-6).log(), tgt)
-                               for m in range(expert_probs.shape[1])]).mean()
+        experts = self._expert_loss(parts["experts"], target, valid)
         disagreement = parts["disagreement"].detach().float()
-        conflict = torch.stack([
-            F.binary_cross_entropy_with_logits(p["F_cf_logit"].float(), _area_pool(disagreement, p["F_cf_logit"].shape[2:]))
-            for p in parts["fused"]]).mean()
-        return {**segdiff, "independence": independence, "experts": experts, "conflict": conflict}
+        conflict = []
+        for p in parts["fused"]:
+            size = p["F_cf_logit"].shape[2:]
+            bce = F.binary_cross_entropy_with_logits(p["F_cf_logit"].float(), _area_pool(disagreement, size),
+                                                     reduction="none")
+            weight = None if valid is None else _area_pool(valid.float(), size)
+            conflict.append(bce.mean() if weight is None else (bce * weight).sum() / weight.sum().clamp_min(1e-6))
+        return {**segdiff, "independence": independence, "experts": experts, "conflict": torch.stack(conflict).mean()}
 
     # ------------------------------------------------------------------ inference
     def _hypotheses(self, logits: torch.Tensor, cond: torch.Tensor, k: int, s: int, seed: int = 0) -> torch.Tensor:
@@ -242,7 +306,7 @@ class EnTrustUNet(nn.Module):
         logits = full_resolution(parts["logits"])
 
         hyps = self._hypotheses(logits, parts["cond"], k, s, seed)
-        stats = hypothesis_statistics(hyps)
+        stats = hypothesis_statistics(hyps, self.regions)
         # the experts' conflict itself, not F_cf, its learned copy: it separates conflict from edges better
         # (docs/design.md)
         conflict = self._upsample(parts["expert_conflict"].float(), x.shape[2:]).clamp(0, 1)
@@ -250,10 +314,10 @@ class EnTrustUNet(nn.Module):
         # ProbeStep redraws only the first few hypotheses (same noise: hypotheses are nested across K)
         p = min(k, self.probe_hypotheses)
         stats["probe"] = (probe_step(lambda cond: self._hypotheses(logits, cond, p, s, seed), parts["cond"],
-                                     conflict, hyps[:p], self.probe_strength, seed) if settings.probe
+                                     conflict, hyps[:p], self.probe_strength, seed, self.regions) if settings.probe
                           else torch.zeros_like(stats["entropy"]))
-        stats["confidence"] = stats["mean"].amax(1)
-        stats["head_confidence"] = torch.softmax(logits.float(), 1).amax(1)
+        stats["confidence"] = decision_confidence(stats["mean"], self.regions)
+        stats["head_confidence"] = decision_confidence(probabilities(logits, self.regions), self.regions)
         stats["error"] = self.calib(stats)
         stats["hypotheses"] = hyps
         return stats

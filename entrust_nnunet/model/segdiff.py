@@ -40,6 +40,19 @@ loss ``|| v_theta(x_t, t | c) - (x1 - x_s)/(1 - t0) ||^2`` with ``t ~ U(t0, 1)``
 start draw (detached: the start is trained by its own likelihood). Hypothesis k's probabilities after
 the flow: ``softmax(sharpness * x1_hat_k)``. With S = 0 the hypotheses are the start's ``p_k``.
 
+**Regions** (``regions=True``, nnU-Net's region-based training: one sigmoid channel per region, regions
+may overlap). The same Gaussian in logit space, read per channel as a Bernoulli logit: the start's
+likelihood is ``sum_v sum_r log sigmoid((2 y_vr - 1) l_vr)`` (a binary likelihood per region channel,
+y_vr = 1 when voxel v is in region r), hypotheses are ``sigmoid((mu + P eps_k) / sqrt(1 + pi D / 8))``
+(the same probit approximation, now for the logistic), the flow's data point is ``x1 = 2 y - 1`` per
+region and a hypothesis after the flow is ``sigmoid(2 * sharpness * x1_hat)``: a region channel read as
+the two-class softmax of ``(x, -x)``, so a region hypothesis is as sharp as a label hypothesis.
+
+**Ignored voxels** (nnU-Net's ignore label; ``valid`` = False): no likelihood, no flow-matching error;
+the per-image normalisation N counts valid voxels only. In flow matching their data point is the start
+draw itself (x1 = x_s), so their labels reach no valid voxel through the head's 3x3 convolution either. The covariance cost does not see labels and is
+kept over every voxel.
+
 Defaults (``cov_penalty`` 0.002, S = 1) and what they were chosen on: docs/design.md.
 
 Cost: the conditioning ``c`` is projected ONCE per patch (:meth:`SegDiffHead.condition`), and so are
@@ -56,14 +69,30 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from entrust_nnunet.model.outputs import masked_mean
+
 #: bound on the state so that logits stay finite in fp16 (nnU-Net accumulates in half precision)
 STATE_CLAMP = 4.0
 
 
-def one_hot_state(target: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """(B, 1, *s) integer labels -> (B, C, *s) flow-matching data point in {-1, +1}."""
+def one_hot_state(target: torch.Tensor, num_classes: int, regions: bool = False) -> torch.Tensor:
+    """(B, 1, *s) integer labels -> (B, C, *s) flow-matching data point in {-1, +1}; with ``regions`` the
+    target is already (B, C, *s) region membership (0/1)."""
+    if regions:
+        return target.float() * 2 - 1
     onehot = F.one_hot(target[:, 0].long(), num_classes).movedim(-1, 1)
     return onehot.float() * 2 - 1
+
+
+def label_log_likelihood(logits: torch.Tensor, target: torch.Tensor, regions: bool) -> torch.Tensor:
+    """Per-voxel log-likelihood of the target under logits (..., B, C, *s) -> (..., B, 1, *s): log softmax at
+    the label (target (B, 1, *s)), or for ``regions`` the sum over channels of the Bernoulli log-likelihood
+    ``log sigmoid((2 y - 1) l)`` (target (B, C, *s) in {0, 1})."""
+    axis = logits.dim() - target.dim() + 1
+    if regions:
+        return F.logsigmoid((2 * target.to(logits.dtype) - 1) * logits).sum(axis, keepdim=True)
+    y = target.long().expand(*logits.shape[:axis], 1, *target.shape[2:])
+    return torch.log_softmax(logits, axis).gather(axis, y)
 
 
 def latent_draws(num_hypotheses: int, rank: int, seed: int) -> torch.Tensor:
@@ -85,13 +114,15 @@ def low_rank_shift(factor: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
     return torch.einsum("bcr...,kbr->kbc...", factor, eps.to(factor.dtype))
 
 
-def marginal_probabilities(logits: torch.Tensor, diag: torch.Tensor) -> torch.Tensor:
-    """``E_eta softmax(l + sqrt(D) eta) ~= softmax(l / sqrt(1 + pi D / 8))`` (mean-field probit approximation).
+def marginal_probabilities(logits: torch.Tensor, diag: torch.Tensor, regions: bool = False) -> torch.Tensor:
+    """``E_eta softmax(l + sqrt(D) eta) ~= softmax(l / sqrt(1 + pi D / 8))`` (mean-field probit approximation);
+    with ``regions`` the same for the sigmoid of each channel.
 
     ``logits`` (K, B, C, *s) or (B, C, *s), ``diag`` (B, C, *s); the class axis is ``diag``'s axis 1.
     """
     axis = logits.dim() - diag.dim() + 1
-    return torch.softmax(logits / torch.sqrt(1 + math.pi / 8 * diag), axis)
+    scaled = logits / torch.sqrt(1 + math.pi / 8 * diag)
+    return torch.sigmoid(scaled) if regions else torch.softmax(scaled, axis)
 
 
 class SegDiffHead(nn.Module):
@@ -111,6 +142,8 @@ class SegDiffHead(nn.Module):
         self.rank = rank
         self.mc_samples = mc_samples
         self.cov_penalty = cov_penalty
+        #: one sigmoid per channel (nnU-Net's regions) instead of one softmax; set by ``EnTrustUNet.use_regions``
+        self.regions = False
         self.cond_proj = conv_op(cond_channels, hidden, 1)
         # P (C * r channels) and D (C channels); pointwise: the trunk before it already mixes space
         self.cov = nn.Sequential(nn.GELU(), conv_op(hidden, hidden, 1), nn.GELU(),
@@ -155,12 +188,14 @@ class SegDiffHead(nn.Module):
         return like.new_zeros(like.shape[0], self.num_classes, *like.shape[2:]) if logits is None else logits.float()
 
     def start_loss(self, cond_h: torch.Tensor, target: torch.Tensor, logits: torch.Tensor | None = None,
-                   generator: torch.Generator | None = None) -> torch.Tensor:
+                   generator: torch.Generator | None = None, valid: torch.Tensor | None = None) -> torch.Tensor:
         """SSN loss ``mean_b L_b``, ``L_b = -(1/N)[logsumexp_m sum_v log softmax(l_m)_v[y_v] - log M]`` plus
         the covariance cost ``lambda mean_v sum_c (sum_r P^2 + D)`` (see the module docstring).
 
         ``l_m = mu + P eps_m + sqrt(D) eta_m`` with M = ``mc_samples`` independent draws per image;
         ``logits`` = mu (B, C, *s) is NOT detached, so, as in SSN, the likelihood also trains the mean.
+        ``target``: labels (B, 1, *s), or region membership (B, C, *s) with ``regions``; ``valid`` (B, 1, *s):
+        voxels outside it (ignore label) add nothing and N counts the valid voxels of image b.
         """
         factor, diag = self.covariance(cond_h)
         mu = self._mean(logits, cond_h)
@@ -168,16 +203,20 @@ class SegDiffHead(nn.Module):
         eps = torch.randn(m, b, self.rank, device=mu.device, generator=generator)
         eta = torch.randn(m, *mu.shape, device=mu.device, generator=generator)
         samples = mu + low_rank_shift(factor, eps) + diag.sqrt() * eta  # (M, B, C, *s)
-        y = target[:, 0].long().unsqueeze(0).unsqueeze(2).expand(m, -1, 1, *target.shape[2:])
-        log_lik = torch.log_softmax(samples, 2).gather(2, y).flatten(2).sum(-1)  # (M, B)
-        n = y[0, 0].numel()
+        voxel_ll = label_log_likelihood(samples, target, self.regions)  # (M, B, 1, *s)
+        if valid is None:
+            n = torch.full((b,), float(voxel_ll[0, 0].numel()), device=mu.device)
+        else:
+            voxel_ll = voxel_ll * valid.to(voxel_ll.dtype)
+            n = valid.flatten(1).sum(1).float().clamp_min(1)
+        log_lik = voxel_ll.flatten(2).sum(-1)  # (M, B)
         cost = (factor.square().sum(2) + diag).sum(1).mean()
         return (-(torch.logsumexp(log_lik, 0) - math.log(m)) / n).mean() + self.cov_penalty * cost
 
     def start_probabilities(self, factor: torch.Tensor, diag: torch.Tensor, mu: torch.Tensor,
                             eps: torch.Tensor) -> torch.Tensor:
         """Hypotheses' start probabilities ``softmax((mu + P eps_k) / sqrt(1 + pi D / 8))``, (K, B, C, *s)."""
-        return marginal_probabilities(mu + low_rank_shift(factor, eps), diag)
+        return marginal_probabilities(mu + low_rank_shift(factor, eps), diag, self.regions)
 
     def velocity(self, x_t: torch.Tensor, t: torch.Tensor, cond_h: torch.Tensor) -> torch.Tensor:
         """v_theta for states (K, B, C, *s) at times t (K,) given projected conditioning (B, hidden, *s).
@@ -196,28 +235,31 @@ class SegDiffHead(nn.Module):
         return self.out(h).unflatten(0, (k, b))
 
     def flow_loss(self, cond_h: torch.Tensor, target: torch.Tensor, logits: torch.Tensor | None = None,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
-        """Flow-matching regression loss from one (detached) start draw ``x_s = 2 p - 1`` per image.
+                  generator: torch.Generator | None = None, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Flow-matching regression loss from one (detached) start draw ``x_s = 2 p - 1`` per image, averaged
+        over the ``valid`` voxels (all without a mask).
 
         The B states are passed as B hypotheses of one batch element each (one draw of (eps, t) per image).
         """
-        x1 = one_hot_state(target, self.num_classes).to(cond_h.dtype)
+        x1 = one_hot_state(target, self.num_classes, self.regions).to(cond_h.dtype)
         with torch.no_grad():
             factor, diag = self.covariance(cond_h)
             eps = torch.randn(1, x1.shape[0], self.rank, device=x1.device, generator=generator)  # one per image
             x_s = (2 * self.start_probabilities(factor, diag, self._mean(logits, cond_h), eps)[0] - 1).to(x1.dtype)
+        if valid is not None:  # no label to flow to: ignored voxels stay at the start (the 3x3 head sees them)
+            x1 = torch.where(valid, x1, x_s)
         t0 = self.t_start
         t = t0 + (1 - t0) * torch.rand(x1.shape[0], device=x1.device, generator=generator)
         r = ((t - t0) / (1 - t0)).view(-1, *([1] * (x1.dim() - 1))).to(x1.dtype)
         x_t = (1 - r) * x_s + r * x1
         v = self.velocity(x_t.unsqueeze(1), t, cond_h.unsqueeze(1)).squeeze(1)
-        return F.mse_loss(v, (x1 - x_s) / (1 - t0))
+        return masked_mean((v - (x1 - x_s) / (1 - t0)).square(), valid)
 
     def losses(self, cond_h: torch.Tensor, target: torch.Tensor, logits: torch.Tensor | None = None,
-               generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        """``start``: the SSN likelihood term; ``generative``: the flow-matching term."""
-        return {"start": self.start_loss(cond_h, target, logits, generator),
-                "generative": self.flow_loss(cond_h, target, logits, generator)}
+               generator: torch.Generator | None = None, valid: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """``start``: the SSN likelihood term; ``generative``: the flow-matching term (both over ``valid``)."""
+        return {"start": self.start_loss(cond_h, target, logits, generator, valid),
+                "generative": self.flow_loss(cond_h, target, logits, generator, valid)}
 
     def loss(self, cond_h: torch.Tensor, target: torch.Tensor, logits: torch.Tensor | None = None,
              generator: torch.Generator | None = None) -> torch.Tensor:
@@ -253,8 +295,15 @@ class SegDiffHead(nn.Module):
             x = (2 * p - 1).to(cond_h.dtype)
             for bias in biases:
                 x = (x + dt * self._head(x, bias)).clamp_(-STATE_CLAMP, STATE_CLAMP)
-            out.append(torch.softmax(self.sharpness * x.float(), 2))
+            out.append(self.state_probabilities(x))
         return torch.cat(out, 0)
+
+    def state_probabilities(self, x: torch.Tensor) -> torch.Tensor:
+        """A flow state (K, B, C, *s) in [-1, 1] as probabilities: ``softmax(sharpness x)`` over C, or per
+        region ``sigmoid(2 sharpness x)`` (the two-class softmax of ``(x, -x)``)."""
+        if self.regions:
+            return torch.sigmoid(2 * self.sharpness * x.float())
+        return torch.softmax(self.sharpness * x.float(), 2)
 
     def compute_conv_feature_map_size(self, input_size) -> int:
         """Activations per patch while training, the planner's convention: flow head (one state per sample),

@@ -27,6 +27,14 @@ Per network and patch (:func:`hypothesis_statistics`, from hypotheses ``p_k`` (K
 * ``head_confidence`` = max class probability of the deterministic head (nnU-Net's softmax output):
   the hypotheses are sharp, so their entropies alone rank ordinary boundary errors poorly (docs/design.md).
 
+**Regions** (one sigmoid per region, overlapping: :mod:`entrust_nnunet.model.outputs`): every channel is a
+Bernoulli variable, so every entropy above is the SUM over regions of the binary entropy
+``h(p) = -p log p - (1-p) log(1-p)`` (the entropy of the regions' joint distribution if they were
+independent; bounded by R log 2), ``confidence`` and ``head_confidence`` are ``prod_r max(p_r, 1 - p_r)``
+(:func:`~entrust_nnunet.model.outputs.decision_confidence`) and ProbeStep's map is the largest change of
+any region's probability. The conflict of the experts is taken per region and its maximum over regions
+kept (``EnTrustUNet.expert_conflict``).
+
 CalibHead maps the statistics of :data:`STATISTICS` per voxel to the probability that the mask is wrong
 there (the exported ``total`` map). It is fitted on cases the network never trained on: the validation
 fold (``entrust_nnunet.nnunet.calibration``). On the same cases it holds the temperature of the class
@@ -55,20 +63,34 @@ def entropy(probs: torch.Tensor, axis: int = 0, eps: float = 1e-12) -> torch.Ten
     return -(p * p.clamp_min(eps).log()).sum(dim=axis)
 
 
-def mutual_information(samples_probs: torch.Tensor, eps: float = 1e-12) -> dict[str, torch.Tensor]:
+def output_entropy(probs: torch.Tensor, axis: int, regions: bool = False) -> torch.Tensor:
+    """:func:`entropy` over the class ``axis``; for region outputs (one sigmoid each) the sum over that axis
+    of the binary entropies ``h(p_r)``."""
+    if not regions:
+        return entropy(probs, axis=axis)
+    p = probs if probs.is_floating_point() else probs.double()
+    return entropy(torch.stack([p, 1 - p]), axis=0).sum(axis)
+
+
+def mutual_information(samples_probs: torch.Tensor, eps: float = 1e-12, regions: bool = False) -> dict[str, torch.Tensor]:
     """Entropy decomposition of K probabilistic samples ``p_k`` (K, C, *s), ``pbar = mean_k p_k``::
 
         entropy   = H(pbar)                    (predictive entropy)
         aleatoric = mean_k H(p_k)              (expected entropy)
         epistemic = max(entropy - aleatoric, 0) (mutual information I(y; k); the clip is against rounding)
+
+    With ``regions`` H is :func:`output_entropy`'s sum of binary entropies over the C region channels.
     """
     sp = samples_probs
     if sp.ndim < 2 or sp.shape[0] < 1 or sp.shape[1] < 1:
         raise ValueError(f"samples_probs must have shape (K, C, *spatial) with K, C >= 1, got {tuple(sp.shape)}")
     if not sp.is_floating_point():
         sp = sp.double()
-    total = entropy(sp.mean(dim=0), axis=0, eps=eps)
-    aleatoric = entropy(sp, axis=1, eps=eps).mean(dim=0)
+    if regions:
+        total, aleatoric = output_entropy(sp.mean(dim=0), 0, True), output_entropy(sp, 1, True).mean(dim=0)
+    else:
+        total = entropy(sp.mean(dim=0), axis=0, eps=eps)
+        aleatoric = entropy(sp, axis=1, eps=eps).mean(dim=0)
     return {"entropy": total, "aleatoric": aleatoric, "epistemic": (total - aleatoric).clamp_min(0.0)}
 
 
@@ -93,18 +115,19 @@ def expert_conflict(expert_probs: torch.Tensor) -> torch.Tensor:
     return (jensen_shannon(expert_probs.float(), 1, 2) / math.log(min(m, c))).clamp(0, 1).unsqueeze(1)
 
 
-def hypothesis_statistics(hypotheses: torch.Tensor) -> dict[str, torch.Tensor]:
+def hypothesis_statistics(hypotheses: torch.Tensor, regions: bool = False) -> dict[str, torch.Tensor]:
     """``mean`` (B, C, *s) and the maps (B, *s) ``entropy`` = ``aleatoric`` = H(mean), ``epistemic`` = 0 and
-    ``spread`` = H(mean) - mean_k H(p_k) of K hypotheses (K, B, C, *s) of ONE model (see the module doc)."""
+    ``spread`` = H(mean) - mean_k H(p_k) of K hypotheses (K, B, C, *s) of ONE model (see the module doc);
+    ``regions``: C sigmoid channels, H summed over them."""
     hyps = hypotheses.float()
-    parts = mutual_information(hyps.transpose(1, 2))  # (K, C, B, *s): class axis second
+    parts = mutual_information(hyps.transpose(1, 2), regions=regions)  # (K, C, B, *s): class axis second
     total = parts["entropy"]
     return {"mean": hyps.mean(0), "entropy": total, "aleatoric": total, "epistemic": torch.zeros_like(total),
             "spread": parts["epistemic"]}
 
 
 def probe_step(sample_fn, cond: torch.Tensor, conflict: torch.Tensor, reference: torch.Tensor,
-               strength: float = 1.0, seed: int = 0) -> torch.Tensor:
+               strength: float = 1.0, seed: int = 0, regions: bool = False) -> torch.Tensor:
     """ProbeStep: sensitivity of the hypotheses to conflict-guided perturbation of the conditioning.
 
     What is perturbed: the SegDiff conditioning ``cond`` (decoder features at full resolution and
@@ -120,7 +143,8 @@ def probe_step(sample_fn, cond: torch.Tensor, conflict: torch.Tensor, reference:
     xi = torch.randn(cond.shape, device=cond.device, dtype=cond.dtype, generator=gen)
     scale = cond.flatten(2).std(-1).view(*cond.shape[:2], *([1] * (cond.dim() - 2)))
     moved = sample_fn(cond + strength * conflict * scale * xi)
-    return 0.5 * (moved - reference).abs().sum(2).mean(0)
+    change = (moved - reference).abs()
+    return (change.amax(2) if regions else 0.5 * change.sum(2)).mean(0)
 
 
 def tempered_log_probabilities(probs: torch.Tensor, temperature) -> torch.Tensor:

@@ -38,30 +38,48 @@ def calibration_subset(keys, fraction: float, seed: int) -> list:
 
 
 @torch.no_grad()
-def case_voxels(stats: dict[str, torch.Tensor], seg: np.ndarray, key: str, max_voxels: int) -> Voxels:
+def case_voxels(stats: dict[str, torch.Tensor], seg: np.ndarray, key: str, max_voxels: int,
+                label_manager=None) -> Voxels:
     """CalibHead's inputs, ``fg_boundary`` (1 on foreground of label or mask plus a 2-voxel band around the
-    label, where calibration is judged) and the error indicator (argmax(mean) != label) of one case's voxels.
+    label, where calibration is judged) and the error indicator (mask != label) of one case's voxels.
 
-    Voxels outside nnU-Net's crop mask (label < 0) are skipped; at most ``max_voxels`` are kept, a
-    subset seeded by the case name (the same voxels whenever the case is seen again).
+    The mask is nnU-Net's: ``label_manager.convert_probabilities_to_segmentation`` of the mean (regions
+    converted with ``regions_class_order``; argmax for labels, also without a label manager), so the error
+    is that of the exported, converted mask. Voxels outside nnU-Net's crop mask (label < 0) and under its
+    ignore label are skipped; at most ``max_voxels`` are kept, a subset seeded by the case name (the same
+    voxels whenever the case is seen again).
     """
     seg = torch.from_numpy(np.asarray(seg)[0]).to(stats["entropy"].device)
-    valid = (seg >= 0).flatten().nonzero()[:, 0].cpu()
+    keep = seg >= 0
+    ignore = None if label_manager is None else label_manager.ignore_label
+    if ignore is not None:
+        keep &= seg != ignore
+        seg = torch.where(seg == ignore, torch.zeros_like(seg), seg)
+    valid = keep.flatten().nonzero()[:, 0].cpu()
     if valid.numel() > max_voxels:
         gen = torch.Generator().manual_seed(zlib.crc32(key.encode("utf-8")))
         valid = valid[torch.randperm(valid.numel(), generator=gen)[:max_voxels]]
-    pred = stats["mean"].argmax(0)
+    if label_manager is None:
+        pred = stats["mean"].argmax(0)
+    else:
+        pred = torch.as_tensor(label_manager.convert_probabilities_to_segmentation(stats["mean"].cpu()))
+        pred = pred.to(seg.device).long()
     error = (pred != seg).flatten().cpu()[valid].float()
     fg = foreground_boundary_mask(seg.clamp_min(0).cpu().numpy(), pred.cpu().numpy())
     columns = {k: stats[k].flatten().float().cpu()[valid] for k in STATISTICS}
-    return {**columns, "fg_boundary": torch.from_numpy(fg).flatten()[valid].float(),
-            "label": seg.flatten().cpu()[valid].long(), "probabilities": stats["mean"].flatten(1).float().cpu()[:, valid].T}, error
+    columns["fg_boundary"] = torch.from_numpy(fg).flatten()[valid].float()
+    if label_manager is None or not label_manager.has_regions:
+        # the class temperature's voxels (a softmax's temperature: region sigmoids keep T = 1)
+        columns["label"] = seg.flatten().cpu()[valid].long()
+        columns["probabilities"] = stats["mean"].flatten(1).float().cpu()[:, valid].T
+    return columns, error
 
 
 def calibration_voxels(predictor, cases: Iterable, keys, cache: dict, max_voxels_per_case: int) -> Voxels:
     """Voxels of ``keys``: ``cases`` yields (key, data, seg) of those not yet in ``cache`` (filled here)."""
     for key, data, seg in cases:
-        cache[key] = case_voxels(predictor.pooled_statistics(data), seg, key, max_voxels_per_case)
+        cache[key] = case_voxels(predictor.pooled_statistics(data), seg, key, max_voxels_per_case,
+                                 predictor.label_manager)
     columns = {k: torch.cat([cache[key][0][k] for key in keys]) for k in cache[keys[0]][0]}
     return columns, torch.cat([cache[key][1] for key in keys])
 

@@ -54,7 +54,9 @@ def check_weights_fit(network: nn.Module, weights: dict, checkpoint: Path, plans
     def names(keys: list[str]) -> str:
         return ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
 
-    missing = [k for k in expected if k not in weights]
+    # weights that older checkpoints lack and the network fills with its default (e.g. EnTrustUNet's region flag)
+    optional = tuple(getattr(network, "optional_weights", ()))
+    missing = [k for k in expected if k not in weights and not k.endswith(optional)]
     unexpected = [k for k in weights if k not in expected]
     shaped = [k for k in expected
               if k in weights and tuple(getattr(weights[k], "shape", ())) != tuple(expected[k].shape)]

@@ -20,6 +20,13 @@ Gaussian weighting, mirroring, fold averaging, resampling, crop/transpose back).
 
 Output per case: ``OUT/CASE<ending>`` and ``OUT/uncertainty/CASE_{total,aleatoric,epistemic,conflict}<ending>``
 (``total`` is the probability of error).
+
+Region datasets (nnU-Net's regions, e.g. BraTS): the pooled "class probabilities" are the regions' sigmoid
+probabilities (C = R channels, overlapping) and are exported to nnU-Net as their logits, so its own
+exporter writes the mask after its region-to-label conversion (``regions_class_order``) and saves the
+sigmoid probabilities in ``.npz`` as ``nnUNetv2_predict`` does (its ensembling works on them). ``total`` is
+the probability that this converted mask is wrong; aleatoric and epistemic sum binary entropies over
+regions, conflict is the largest per-region conflict (:mod:`entrust_nnunet.model.trustmap`).
 """
 from __future__ import annotations
 
@@ -45,8 +52,9 @@ from tqdm import tqdm
 from entrust_nnunet.data.io import (HYPOTHESIS_FOLDER, MAP_FOLDER, MAP_NAMES, InputError, hypothesis_path, map_path,
                                     temporary_path, write_image)
 from entrust_nnunet.model.network import EnTrustUNet
+from entrust_nnunet.model.outputs import as_logits, decision_confidence
 from entrust_nnunet.model.sampling import DEFAULT_SAMPLING, SamplingSettings
-from entrust_nnunet.model.trustmap import CalibHead, entropy, tempered_log_probabilities
+from entrust_nnunet.model.trustmap import CalibHead, entropy, output_entropy, tempered_log_probabilities
 from entrust_nnunet.nnunet.calibration import load_calibrator
 from entrust_nnunet.nnunet.checkpoints import build_network, check_weights_fit, load_checkpoint
 from entrust_nnunet.nnunet.distributed import unwrap
@@ -126,7 +134,11 @@ def _write_hypotheses(hypotheses: np.ndarray, properties: dict, configuration_ma
     c = label_manager.num_segmentation_heads
     shape = sitk.GetArrayViewFromImage(reference).shape
     for k, labels in enumerate(hypotheses):
-        onehot_logits = np.moveaxis(np.eye(c, dtype=np.float32)[labels], -1, 0) * 20.0  # softmax -> one-hot
+        if label_manager.has_regions:  # +-20 per region: the sigmoid gives membership, nnU-Net converts back
+            onehot_logits = np.stack([np.isin(labels, np.atleast_1d(r)) for r in label_manager.foreground_regions])
+            onehot_logits = (onehot_logits.astype(np.float32) * 2 - 1) * 20.0
+        else:
+            onehot_logits = np.moveaxis(np.eye(c, dtype=np.float32)[labels], -1, 0) * 20.0  # softmax -> one-hot
         seg = convert_predicted_logits_to_segmentation_with_correct_shape(
             torch.from_numpy(onehot_logits), plans_manager, configuration_manager, label_manager, properties)
         image = sitk.GetImageFromArray(np.asarray(seg, dtype=np.uint8).reshape(shape))
@@ -284,7 +296,8 @@ class EnTrustPredictor(nnUNetPredictor):
                 out = self.predict_sliding_window_return_logits(data).to("cpu").float()
                 head = out[:c + len(POOLED_MAPS)]
                 pooled = head if pooled is None else pooled + head
-                labels.append(out[c + len(POOLED_MAPS):].unflatten(0, (-1, c)).argmax(1).to(torch.uint8))
+                hyps = out[c + len(POOLED_MAPS):].unflatten(0, (-1, c))
+                labels.append(torch.stack([self.segmentation(h) for h in hyps]).to(torch.uint8))
         finally:
             torch.set_num_threads(threads)
         return pooled / len(self.list_of_parameters), torch.cat(labels)
@@ -299,11 +312,13 @@ class EnTrustPredictor(nnUNetPredictor):
         else:
             pooled = super().predict_logits_from_preprocessed_data(data).float()
         c = self.label_manager.num_segmentation_heads
-        mean = pooled[:c].clamp_min(0)
-        mean = mean / mean.sum(0, keepdim=True).clamp_min(1e-8)
+        regions = self.label_manager.has_regions
+        mean = pooled[:c].clamp(0, 1)
+        if not regions:
+            mean = mean / mean.sum(0, keepdim=True).clamp_min(1e-8)
         maps = dict(zip(POOLED_MAPS, pooled[c:]))
-        total = entropy(mean, axis=0)
-        return {**maps, "mean": mean, "confidence": mean.amax(0), "entropy": total,
+        total = output_entropy(mean, 0, regions)
+        return {**maps, "mean": mean, "confidence": decision_confidence(mean, regions, axis=0), "entropy": total,
                 "epistemic": (total - maps["aleatoric"]).clamp_min(0), "conflict": maps["conflict"].clamp(0, 1),
                 **({"hypotheses": hypotheses} if hypotheses is not None else {})}
 
@@ -314,9 +329,16 @@ class EnTrustPredictor(nnUNetPredictor):
         aleatoric, epistemic, conflict; and the hypotheses' labels (F*K, *s) with ``save_hypotheses`` (else None)."""
         stats = self.pooled_statistics(data)
         p_error = self.probability_of_error(stats)
-        return torch.cat([tempered_log_probabilities(stats["mean"], self.class_temperature()),
+        probs = (as_logits(stats["mean"], True) if self.label_manager.has_regions
+                 else tempered_log_probabilities(stats["mean"], self.class_temperature()))
+        return torch.cat([probs,
                           torch.stack([p_error, stats["aleatoric"], stats["epistemic"], stats["conflict"]])]), \
             stats.get("hypotheses")
+
+    def segmentation(self, mean: torch.Tensor) -> torch.Tensor:
+        """nnU-Net's mask of pooled probabilities (C, *s): argmax, or regions converted with
+        ``regions_class_order``."""
+        return torch.as_tensor(self.label_manager.convert_probabilities_to_segmentation(mean.float().cpu()))
 
     def predict_logits_from_preprocessed_data(self, data: torch.Tensor) -> torch.Tensor:
         """nnU-Net's entry point: :meth:`predict_case` without the hypotheses."""

@@ -17,6 +17,10 @@ It changes these hooks of nnUNetTrainer and nothing else:
   validation case into ``fold_X/validation/uncertainty/``, cross-fitted (each half of the fold from a
   CalibHead fitted on the other half), so cross-validated metrics never score CalibHead on its own voxels.
 
+Regions and the ignore label work as in nnU-Net: with regions the network has one sigmoid channel per
+region (``EnTrustUNet.use_regions``) and nnU-Net's loss is its DC_and_BCE_loss; with an ignore label the
+voxels under it are left out of every EnTrust term (:func:`split_target`) and of CalibHead's voxels.
+
 It also logs the EnTrust terms per epoch (training log + ``progress_entrust.png``; kept in the
 checkpoint, so ``--c`` continues the curves).
 """
@@ -43,25 +47,45 @@ from entrust_nnunet.nnunet.distributed import broadcast_state, freeze, thawed, u
 AUX_LOG_KEYS = tuple(f"entrust_{k}" for k in LOSS_WEIGHTS)
 
 
+def split_target(target: torch.Tensor, regions: bool, ignore_label: int | None
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """nnU-Net's training target -> (target in the network's space, valid voxels (B, 1, *s) or None).
+
+    Labels: (B, 1, *s) integers, the ignore label replaced by 0 where it is (``valid`` False there).
+    Regions: nnU-Net's data loader has turned the labels into (B, R, *s) region membership, and with an
+    ignore label appended it as the last channel (as its DC_and_BCE_loss reads it).
+    """
+    if ignore_label is None:
+        return target, None
+    if regions:
+        return target[:, :-1], ~target[:, -1:].bool()
+    valid = target != ignore_label
+    return torch.where(valid, target, torch.zeros_like(target)), valid
+
+
 class EnTrustLoss(nn.Module):
     """nnU-Net's loss plus the EnTrust terms computed from the parts the network cached in forward.
 
     ``total = base(output, target) + sum_k LOSS_WEIGHTS[k] * aux_k``; the detached aux values of
-    training calls are collected in ``history`` for logging.
+    training calls are collected in ``history`` for logging. ``regions``/``ignore_label``: the label
+    manager's, for :func:`split_target`.
     """
 
-    def __init__(self, base_loss: nn.Module, network: nn.Module, weights: dict[str, float] | None = None):
+    def __init__(self, base_loss: nn.Module, network: nn.Module, weights: dict[str, float] | None = None,
+                 regions: bool = False, ignore_label: int | None = None):
         super().__init__()
         self.base = base_loss
         self.network = [network]  # a list: keep the network out of this module's parameters/state_dict
         self.weights = dict(LOSS_WEIGHTS if weights is None else weights)
+        self.regions, self.ignore_label = regions, ignore_label
         self.history: dict[str, list[float]] = defaultdict(list)
 
     def forward(self, output, target):
         loss = self.base(output, target)
         net = self.network[0]
-        full_res_target = full_resolution(target)  # deep-supervision targets come as a list too
-        aux = net.auxiliary_losses(net.last_parts, full_res_target)
+        # deep-supervision targets come as a list too
+        full_res_target, valid = split_target(full_resolution(target), self.regions, self.ignore_label)
+        aux = net.auxiliary_losses(net.last_parts, full_res_target, valid)
         net.last_parts = None
         for k, v in aux.items():
             loss = loss + self.weights[k] * v
@@ -102,16 +126,14 @@ class nnUNetTrainerEnTrust(nnUNetTrainer):
         return net
 
     def initialize(self):
-        if self.label_manager.has_regions or self.label_manager.has_ignore_label:
-            raise NotImplementedError(
-                f"{self.__class__.__name__}: region-based training and ignore labels are not supported yet by "
-                f"SegDiff (dataset {self.plans_manager.dataset_name}); train nnUNetTrainer for this dataset")
         super().initialize()
+        unwrap(self.network).use_regions(self.label_manager.has_regions)
 
     def _build_loss(self):
         net = unwrap(self.network)
         net.cache_parts = True
-        return EnTrustLoss(super()._build_loss(), net)
+        lm = self.label_manager
+        return EnTrustLoss(super()._build_loss(), net, regions=lm.has_regions, ignore_label=lm.ignore_label)
 
     def on_train_epoch_end(self, train_outputs):
         super().on_train_epoch_end(train_outputs)
@@ -254,7 +276,8 @@ class nnUNetTrainerEnTrust(nnUNetTrainer):
         if self.local_rank == 0:
             self.print_to_log_file(f"CalibHead fitted on {self._fit_calib_head(self.calibration_keys)}")
             voxels = self._calibration_voxels(self.calibration_keys)
-            self.print_to_log_file(fit_class_temperature(unwrap(self.network).calib, voxels))
+            if "probabilities" in voxels[0]:  # label outputs only: regions keep their sigmoids
+                self.print_to_log_file(fit_class_temperature(unwrap(self.network).calib, voxels))
             # out-of-fold voxels for `entrust calibrate`, which fits one calibrator on every fold's
             save_fold_voxels(Path(self.output_folder) / FOLD_VOXELS_FILE, voxels)
         broadcast_state(unwrap(self.network).calib)

@@ -118,3 +118,19 @@ def test_calibrate_fits_one_class_temperature_on_every_folds_voxels(tmp_path):
     assert content["class_temperature"] == pytest.approx(3.0, rel=0.1) and fit["voxels"] == 12000
     assert fit["nll"][1] < fit["nll"][0] - 0.05
     assert load_calibrator(model).class_temperature == pytest.approx(content["class_temperature"])
+
+
+def test_case_voxels_score_the_region_converted_mask_and_skip_ignored_voxels():
+    """CalibHead's error target is nnU-Net's converted mask != label; ignored and cropped-away voxels drop out."""
+    from nnunetv2.utilities.label_handling.label_handling import LabelManager
+
+    from entrust_nnunet.nnunet.calibration import case_voxels
+
+    lm = LabelManager({"background": 0, "whole": [1, 2], "core": 2, "ignore": 3}, regions_class_order=[1, 2])
+    # four voxels: sigmoid means of (whole, core); converted mask 2, 1, 0, 2
+    mean = torch.tensor([[0.9, 0.8, 0.1, 0.7], [0.6, 0.2, 0.3, 0.9]]).view(2, 1, 4)
+    stats = {k: torch.rand(1, 4) for k in STATISTICS} | {"mean": mean, "entropy": torch.zeros(1, 4)}
+    seg = torch.tensor([[[2, 2, 3, -1]]]).numpy()  # (1, *s): right, wrong, ignored, outside nnU-Net's crop
+    columns, error = case_voxels(stats, seg, "case", 100, lm)
+    assert error.tolist() == [0.0, 1.0]
+    torch.testing.assert_close(columns["confidence"], stats["confidence"].flatten()[:2])
