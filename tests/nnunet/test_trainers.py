@@ -111,3 +111,55 @@ def test_interrupted_training_resumes_with_c_and_predict_loads(planned_phantoms,
         np.testing.assert_allclose(pred.GetOrigin(), ref.GetOrigin(), atol=1e-5)
         np.testing.assert_allclose(pred.GetDirection(), ref.GetDirection(), atol=1e-6)
         assert set(np.unique(sitk.GetArrayFromImage(pred))) <= {0, 1, 2}
+
+
+def _cascade_plans(env, name) -> None:
+    """``nnUNetCascadePlans``: nnUNetPlans plus a 'lowres' stage and a 'cascade' stage after it, both on the 2d
+    configuration's preprocessed data (nnU-Net's planner makes a 3d_lowres only for large images; a plans file
+    may name any configuration as another's previous stage)."""
+    folder = Path(env["nnUNet_preprocessed"]) / name
+    plans = json.loads((folder / "nnUNetPlans.json").read_text())
+    plans["plans_name"] = "nnUNetCascadePlans"
+    plans["configurations"]["lowres"] = {"inherits_from": "2d", "next_stage": "cascade"}
+    plans["configurations"]["cascade"] = {"inherits_from": "2d", "previous_stage": "lowres"}
+    (folder / "nnUNetCascadePlans.json").write_text(json.dumps(plans, indent=2))
+
+
+def _write_previous_stage(env, name, trainer: str) -> Path:
+    """The low-resolution stage's 'predictions' of every case (here: the reference segmentations, written as
+    nnU-Net's validation writes predicted_next_stage)."""
+    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+
+    data = Path(env["nnUNet_preprocessed"]) / name / "nnUNetPlans_2d"
+    out = Path(env["nnUNet_results"]) / name / f"{trainer}__nnUNetCascadePlans__lowres" / "predicted_next_stage" / "cascade"
+    out.mkdir(parents=True)
+    dataset_class = infer_dataset_class(str(data))
+    dataset = dataset_class(str(data))
+    for key in dataset.identifiers:
+        seg = np.asarray(dataset.load_case(key)[1][:])[0]
+        dataset_class.save_seg(np.clip(seg, 0, None).astype(np.uint8), str(out / key))
+    return out
+
+
+def test_cascade_stage_takes_the_previous_segmentation_as_a_prior(planned_phantoms):
+    """Stock nnUNetv2_train of a cascade stage: without the low-resolution predictions one line of ours names the
+    folder; with them it trains, the one-hot prior goes beside the modality encoders (not as modalities), and
+    validation, calibration and the validation maps run on image + prior."""
+    env, name = planned_phantoms
+    _cascade_plans(env, name)
+    trainer = "nnUNetTrainerEnTrust_1epochCPU"
+    args = [nnunet_bin("nnUNetv2_train"), ID, "cascade", "0", "-tr", trainer, "-p", "nnUNetCascadePlans", "-device", "cpu"]
+    r = subprocess.run(args, env=env, capture_output=True, encoding="utf-8", errors="replace", timeout=600)
+    assert r.returncode != 0
+    assert "predicted_next_stage" in r.stderr and "predictions of 8 case(s) are missing" in r.stderr
+    _write_previous_stage(env, name, trainer)
+    _run(env, *args)
+    fold = Path(env["nnUNet_results"]) / name / f"{trainer}__nnUNetCascadePlans__cascade" / "fold_0"
+    weights = _load(fold / "checkpoint_final.pth")["network_weights"]
+    dataset = json.loads((Path(env["nnUNet_raw"]) / name / "dataset.json").read_text())
+    m, n_fg = len(dataset["channel_names"]), len(dataset["labels"]) - 1
+    assert weights["encoders.encoder.stages.0.0.convs.0.conv.weight"].shape[0] % m == 0
+    assert weights["experts.weight"].shape[0] == m * (n_fg + 1)  # one expert per modality, none for the prior
+    assert weights["prior.0.weight"].shape[1] == n_fg
+    assert float(weights["calib.fitted"]) == 1.0
+    assert len(list((fold / "validation" / "uncertainty").glob("*"))) > 0
