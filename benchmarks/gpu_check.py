@@ -64,7 +64,9 @@ def random_batch(t, device) -> dict:
     data = torch.randn(t.batch_size, t.num_input_channels, *patch, device=device)
     seg = torch.randint(0, t.label_manager.num_segmentation_heads, (t.batch_size, 1, *patch), device=device).float()
     scales = t._get_deep_supervision_scales() or [[1.0] * len(patch)]
-    target = [F.interpolate(seg, size=[round(p * s) for p, s in zip(patch, sc)], mode="nearest") for sc in scales]
+    # int16 targets, as nnU-Net's data loader delivers them
+    target = [F.interpolate(seg, size=[round(p * s) for p, s in zip(patch, sc)], mode="nearest").to(torch.int16)
+              for sc in scales]
     return {"data": data, "target": target}
 
 

@@ -7,7 +7,7 @@
 # (3) a short stock `nnUNetv2_train ... -device cuda` of a tiny variant on 3D phantoms, which must finish.
 #
 #   bash benchmarks/gpu_check.sh                    # in the project's venv, on a machine with a CUDA GPU
-#   DEVICE=cpu TINY=1 bash benchmarks/gpu_check.sh  # dry run of every step on CPU (tiny plan, few repeats)
+#   DEVICE=cpu TINY=1 NP=1 bash benchmarks/gpu_check.sh  # dry run of every step on CPU (tiny plan, few repeats)
 set -euo pipefail
 DEVICE=${DEVICE:-cuda}
 TINY=${TINY:-0}
@@ -22,10 +22,12 @@ ID=981
 NAME=Dataset${ID}_GPUCheck
 start=$(date +%s)
 step() { echo "== [$(( $(date +%s) - start )) s] $*"; }
+# run quietly into a log; on failure show its end and stop
+quiet() { local log=$1; shift; "$@" > "$log" 2>&1 || { tail -n 40 "$log"; echo "FAILED: $*"; exit 1; }; }
 
 step "3D phantoms (4 modalities) and nnU-Net's 3d_fullres plan"
-entrust phantoms "$nnUNet_raw/$NAME" --dim 3 --modalities 4 -n 8 --num-test 2 > /dev/null
-nnUNetv2_plan_and_preprocess -d $ID -c 3d_fullres -np 4 > "$ROOT/plan.log"
+quiet "$ROOT/phantoms.log" entrust phantoms "$nnUNet_raw/$NAME" --dim 3 --modalities 4 -n 8 --num-test 2
+quiet "$ROOT/plan.log" nnUNetv2_plan_and_preprocess -d $ID -c 3d_fullres -np "${NP:-4}"
 
 step "training step and inference, EnTrust vs plain ($DEVICE)"
 if [ "$TINY" = 1 ]; then extra=(--tiny); else extra=(--brats); fi
@@ -33,8 +35,7 @@ timeout 300 "$PYTHON" "$HERE/gpu_check.py" $ID --device "$DEVICE" "${extra[@]}" 
 
 step "stock nnUNetv2_train of a tiny variant on $DEVICE"
 TRAINER=nnUNetTrainerEnTrust_tinyCPU
-timeout 240 nnUNetv2_train $ID 3d_fullres 0 -tr $TRAINER -device "$DEVICE" > "$ROOT/train.log" 2>&1 \
-  || { tail -n 40 "$ROOT/train.log"; echo "FAILED: nnUNetv2_train"; exit 1; }
+quiet "$ROOT/train.log" timeout 240 nnUNetv2_train $ID 3d_fullres 0 -tr $TRAINER -device "$DEVICE"
 FOLD="$nnUNet_results/$NAME/${TRAINER}__nnUNetPlans__3d_fullres/fold_0"
 test -f "$FOLD/checkpoint_final.pth" || { echo "FAILED: no checkpoint_final.pth"; exit 1; }
 grep -E "Epoch time|Mean Validation Dice|CalibHead fitted" "$ROOT/train.log" | tail -n 4

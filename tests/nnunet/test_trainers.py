@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import SimpleITK as sitk
 import torch
 from conftest import SESSION_DATASET_ID, nnunet_bin
@@ -148,8 +149,9 @@ def test_cascade_stage_takes_the_previous_segmentation_as_a_prior(planned_phanto
     env, name = planned_phantoms
     _cascade_plans(env, name)
     trainer = "nnUNetTrainerEnTrust_1epochCPU"
-    args = [nnunet_bin("nnUNetv2_train"), ID, "cascade", "0", "-tr", trainer, "-p", "nnUNetCascadePlans", "-device", "cpu"]
-    r = subprocess.run(args, env=env, capture_output=True, encoding="utf-8", errors="replace", timeout=600)
+    args = ["nnUNetv2_train", ID, "cascade", "0", "-tr", trainer, "-p", "nnUNetCascadePlans", "-device", "cpu"]
+    r = subprocess.run([nnunet_bin(args[0]), *args[1:]], env=env, capture_output=True, encoding="utf-8",
+                       errors="replace", timeout=600)
     assert r.returncode != 0
     assert "predicted_next_stage" in r.stderr and "predictions of 8 case(s) are missing" in r.stderr
     _write_previous_stage(env, name, trainer)
@@ -163,3 +165,64 @@ def test_cascade_stage_takes_the_previous_segmentation_as_a_prior(planned_phanto
     assert weights["prior.0.weight"].shape[1] == n_fg
     assert float(weights["calib.fitted"]) == 1.0
     assert len(list((fold / "validation" / "uncertainty").glob("*"))) > 0
+
+
+def _cascade_plans_manager(num_channels: int = 4):
+    """A PlansManager with 3d_lowres and 3d_cascade_fullres as nnU-Net's planner writes them (no dataset needed)."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from conftest import arch_kwargs
+
+    kwargs = {k: (f"{v.__module__}.{v.__name__}" if isinstance(v, type) else v) for k, v in arch_kwargs(3).items()}
+    architecture = {"network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
+                    "arch_kwargs": kwargs, "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"]}
+    fullres = {"data_identifier": "nnUNetPlans_3d_fullres", "patch_size": [16, 16, 16], "batch_size": 2,
+               "spacing": [1, 1, 1], "architecture": architecture}
+    return PlansManager({
+        "dataset_name": "Dataset999_X", "plans_name": "nnUNetPlans",
+        "foreground_intensity_properties_per_channel": {str(c): {} for c in range(num_channels)},
+        "configurations": {"3d_fullres": fullres,
+                           "3d_lowres": {"inherits_from": "3d_fullres", "data_identifier": "nnUNetPlans_3d_lowres",
+                                         "next_stage": "3d_cascade_fullres"},
+                           "3d_cascade_fullres": {"inherits_from": "3d_fullres", "previous_stage": "3d_lowres"}}})
+
+
+def test_cascade_network_counts_modalities_from_the_plans():
+    """As nnU-Net builds it (determine_num_input_channels: 4 modalities + 3 foreground labels = 7 inputs), the
+    cascade stage's network has 4 modality encoders and a 3-channel prior; 3d_lowres is an ordinary 3D stage."""
+    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+
+    from entrust_nnunet.nnunet.trainers import nnUNetTrainerEnTrust
+
+    pm = _cascade_plans_manager(4)
+    dataset_json = {"channel_names": {str(c): f"m{c}" for c in range(4)},
+                    "labels": {"background": 0, "a": 1, "b": 2, "c": 3}, "file_ending": ".nii.gz"}
+    built = {}
+    for config in ("3d_lowres", "3d_cascade_fullres"):
+        cm = pm.get_configuration(config)
+        c_in = determine_num_input_channels(pm, cm, dataset_json)
+        built[config] = (c_in, nnUNetTrainerEnTrust.build_network_architecture(pm, cm, c_in, 4, False).eval())
+    (c_low, low), (c_cas, cas) = built["3d_lowres"], built["3d_cascade_fullres"]
+    assert (c_low, low.num_modalities, low.prior_channels) == (4, 4, 0)
+    assert (c_cas, cas.num_modalities, cas.prior_channels) == (7, 4, 3)
+    assert cas.experts.out_channels == low.experts.out_channels == 4 * 4
+    x = torch.randn(1, 4, 16, 16, 16)
+    with torch.no_grad():
+        assert low(x).shape == (1, 4, 16, 16, 16)
+        prior = torch.zeros(1, 3, 16, 16, 16)
+        assert cas(torch.cat([x, prior], 1)).shape == (1, 4, 16, 16, 16)
+
+
+def test_missing_previous_stage_is_one_line_naming_the_folder(tmp_path):
+    from entrust_nnunet.nnunet.trainers import check_previous_stage
+
+    folder = tmp_path / "predicted_next_stage" / "3d_cascade_fullres"
+    with pytest.raises(FileNotFoundError, match=f"{folder}: the low-resolution stage's predictions of 2 case") as e:
+        check_previous_stage(str(folder), ["a", "b"])
+    assert "\n" not in str(e.value)
+    folder.mkdir(parents=True)
+    (folder / "a.b2nd").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="1 case.*first: b"):
+        check_previous_stage(str(folder), ["a", "b"])
+    (folder / "b.b2nd").write_bytes(b"")
+    check_previous_stage(str(folder), ["a", "b"])
