@@ -155,7 +155,7 @@ def test_cascade_stage_takes_the_previous_segmentation_as_a_prior(planned_phanto
     assert r.returncode != 0
     assert "predicted_next_stage" in r.stderr and "predictions of 8 case(s) are missing" in r.stderr
     _write_previous_stage(env, name, trainer)
-    _run(env, *args)
+    _run(env, *args, timeout=900)
     fold = Path(env["nnUNet_results"]) / name / f"{trainer}__nnUNetCascadePlans__cascade" / "fold_0"
     weights = _load(fold / "checkpoint_final.pth")["network_weights"]
     dataset = json.loads((Path(env["nnUNet_raw"]) / name / "dataset.json").read_text())
@@ -175,7 +175,7 @@ def _cascade_plans_manager(num_channels: int = 4):
 
     kwargs = {k: (f"{v.__module__}.{v.__name__}" if isinstance(v, type) else v) for k, v in arch_kwargs(3).items()}
     architecture = {"network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
-                    "arch_kwargs": kwargs, "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"]}
+                    "arch_kwargs": kwargs, "_kw_requires_import": ["conv_op", "norm_op", "nonlin"]}
     fullres = {"data_identifier": "nnUNetPlans_3d_fullres", "patch_size": [16, 16, 16], "batch_size": 2,
                "spacing": [1, 1, 1], "architecture": architecture}
     return PlansManager({
