@@ -48,8 +48,9 @@ def _sync(device):
 
 
 def trainer(cls, plans: dict, configuration: str, dataset_json: dict, device):
-    """An initialised trainer (network, optimizer, loss, GradScaler) as nnUNetv2_train builds it."""
-    t = cls(plans, configuration, 0, dataset_json, device)
+    """An initialised trainer (network, optimizer, loss, GradScaler) as nnUNetv2_train builds it
+    (``get_trainer_from_args`` adds ``continue_training`` to the plans the same way)."""
+    t = cls({**plans, "continue_training": False}, configuration, 0, dataset_json, device)
     t.initialize()
     t.network.train()
     return t
