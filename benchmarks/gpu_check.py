@@ -190,9 +190,9 @@ def report(result: dict) -> str:
              f"training step: nnUNetTrainer {s['nnUNetTrainer']:.3f} s, nnUNetTrainerEnTrust "
              f"{s['nnUNetTrainerEnTrust']:.3f} s, ratio {s['ratio']:.2f}"]
     for label, row in result["inference"].items():
-        mem = f"{row['memory_ratio']:.2f}" if row["memory_ratio"] is not None else "n/a"
-        lines.append(f"inference {label}: {row['seconds']:.3f} s ({row['time_ratio']:.2f}x plain), "
-                     f"peak allocated {row['peak_MiB']:.0f} MiB ({mem}x plain)")
+        mem = (f"peak allocated {row['peak_MiB']:.0f} MiB ({row['memory_ratio']:.2f}x plain)"
+               if row["memory_ratio"] is not None else "peak allocated: CUDA only")
+        lines.append(f"inference {label}: {row['seconds']:.3f} s ({row['time_ratio']:.2f}x plain), {mem}")
     return "\n".join(lines)
 
 

@@ -226,3 +226,41 @@ def test_missing_previous_stage_is_one_line_naming_the_folder(tmp_path):
         check_previous_stage(str(folder), ["a", "b"])
     (folder / "b.b2nd").write_bytes(b"")
     check_previous_stage(str(folder), ["a", "b"])
+
+
+def test_cascade_trainer_steps_on_image_plus_prior(tmp_path, monkeypatch):
+    """nnU-Net's own initialize and train_step of a 3d_cascade_fullres stage (no data loading: a random batch of
+    4 image channels + 3 one-hot prior channels): without the previous stage's predictions, one line naming the
+    folder; with them, 4 modality encoders + a 3-channel prior, and the loss falls on a repeated batch."""
+    import nnunetv2.training.nnUNetTrainer.nnUNetTrainer as module
+    from torch.nn import functional as F
+
+    from entrust_nnunet.nnunet.trainers import nnUNetTrainerEnTrust
+
+    pm = _cascade_plans_manager(4)
+    monkeypatch.setattr(module, "nnUNet_preprocessed", str(tmp_path / "pre"))
+    monkeypatch.setattr(module, "nnUNet_results", str(tmp_path / "res"))
+    data = tmp_path / "pre" / "Dataset999_X" / "nnUNetPlans_3d_fullres"
+    data.mkdir(parents=True)
+    (data / "case.b2nd").write_bytes(b"")  # the trainer infers nnU-Net's dataset class from the file ending
+    plans = {**pm.plans, "continue_training": False}
+    plans["configurations"]["3d_fullres"].update(batch_dice=False, normalization_schemes=["ZScoreNormalization"] * 4,
+                                                 use_mask_for_norm=[False] * 4)
+    dataset_json = {"channel_names": {str(c): f"m{c}" for c in range(4)},
+                    "labels": {"background": 0, "a": 1, "b": 2, "c": 3}, "file_ending": ".nii.gz"}
+    make = lambda: nnUNetTrainerEnTrust(dict(plans), "3d_cascade_fullres", 0, dataset_json, torch.device("cpu"))  # noqa: E731
+    with pytest.raises(FileNotFoundError, match="predicted_next_stage/3d_cascade_fullres: the low-resolution stage"):
+        make().initialize()
+    prev = tmp_path / "res" / "Dataset999_X" / "nnUNetTrainerEnTrust__nnUNetPlans__3d_lowres" / "predicted_next_stage"
+    (prev / "3d_cascade_fullres").mkdir(parents=True)
+    (prev / "3d_cascade_fullres" / "case.b2nd").write_bytes(b"")
+    t = make()
+    t.initialize()
+    assert (t.num_input_channels, t.network.num_modalities, t.network.prior_channels) == (7, 4, 3)
+    torch.manual_seed(0)
+    seg = torch.randint(0, 4, (2, 1, 16, 16, 16)).float()
+    prior = F.one_hot(seg[:, 0].long(), 4).movedim(-1, 1)[:, 1:].float()
+    batch = {"data": torch.cat([torch.randn(2, 4, 16, 16, 16) + seg, prior], 1),
+             "target": [F.interpolate(seg, scale_factor=1 / 2 ** i, mode="nearest").to(torch.int16) for i in range(2)]}
+    losses = [float(t.train_step(batch)["loss"]) for _ in range(4)]
+    assert losses[-1] < losses[0]
