@@ -232,14 +232,13 @@ def test_cascade_trainer_steps_on_image_plus_prior(tmp_path, monkeypatch):
     """nnU-Net's own initialize and train_step of a 3d_cascade_fullres stage (no data loading: a random batch of
     4 image channels + 3 one-hot prior channels): without the previous stage's predictions, one line naming the
     folder; with them, 4 modality encoders + a 3-channel prior, and the loss falls on a repeated batch."""
-    import nnunetv2.training.nnUNetTrainer.nnUNetTrainer as module
     from torch.nn import functional as F
 
     from entrust_nnunet.nnunet.trainers import nnUNetTrainerEnTrust
 
     pm = _cascade_plans_manager(4)
-    monkeypatch.setattr(module, "nnUNet_preprocessed", str(tmp_path / "pre"))
-    monkeypatch.setattr(module, "nnUNet_results", str(tmp_path / "res"))
+    monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path / "pre"))  # nnU-Net reads its paths when used
+    monkeypatch.setenv("nnUNet_results", str(tmp_path / "res"))
     data = tmp_path / "pre" / "Dataset999_X" / "nnUNetPlans_3d_fullres"
     data.mkdir(parents=True)
     (data / "case.b2nd").write_bytes(b"")  # the trainer infers nnU-Net's dataset class from the file ending
