@@ -138,8 +138,9 @@ def _add_pipeline(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-test", type=int, default=20, help="number of held-out test phantoms (default: 20)")
     p.add_argument("--size", type=int, default=None, help="phantom edge length in voxels (default: 64 in 2D, 32 in 3D)")
     p.add_argument("--seed", type=int, default=0, help="phantom seed (default: 0)")
-    p.add_argument("--trainer", default="nnUNetTrainerEnTrust_demo",
-                   help="trainer (default: nnUNetTrainerEnTrust_demo, 15 epochs x 50 iterations)")
+    p.add_argument("--trainer", default=None,
+                   help="trainer (default: nnUNetTrainerEnTrust_demo in 2D, 15 epochs x 50 iterations; "
+                        "nnUNetTrainerEnTrust_demo3d in 3D, 20 epochs x 25 iterations)")
     p.add_argument("--fresh", action="store_true", help="delete the working folder first")
     p.add_argument("-v", "--verbose", action="store_true",
                    help="show nnU-Net's output (default: one log file per step in DATASET_DIR/logs)")

@@ -178,6 +178,8 @@ def train_fold(dataset_id: int, configuration: str, fold: str, trainer: str, pla
 # ------------------------------------------------------------------------------------------------ demo
 DEMO_DATASET_ID = 501
 DEMO_TRAINER = "nnUNetTrainerEnTrust_demo"
+#: the demo's trainer per dimension (the 3D one has its own CPU schedule)
+DEMO_TRAINERS = {2: DEMO_TRAINER, 3: "nnUNetTrainerEnTrust_demo3d"}
 DEMO_PLANS = ENTRUST_PLANS
 
 
@@ -210,12 +212,13 @@ def _demo_step(number: int, text: str) -> None:
 
 def run_demo(dataset_dir: str | os.PathLike = "entrust_demo", dim: int = 2, folds: Sequence[str] = ("0",),
              device: str = "cpu", num_train: int = 24, num_test: int = 20, size: int | None = None, seed: int = 0,
-             trainer: str = DEMO_TRAINER, fresh: bool = False, verbose: bool = False) -> dict:
+             trainer: str | None = None, fresh: bool = False, verbose: bool = False) -> dict:
     """phantoms -> plan/preprocess -> train -> predict with maps -> evaluate -> report; finished steps are reused."""
     from entrust_nnunet.data.phantoms import write_phantom_dataset
-    from entrust_nnunet.nnunet.variants import DEMO_SCHEDULE
+    from entrust_nnunet.nnunet import variants
 
     started = time.time()
+    trainer = trainer or DEMO_TRAINERS[dim]
     root = Path(dataset_dir).absolute()
     if fresh and root.exists():
         shutil.rmtree(root)
@@ -231,9 +234,10 @@ def run_demo(dataset_dir: str | os.PathLike = "entrust_demo", dim: int = 2, fold
     if not (Path(os.environ["nnUNet_preprocessed"]) / paths.raw.name / f"{DEMO_PLANS}.json").exists():
         with step_output(log, verbose):
             plan_and_preprocess([DEMO_DATASET_ID], configurations=[config], verify=True)
-    epochs = DEMO_SCHEDULE["num_epochs"] if trainer == DEMO_TRAINER else None
-    schedule = (f"{DEMO_SCHEDULE['num_epochs']} epochs x {DEMO_SCHEDULE['num_iterations_per_epoch']} iterations"
-                if epochs else "its own schedule")
+    known = getattr(variants, trainer, None)  # one of our variants: its schedule is known here
+    epochs = known.schedule.get("num_epochs") if known is not None and hasattr(known, "schedule") else None
+    schedule = (f"{epochs} epochs x {known.schedule['num_iterations_per_epoch']} iterations" if epochs
+                else "its own schedule")
     for fold in folds:
         log = paths.logs / f"train_fold_{fold}.log"
         _demo_step(3, f"training {trainer} fold {fold} ({schedule}) with the stock nnUNetv2_train (log: {log})")

@@ -94,6 +94,10 @@ def predict_folder(input_dir, output_dir, model_folder, folds=None, checkpoint: 
                                  perform_everything_on_device=device.type == "cuda", device=device,
                                  allow_tqdm=False, sampling=sampling, save_hypotheses=save_hypotheses)
     predictor.initialize_from_trained_model_folder(str(model_folder), folds, checkpoint)
+    previous = predictor.configuration_manager.previous_stage_name
+    if previous is not None:  # its input includes the previous stage's segmentation, which this command does not take
+        raise InputError(f"{model_folder}: a cascade stage (after {previous}); entrust predict takes no previous-stage "
+                         f"segmentations yet: use nnUNetv2_predict ... -prev_stage_predictions FOLDER")
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:

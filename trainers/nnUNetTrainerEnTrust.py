@@ -5,5 +5,6 @@ from entrust_nnunet.nnunet.variants import (  # noqa: F401
     nnUNetTrainerEnTrust_50epochs,
     nnUNetTrainerEnTrust_1epochCPU,
     nnUNetTrainerEnTrust_demo,
+    nnUNetTrainerEnTrust_demo3d,
     nnUNetTrainerEnTrust_tinyCPU,
 )

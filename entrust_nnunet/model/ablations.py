@@ -59,7 +59,7 @@ class EnTrustNoEnFuseUNet(EnTrustUNet):
                          norm_op_kwargs=norm_op_kwargs, nonlin=nonlin, nonlin_kwargs=nonlin_kwargs, **kwargs)
         features = [features_per_stage] * n_stages if isinstance(features_per_stage, int) else features_per_stage
         self.fuse = nn.ModuleList(
-            ConcatFuse(input_channels, w, f, conv_op, norm_op, norm_op_kwargs, nonlin, nonlin_kwargs)
+            ConcatFuse(self.num_modalities, w, f, conv_op, norm_op, norm_op_kwargs, nonlin, nonlin_kwargs)
             for w, f in zip(self.encoders.widths[1:], features[1:]))
 
     def compute_conv_feature_map_size(self, input_size) -> int:

@@ -33,6 +33,13 @@ region-based training every output channel is a region with its own sigmoid (reg
 deterministic head, SegDiff's start and flow, the experts and TrustMap then all work per region (binary
 likelihoods, sigmoid hypotheses, binary entropies summed over regions, the experts' conflict per region
 and its maximum kept). Voxels under nnU-Net's ignore label add nothing to any EnTrust loss.
+
+Cascade (nnU-Net's ``3d_cascade_fullres``): the network input is the M image channels followed by the
+previous stage's one-hot segmentation (one channel per foreground label). With ``num_modalities`` = M
+below ``input_channels``, the remaining channels are a PRIOR, never modalities: no encoder, expert or
+conflict of their own. The full-resolution fusion sees the prior beside the M streams, and each EnFuse
+stage's output gets a 1x1 projection of the prior area-pooled to that stage, so the decoder sees it at
+every resolution (as nnU-Net's cascade, whose encoder sees it from the input on).
 """
 from __future__ import annotations
 
@@ -98,20 +105,25 @@ class EnTrustUNet(nn.Module):
                  independence: str = "xcov", min_modality_width: int = 8,
                  segdiff_hidden: int = 16, segdiff_t_start: float = 0.5, probe_strength: float = 1.0,
                  probe_hypotheses: int = 2, sampling_chunk: int = 4, segdiff_rank: int = 10,
-                 segdiff_mc_samples: int = 20, segdiff_cov_penalty: float = 0.002, conflict_measure: str = "jsd"):
+                 segdiff_mc_samples: int = 20, segdiff_cov_penalty: float = 0.002, conflict_measure: str = "jsd",
+                 num_modalities: int | None = None):
         super().__init__()
         if isinstance(features_per_stage, int):
             features_per_stage = [features_per_stage] * n_stages
         if isinstance(kernel_sizes, int):
             kernel_sizes = [kernel_sizes] * n_stages
-        self.num_modalities = input_channels
+        m = self.num_modalities = input_channels if num_modalities is None else num_modalities
+        if not 1 <= m <= input_channels:
+            raise ValueError(f"num_modalities must be in 1..input_channels ({input_channels}), got {num_modalities}")
+        #: channels after the modalities: the cascade's one-hot segmentation of the previous stage
+        self.prior_channels = input_channels - m
         self.num_classes = num_classes
         #: the sampling settings :meth:`forward` uses at inference (and :meth:`sample` when given none)
         self.sampling = SamplingSettings(num_hypotheses, sampling_steps)
         self.probe_strength = probe_strength
         self.probe_hypotheses = probe_hypotheses
         self.sampling_chunk = sampling_chunk
-        self.encoders = ModalityEncoders(input_channels, n_stages, features_per_stage, conv_op, kernel_sizes, strides,
+        self.encoders = ModalityEncoders(m, n_stages, features_per_stage, conv_op, kernel_sizes, strides,
                                          n_conv_per_stage, conv_bias, norm_op, norm_op_kwargs, dropout_op,
                                          dropout_op_kwargs, nonlin, nonlin_kwargs, min_width=min_modality_width)
         if n_stages < 2:
@@ -120,15 +132,16 @@ class EnTrustUNet(nn.Module):
             raise ValueError(f"conflict_measure must be one of {sorted(CONFLICT_MEASURES)}, got {conflict_measure!r}")
         self.conflict_measure = CONFLICT_MEASURES[conflict_measure]
         widths = self.encoders.widths
-        self.fuse_full = nn.Sequential(conv_op(input_channels * widths[0] + 1, features_per_stage[0], 1),
+        self.fuse_full = nn.Sequential(conv_op(m * widths[0] + 1 + self.prior_channels, features_per_stage[0], 1),
                                        norm_op(features_per_stage[0], **(norm_op_kwargs or {})),
                                        nonlin(**(nonlin_kwargs or {})))
         self.fuse = nn.ModuleList(
-            EnFuse(input_channels, w, f, conv_op, norm_op, norm_op_kwargs, nonlin, nonlin_kwargs, independence)
+            EnFuse(m, w, f, conv_op, norm_op, norm_op_kwargs, nonlin, nonlin_kwargs, independence)
             for w, f in zip(widths[1:], features_per_stage[1:]))
         self.decoder = FeatureUNetDecoder(self.encoders.decoder_spec(features_per_stage), num_classes, n_conv_per_stage_decoder, deep_supervision,
                                           nonlin_first=nonlin_first)
-        m = input_channels
+        self.prior = nn.ModuleList(conv_op(self.prior_channels, f, 1) for f in features_per_stage[1:]) \
+            if self.prior_channels else None
         self.experts = conv_op(m * widths[1], m * num_classes, 1, groups=m)
         self.segdiff = SegDiffHead(conv_op, num_classes, features_per_stage[0] + 1, segdiff_hidden,
                                    t_start=segdiff_t_start, rank=segdiff_rank, mc_samples=segdiff_mc_samples,
@@ -194,6 +207,7 @@ class EnTrustUNet(nn.Module):
         intermediate part the EnTrust losses need. Without it, each stage's modality features and fusion
         parts are dropped as soon as they are fused, so that inference holds no more than the decoder's
         inputs (as plain nnU-Net holds its skips)."""
+        x, prior = x[:, :self.num_modalities], x[:, self.num_modalities:]
         skips = self.encoders(x)
         experts = self.expert_probabilities(skips)
         d = self.expert_conflict(experts)
@@ -204,18 +218,24 @@ class EnTrustUNet(nn.Module):
         for i, fuse in enumerate(self.fuse):
             p = fuse(streams[i], _area_pool(d, streams[i].shape[3:]))
             streams[i] = None
-            f_en.append(p["F_en"])
+            f_en.append(self._add_prior(p["F_en"], prior, i))
             if conflict is None:
                 conflict = self._upsample(p["F_cf"], full.shape[3:])
             if keep_all:
                 kept["fused"].append(p)
             del p
-        f_en.insert(0, self.fuse_full(torch.cat([full.flatten(1, 2), conflict], 1)))
+        f_en.insert(0, self.fuse_full(torch.cat([full.flatten(1, 2), conflict, prior.to(full.dtype)], 1)))
         del full
         logits, features = self.decoder(f_en)
         del f_en
         return {**kept, "logits": logits, "conflict": conflict, "expert_conflict": d,
                 "cond": torch.cat([features, conflict], 1)}
+
+    def _add_prior(self, f_en: torch.Tensor, prior: torch.Tensor, stage: int) -> torch.Tensor:
+        """EnFuse's output of ``stage`` (0 = the first below full resolution) plus the cascade prior's projection."""
+        if self.prior is None:
+            return f_en
+        return f_en + self.prior[stage](_area_pool(prior, f_en.shape[2:]).to(f_en.dtype))
 
     @staticmethod
     def _upsample(x: torch.Tensor, size) -> torch.Tensor:

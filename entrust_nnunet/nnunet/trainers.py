@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+from nnunetv2.utilities.label_handling.label_handling import convert_labelmap_to_one_hot
 from torch import nn
 
 from entrust_nnunet.model.network import LOSS_WEIGHTS, EnTrustUNet
@@ -94,6 +95,24 @@ class EnTrustLoss(nn.Module):
         return loss
 
 
+def cascade_kwargs(plans_manager, configuration_manager) -> dict:
+    """``num_modalities`` for a cascade stage, whose input has the previous stage's one-hot segmentation after the
+    image channels (nnU-Net's ``determine_num_input_channels``); the plans' per-channel intensity properties count
+    the image channels (the preprocessor normalises by them, so they match the data). Empty otherwise."""
+    if configuration_manager.previous_stage_name is None:
+        return {}
+    return {"num_modalities": len(plans_manager.foreground_intensity_properties_per_channel)}
+
+
+def check_previous_stage(folder: str, keys) -> None:
+    """A cascade stage needs the previous stage's predictions of every case; one line naming the folder if not."""
+    found = {os.path.splitext(f)[0] for f in os.listdir(folder)} if os.path.isdir(folder) else set()
+    missing = sorted(k for k in keys if k not in found)
+    if missing:
+        raise FileNotFoundError(f"{folder}: the low-resolution stage's predictions of {len(missing)} case(s) are missing "
+                                f"(first: {missing[0]}); train the previous stage (3d_lowres) with this trainer first")
+
+
 class nnUNetTrainerEnTrust(nnUNetTrainer):
     #: with fold 'all' only (no validation fold): share of the training cases held out to fit CalibHead
     calibration_fraction = 0.25
@@ -118,7 +137,8 @@ class nnUNetTrainerEnTrust(nnUNetTrainer):
     def build_network_architecture(cls, plans_manager, configuration_manager, num_input_channels: int,
                                    num_output_channels: int, enable_deep_supervision: bool = True) -> nn.Module:
         net = get_network_from_plans(f"{cls.network_class.__module__}.{cls.network_class.__name__}",
-                                     configuration_manager.network_arch_init_kwargs,
+                                     {**configuration_manager.network_arch_init_kwargs,
+                                      **cascade_kwargs(plans_manager, configuration_manager)},
                                      configuration_manager.network_arch_init_kwargs_req_import,
                                      num_input_channels, num_output_channels, allow_init=True,
                                      deep_supervision=enable_deep_supervision)
@@ -128,6 +148,9 @@ class nnUNetTrainerEnTrust(nnUNetTrainer):
     def initialize(self):
         super().initialize()
         unwrap(self.network).use_regions(self.label_manager.has_regions)
+        if self.is_cascaded:
+            check_previous_stage(self.folder_with_segs_from_previous_stage,
+                                 self.dataset_class.get_identifiers(self.preprocessed_dataset_folder))
 
     def _build_loss(self):
         net = unwrap(self.network)
@@ -193,7 +216,7 @@ class nnUNetTrainerEnTrust(nnUNetTrainer):
 
     def perform_actual_validation(self, save_probabilities: bool = False):
         super().perform_actual_validation(save_probabilities)
-        if self.local_rank == 0 and not self.is_cascaded:
+        if self.local_rank == 0:
             self.write_validation_maps()
 
     def _predictor(self):
@@ -210,10 +233,16 @@ class nnUNetTrainerEnTrust(nnUNetTrainer):
 
     def _preprocessed_cases(self, keys):
         """(key, data tensor, segmentation, properties) of preprocessed cases, as nnU-Net's validation loads them."""
-        dataset = self.dataset_class(self.preprocessed_dataset_folder, keys)
+        dataset = self.dataset_class(self.preprocessed_dataset_folder, keys,
+                                     folder_with_segs_from_previous_stage=self.folder_with_segs_from_previous_stage)
         for key in dataset.identifiers:
-            data, seg, _, properties = dataset.load_case(key)
-            yield key, torch.from_numpy(np.asarray(data[:])), np.asarray(seg[:]), properties
+            data, seg, seg_prev, properties = dataset.load_case(key)
+            data = np.asarray(data[:])
+            if self.is_cascaded:  # the previous stage's one-hot segmentation after the images, as nnU-Net validates
+                data = np.vstack((data, convert_labelmap_to_one_hot(np.asarray(seg_prev[:]),
+                                                                    self.label_manager.foreground_labels,
+                                                                    output_dtype=data.dtype)))
+            yield key, torch.from_numpy(data), np.asarray(seg[:]), properties
 
     def write_validation_maps(self) -> None:
         """Uncertainty maps of the validation fold, each half with a CalibHead fitted on the other half."""

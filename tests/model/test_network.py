@@ -105,3 +105,30 @@ def test_loss_falls_on_phantoms(tmp_path):
         opt.step()
         losses.append(float(loss))
     assert np.mean(losses[-8:]) < 0.75 * np.mean(losses[:8])
+
+
+def test_cascade_prior_is_no_modality_and_reaches_every_resolution():
+    """3d_cascade_fullres: 2 modalities + 3 one-hot channels of the previous stage. The prior changes no
+    modality-count-dependent shape (encoders, experts, EnFuse are those of a 2-modality network), the experts
+    never see it, and the output (every deep-supervision level) depends on it."""
+    torch.manual_seed(0)
+    net = EnTrustUNet(5, num_modalities=2, num_classes=4, deep_supervision=True, **arch_kwargs(3))
+    two = EnTrustUNet(2, num_classes=4, deep_supervision=True, **arch_kwargs(3))
+    shapes = lambda n, prefix: {k: v.shape for k, v in n.state_dict().items() if k.startswith(prefix)}  # noqa: E731
+    for prefix in ("encoders.", "experts.", "fuse.", "decoder.", "segdiff."):
+        assert shapes(net, prefix) == shapes(two, prefix)
+    assert net.prior_channels == 3 and net.fuse_full[0].in_channels == two.fuse_full[0].in_channels + 3
+    x = torch.randn(1, 2, 8, 16, 16)
+    prior_a = torch.zeros(1, 3, 8, 16, 16)
+    prior_b = torch.zeros_like(prior_a)
+    prior_b[:, 1, 2:6, 4:12, 4:12] = 1
+    a = net(torch.cat([x, prior_a], 1), return_parts=True)
+    b = net(torch.cat([x, prior_b], 1), return_parts=True)
+    torch.testing.assert_close(a["experts"], b["experts"])  # the prior is no modality: no expert sees it
+    for la, lb in zip(a["logits"], b["logits"]):
+        assert (la - lb).abs().amax() > 1e-4
+    net.decoder.deep_supervision = False
+    out = net.eval().sample(torch.cat([x, prior_b], 1), SamplingSettings(num_hypotheses=2, steps=1))
+    assert out["mean"].shape == (1, 4, 8, 16, 16)
+    with pytest.raises(ValueError, match="num_modalities"):
+        EnTrustUNet(2, num_modalities=3, num_classes=2, **arch_kwargs(2))

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import SimpleITK as sitk
 import torch
 from conftest import SESSION_DATASET_ID, nnunet_bin
@@ -115,3 +116,154 @@ def test_interrupted_training_resumes_with_c_and_predict_loads(planned_phantoms,
         np.testing.assert_allclose(pred.GetOrigin(), ref.GetOrigin(), atol=1e-5)
         np.testing.assert_allclose(pred.GetDirection(), ref.GetDirection(), atol=1e-6)
         assert set(np.unique(sitk.GetArrayFromImage(pred))) <= {0, 1, 2}
+
+
+def _cascade_plans(env, name) -> None:
+    """``nnUNetCascadePlans``: nnUNetPlans plus a 'lowres' stage and a 'cascade' stage after it, both on the 2d
+    configuration's preprocessed data (nnU-Net's planner makes a 3d_lowres only for large images; a plans file
+    may name any configuration as another's previous stage)."""
+    folder = Path(env["nnUNet_preprocessed"]) / name
+    plans = json.loads((folder / "nnUNetPlans.json").read_text())
+    plans["plans_name"] = "nnUNetCascadePlans"
+    plans["configurations"]["lowres"] = {"inherits_from": "2d", "next_stage": "cascade"}
+    plans["configurations"]["cascade"] = {"inherits_from": "2d", "previous_stage": "lowres"}
+    (folder / "nnUNetCascadePlans.json").write_text(json.dumps(plans, indent=2))
+
+
+def _write_previous_stage(env, name, trainer: str) -> Path:
+    """The low-resolution stage's 'predictions' of every case (here: the reference segmentations, written as
+    nnU-Net's validation writes predicted_next_stage)."""
+    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+
+    data = Path(env["nnUNet_preprocessed"]) / name / "nnUNetPlans_2d"
+    out = Path(env["nnUNet_results"]) / name / f"{trainer}__nnUNetCascadePlans__lowres" / "predicted_next_stage" / "cascade"
+    out.mkdir(parents=True)
+    dataset_class = infer_dataset_class(str(data))
+    dataset = dataset_class(str(data))
+    for key in dataset.identifiers:
+        seg = np.asarray(dataset.load_case(key)[1][:])[0]
+        dataset_class.save_seg(np.clip(seg, 0, None).astype(np.uint8), str(out / key))
+    return out
+
+
+def test_cascade_stage_takes_the_previous_segmentation_as_a_prior(planned_phantoms):
+    """Stock nnUNetv2_train of a cascade stage: without the low-resolution predictions one line of ours names the
+    folder; with them it trains, the one-hot prior goes beside the modality encoders (not as modalities), and
+    validation, calibration and the validation maps run on image + prior."""
+    env, name = planned_phantoms
+    _cascade_plans(env, name)
+    trainer = "nnUNetTrainerEnTrust_1epochCPU"
+    args = ["nnUNetv2_train", ID, "cascade", "0", "-tr", trainer, "-p", "nnUNetCascadePlans", "-device", "cpu"]
+    r = subprocess.run([nnunet_bin(args[0]), *args[1:]], env=env, capture_output=True, encoding="utf-8",
+                       errors="replace", timeout=600)
+    assert r.returncode != 0
+    assert "predicted_next_stage" in r.stderr and "predictions of 8 case(s) are missing" in r.stderr
+    _write_previous_stage(env, name, trainer)
+    _run(env, *args, timeout=900)
+    fold = Path(env["nnUNet_results"]) / name / f"{trainer}__nnUNetCascadePlans__cascade" / "fold_0"
+    weights = _load(fold / "checkpoint_final.pth")["network_weights"]
+    dataset = json.loads((Path(env["nnUNet_raw"]) / name / "dataset.json").read_text())
+    m, n_fg = len(dataset["channel_names"]), len(dataset["labels"]) - 1
+    assert weights["encoders.encoder.stages.0.0.convs.0.conv.weight"].shape[0] % m == 0
+    assert weights["experts.weight"].shape[0] == m * (n_fg + 1)  # one expert per modality, none for the prior
+    assert weights["prior.0.weight"].shape[1] == n_fg
+    assert float(weights["calib.fitted"]) == 1.0
+    assert len(list((fold / "validation" / "uncertainty").glob("*"))) > 0
+
+
+def _cascade_plans_manager(num_channels: int = 4):
+    """A PlansManager with 3d_lowres and 3d_cascade_fullres as nnU-Net's planner writes them (no dataset needed)."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from conftest import arch_kwargs
+
+    kwargs = {k: (f"{v.__module__}.{v.__name__}" if isinstance(v, type) else v) for k, v in arch_kwargs(3).items()}
+    architecture = {"network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
+                    "arch_kwargs": kwargs, "_kw_requires_import": ["conv_op", "norm_op", "nonlin"]}
+    fullres = {"data_identifier": "nnUNetPlans_3d_fullres", "patch_size": [16, 16, 16], "batch_size": 2,
+               "spacing": [1, 1, 1], "architecture": architecture}
+    return PlansManager({
+        "dataset_name": "Dataset999_X", "plans_name": "nnUNetPlans",
+        "foreground_intensity_properties_per_channel": {str(c): {} for c in range(num_channels)},
+        "configurations": {"3d_fullres": fullres,
+                           "3d_lowres": {"inherits_from": "3d_fullres", "data_identifier": "nnUNetPlans_3d_lowres",
+                                         "next_stage": "3d_cascade_fullres"},
+                           "3d_cascade_fullres": {"inherits_from": "3d_fullres", "previous_stage": "3d_lowres"}}})
+
+
+def test_cascade_network_counts_modalities_from_the_plans():
+    """As nnU-Net builds it (determine_num_input_channels: 4 modalities + 3 foreground labels = 7 inputs), the
+    cascade stage's network has 4 modality encoders and a 3-channel prior; 3d_lowres is an ordinary 3D stage."""
+    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+
+    from entrust_nnunet.nnunet.trainers import nnUNetTrainerEnTrust
+
+    pm = _cascade_plans_manager(4)
+    dataset_json = {"channel_names": {str(c): f"m{c}" for c in range(4)},
+                    "labels": {"background": 0, "a": 1, "b": 2, "c": 3}, "file_ending": ".nii.gz"}
+    built = {}
+    for config in ("3d_lowres", "3d_cascade_fullres"):
+        cm = pm.get_configuration(config)
+        c_in = determine_num_input_channels(pm, cm, dataset_json)
+        built[config] = (c_in, nnUNetTrainerEnTrust.build_network_architecture(pm, cm, c_in, 4, False).eval())
+    (c_low, low), (c_cas, cas) = built["3d_lowres"], built["3d_cascade_fullres"]
+    assert (c_low, low.num_modalities, low.prior_channels) == (4, 4, 0)
+    assert (c_cas, cas.num_modalities, cas.prior_channels) == (7, 4, 3)
+    assert cas.experts.out_channels == low.experts.out_channels == 4 * 4
+    x = torch.randn(1, 4, 16, 16, 16)
+    with torch.no_grad():
+        assert low(x).shape == (1, 4, 16, 16, 16)
+        prior = torch.zeros(1, 3, 16, 16, 16)
+        assert cas(torch.cat([x, prior], 1)).shape == (1, 4, 16, 16, 16)
+
+
+def test_missing_previous_stage_is_one_line_naming_the_folder(tmp_path):
+    from entrust_nnunet.nnunet.trainers import check_previous_stage
+
+    folder = tmp_path / "predicted_next_stage" / "3d_cascade_fullres"
+    with pytest.raises(FileNotFoundError, match=f"{folder}: the low-resolution stage's predictions of 2 case") as e:
+        check_previous_stage(str(folder), ["a", "b"])
+    assert "\n" not in str(e.value)
+    folder.mkdir(parents=True)
+    (folder / "a.b2nd").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="1 case.*first: b"):
+        check_previous_stage(str(folder), ["a", "b"])
+    (folder / "b.b2nd").write_bytes(b"")
+    check_previous_stage(str(folder), ["a", "b"])
+
+
+def test_cascade_trainer_steps_on_image_plus_prior(tmp_path, monkeypatch):
+    """nnU-Net's own initialize and train_step of a 3d_cascade_fullres stage (no data loading: a random batch of
+    4 image channels + 3 one-hot prior channels): without the previous stage's predictions, one line naming the
+    folder; with them, 4 modality encoders + a 3-channel prior, and the loss falls on a repeated batch."""
+    from torch.nn import functional as F
+
+    from entrust_nnunet.nnunet.trainers import nnUNetTrainerEnTrust
+
+    pm = _cascade_plans_manager(4)
+    monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path / "pre"))  # nnU-Net reads its paths when used
+    monkeypatch.setenv("nnUNet_results", str(tmp_path / "res"))
+    data = tmp_path / "pre" / "Dataset999_X" / "nnUNetPlans_3d_fullres"
+    data.mkdir(parents=True)
+    (data / "case.b2nd").write_bytes(b"")  # the trainer infers nnU-Net's dataset class from the file ending
+    plans = {**pm.plans, "continue_training": False}
+    plans["configurations"]["3d_fullres"].update(batch_dice=False, normalization_schemes=["ZScoreNormalization"] * 4,
+                                                 use_mask_for_norm=[False] * 4)
+    dataset_json = {"channel_names": {str(c): f"m{c}" for c in range(4)},
+                    "labels": {"background": 0, "a": 1, "b": 2, "c": 3}, "file_ending": ".nii.gz"}
+    make = lambda: nnUNetTrainerEnTrust(dict(plans), "3d_cascade_fullres", 0, dataset_json, torch.device("cpu"))  # noqa: E731
+    with pytest.raises(FileNotFoundError, match="predicted_next_stage/3d_cascade_fullres: the low-resolution stage"):
+        make().initialize()
+    prev = tmp_path / "res" / "Dataset999_X" / "nnUNetTrainerEnTrust__nnUNetPlans__3d_lowres" / "predicted_next_stage"
+    (prev / "3d_cascade_fullres").mkdir(parents=True)
+    (prev / "3d_cascade_fullres" / "case.b2nd").write_bytes(b"")
+    t = make()
+    t.initialize()
+    assert (t.num_input_channels, t.network.num_modalities, t.network.prior_channels) == (7, 4, 3)
+    torch.manual_seed(0)
+    seg = torch.randint(0, 4, (2, 1, 16, 16, 16)).float()
+    prior = F.one_hot(seg[:, 0].long(), 4).movedim(-1, 1)[:, 1:].float()
+    batch = {"data": torch.cat([torch.randn(2, 4, 16, 16, 16) + seg, prior], 1),
+             "target": [F.interpolate(seg, scale_factor=1 / 2 ** i, mode="nearest").to(torch.int16) for i in range(2)]}
+    losses = [float(t.train_step(batch)["loss"]) for _ in range(4)]
+    assert losses[-1] < losses[0]
