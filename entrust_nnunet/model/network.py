@@ -35,6 +35,8 @@ from dynamic_network_architectures.initialization.weight_init import InitWeights
 from torch import nn
 from torch.nn import functional as F
 
+from entrust_nnunet.model.absence import impute_absent, resolve_mask, without_absent
+from entrust_nnunet.model.cloe import ConsistencyGate, RegionProjection, consistency_loss
 from entrust_nnunet.model.encoders import ModalityEncoders
 from entrust_nnunet.model.enfuse import EnFuse
 from entrust_nnunet.model.outputs import full_resolution, log_probabilities
@@ -42,7 +44,8 @@ from entrust_nnunet.model.sampling import DEFAULT_SAMPLING, SamplingSettings
 from entrust_nnunet.model.segdiff import SegDiffHead
 from entrust_nnunet.model.trustmap import CalibHead, expert_conflict, hypothesis_statistics, probe_step
 #: weights of the EnTrust loss terms added to nnU-Net's Dice+CE (see ``auxiliary_losses``)
-LOSS_WEIGHTS = {"generative": 1.0, "start": 1.0, "independence": 0.1, "experts": 0.5, "conflict": 0.5}
+LOSS_WEIGHTS = {"generative": 1.0, "start": 1.0, "independence": 0.1, "experts": 0.5, "conflict": 0.5,
+                "mec": 0.1, "rec": 0.1, "region": 0.1}
 
 
 class FeatureUNetDecoder(UNetDecoder):
@@ -65,12 +68,15 @@ def _area_pool(x: torch.Tensor, size) -> torch.Tensor:
     return pool(x, tuple(size))
 
 
-def expert_disagreement(expert_probs: torch.Tensor) -> torch.Tensor:
-    """Largest pairwise total-variation distance between M expert predictions (B, M, C, *s) -> (B, 1, *s)."""
+def expert_disagreement(expert_probs: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Largest pairwise total-variation distance between M expert predictions (B, M, C, *s) -> (B, 1, *s),
+    over pairs of present experts (``mask`` (B, M), 1 = present)."""
     m = expert_probs.shape[1]
     if m < 2:
         return torch.zeros_like(expert_probs[:, 0, :1])
-    d = [0.5 * (expert_probs[:, i] - expert_probs[:, j]).abs().sum(1, keepdim=True)
+    a = torch.ones(expert_probs.shape[:2], device=expert_probs.device) if mask is None else mask.float()
+    ones = (1,) * (expert_probs.dim() - 2)
+    d = [0.5 * (expert_probs[:, i] - expert_probs[:, j]).abs().sum(1, keepdim=True) * (a[:, i] * a[:, j]).view(-1, *ones)
          for i in range(m) for j in range(i + 1, m)]
     return torch.stack(d, 0).amax(0)
 
@@ -121,6 +127,13 @@ class EnTrustUNet(nn.Module):
                                           nonlin_first=nonlin_first)
         m = input_channels
         self.experts = conv_op(m * widths[1], m * num_classes, 1, groups=m)
+        # CLoE: region map r from the experts' averaged shallow features, reliability weights of the experts
+        self.region = RegionProjection(conv_op, widths[1])
+        self.reliability = ConsistencyGate()
+        #: modality mask (M,) or (B, M), 1 = present, for the next forward passes; None = all present. An
+        #: attribute because nnU-Net's train_step and sliding window call ``network(x)`` only: the trainer
+        #: (modality dropout) and the predictor (absent channel files) set it around their calls
+        self.modality_mask = None
         self.segdiff = SegDiffHead(conv_op, num_classes, features_per_stage[0] + 1, segdiff_hidden,
                                    t_start=segdiff_t_start, rank=segdiff_rank, mc_samples=segdiff_mc_samples,
                                    cov_penalty=segdiff_cov_penalty)
@@ -140,8 +153,8 @@ class EnTrustUNet(nn.Module):
             module.reset_start()
 
     # ------------------------------------------------------------------ forward
-    def forward(self, x: torch.Tensor, return_parts: bool = False):
-        parts = self._trunk(x, keep_all=return_parts or self.cache_parts)
+    def forward(self, x: torch.Tensor, return_parts: bool = False, modality_mask=None):
+        parts = self._trunk(x, keep_all=return_parts or self.cache_parts, mask=self._mask(x, modality_mask))
         logits = parts["logits"]
         if not (return_parts or self.cache_parts):
             if self.training or self.decoder.deep_supervision:
@@ -152,21 +165,38 @@ class EnTrustUNet(nn.Module):
             self.last_parts = parts
         return parts if return_parts else logits
 
-    def _trunk(self, x: torch.Tensor, keep_all: bool) -> dict:
+    def _mask(self, x: torch.Tensor, modality_mask=None) -> torch.Tensor:
+        """The (B, M) float modality mask of this call: ``modality_mask``, else :attr:`modality_mask`."""
+        mask = self.modality_mask if modality_mask is None else modality_mask
+        return resolve_mask(mask, x.shape[0], self.num_modalities, x.device)
+
+    def _experts(self, skips: list[torch.Tensor], mask: torch.Tensor) -> dict:
+        """Per-modality experts, their conflict ``d`` among the present ones, CLoE's region logit and the
+        reliability ``weights`` (B, M) of the present experts (the gate reads the experts detached: MEC/REC
+        and the experts' own loss train them, the fusion's loss trains the gate)."""
+        experts = self.expert_probabilities(skips)
+        region_logit = self.region(skips[1], mask)
+        weights = self.reliability(experts.detach(), torch.sigmoid(region_logit.detach().float()), mask)
+        return {"experts": experts, "region_logit": region_logit, "weights": weights,
+                "disagreement": self.conflict_measure(experts, mask)}
+
+    def _trunk(self, x: torch.Tensor, keep_all: bool, mask: torch.Tensor) -> dict:
         """ModEnc -> EnFuse -> decoder. Returns ``logits``, ``conflict`` and ``cond`` (SegDiff's conditioning:
         decoder features at full resolution and the conflict map); with ``keep_all`` also every
         intermediate part the EnTrust losses need. Without it, each stage's modality features and fusion
         parts are dropped as soon as they are fused, so that inference holds no more than the decoder's
-        inputs (as plain nnU-Net holds its skips)."""
-        skips = self.encoders(x)
-        experts = self.expert_probabilities(skips)
-        d = self.conflict_measure(experts)
+        inputs (as plain nnU-Net holds its skips). Absent modalities (``mask`` (B, M) = 0) are removed from
+        the input, from EnFuse's means and gates and, at full resolution, their streams are replaced by the
+        reliability-weighted mean of the present ones."""
+        skips = self.encoders(without_absent(x, mask))
+        ex = self._experts(skips, mask)
+        d, weights = ex["disagreement"], ex["weights"]
         full, streams = skips[0], skips[1:]
-        kept = {"skips": skips, "experts": experts, "disagreement": d, "fused": []} if keep_all else {}
+        kept = {"skips": skips, **ex, "modality_mask": mask, "fused": []} if keep_all else {}
         del skips
         f_en, conflict = [], None
         for i, fuse in enumerate(self.fuse):
-            p = fuse(streams[i], _area_pool(d, streams[i].shape[3:]))
+            p = fuse(streams[i], _area_pool(d, streams[i].shape[3:]), mask, weights)
             streams[i] = None
             f_en.append(p["F_en"])
             if conflict is None:
@@ -174,7 +204,7 @@ class EnTrustUNet(nn.Module):
             if keep_all:
                 kept["fused"].append(p)
             del p
-        f_en.insert(0, self.fuse_full(torch.cat([full.flatten(1, 2), conflict], 1)))
+        f_en.insert(0, self.fuse_full(torch.cat([impute_absent(full, mask, weights).flatten(1, 2), conflict], 1)))
         del full
         logits, features = self.decoder(f_en)
         del f_en
@@ -203,16 +233,28 @@ class EnTrustUNet(nn.Module):
         logits = full_resolution(parts["logits"])
         segdiff = self.segdiff.losses(cond_h, target, logits)
         independence = torch.stack([f.independence_penalty(p) for f, p in zip(self.fuse, parts["fused"])]).mean()
-        expert_probs = parts["experts"]
-        # nnU-Net's deep-supervision targets are nearest-downsampled the same way
-        tgt = F.interpolate(target.float(), size=expert_probs.shape[3:], mode="nearest")[:, 0].long()
-        experts = torch.stack([F.nll_loss(expert_probs[:, m].clamp_min(1e-6).log(), tgt)
-                               for m in range(expert_probs.shape[1])]).mean()
         disagreement = parts["disagreement"].detach().float()
         conflict = torch.stack([
             F.binary_cross_entropy_with_logits(p["F_cf_logit"].float(), _area_pool(disagreement, p["F_cf_logit"].shape[2:]))
             for p in parts["fused"]]).mean()
-        return {**segdiff, "independence": independence, "experts": experts, "conflict": conflict}
+        return {**segdiff, "independence": independence, **self._expert_losses(parts, target), "conflict": conflict}
+
+    @staticmethod
+    def _expert_losses(parts: dict, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        """experts: cross-entropy of the PRESENT experts (stage-1 resolution), averaged; mec / rec: CLoE's
+        consistency of the present experts on their maps / on maps weighted by the region map r (detached:
+        r learns where the structure is from region, not to hide disagreement); region: BCE of r's logit
+        against the foreground."""
+        probs, mask = parts["experts"], parts["modality_mask"]
+        # nnU-Net's deep-supervision targets are nearest-downsampled the same way
+        tgt = F.interpolate(target.float(), size=probs.shape[3:], mode="nearest")[:, 0].long()
+        ce = torch.stack([F.nll_loss(probs[:, m].clamp_min(1e-6).log(), tgt, reduction="none").flatten(1).mean(1)
+                          for m in range(probs.shape[1])], 1)
+        region_logit = parts["region_logit"].float()
+        r = torch.sigmoid(region_logit).detach().unsqueeze(1)
+        return {"experts": (ce * mask).sum() / mask.sum(), "mec": consistency_loss(probs, mask),
+                "rec": consistency_loss(probs * r, mask),
+                "region": F.binary_cross_entropy_with_logits(region_logit[:, 0], (tgt > 0).float())}
 
     # ------------------------------------------------------------------ inference
     def _hypotheses(self, logits: torch.Tensor, cond: torch.Tensor, k: int, s: int, seed: int = 0) -> torch.Tensor:
@@ -221,7 +263,8 @@ class EnTrustUNet(nn.Module):
                                    chunk=self.sampling_chunk)
 
     @torch.no_grad()
-    def sample(self, x: torch.Tensor, settings: SamplingSettings | None = None) -> dict[str, torch.Tensor]:
+    def sample(self, x: torch.Tensor, settings: SamplingSettings | None = None,
+               modality_mask=None) -> dict[str, torch.Tensor]:
         """Encoders + EnFuse + decoder once, then K hypotheses x S steps through the SegDiff head.
 
         ``settings`` default to the network's own (:attr:`sampling`). Returns ``hypotheses`` (K, B, C, *s),
@@ -231,11 +274,11 @@ class EnTrustUNet(nn.Module):
         entropy), ``probe``, ``conflict`` (the experts' normalised Jensen-Shannon divergence, upsampled),
         ``fusion_conflict`` (EnFuse's F_cf), ``confidence`` (max of the mean), ``head_confidence`` (max
         softmax of the deterministic head) and ``error`` (CalibHead's probability that argmax(mean) is
-        wrong). See :mod:`entrust_nnunet.model.trustmap`.
+        wrong). See :mod:`entrust_nnunet.model.trustmap`. ``modality_mask``: as in :meth:`forward`.
         """
         settings = settings or self.sampling
         k, s, seed = settings.num_hypotheses, settings.steps, settings.seed
-        parts = self._trunk(x, keep_all=False)
+        parts = self._trunk(x, keep_all=False, mask=self._mask(x, modality_mask))
         logits = full_resolution(parts["logits"])
 
         hyps = self._hypotheses(logits, parts["cond"], k, s, seed)
