@@ -10,6 +10,9 @@ It changes these hooks of nnUNetTrainer and nothing else:
 * ``do_split`` / ``on_train_end``: fit TrustMap's CalibHead on the validation fold (cases the network
   never trained on) before the final checkpoint; with fold ``all`` a held-out subset of the training
   cases instead (:mod:`entrust_nnunet.nnunet.calibration`);
+* ``train_step`` (:class:`~entrust_nnunet.nnunet.modality_dropout.ModalityDropout`): with ``modality_dropout``
+  > 0 each sample keeps a random non-empty subset of its modalities, handed to the network as a mask around
+  nnU-Net's unchanged step (off here; on in :class:`nnUNetTrainerEnTrustModDrop`);
 * ``perform_actual_validation``: after nnU-Net's own validation, write the uncertainty maps of every
   validation case into ``fold_X/validation/uncertainty/``, cross-fitted (each half of the fold from a
   CalibHead fitted on the other half), so cross-validated metrics never score CalibHead on its own voxels.
@@ -34,6 +37,7 @@ from entrust_nnunet.model.outputs import full_resolution
 from entrust_nnunet.nnunet.calibration import (CALIBRATION_STEPS, FOLD_VOXELS_FILE, calibration_subset,
                                                calibration_voxels, fit_calib_head, save_fold_voxels)
 from entrust_nnunet.nnunet.distributed import broadcast_state, freeze, thawed, unwrap
+from entrust_nnunet.nnunet.modality_dropout import ModalityDropout
 
 AUX_LOG_KEYS = tuple(f"entrust_{k}" for k in LOSS_WEIGHTS)
 
@@ -65,7 +69,9 @@ class EnTrustLoss(nn.Module):
         return loss
 
 
-class nnUNetTrainerEnTrust(nnUNetTrainer):
+class nnUNetTrainerEnTrust(ModalityDropout, nnUNetTrainer):
+    #: modality dropout is off by default until the multi-seed measurement of issue 14 decides (docs/design.md)
+    modality_dropout = 0.0
     #: with fold 'all' only (no validation fold): share of the training cases held out to fit CalibHead
     calibration_fraction = 0.25
     #: CalibHead sees at most this many voxels per case (a seeded uniform subset), bounding its memory
@@ -102,6 +108,13 @@ class nnUNetTrainerEnTrust(nnUNetTrainer):
                 f"{self.__class__.__name__}: region-based training and ignore labels are not supported yet by "
                 f"SegDiff (dataset {self.plans_manager.dataset_name}); train nnUNetTrainer for this dataset")
         super().initialize()
+
+    def drop_modalities(self, batch: dict, mask: torch.Tensor) -> dict:
+        unwrap(self.network).modality_mask = mask.to(self.device)  # the network masks; nnU-Net calls network(x)
+        return batch
+
+    def restore_modalities(self) -> None:
+        unwrap(self.network).modality_mask = None
 
     def _build_loss(self):
         net = unwrap(self.network)
@@ -247,3 +260,10 @@ class nnUNetTrainerEnTrust(nnUNetTrainer):
             # out-of-fold voxels for `entrust calibrate`, which fits one calibrator on every fold's
             save_fold_voxels(Path(self.output_folder) / FOLD_VOXELS_FILE, self._calibration_voxels(self.calibration_keys))
         broadcast_state(unwrap(self.network).calib)
+
+
+class nnUNetTrainerEnTrustModDrop(nnUNetTrainerEnTrust):
+    """EnTrust trained with modality dropout: half of the samples keep a random proper non-empty subset of
+    their modalities (masked, not zero-filled); such a model predicts cases with absent channel files."""
+
+    modality_dropout = 0.5
