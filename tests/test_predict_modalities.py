@@ -21,13 +21,23 @@ def _entrust(env, *args):
 
 
 @pytest.fixture(scope="module")
-def trained_moddrop(planned_phantoms):
-    """(env, raw folder, model folder): the tiny EnTrust schedule with modality dropout, fold 2, trained once."""
-    env, name = planned_phantoms
-    r = subprocess.run([nnunet_bin("nnUNetv2_train"), str(SESSION_DATASET_ID), "2d", "2", "-tr", MODDROP,
-                        "-device", "cpu"], env=env, capture_output=True, encoding="utf-8", errors="replace", timeout=900)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return env, Path(env["nnUNet_raw"]) / name, Path(env["nnUNet_results"]) / name / f"{MODDROP}__nnUNetPlans__2d"
+def trained_moddrop(trained_entrust, tmp_path_factory):
+    """(env, raw folder, model folder): the session's tiny EnTrust model relabelled as trained by the ModDrop
+    variant (same network; only the trainer's ``modality_dropout`` differs). Training the variant once more
+    would cost minutes on the 2-core CI machine; its training with dropout is tested in
+    tests/nnunet/test_modality_dropout.py, this fixture tests the prediction path."""
+    import torch
+
+    from entrust_nnunet.nnunet.checkpoints import load_checkpoint
+
+    env, name, model = trained_entrust
+    copy = tmp_path_factory.mktemp("moddrop") / f"{MODDROP}__nnUNetPlans__2d"
+    shutil.copytree(model, copy, ignore=shutil.ignore_patterns("validation", "*.png", "*.txt", "*.npz"))
+    checkpoint = copy / "fold_2" / "checkpoint_final.pth"
+    ckpt = load_checkpoint(checkpoint)
+    ckpt["trainer_name"] = MODDROP
+    torch.save(ckpt, checkpoint)
+    return env, Path(env["nnUNet_raw"]) / name, copy
 
 
 def _predict(env, src, out, model, *extra):
