@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import SESSION_DATASET_ID, nnunet_bin
+from conftest import nnunet_bin
 from entrust_nnunet.data.io import MAP_NAMES
 
 MODDROP = "nnUNetTrainerEnTrustModDrop_tinyCPU"
