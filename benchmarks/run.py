@@ -12,6 +12,7 @@ several repetitions (median and spread reported).
     python benchmarks/run.py                      # 2D phantoms, CPU, three training seeds
     python benchmarks/run.py --ablations          # + EnTrust without EnFuse / SegDiff steps / ProbeStep / CalibHead
     python benchmarks/run.py --smoke              # tiny sizes and schedules, one seed, for the test suite
+    python benchmarks/run.py --subsets            # only the missing-modality table: every subset of the modalities
     python benchmarks/run.py --cost               # only the large-size cost tables (benchmarks/cost.py)
     python benchmarks/run.py --device cuda        # on a GPU (absolute times are in the table and JSON either way)
     python benchmarks/run.py --dataset 501 -c 3d_fullres   # any nnU-Net dataset with imagesTs + labelsTs
@@ -374,8 +375,9 @@ def prepare_dataset(args, out: Path) -> tuple[int, str, str]:
     return int(name[7:10]), name, args.c
 
 
-def predict_method(args, raw: Path, pred: Path, model: Path, folds, k: int) -> float:
-    """``entrust predict`` of the test cases (class probabilities saved); seconds taken."""
+def predict_method(args, raw: Path, pred: Path, model: Path, folds, k: int, **absent) -> float:
+    """``entrust predict`` of the test cases (class probabilities saved); seconds taken. ``absent``:
+    ``drop_modalities`` / ``absent_without_dropout`` of ``predict_folder`` (the --subsets table)."""
     from entrust_nnunet.model.sampling import SamplingSettings
     from entrust_nnunet.predict import predict_folder
 
@@ -383,7 +385,7 @@ def predict_method(args, raw: Path, pred: Path, model: Path, folds, k: int) -> f
     if not any(pred.glob("*.npz")):
         predict_folder(raw / "imagesTs", pred, model, folds=folds, device=args.device, save_probabilities=True,
                        sampling=SamplingSettings(num_hypotheses=k), num_processes_preprocessing=1,
-                       num_processes_export=1)
+                       num_processes_export=1, **absent)
     return time.time() - t
 
 
@@ -463,6 +465,57 @@ def no_calib_row(args, raw: Path, log_dir: Path, entrust_model: Path, record: di
     return model
 
 
+# ------------------------------------------------------------------------------------------ modality subsets
+def subsets_seed(args, seed: int, dataset_id: int, name: str, config: str, raw: Path, out: Path) -> dict:
+    """method -> subset -> numbers (plus their mean over subsets) for training seed ``seed``."""
+    from subsets import modality_subsets, subset_methods, subset_row, with_mean
+
+    from entrust_nnunet.data.modalities import channel_list
+
+    os.environ["nnUNet_results"] = str(Path(args.results_root) / f"seed_{seed}")
+    os.environ["ENTRUST_TRAIN_SEED"] = str(seed)
+    Path(os.environ["nnUNet_results"]).mkdir(parents=True, exist_ok=True)
+    table = subset_methods(args.smoke)
+    log_dir = out / f"seed_{seed}"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    train_all(args, dataset_id, name, config, {m: v[:4] for m, v in table.items()}, log_dir)
+    names = channel_list(json.loads((raw / "dataset.json").read_text())["channel_names"])
+    record = {}
+    for method, (trainer, plans, folds, k, zero_fill) in table.items():
+        model = model_folder(name, trainer, plans, config)
+        if not all((model / f"fold_{f}" / "checkpoint_final.pth").exists() for f in folds):
+            continue
+        rows = {}
+        for subset, drop in modality_subsets(names):
+            pred = log_dir / "subsets" / method.split(" (")[0].replace(" ", "_").replace(",", "") / subset
+            predict_method(args, raw, pred, model, folds, k, drop_modalities=drop, absent_without_dropout=zero_fill)
+            rows[subset] = subset_row(evaluate_row(raw, pred))
+        record[method] = with_mean(rows)
+    return record
+
+
+def run_subsets(args) -> dict:
+    """``--subsets``: the missing-modality table (benchmarks/subsets.py) over the training seeds."""
+    from subsets import aggregate_seeds, subsets_markdown
+
+    started = time.time()
+    out = Path(args.out).absolute()
+    dataset_id, name, config, raw, _ = prepared(args, out)
+    per_seed = [subsets_seed(args, seed, dataset_id, name, config, raw, out) for seed in args.seeds]
+    table = aggregate_seeds(per_seed)
+    labels = sorted({k[len("dice_"):] for rows in table.values() for row in rows.values() for k in row
+                     if k.startswith("dice_")})
+    result = header(args, name, config, started) | {"subsets": table, "per_seed_subsets": per_seed,
+                                                    "wall_seconds": time.time() - started}
+    md = (f"Command: `{result['command']}` — commit `{result['commit']}`, data: {result['data']}, schedule: "
+          f"{result['schedule']}, seeds {', '.join(map(str, args.seeds))} (mean ± std over seeds).\n\n"
+          + subsets_markdown(table, labels))
+    (out / "subsets.json").write_text(json.dumps(result, indent=2, default=float), encoding="utf-8")
+    (out / "subsets.md").write_text(md, encoding="utf-8")
+    print(md)
+    return result
+
+
 # ------------------------------------------------------------------------------------------ aggregate
 def aggregate(per_seed: list[dict], where: str) -> dict:
     """method -> key -> {"mean", "std", "values" (one per seed, in seed order)} over the seeds that have it."""
@@ -500,11 +553,11 @@ def train_ratios(per_seed: list[dict], smoke: bool) -> dict:
     return out
 
 
-def run(args) -> dict:
+def prepared(args, out: Path) -> tuple[int, str, str, Path, Path]:
+    """(dataset id, name, configuration, raw folder, preprocessed folder), planned and preprocessed; sets
+    ``args.results_root``."""
     from entrust_nnunet.pipeline import plan_and_preprocess
 
-    started = time.time()
-    out = Path(args.out).absolute()
     out.mkdir(parents=True, exist_ok=True)
     dataset_id, name, config = prepare_dataset(args, out)
     args.results_root = (str(Path(os.environ["nnUNet_results"]) / "entrust_benchmark") if args.dataset is not None
@@ -513,6 +566,13 @@ def run(args) -> dict:
     preprocessed = Path(os.environ["nnUNet_preprocessed"]) / name
     if not ((preprocessed / "nnUNetEnTrustPlans.json").exists() and (preprocessed / f"nnUNetPlans_{config}").is_dir()):
         plan_and_preprocess([dataset_id], configurations=[config])
+    return dataset_id, name, config, raw, preprocessed
+
+
+def run(args) -> dict:
+    started = time.time()
+    out = Path(args.out).absolute()
+    dataset_id, name, config, raw, preprocessed = prepared(args, out)
     per_seed, models = [], {}
     for seed in args.seeds:
         record, seed_models = run_seed(args, seed, dataset_id, name, config, raw, out)
@@ -747,6 +807,10 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, default=2, help="torch threads for the timing (default 2)")
     parser.add_argument("--smoke", action="store_true", help="tiny data and schedules (for the test suite)")
     parser.add_argument("--cost", action="store_true", help="only the large-size cost tables (runs benchmarks/cost.py)")
+    parser.add_argument("--subsets", action="store_true",
+                        help="only the missing-modality table: Dice per label and ECE_fg for every non-empty subset of "
+                             "the modalities (EnTrust with modality dropout, nnU-Net zero-filled, nnU-Net with dropout); "
+                             "writes OUT/subsets.json and OUT/subsets.md")
     parser.add_argument("--update-readme", nargs="?", const=str(RESULTS_JSON), default=None, metavar="JSON",
                         help=f"only rewrite README's Results from a results JSON (default {RESULTS_JSON.relative_to(REPO)})")
     args = parser.parse_args(argv)
@@ -768,7 +832,7 @@ def main(argv=None):
         cmd = [sys.executable, str(REPO / "benchmarks" / "cost.py"), "--threads", str(args.threads), "--device", args.device]
         return subprocess.run(cmd + (["--smoke"] if args.smoke else [])).returncode
     try:
-        run(args)
+        run_subsets(args) if args.subsets else run(args)
     except InputError as e:
         print(f"benchmarks/run.py: error: {e}", file=sys.stderr)
         return 2

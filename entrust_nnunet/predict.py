@@ -1,23 +1,31 @@
 """``entrust predict``: every case of a folder through :class:`~entrust_nnunet.nnunet.predictor.EnTrustPredictor`.
 
-Output per case: ``OUT/CASE<ending>`` (the mask, as ``nnUNetv2_predict`` writes it) and
-``OUT/uncertainty/CASE_{total,aleatoric,epistemic,conflict}<ending>`` with the input's geometry.
+Output per case: ``OUT/CASE<ending>`` (the mask, as ``nnUNetv2_predict`` writes it),
+``OUT/uncertainty/CASE_{total,aleatoric,epistemic,conflict}<ending>`` with the input's geometry and
+``OUT/uncertainty/CASE_modalities.json`` (which modalities were present).
+
+A case whose channel file is absent, or whose modality ``--drop-modalities`` names, is predicted with that
+modality masked (one warning line per case), if the model was trained with modality dropout.
 """
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import torch
 
 from entrust_nnunet.data.io import (MAP_FOLDER, InputError, atomic_file, check_same_geometry, check_writable_folder,
                                     folder_lock, read_image, remove_stale_temporaries)
+from entrust_nnunet.data.modalities import CaseModalities, case_modalities, files_to_read, parse_drop_modalities
 from entrust_nnunet.model.sampling import DEFAULT_SAMPLING, SamplingSettings
 from entrust_nnunet.nnunet.predictor import EnTrustPredictor
 
 
-def collect_cases(input_dir: Path, file_ending: str, num_channels: int) -> dict[str, list[str]]:
-    """Group ``CASE_XXXX<ending>`` files by case and check channel count and per-case geometry."""
+def collect_cases(input_dir: Path, file_ending: str, num_channels: int) -> dict[str, list[str | None]]:
+    """Group ``CASE_XXXX<ending>`` files by case and check channel numbers and per-case geometry.
+
+    A channel without its file is None (an absent modality: :func:`case_modalities` decides what to do)."""
     if not input_dir.is_dir():
         raise InputError(f"{input_dir}: input folder does not exist")
     cases: dict[str, dict[int, Path]] = {}
@@ -32,19 +40,18 @@ def collect_cases(input_dir: Path, file_ending: str, num_channels: int) -> dict[
     if not cases:
         raise InputError(f"{input_dir}: no images ending with {file_ending}")
     for case, channels in cases.items():
-        missing = [c for c in range(num_channels) if c not in channels]
-        if missing:
-            raise InputError(f"{input_dir / f'{case}_{missing[0]:04d}{file_ending}'}: channel {missing[0]} of case "
-                             f"{case} is missing (the model expects {num_channels} channels)")
         extra = sorted(c for c in channels if c >= num_channels)
         if extra:
             raise InputError(f"{channels[extra[0]]}: case {case} has channel {extra[0]} but the model expects "
                              f"{num_channels} channels")
         # read_image, not just headers: ITK would silently read NaN/Inf voxels as 0 and truncated files as zeros
-        first = read_image(channels[0])
-        for c in range(1, num_channels):
-            check_same_geometry(first, channels[0], read_image(channels[c]), channels[c], f"channel 0 of case {case}")
-    return {case: [str(channels[c]) for c in range(num_channels)] for case, channels in cases.items()}
+        first_c = min(channels)
+        first = read_image(channels[first_c])
+        for c in sorted(channels)[1:]:
+            check_same_geometry(first, channels[first_c], read_image(channels[c]), channels[c],
+                                f"channel {first_c} of case {case}")
+    return {case: [str(channels[c]) if c in channels else None for c in range(num_channels)]
+            for case, channels in cases.items()}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -73,22 +80,45 @@ def check_output_folder(output_dir: Path, input_dir: Path) -> None:
             check_writable_folder(folder)
 
 
+def check_absence_supported(predictor: EnTrustPredictor, modalities: dict[str, CaseModalities], input_dir: Path,
+                            file_ending: str, drop_flag: str | None) -> None:
+    """Refuse absent modalities (one line naming the trainer) unless the model was trained with modality dropout."""
+    absent = [m for m in modalities.values() if not m.complete]
+    if not absent or predictor.modality_dropout > 0:
+        return
+    first = absent[0]
+    trainer = f"the model was trained by {predictor.trainer_name} without modality dropout"
+    advice = "give every channel or use a model trained with modality dropout (e.g. nnUNetTrainerEnTrustModDrop)"
+    if first.missing:
+        c = first.missing[0]
+        raise InputError(f"{input_dir / f'{first.case}_{c:04d}{file_ending}'}: channel {c} ({first.names[c]}) of case "
+                         f"{first.case} is missing and {trainer}; {advice}")
+    raise InputError(f"--drop-modalities {drop_flag}: {trainer}; it cannot predict with absent modalities")
+
+
 def predict_folder(input_dir, output_dir, model_folder, folds=None, checkpoint: str = "checkpoint_final.pth",
                    device: str = "cpu", sampling: SamplingSettings = DEFAULT_SAMPLING, step_size: float = 0.5,
                    disable_tta: bool = False, save_probabilities: bool = False, num_processes_preprocessing: int = 2,
-                   num_processes_export: int = 2, save_hypotheses: bool = False) -> Path:
+                   num_processes_export: int = 2, save_hypotheses: bool = False, drop_modalities: str | None = None,
+                   absent_without_dropout: bool = False) -> Path:
     """Predict every case of ``input_dir`` into ``output_dir`` (masks + ``uncertainty/`` maps; with
     ``save_hypotheses`` also ``hypotheses/CASE_hNN`` masks).
 
-    Every check (output writable, inputs readable and finite, checkpoints loadable and fitting) runs
-    before ``output_dir`` is created, so an input error leaves nothing behind.
+    ``drop_modalities`` ("T2,FLAIR", dataset.json's channel names) predicts as if those files were absent.
+    Absent modalities need a model trained with modality dropout, unless ``absent_without_dropout`` (the
+    benchmark's zero-filled nnU-Net baseline). Every check (output writable, inputs readable and finite,
+    modalities, checkpoints loadable and fitting) runs before ``output_dir`` is created, so an input error
+    leaves nothing behind.
     """
     input_dir, output_dir, model_folder = Path(input_dir).absolute(), Path(output_dir).absolute(), Path(model_folder)
     check_output_folder(output_dir, input_dir)
     if not (model_folder / "dataset.json").exists():
         raise InputError(f"{model_folder}: no trained model here (dataset.json missing)")
     dataset_json = json.loads((model_folder / "dataset.json").read_text())
-    cases = collect_cases(input_dir, dataset_json["file_ending"], len(dataset_json["channel_names"]))
+    ending, channel_names = dataset_json["file_ending"], dataset_json["channel_names"]
+    dropped = parse_drop_modalities(drop_modalities, channel_names)
+    cases = collect_cases(input_dir, ending, len(channel_names))
+    modalities = case_modalities(cases, channel_names, dropped, drop_modalities)
     device = resolve_device(str(device))
     predictor = EnTrustPredictor(tile_step_size=step_size, use_gaussian=True, use_mirroring=not disable_tta,
                                  perform_everything_on_device=device.type == "cuda", device=device,
@@ -98,6 +128,8 @@ def predict_folder(input_dir, output_dir, model_folder, folds=None, checkpoint: 
     if previous is not None:  # its input includes the previous stage's segmentation, which this command does not take
         raise InputError(f"{model_folder}: a cascade stage (after {previous}); entrust predict takes no previous-stage "
                          f"segmentations yet: use nnUNetv2_predict ... -prev_stage_predictions FOLDER")
+    if not absent_without_dropout:
+        check_absence_supported(predictor, modalities, input_dir, ending, drop_modalities)
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -109,8 +141,13 @@ def predict_folder(input_dir, output_dir, model_folder, folds=None, checkpoint: 
                                   ("plans.json", predictor.plans_manager.plans)):
                 with atomic_file(output_dir / name) as f:
                     json.dump(content, f, indent=2)
-            predictor.predict_cases(list(cases.values()), [str(output_dir / c) for c in cases], save_probabilities,
-                                    num_processes_preprocessing, num_processes_export)
+            for m in modalities.values():
+                if not m.complete:
+                    print(m.warning(), file=sys.stderr)
+            predictor.predict_cases([files_to_read(cases[c], m.present) for c, m in modalities.items()],
+                                    [str(output_dir / c) for c in cases], save_probabilities,
+                                    num_processes_preprocessing, num_processes_export,
+                                    [{**m.record(), "mask": m.present} for m in modalities.values()])
         finally:  # export workers ended by Ctrl-C/SIGTERM cannot remove their own temporaries
             remove_stale_temporaries(output_dir, output_dir / MAP_FOLDER)
     return output_dir

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from entrust_nnunet.model.absence import impute_absent
 from entrust_nnunet.model.network import EnTrustUNet
 from entrust_nnunet.model.outputs import probabilities
 from entrust_nnunet.model.sampling import SamplingSettings
@@ -39,7 +40,10 @@ class ConcatFuse(nn.Module):
         self.out = nn.Sequential(conv_op(num_modalities * width, out_channels, 1),
                                  norm_op(out_channels, **(norm_op_kwargs or {})), nonlin(**(nonlin_kwargs or {})))
 
-    def forward(self, h: torch.Tensor, disagreement: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def forward(self, h: torch.Tensor, disagreement: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                weights: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        if mask is not None:  # absent streams become the present ones' weighted mean (as EnTrust's full resolution)
+            h = impute_absent(h, mask, mask / mask.sum(1, keepdim=True) if weights is None else weights)
         f_en = self.out(h.flatten(1, 2))
         d = torch.zeros_like(f_en[:, :1]) if disagreement is None else disagreement.to(f_en.dtype)
         d = d.clamp(1e-4, 1 - 1e-4)
@@ -86,5 +90,6 @@ class EnTrustNoProbeUNet(EnTrustUNet):
     """EnTrustUNet that always samples without ProbeStep."""
 
     @torch.no_grad()
-    def sample(self, x: torch.Tensor, settings: SamplingSettings | None = None) -> dict[str, torch.Tensor]:
-        return super().sample(x, (settings or self.sampling).with_(probe=False))
+    def sample(self, x: torch.Tensor, settings: SamplingSettings | None = None,
+               modality_mask=None) -> dict[str, torch.Tensor]:
+        return super().sample(x, (settings or self.sampling).with_(probe=False), modality_mask)

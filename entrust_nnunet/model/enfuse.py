@@ -64,14 +64,20 @@ def cross_covariance_penalty(a: torch.Tensor, b: torch.Tensor, max_voxels: int =
 
 
 def _standardize(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """Each channel of (B, C, N) to zero mean and unit (population) standard deviation over its N voxels."""
+    """Each channel of (B, C, N) to zero mean and unit (population) standard deviation over its N voxels.
+    ``sqrt(var + eps^2)``, not ``sqrt(var) + eps``: a constant channel (an absent modality's stream) must get
+    a finite gradient, and sqrt has an infinite one at 0."""
     x = x - x.mean(-1, keepdim=True)
-    return x / (x.square().mean(-1, keepdim=True).sqrt() + eps)
+    return x / (x.square().mean(-1, keepdim=True) + eps * eps).sqrt()
 
 
-def _mean_squared_correlation(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Mean over batch and channel pairs of the squared correlation of standardised (B, Ca, N), (B, Cb, N)."""
-    return (torch.einsum("bin,bjn->bij", a, b) / a.shape[-1]).square().mean()
+def _mean_squared_correlation(a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over batch and channel pairs of the squared correlation of standardised (B, Ca, N), (B, Cb, N);
+    with ``weight`` (B,) a weighted mean over the batch (0 where a stream is absent; 0 if all are)."""
+    per_sample = (torch.einsum("bin,bjn->bij", a, b) / a.shape[-1]).square().mean((1, 2))
+    if weight is None:
+        return per_sample.mean()
+    return (per_sample * weight).sum() / weight.sum().clamp_min(1)
 
 
 def _gaussian_gram(x: torch.Tensor) -> torch.Tensor:
@@ -149,39 +155,63 @@ class EnFuse(nn.Module):
         self.out = nn.Sequential(conv_op(width + 1, out_channels, 1), norm_op(out_channels, **(norm_op_kwargs or {})),
                                  nonlin(**(nonlin_kwargs or {})))
 
-    def forward(self, h: torch.Tensor, disagreement: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def forward(self, h: torch.Tensor, disagreement: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                weights: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """``mask`` (B, M), 1 = modality present (default: all); ``weights`` (B, M) the experts' reliability
+        weights (0 on absent modalities, sum 1; default: uniform over the present ones)."""
         b, m, w = h.shape[:3]
         spatial = h.shape[3:]
+        mask = torch.ones(b, m, device=h.device) if mask is None else mask.float()
+        weights = mask / mask.sum(1, keepdim=True) if weights is None else weights.float()
+        per_stream = (b, m, 1, *([1] * len(spatial)))
+        a, wt = mask.view(per_stream).to(h.dtype), weights.view(per_stream).to(h.dtype)
         z = self.E_c(h.reshape(b * m, w, *spatial)).reshape(b, m, w, *spatial)
-        f_c = z.mean(1)
-        f_u = self.E_u(h.reshape(b, m * w, *spatial)).reshape(b, m, w, *spatial)
+        f_c = (z * wt).sum(1)  # consensus: reliability-weighted mean of the present modalities
+        f_u = self.E_u(h.reshape(b, m * w, *spatial)).reshape(b, m, w, *spatial) * a
         if disagreement is None:
             disagreement = torch.zeros_like(f_c[:, :1])
-        # spread of the modalities around the consensus, written out: torch.var over this middle axis is slow on CPU
-        spread = (z - f_c.unsqueeze(1)).square().mean(1)
+        # spread of the present modalities around their mean, written out: torch.var is slow on CPU here
+        n = a.sum(1)
+        spread = ((z - ((z * a).sum(1) / n).unsqueeze(1)).square() * a).sum(1) / n
         cf_logit = self.D_cf(torch.cat([spread, f_c, disagreement.to(f_c.dtype)], 1))
         f_cf = torch.sigmoid(cf_logit)
         gate_logits = self.gate(torch.cat([f_c, f_cf], 1))
         gate_logits = gate_logits + self.gate_conflict.view(1, m + 1, *([1] * len(spatial))) * cf_logit
-        gates = torch.softmax(gate_logits, 1)
+        gates = torch.softmax(self._reliability_logits(gate_logits, mask, weights), 1)
         fused = gates[:, :1] * f_c + (gates[:, 1:, None] * f_u).sum(1)
         f_en = self.out(torch.cat([fused, f_cf], 1))
-        return {"F_en": f_en, "F_c": f_c, "F_u": f_u, "F_cf": f_cf, "F_cf_logit": cf_logit, "gates": gates}
+        return {"F_en": f_en, "F_c": f_c, "F_u": f_u, "F_cf": f_cf, "F_cf_logit": cf_logit, "gates": gates,
+                "mask": mask}
+
+    @staticmethod
+    def _reliability_logits(gate_logits: torch.Tensor, mask: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Gate logits (B, 1 + M, *s) plus ``log(M_present * w_m)`` for specific stream m (0 for uniform
+        weights) and -inf for absent modalities: an absent stream gets gate 0, an unreliable one less."""
+        n = mask.sum(1, keepdim=True)
+        log_w = torch.log((weights * n).clamp_min(1e-6)).masked_fill(mask <= 0, float("-inf"))
+        log_w = torch.cat([torch.zeros_like(log_w[:, :1]), log_w], 1)
+        return gate_logits.float() + log_w.view(*log_w.shape, *([1] * (gate_logits.dim() - 2)))
 
     def independence_penalty(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Sum of pairwise penalties between F_c, each F_u,m and F_cf."""
+        """Sum of pairwise penalties between F_c, each F_u,m and F_cf. With ``xcov`` a pair with F_u,m counts
+        only the samples where modality m is present (an absent stream is 0 and has nothing to decorrelate)."""
         f_c, f_u, f_cf = parts["F_c"], parts["F_u"], parts["F_cf"]
         m = f_u.shape[1]
+        present = parts.get("mask")
         if self.independence == "xcov":
             # cross_covariance_penalty of every pair, with each part standardised once (one voxel subset)
             flat = _subsample_voxels([_flatten_voxels(t.float()) for t in (f_c, f_u.flatten(1, 2), f_cf)],
                                      MAX_VOXELS)
             c, u, cf = (_standardize(t) for t in flat)
             u = u.unflatten(1, (m, -1))
-            pair = _mean_squared_correlation
-        else:
-            c, u, cf, pair = f_c, f_u, f_cf, INDEPENDENCE_PENALTIES[self.independence]
-        total = pair(c, cf)
+            weights = [None if present is None else present[:, i].float() for i in range(m)]
+            total = _mean_squared_correlation(c, cf)
+            for i in range(m):
+                total = (total + _mean_squared_correlation(c, u[:, i], weights[i])
+                         + _mean_squared_correlation(u[:, i], cf, weights[i]))
+            return total / (1 + 2 * m)
+        pair = INDEPENDENCE_PENALTIES[self.independence]
+        total = pair(f_c, f_cf)
         for i in range(m):
-            total = total + pair(c, u[:, i]) + pair(u[:, i], cf)
+            total = total + pair(f_c, f_u[:, i]) + pair(f_u[:, i], f_cf)
         return total / (1 + 2 * m)

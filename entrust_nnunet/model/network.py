@@ -49,6 +49,8 @@ from dynamic_network_architectures.initialization.weight_init import InitWeights
 from torch import nn
 from torch.nn import functional as F
 
+from entrust_nnunet.model.absence import impute_absent, resolve_mask, without_absent
+from entrust_nnunet.model.cloe import ConsistencyGate, RegionProjection, consistency_loss
 from entrust_nnunet.model.encoders import ModalityEncoders
 from entrust_nnunet.model.enfuse import EnFuse
 from entrust_nnunet.model.outputs import (as_logits, decision_confidence, full_resolution, masked_mean,
@@ -58,7 +60,8 @@ from entrust_nnunet.model.segdiff import SegDiffHead
 from entrust_nnunet.model.trustmap import (CalibHead, expert_conflict, hypothesis_statistics, probe_step,
                                           tempered_log_probabilities)
 #: weights of the EnTrust loss terms added to nnU-Net's Dice+CE (see ``auxiliary_losses``)
-LOSS_WEIGHTS = {"generative": 1.0, "start": 1.0, "independence": 0.1, "experts": 0.5, "conflict": 0.5}
+LOSS_WEIGHTS = {"generative": 1.0, "start": 1.0, "independence": 0.1, "experts": 0.5, "conflict": 0.5,
+                "mec": 0.1, "rec": 0.1, "region": 0.1}
 
 
 class FeatureUNetDecoder(UNetDecoder):
@@ -75,18 +78,27 @@ class FeatureUNetDecoder(UNetDecoder):
         return (outputs if self.deep_supervision else outputs[0]), lres
 
 
+def _per_sample_mean(values: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """(B,) mean of ``values`` (B, c, *s) per sample over the voxels where ``weight`` (B, 1, *s) is 1."""
+    w = weight.expand_as(values)
+    return (values * w).flatten(1).sum(1) / w.flatten(1).sum(1).clamp_min(1)
+
+
 def _area_pool(x: torch.Tensor, size) -> torch.Tensor:
     """Average-pool a (B, 1, *s) map to ``size`` (2D or 3D)."""
     pool = F.adaptive_avg_pool2d if x.dim() == 4 else F.adaptive_avg_pool3d
     return pool(x, tuple(size))
 
 
-def expert_disagreement(expert_probs: torch.Tensor) -> torch.Tensor:
-    """Largest pairwise total-variation distance between M expert predictions (B, M, C, *s) -> (B, 1, *s)."""
+def expert_disagreement(expert_probs: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Largest pairwise total-variation distance between M expert predictions (B, M, C, *s) -> (B, 1, *s),
+    over pairs of present experts (``mask`` (B, M), 1 = present)."""
     m = expert_probs.shape[1]
     if m < 2:
         return torch.zeros_like(expert_probs[:, 0, :1])
-    d = [0.5 * (expert_probs[:, i] - expert_probs[:, j]).abs().sum(1, keepdim=True)
+    a = torch.ones(expert_probs.shape[:2], device=expert_probs.device) if mask is None else mask.float()
+    ones = (1,) * (expert_probs.dim() - 2)
+    d = [0.5 * (expert_probs[:, i] - expert_probs[:, j]).abs().sum(1, keepdim=True) * (a[:, i] * a[:, j]).view(-1, *ones)
          for i in range(m) for j in range(i + 1, m)]
     return torch.stack(d, 0).amax(0)
 
@@ -143,6 +155,13 @@ class EnTrustUNet(nn.Module):
         self.prior = nn.ModuleList(conv_op(self.prior_channels, f, 1) for f in features_per_stage[1:]) \
             if self.prior_channels else None
         self.experts = conv_op(m * widths[1], m * num_classes, 1, groups=m)
+        # CLoE: region map r from the experts' averaged shallow features, reliability weights of the experts
+        self.region = RegionProjection(conv_op, widths[1])
+        self.reliability = ConsistencyGate()
+        #: modality mask (M,) or (B, M), 1 = present, for the next forward passes; None = all present. An
+        #: attribute because nnU-Net's train_step and sliding window call ``network(x)`` only: the trainer
+        #: (modality dropout) and the predictor (absent channel files) set it around their calls
+        self.modality_mask = None
         self.segdiff = SegDiffHead(conv_op, num_classes, features_per_stage[0] + 1, segdiff_hidden,
                                    t_start=segdiff_t_start, rank=segdiff_rank, mc_samples=segdiff_mc_samples,
                                    cov_penalty=segdiff_cov_penalty)
@@ -185,8 +204,8 @@ class EnTrustUNet(nn.Module):
             module.reset_start()
 
     # ------------------------------------------------------------------ forward
-    def forward(self, x: torch.Tensor, return_parts: bool = False):
-        parts = self._trunk(x, keep_all=return_parts or self.cache_parts)
+    def forward(self, x: torch.Tensor, return_parts: bool = False, modality_mask=None):
+        parts = self._trunk(x, keep_all=return_parts or self.cache_parts, mask=self._mask(x, modality_mask))
         logits = parts["logits"]
         if not (return_parts or self.cache_parts):
             if self.training or self.decoder.deep_supervision:
@@ -201,22 +220,39 @@ class EnTrustUNet(nn.Module):
             self.last_parts = parts
         return parts if return_parts else logits
 
-    def _trunk(self, x: torch.Tensor, keep_all: bool) -> dict:
+    def _mask(self, x: torch.Tensor, modality_mask=None) -> torch.Tensor:
+        """The (B, M) float modality mask of this call: ``modality_mask``, else :attr:`modality_mask`."""
+        mask = self.modality_mask if modality_mask is None else modality_mask
+        return resolve_mask(mask, x.shape[0], self.num_modalities, x.device)
+
+    def _experts(self, skips: list[torch.Tensor], mask: torch.Tensor) -> dict:
+        """Per-modality experts, their conflict ``d`` among the present ones, CLoE's region logit and the
+        reliability ``weights`` (B, M) of the present experts (the gate reads the experts detached: MEC/REC
+        and the experts' own loss train them, the fusion's loss trains the gate)."""
+        experts = self.expert_probabilities(skips)
+        region_logit = self.region(skips[1], mask)
+        weights = self.reliability(experts.detach(), torch.sigmoid(region_logit.detach().float()), mask)
+        return {"experts": experts, "region_logit": region_logit, "weights": weights,
+                "disagreement": self.expert_conflict(experts, mask)}
+
+    def _trunk(self, x: torch.Tensor, keep_all: bool, mask: torch.Tensor) -> dict:
         """ModEnc -> EnFuse -> decoder. Returns ``logits``, ``conflict`` and ``cond`` (SegDiff's conditioning:
         decoder features at full resolution and the conflict map); with ``keep_all`` also every
         intermediate part the EnTrust losses need. Without it, each stage's modality features and fusion
         parts are dropped as soon as they are fused, so that inference holds no more than the decoder's
-        inputs (as plain nnU-Net holds its skips)."""
+        inputs (as plain nnU-Net holds its skips). Absent modalities (``mask`` (B, M) = 0) are removed from
+        the input, from EnFuse's means and gates and, at full resolution, their streams are replaced by the
+        reliability-weighted mean of the present ones. Channels after the modalities are the cascade prior."""
         x, prior = x[:, :self.num_modalities], x[:, self.num_modalities:]
-        skips = self.encoders(x)
-        experts = self.expert_probabilities(skips)
-        d = self.expert_conflict(experts)
+        skips = self.encoders(without_absent(x, mask))
+        ex = self._experts(skips, mask)
+        d, weights = ex["disagreement"], ex["weights"]
         full, streams = skips[0], skips[1:]
-        kept = {"skips": skips, "experts": experts, "disagreement": d, "fused": []} if keep_all else {}
+        kept = {"skips": skips, **ex, "modality_mask": mask, "fused": []} if keep_all else {}
         del skips
         f_en, conflict = [], None
         for i, fuse in enumerate(self.fuse):
-            p = fuse(streams[i], _area_pool(d, streams[i].shape[3:]))
+            p = fuse(streams[i], _area_pool(d, streams[i].shape[3:]), mask, weights)
             streams[i] = None
             f_en.append(self._add_prior(p["F_en"], prior, i))
             if conflict is None:
@@ -224,7 +260,8 @@ class EnTrustUNet(nn.Module):
             if keep_all:
                 kept["fused"].append(p)
             del p
-        f_en.insert(0, self.fuse_full(torch.cat([full.flatten(1, 2), conflict, prior.to(full.dtype)], 1)))
+        f_en.insert(0, self.fuse_full(torch.cat([impute_absent(full, mask, weights).flatten(1, 2), conflict,
+                                                 prior.to(full.dtype)], 1)))
         del full
         logits, features = self.decoder(f_en)
         del f_en
@@ -249,30 +286,16 @@ class EnTrustUNet(nn.Module):
         return probabilities(self.experts(s1.flatten(1, 2)).reshape(b, m, self.num_classes, *s1.shape[3:]),
                              self.regions, axis=2)
 
-    def expert_conflict(self, experts: torch.Tensor) -> torch.Tensor:
-        """The experts' conflict ``d`` (B, 1, *s) in [0, 1]. For regions each channel is a two-class
-        distribution ``(p_r, 1 - p_r)``; ``d`` is the largest over regions of the per-region measure."""
+    def expert_conflict(self, experts: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The experts' conflict ``d`` (B, 1, *s) in [0, 1] among the present ones (``mask`` (B, M)). For regions
+        each channel is a two-class distribution ``(p_r, 1 - p_r)``; ``d`` is the largest over regions of the
+        per-region measure."""
         if not self.regions:
-            return self.conflict_measure(experts)
+            return self.conflict_measure(experts, mask)
         b, m, r = experts.shape[:3]
         pairs = torch.stack([experts, 1 - experts], 3).transpose(1, 2).flatten(0, 1)  # (B * R, M, 2, *s)
-        return self.conflict_measure(pairs).unflatten(0, (b, r)).amax(1)
-
-    def _expert_loss(self, expert_probs: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None):
-        """Mean over experts of their cross-entropy (per region: binary) on the valid voxels, at their resolution."""
-        size = expert_probs.shape[3:]
-        # nnU-Net's deep-supervision targets are nearest-downsampled the same way
-        tgt = F.interpolate(target.float(), size=size, mode="nearest")
-        ok = None if valid is None else F.interpolate(valid.float(), size=size, mode="nearest") > 0.5
-        losses = []
-        for m in range(expert_probs.shape[1]):
-            p = expert_probs[:, m]
-            if self.regions:
-                ce = F.binary_cross_entropy(p.clamp(1e-6, 1 - 1e-6), tgt, reduction="none")
-            else:
-                ce = F.nll_loss(p.clamp_min(1e-6).log(), tgt[:, 0].long(), reduction="none")[:, None]
-            losses.append(masked_mean(ce, ok))
-        return torch.stack(losses).mean()
+        mask = None if mask is None else mask.repeat_interleave(r, 0)
+        return self.conflict_measure(pairs, mask).unflatten(0, (b, r)).amax(1)
 
     def auxiliary_losses(self, parts: dict, target: torch.Tensor, valid: torch.Tensor | None = None
                          ) -> dict[str, torch.Tensor]:
@@ -290,7 +313,6 @@ class EnTrustUNet(nn.Module):
         logits = full_resolution(parts["logits"])
         segdiff = self.segdiff.losses(cond_h, target, logits, valid=valid)
         independence = torch.stack([f.independence_penalty(p) for f, p in zip(self.fuse, parts["fused"])]).mean()
-        experts = self._expert_loss(parts["experts"], target, valid)
         disagreement = parts["disagreement"].detach().float()
         conflict = []
         for p in parts["fused"]:
@@ -299,7 +321,32 @@ class EnTrustUNet(nn.Module):
                                                      reduction="none")
             weight = None if valid is None else _area_pool(valid.float(), size)
             conflict.append(bce.mean() if weight is None else (bce * weight).sum() / weight.sum().clamp_min(1e-6))
-        return {**segdiff, "independence": independence, "experts": experts, "conflict": torch.stack(conflict).mean()}
+        return {**segdiff, "independence": independence, **self._expert_losses(parts, target, valid),
+                "conflict": torch.stack(conflict).mean()}
+
+    def _expert_losses(self, parts: dict, target: torch.Tensor, valid: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """experts: cross-entropy (per region: binary) of the PRESENT experts on the valid voxels at their (stage-1)
+        resolution, averaged; mec / rec: CLoE's consistency of the present experts on their maps / on maps weighted
+        by the region map r (detached: r learns where the structure is from ``region``, not to hide
+        disagreement); region: BCE of r's logit against the foreground (any region), on the valid voxels."""
+        probs, mask = parts["experts"], parts["modality_mask"]
+        size = probs.shape[3:]
+        # nnU-Net's deep-supervision targets are nearest-downsampled the same way
+        tgt = F.interpolate(target.float(), size=size, mode="nearest")
+        ok = torch.ones_like(tgt[:, :1]) if valid is None else (F.interpolate(valid.float(), size=size) > 0.5).float()
+        ce = torch.stack([_per_sample_mean(self._expert_ce(probs[:, m], tgt), ok) for m in range(probs.shape[1])], 1)
+        region_logit = parts["region_logit"].float()
+        r = torch.sigmoid(region_logit).detach().unsqueeze(1)
+        foreground = (tgt.amax(1, keepdim=True) > 0).float()
+        region = F.binary_cross_entropy_with_logits(region_logit, foreground, reduction="none")
+        return {"experts": (ce * mask).sum() / mask.sum(), "mec": consistency_loss(probs, mask),
+                "rec": consistency_loss(probs * r, mask), "region": masked_mean(region, ok > 0)}
+
+    def _expert_ce(self, p: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+        """(B, 1 or R, *s) cross-entropy of one expert's probabilities ``p`` against the downsampled target."""
+        if self.regions:
+            return F.binary_cross_entropy(p.clamp(1e-6, 1 - 1e-6), tgt, reduction="none")
+        return F.nll_loss(p.clamp_min(1e-6).log(), tgt[:, 0].long(), reduction="none")[:, None]
 
     # ------------------------------------------------------------------ inference
     def _hypotheses(self, logits: torch.Tensor, cond: torch.Tensor, k: int, s: int, seed: int = 0) -> torch.Tensor:
@@ -308,7 +355,8 @@ class EnTrustUNet(nn.Module):
                                    chunk=self.sampling_chunk)
 
     @torch.no_grad()
-    def sample(self, x: torch.Tensor, settings: SamplingSettings | None = None) -> dict[str, torch.Tensor]:
+    def sample(self, x: torch.Tensor, settings: SamplingSettings | None = None,
+               modality_mask=None) -> dict[str, torch.Tensor]:
         """Encoders + EnFuse + decoder once, then K hypotheses x S steps through the SegDiff head.
 
         ``settings`` default to the network's own (:attr:`sampling`). Returns ``hypotheses`` (K, B, C, *s),
@@ -318,11 +366,11 @@ class EnTrustUNet(nn.Module):
         entropy), ``probe``, ``conflict`` (the experts' normalised Jensen-Shannon divergence, upsampled),
         ``fusion_conflict`` (EnFuse's F_cf), ``confidence`` (max of the mean), ``head_confidence`` (max
         softmax of the deterministic head) and ``error`` (CalibHead's probability that argmax(mean) is
-        wrong). See :mod:`entrust_nnunet.model.trustmap`.
+        wrong). See :mod:`entrust_nnunet.model.trustmap`. ``modality_mask``: as in :meth:`forward`.
         """
         settings = settings or self.sampling
         k, s, seed = settings.num_hypotheses, settings.steps, settings.seed
-        parts = self._trunk(x, keep_all=False)
+        parts = self._trunk(x, keep_all=False, mask=self._mask(x, modality_mask))
         logits = full_resolution(parts["logits"])
 
         hyps = self._hypotheses(logits, parts["cond"], k, s, seed)

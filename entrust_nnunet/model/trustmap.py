@@ -106,13 +106,24 @@ def jensen_shannon(probs: torch.Tensor, member_axis: int, class_axis: int) -> to
     return (entropy(mean, axis=cls) - entropy(probs, axis=class_axis).mean(member_axis)).clamp_min(0)
 
 
-def expert_conflict(expert_probs: torch.Tensor) -> torch.Tensor:
+def expert_conflict(expert_probs: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Conflict of M expert predictions (B, M, C, *s) -> (B, 1, *s) in [0, 1]: their Jensen-Shannon
-    divergence divided by its bound ``log(min(M, C))`` (0 for a single expert)."""
+    divergence divided by its bound ``log(min(M, C))`` (0 for a single expert).
+
+    ``mask`` (B, M), 1 = modality present: the divergence is taken among the present experts only
+    (``M`` is then their number, per sample), so an absent modality's expert never counts as conflicting."""
     m, c = expert_probs.shape[1:3]
-    if m < 2:
-        return torch.zeros_like(expert_probs[:, 0, :1])
-    return (jensen_shannon(expert_probs.float(), 1, 2) / math.log(min(m, c))).clamp(0, 1).unsqueeze(1)
+    if mask is None:
+        if m < 2:
+            return torch.zeros_like(expert_probs[:, 0, :1])
+        return (jensen_shannon(expert_probs.float(), 1, 2) / math.log(min(m, c))).clamp(0, 1).unsqueeze(1)
+    p = expert_probs.float()
+    a = mask.float().view(*mask.shape, *([1] * (p.dim() - 2)))
+    n = a.sum(1).clamp_min(1)  # (B, 1, ..., 1)
+    mean = (p * a).sum(1) / n
+    jsd = (entropy(mean, axis=1) - (entropy(p, axis=2) * a[:, :, 0]).sum(1) / n[:, 0]).clamp_min(0)
+    bound = torch.clamp(torch.minimum(n[:, 0], torch.full_like(n[:, 0], float(c))), min=2).log()
+    return torch.where(n[:, 0] >= 2, jsd / bound, torch.zeros_like(jsd)).clamp(0, 1).unsqueeze(1)
 
 
 def hypothesis_statistics(hypotheses: torch.Tensor, regions: bool = False) -> dict[str, torch.Tensor]:

@@ -18,6 +18,7 @@ from torch import nn
 from entrust_nnunet.model.crnp import CRNPUNet
 from entrust_nnunet.model.mcdropout import MCDropoutUNet
 from entrust_nnunet.nnunet.distributed import unwrap
+from entrust_nnunet.nnunet.modality_dropout import ModalityDropoutZeroFill
 
 MCDROPOUT_NETWORK = f"{MCDropoutUNet.__module__}.{MCDropoutUNet.__name__}"
 CRNP_NETWORK = f"{CRNPUNet.__module__}.{CRNPUNet.__name__}"
@@ -44,6 +45,13 @@ def _build(network: str, configuration_manager, num_input_channels: int, num_out
     kwargs, req_import = plain_arch_kwargs(configuration_manager)
     return get_network_from_plans(network, kwargs, req_import, num_input_channels, num_output_channels,
                                   allow_init=True, deep_supervision=enable_deep_supervision)
+
+
+class nnUNetTrainerModDrop(ModalityDropoutZeroFill, nnUNetTrainer):
+    """Plain nnU-Net with the same modality dropout as :class:`~entrust_nnunet.nnunet.trainers.nnUNetTrainerEnTrustModDrop`,
+    dropped channels zero-filled after normalisation: the fair baseline for missing modalities."""
+
+    modality_dropout = 0.5
 
 
 class nnUNetTrainerMCDropout(nnUNetTrainer):

@@ -66,23 +66,30 @@ def check_weights_fit(network: nn.Module, weights: dict, checkpoint: Path, plans
         raise InputError(f"{checkpoint}: does not fit the model described by {plans} ({'; '.join(problems)})")
 
 
-def build_network(trainer_name: str, plans_manager, configuration_manager, dataset_json: dict,
-                   checkpoint: Path) -> nn.Module:
-    """The network the checkpoint's trainer builds from these plans (nnU-Net's own builders)."""
-    import inspect
+def find_trainer(trainer_name: str, checkpoint: Path) -> type:
+    """The trainer class named in a checkpoint, found as nnU-Net finds it (one InputError line if not)."""
     import warnings
 
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
-    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
 
     ensure_ext_trainer()  # our trainers are found without the user exporting nnUNet_extTrainer
     try:
         with warnings.catch_warnings():  # nnU-Net imports every trainer module to find one; not the user's concern
             warnings.simplefilter("ignore", FutureWarning)
-            trainer = recursive_find_trainer_class_by_name(trainer_name)
+            return recursive_find_trainer_class_by_name(trainer_name)
     except (RuntimeError, AssertionError):
         raise InputError(f"{checkpoint}: trained with {trainer_name}, which nnU-Net cannot find "
                          f"(is its folder on nnUNet_extTrainer?)") from None
+
+
+def build_network(trainer_name: str, plans_manager, configuration_manager, dataset_json: dict,
+                   checkpoint: Path) -> nn.Module:
+    """The network the checkpoint's trainer builds from these plans (nnU-Net's own builders)."""
+    import inspect
+
+    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+
+    trainer = find_trainer(trainer_name, checkpoint)
     cm = configuration_manager
     n_in = determine_num_input_channels(plans_manager, cm, dataset_json)
     n_out = plans_manager.get_label_manager(dataset_json).num_segmentation_heads

@@ -19,7 +19,11 @@ Gaussian weighting, mirroring, fold averaging, resampling, crop/transpose back).
   before the mask, so a mask on disk means its maps are complete.
 
 Output per case: ``OUT/CASE<ending>`` and ``OUT/uncertainty/CASE_{total,aleatoric,epistemic,conflict}<ending>``
-(``total`` is the probability of error).
+(``total`` is the probability of error); with a modality record, ``OUT/uncertainty/CASE_modalities.json``.
+
+Absent modalities: :attr:`TrustStatistics.modality_mask` (set per case) is handed to EnTrust networks, which
+mask those streams; other nnU-Net networks see the channels zero-filled after normalisation (how the
+``nnUNetTrainerModDrop`` baseline is trained, and what a user of plain nnU-Net would do).
 
 Region datasets (nnU-Net's regions, e.g. BraTS): the pooled "class probabilities" are the regions' sigmoid
 probabilities (C = R channels, overlapping) and are exported to nnU-Net as their logits, so its own
@@ -49,14 +53,16 @@ from acvl_utils.cropping_and_padding.bounding_boxes import insert_crop_into_imag
 from torch import nn
 from tqdm import tqdm
 
-from entrust_nnunet.data.io import (HYPOTHESIS_FOLDER, MAP_FOLDER, MAP_NAMES, InputError, hypothesis_path, map_path,
-                                    temporary_path, write_image)
+from entrust_nnunet.data.io import (HYPOTHESIS_FOLDER, MAP_FOLDER, MAP_NAMES, InputError, atomic_file, hypothesis_path,
+                                    map_path, temporary_path, write_image)
+from entrust_nnunet.data.modalities import modalities_path
+from entrust_nnunet.model.absence import resolve_mask, without_absent
 from entrust_nnunet.model.network import EnTrustUNet
 from entrust_nnunet.model.outputs import as_logits, decision_confidence
 from entrust_nnunet.model.sampling import DEFAULT_SAMPLING, SamplingSettings
 from entrust_nnunet.model.trustmap import CalibHead, entropy, output_entropy, tempered_log_probabilities
 from entrust_nnunet.nnunet.calibration import load_calibrator
-from entrust_nnunet.nnunet.checkpoints import build_network, check_weights_fit, load_checkpoint
+from entrust_nnunet.nnunet.checkpoints import build_network, check_weights_fit, find_trainer, load_checkpoint
 from entrust_nnunet.nnunet.distributed import unwrap
 from entrust_nnunet.nnunet.toolchain import TEMPERATURE_KEY
 from entrust_nnunet.nnunet.workers import (end_processes, sigint_blocked_in_children, workers_ended_first_on_signals,
@@ -67,18 +73,22 @@ from entrust_nnunet.nnunet.workers import (end_processes, sigint_blocked_in_chil
 POOLED_MAPS = ("aleatoric", "probe", "conflict", "head_confidence")
 
 
-def uncertainty_statistics(net: nn.Module, x: torch.Tensor, sampling: SamplingSettings) -> dict[str, torch.Tensor]:
+def uncertainty_statistics(net: nn.Module, x: torch.Tensor, sampling: SamplingSettings,
+                           modality_mask=None) -> dict[str, torch.Tensor]:
     """Per-patch ``mean`` (B, C, *s) class probabilities and the maps of :data:`POOLED_MAPS` (B, *s).
 
     EnTrustUNet samples its SegDiff hypotheses; a network with ``sample_statistics`` (the baselines in
     ``entrust_nnunet.model.mcdropout``, ``entrust_nnunet.model.crnp``) gives its own; any other nnU-Net
     network is read as plain softmax (aleatoric = its entropy, no probe, no conflict). For networks
     without a deterministic head of their own, ``head_confidence`` is the max of ``mean``. Also
-    ``hypotheses`` (K, B, C, *s): the network's samples, or its one prediction (K = 1).
+    ``hypotheses`` (K, B, C, *s): the network's samples, or its one prediction (K = 1). ``modality_mask`` (M,):
+    absent modalities, masked by EnTrust networks, zero-filled (after normalisation) for any other.
     """
     if isinstance(net, EnTrustUNet):
-        s = net.sample(x, sampling)
+        s = net.sample(x, sampling, modality_mask=modality_mask)
         return {k: s[k] for k in ("mean", "hypotheses", *POOLED_MAPS)}
+    if modality_mask is not None:
+        x = without_absent(x, resolve_mask(modality_mask, x.shape[0], x.shape[1], x.device))
     if hasattr(net, "sample_statistics"):
         s = net.sample_statistics(x, num_hypotheses=sampling.num_hypotheses, seed=sampling.seed)
     else:
@@ -104,9 +114,11 @@ class TrustStatistics(nn.Module):
         #: also return every hypothesis' class probabilities (K x C more channels; hypothesis k draws the
         #: same latent in every patch, so averaging it over patches and mirrorings keeps it one mask)
         self.with_hypotheses = with_hypotheses
+        #: (M,) modalities present in the case being predicted (None: all); the predictor sets it per case
+        self.modality_mask = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s = uncertainty_statistics(self.net, x, self.sampling)
+        s = uncertainty_statistics(self.net, x, self.sampling, self.modality_mask)
         hyps = [s["hypotheses"].movedim(0, 1).flatten(1, 2).to(s["mean"].dtype)] if self.with_hypotheses else []
         return torch.cat([s["mean"], *(s[k][:, None] for k in POOLED_MAPS), *hyps], 1)
 
@@ -148,12 +160,14 @@ def _write_hypotheses(hypotheses: np.ndarray, properties: dict, configuration_ma
 
 def export_prediction_with_maps(prediction: np.ndarray, properties: dict, configuration_manager, plans_manager,
                                 dataset_json: dict, output_file_truncated: str, save_probabilities: bool = False,
-                                keep_mask: bool = True, hypotheses: np.ndarray | None = None) -> None:
+                                keep_mask: bool = True, hypotheses: np.ndarray | None = None,
+                                modalities: dict | None = None) -> None:
     """Write mask (+ probabilities) with nnU-Net's exporter and the maps (+ hypotheses) beside it, atomically.
 
     ``prediction`` is (C + 4, *s): log class probabilities, then total, aleatoric, epistemic, conflict.
     ``hypotheses`` (F*K, *s): labels of every hypothesis, written to ``OUT/hypotheses/CASE_hNN``.
     With ``keep_mask=False`` only the maps are kept (nnU-Net's validation has written the masks).
+    ``modalities``: the case's modality record, written to ``OUT/uncertainty/CASE_modalities.json``.
     """
     num_classes = prediction.shape[0] - len(MAP_NAMES)
     ending = dataset_json["file_ending"]
@@ -175,6 +189,9 @@ def export_prediction_with_maps(prediction: np.ndarray, properties: dict, config
             image = sitk.GetImageFromArray(np.asarray(values, dtype=np.float32).reshape(shape))
             image.CopyInformation(reference)
             write_image(image, map_path(out_dir, case, name, ending))
+        if modalities is not None:
+            with atomic_file(modalities_path(out_dir, case)) as f:
+                json.dump(modalities, f, indent=2)
         if hypotheses is not None:
             os.makedirs(os.path.join(out_dir, HYPOTHESIS_FOLDER), exist_ok=True)
             _write_hypotheses(hypotheses, properties, configuration_manager, plans_manager, dataset_json, reference,
@@ -195,6 +212,8 @@ class EnTrustPredictor(nnUNetPredictor):
         #: also predict every hypothesis as a mask (fold-major: all of fold 0's, then fold 1's, ...)
         self.save_hypotheses = save_hypotheses
         self.calib_heads: list[CalibHead] = []
+        #: the training's modality dropout probability, read from the trainer class when a model folder loads
+        self.modality_dropout = 0.0
 
     # --------------------------------------------------------------- initialisation
     def initialize_from_trained_model_folder(self, model_training_output_dir: str, use_folds,
@@ -220,6 +239,7 @@ class EnTrustPredictor(nnUNetPredictor):
                              f"{folder / 'plans.json'} does not hold")
         configuration_manager = plans_manager.get_configuration(configuration)
         network = build_network(first["trainer_name"], plans_manager, configuration_manager, dataset_json, files[0])
+        self.modality_dropout = float(getattr(find_trainer(first["trainer_name"], files[0]), "modality_dropout", 0.0))
         for ckpt, f in zip(checkpoints, files):
             check_weights_fit(network, ckpt["network_weights"], f, folder / "plans.json")
         parameters = [c["network_weights"] for c in checkpoints]
@@ -345,8 +365,12 @@ class EnTrustPredictor(nnUNetPredictor):
         return self.predict_case(data)[0]
 
     def predict_cases(self, input_files: list[list[str]], output_truncated: list[str], save_probabilities: bool = False,
-                      num_processes_preprocessing: int = 2, num_processes_export: int = 2) -> None:
-        """Preprocess (nnU-Net's iterator), predict with maps, export in a spawn pool; progress bar per case."""
+                      num_processes_preprocessing: int = 2, num_processes_export: int = 2,
+                      modalities: list[dict] | None = None) -> None:
+        """Preprocess (nnU-Net's iterator), predict with maps, export in a spawn pool; progress bar per case.
+        ``modalities``: per case a record with ``present`` (M bools; absent channels are masked) that is written
+        beside the maps."""
+        records = dict(zip(output_truncated, modalities or [None] * len(output_truncated)))
         iterator = self._internal_get_data_iterator_from_lists_of_filenames(
             input_files, [None] * len(input_files), output_truncated, num_processes_preprocessing)
         with sigint_blocked_in_children():
@@ -357,8 +381,8 @@ class EnTrustPredictor(nnUNetPredictor):
                 pending = []
                 for item in tqdm(workers_started(iter(iterator)), total=len(input_files), desc="predict",
                                  unit="case", disable=not self.allow_tqdm):
-                    pending.append(pool.apply_async(export_prediction_with_maps, self._predicted(item,
-                                                                                              save_probabilities)))
+                    pending.append(pool.apply_async(export_prediction_with_maps,
+                                                    self._predicted(item, save_probabilities, records[item["ofile"]])))
                 for job in pending:
                     job.get()
             except BaseException:
@@ -368,15 +392,22 @@ class EnTrustPredictor(nnUNetPredictor):
                 end_processes(set(multiprocessing.active_children()) - ours)
                 raise
 
-    def _predicted(self, item: dict, save_probabilities: bool) -> tuple:
-        """The arguments of :func:`export_prediction_with_maps` for one preprocessed case of nnU-Net's iterator."""
+    def _predicted(self, item: dict, save_probabilities: bool, record: dict | None = None) -> tuple:
+        """The arguments of :func:`export_prediction_with_maps` for one preprocessed case of nnU-Net's iterator,
+        predicted with the modalities ``record["present"]`` (all when None)."""
         data = item["data"]
         if isinstance(data, str):  # nnU-Net hands large cases over as a temporary .npy file
             path, data = data, torch.from_numpy(np.load(data))
             os.remove(path)
-        prediction, hypotheses = self.predict_case(data)
+        present = None if record is None else record.get("mask")
+        self.network.modality_mask = None if present is None or all(present) else torch.tensor(present)
+        try:
+            prediction, hypotheses = self.predict_case(data)
+        finally:
+            self.network.modality_mask = None
+        record = None if record is None else {k: v for k, v in record.items() if k != "mask"}
         # recorded in the .pkl, so that `entrust ensemble` can pool the members' untempered means
         item["data_properties"][TEMPERATURE_KEY] = self.class_temperature()
         return (prediction.cpu().numpy(), item["data_properties"], self.configuration_manager, self.plans_manager,
                 self.dataset_json, item["ofile"], save_probabilities, True,
-                None if hypotheses is None else hypotheses.cpu().numpy())
+                None if hypotheses is None else hypotheses.cpu().numpy(), record)

@@ -13,6 +13,9 @@ It changes these hooks of nnUNetTrainer and nothing else:
 * ``do_split`` / ``on_train_end``: fit TrustMap's CalibHead, and the temperature of the class probabilities,
   on the validation fold (cases the network never trained on) before the final checkpoint; with fold ``all`` a held-out subset of the training
   cases instead (:mod:`entrust_nnunet.nnunet.calibration`);
+* ``train_step`` (:class:`~entrust_nnunet.nnunet.modality_dropout.ModalityDropout`): with ``modality_dropout``
+  > 0 each sample keeps a random non-empty subset of its modalities, handed to the network as a mask around
+  nnU-Net's unchanged step (off here; on in :class:`nnUNetTrainerEnTrustModDrop`);
 * ``perform_actual_validation``: after nnU-Net's own validation, write the uncertainty maps of every
   validation case into ``fold_X/validation/uncertainty/``, cross-fitted (each half of the fold from a
   CalibHead fitted on the other half), so cross-validated metrics never score CalibHead on its own voxels.
@@ -44,6 +47,7 @@ from entrust_nnunet.nnunet.calibration import (CALIBRATION_STEPS, FOLD_VOXELS_FI
                                                calibration_voxels, fit_calib_head, fit_class_temperature,
                                                save_fold_voxels)
 from entrust_nnunet.nnunet.distributed import broadcast_state, freeze, thawed, unwrap
+from entrust_nnunet.nnunet.modality_dropout import ModalityDropout
 
 AUX_LOG_KEYS = tuple(f"entrust_{k}" for k in LOSS_WEIGHTS)
 
@@ -113,7 +117,9 @@ def check_previous_stage(folder: str, keys) -> None:
                                 f"(first: {missing[0]}); train the previous stage (3d_lowres) with this trainer first")
 
 
-class nnUNetTrainerEnTrust(nnUNetTrainer):
+class nnUNetTrainerEnTrust(ModalityDropout, nnUNetTrainer):
+    #: modality dropout is off by default until the multi-seed measurement of issue 14 decides (docs/design.md)
+    modality_dropout = 0.0
     #: with fold 'all' only (no validation fold): share of the training cases held out to fit CalibHead
     calibration_fraction = 0.25
     #: CalibHead sees at most this many voxels per case (a seeded uniform subset), bounding its memory
@@ -152,11 +158,28 @@ class nnUNetTrainerEnTrust(nnUNetTrainer):
             check_previous_stage(self.folder_with_segs_from_previous_stage,
                                  self.dataset_class.get_identifiers(self.preprocessed_dataset_folder))
 
+    def drop_modalities(self, batch: dict, mask: torch.Tensor) -> dict:
+        unwrap(self.network).modality_mask = mask.to(self.device)  # the network masks; nnU-Net calls network(x)
+        return batch
+
+    def restore_modalities(self) -> None:
+        unwrap(self.network).modality_mask = None
+
     def _build_loss(self):
         net = unwrap(self.network)
         net.cache_parts = True
         lm = self.label_manager
-        return EnTrustLoss(super()._build_loss(), net, regions=lm.has_regions, ignore_label=lm.ignore_label)
+        return EnTrustLoss(super()._build_loss(), net, self.loss_weights(), regions=lm.has_regions,
+                           ignore_label=lm.ignore_label)
+
+    def loss_weights(self) -> dict[str, float]:
+        """LOSS_WEIGHTS; without modality dropout CLoE's consistency terms (mec, rec) are off: with every modality
+        always present they would only pull the experts together, whose disagreement is the conflict map
+        (unmeasured, so not risked in the default; docs/design.md)."""
+        weights = dict(LOSS_WEIGHTS)
+        if not self.modality_dropout:
+            weights.update(mec=0.0, rec=0.0)
+        return weights
 
     def on_train_epoch_end(self, train_outputs):
         super().on_train_epoch_end(train_outputs)
@@ -310,3 +333,10 @@ class nnUNetTrainerEnTrust(nnUNetTrainer):
             # out-of-fold voxels for `entrust calibrate`, which fits one calibrator on every fold's
             save_fold_voxels(Path(self.output_folder) / FOLD_VOXELS_FILE, voxels)
         broadcast_state(unwrap(self.network).calib)
+
+
+class nnUNetTrainerEnTrustModDrop(nnUNetTrainerEnTrust):
+    """EnTrust trained with modality dropout: half of the samples keep a random proper non-empty subset of
+    their modalities (masked, not zero-filled); such a model predicts cases with absent channel files."""
+
+    modality_dropout = 0.5

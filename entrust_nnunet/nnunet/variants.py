@@ -22,8 +22,8 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from entrust_nnunet.nnunet.ablation_trainers import (nnUNetTrainerEnTrustNoEnFuse, nnUNetTrainerEnTrustNoProbe,
                                                       nnUNetTrainerEnTrustNoSteps)
-from entrust_nnunet.nnunet.baseline_trainers import nnUNetTrainerCRNP, nnUNetTrainerMCDropout
-from entrust_nnunet.nnunet.trainers import nnUNetTrainerEnTrust
+from entrust_nnunet.nnunet.baseline_trainers import nnUNetTrainerCRNP, nnUNetTrainerMCDropout, nnUNetTrainerModDrop
+from entrust_nnunet.nnunet.trainers import nnUNetTrainerEnTrust, nnUNetTrainerEnTrustModDrop
 
 #: the demo's short CPU schedule: 15 epochs x 50 iterations of batch 2 (2D 64x64 phantoms), about 2-3 min
 DEMO_SCHEDULE = {"num_epochs": 15, "num_iterations_per_epoch": 50, "num_val_iterations_per_epoch": 5}
@@ -107,6 +107,22 @@ class nnUNetTrainerEnTrust_tinyCPU(ScheduleMixin, nnUNetTrainerEnTrust):
 
 class nnUNetTrainerEnTrust_1epochCPU(ScheduleMixin, nnUNetTrainerEnTrust):
     schedule = ONE_EPOCH_SCHEDULE
+
+
+class nnUNetTrainerEnTrustModDrop_demo(ScheduleMixin, nnUNetTrainerEnTrustModDrop):
+    schedule = DEMO_SCHEDULE
+
+
+class nnUNetTrainerEnTrustModDrop_tinyCPU(ScheduleMixin, nnUNetTrainerEnTrustModDrop):
+    schedule = TINY_SCHEDULE
+
+
+class nnUNetTrainerModDrop_demo(ScheduleMixin, nnUNetTrainerModDrop):
+    schedule = DEMO_SCHEDULE
+
+
+class nnUNetTrainerModDrop_tinyCPU(ScheduleMixin, nnUNetTrainerModDrop):
+    schedule = TINY_SCHEDULE
 
 
 class nnUNetTrainer_demo(ScheduleMixin, nnUNetTrainer):

@@ -41,9 +41,10 @@ FAULTS = (
           "entrust: error: {IN}/test_000_0001.nii.gz: image contains NaN or Inf values"),
     Fault("predict-inf", "predict", "one +Inf voxel in one channel", 2,
           "entrust: error: {IN}/test_001_0002.nii.gz: image contains NaN or Inf values"),
-    Fault("predict-missing-channel", "predict", "a case lacks channel 2", 2,
-          "entrust: error: {IN}/test_001_0002.nii.gz: channel 2 of case test_001 is missing "
-          "(the model expects 3 channels)"),
+    Fault("predict-missing-channel", "predict", "a case lacks channel 2; the model was trained without modality dropout", 2,
+          "entrust: error: {IN}/test_001_0002.nii.gz: channel 2 (FLAIR) of case test_001 is missing and the model was "
+          "trained by nnUNetTrainerEnTrust_tinyCPU without modality dropout; give every channel or use a model trained "
+          "with modality dropout (e.g. nnUNetTrainerEnTrustModDrop)"),
     Fault("predict-extra-channel", "predict", "a case has a 4th channel", 2,
           "entrust: error: {IN}/test_000_0003.nii.gz: case test_000 has channel 3 but the model expects 3 channels"),
     Fault("predict-geometry", "predict", "one channel with another spacing", 2,

@@ -1,0 +1,99 @@
+"""Modality dropout: masks keep a non-empty subset, all modalities with the documented probability; the
+trainers apply them around nnU-Net's train_step (EnTrust by masking, the nnU-Net baseline by zero-filling)."""
+import json
+from pathlib import Path
+
+import torch
+
+from entrust_nnunet.nnunet import variants
+from entrust_nnunet.nnunet.modality_dropout import modality_dropout_masks, subsets
+
+
+def test_masks_keep_a_nonempty_subset_and_everything_with_probability_one_minus_p():
+    masks = modality_dropout_masks(24000, 3, 0.5, torch.Generator().manual_seed(0))
+    assert masks.shape == (24000, 3) and (masks.sum(1) >= 1).all()
+    assert abs(float((masks.sum(1) == 3).float().mean()) - 0.5) < 0.02
+    counts = {}
+    for row in masks.int().tolist():
+        counts[tuple(row)] = counts.get(tuple(row), 0) + 1
+    assert len(counts) == 7  # every non-empty subset occurs
+    proper = [v / 24000 for k, v in counts.items() if sum(k) < 3]
+    assert all(abs(f - 0.5 / 6) < 0.015 for f in proper)  # proper subsets drawn uniformly
+    assert (modality_dropout_masks(50, 3, 1.0).sum(1) < 3).all()
+    assert modality_dropout_masks(50, 3, 0.0).eq(1).all() and modality_dropout_masks(50, 1, 1.0).eq(1).all()
+
+
+def test_subsets_are_every_nonempty_subset_smallest_first():
+    assert subsets(3) == [(0,), (1,), (2,), (0, 1), (0, 2), (1, 2), (0, 1, 2)]
+    assert len(subsets(4)) == 15
+
+
+def _trainer(cls, planned_phantoms, monkeypatch):
+    env, name = planned_phantoms
+    for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        monkeypatch.setenv(k, env[k])
+    monkeypatch.setenv("nnUNet_compile", "false")
+    pre = Path(env["nnUNet_preprocessed"]) / name
+    plans = json.loads((pre / "nnUNetPlans.json").read_text())
+    plans["continue_training"] = False
+    t = cls(plans, "2d", 0, json.loads((pre / "dataset.json").read_text()), torch.device("cpu"))
+    t.initialize()
+    return t
+
+
+def _batch(trainer, b=4):
+    """A random batch shaped like nnU-Net's data loader's (deep-supervision targets at every scale)."""
+    patch = list(trainer.configuration_manager.patch_size)
+    m = trainer.num_input_channels
+    target = [torch.randint(0, 3, (b, 1, *[max(1, round(p * s)) for p, s in zip(patch, scale)])).float()
+              for scale in trainer._get_deep_supervision_scales()]
+    return {"data": torch.randn(b, m, *patch) + 3.0, "target": target}
+
+
+def test_entrust_training_steps_mask_every_sample(planned_phantoms, monkeypatch):
+    torch.manual_seed(0)
+    t = _trainer(variants.nnUNetTrainerEnTrustModDrop_tinyCPU, planned_phantoms, monkeypatch)
+    assert t.modality_dropout == 0.5 and variants.nnUNetTrainerEnTrust_tinyCPU.modality_dropout == 0.0
+    seen = []
+    t.network.register_forward_pre_hook(lambda mod, args: seen.append(mod.modality_mask))
+    batch = _batch(t)
+    losses = [t.train_step(batch)["loss"] for _ in range(6)]
+    assert all(map(lambda v: v == v and abs(v) < 1e3, losses))
+    masks = torch.cat(seen)
+    assert masks.shape == (24, t.num_input_channels) and (masks.sum(1) >= 1).all()
+    assert (masks.sum(1) < t.num_input_channels).any() and (masks.sum(1) == t.num_input_channels).any()
+    assert t.network.modality_mask is None  # validation and inference see every modality again
+
+
+def test_nnunet_baseline_zero_fills_dropped_channels(planned_phantoms, monkeypatch):
+    torch.manual_seed(1)
+    t = _trainer(variants.nnUNetTrainerModDrop_tinyCPU, planned_phantoms, monkeypatch)
+    seen = []
+    t.network.register_forward_pre_hook(lambda mod, args: seen.append(args[0].detach().clone()))
+    batch = _batch(t)
+    for _ in range(4):
+        t.train_step(batch)
+    for x in seen:
+        zero = x.flatten(2).abs().amax(2) == 0  # (B, M): channels dropped in this sample
+        assert not zero.all(1).any()  # never every channel
+        kept = ~zero
+        torch.testing.assert_close(x[kept], batch["data"][kept])  # kept channels untouched
+    assert any((x.flatten(2).abs().amax(2) == 0).any() for x in seen)
+
+
+def test_prediction_zero_fills_absent_channels_for_plain_networks():
+    from conftest import arch_kwargs
+    from dynamic_network_architectures.architectures.unet import PlainConvUNet
+
+    from entrust_nnunet.model.sampling import SamplingSettings
+    from entrust_nnunet.nnunet.predictor import uncertainty_statistics
+
+    torch.manual_seed(0)
+    net = PlainConvUNet(3, num_classes=2, deep_supervision=False, **arch_kwargs(2)).eval()
+    x = torch.randn(1, 3, 32, 32)
+    zeroed = x.clone()
+    zeroed[:, 2] = 0
+    with torch.no_grad():
+        masked = uncertainty_statistics(net, x, SamplingSettings(), torch.tensor([True, True, False]))
+        torch.testing.assert_close(masked["mean"], torch.softmax(net(zeroed), 1))
+        assert (masked["mean"] - uncertainty_statistics(net, x, SamplingSettings())["mean"]).abs().max() > 1e-4
