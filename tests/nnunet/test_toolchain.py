@@ -13,6 +13,7 @@ import shlex
 import subprocess
 from pathlib import Path
 
+from batchgenerators.utilities.file_and_folder_operations import load_pickle
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -22,7 +23,7 @@ from conftest import nnunet_bin
 from entrust_nnunet.data.io import MAP_NAMES
 from entrust_nnunet.model.trustmap import entropy
 from entrust_nnunet.nnunet.env import ensure_ext_trainer, set_nnunet_roots
-from entrust_nnunet.nnunet.toolchain import member_error_probability
+from entrust_nnunet.nnunet.toolchain import member_error_probability, untempered
 
 DATASET_ID = 953
 NAME = f"Dataset{DATASET_ID}_Phantoms"
@@ -235,7 +236,10 @@ def test_entrust_ensemble_pools_members_like_folds(members, tmp_path):
         np.testing.assert_allclose(probs, np.mean(member_probs, 0), atol=1e-6)
         aleatoric = _map(out, case, "aleatoric")
         np.testing.assert_allclose(aleatoric, np.mean([_map(f, case, "aleatoric") for f in folders], 0), atol=1e-6)
-        expected = np.clip(entropy(torch.from_numpy(probs), axis=0).numpy() - aleatoric, 0, None)
+        # epistemic is computed from the members' UNTEMPERED means (the saved probabilities carry each fold's
+        # class temperature, recorded in the .pkl)
+        raw = np.mean([untempered(mp, load_pickle(str(f / f"{case}.pkl"))) for mp, f in zip(member_probs, folders)], 0)
+        expected = np.clip(entropy(torch.from_numpy(untempered_mean), axis=0).numpy() - aleatoric, 0, None)
         epistemic = _map(out, case, "epistemic")
         np.testing.assert_allclose(epistemic, expected, atol=1e-5)
         # the members' disagreement adds to their own epistemic parts (the JSD of their means is >= 0)

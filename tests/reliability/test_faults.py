@@ -228,7 +228,8 @@ def _load_trusted(path: Path) -> dict:
 
 def _drop_weight(path: Path, tmp: Path):
     ckpt = _load_trusted(path)
-    del ckpt["network_weights"][next(iter(ckpt["network_weights"]))]
+    # a learned weight (the network's first state entry is an optional buffer, defaulted when absent)
+    del ckpt["network_weights"][next(k for k in ckpt["network_weights"] if k.endswith(".weight"))]
     torch.save(ckpt, path)
 
 
