@@ -154,14 +154,7 @@ class EnTrustUNet(nn.Module):
                                           nonlin_first=nonlin_first)
         self.prior = nn.ModuleList(conv_op(self.prior_channels, f, 1) for f in features_per_stage[1:]) \
             if self.prior_channels else None
-        self.experts = conv_op(m * widths[1], m * num_classes, 1, groups=m)
-        # CLoE: region map r from the experts' averaged shallow features, reliability weights of the experts
-        self.region = RegionProjection(conv_op, widths[1])
-        self.reliability = ConsistencyGate()
-        #: modality mask (M,) or (B, M), 1 = present, for the next forward passes; None = all present. An
-        #: attribute because nnU-Net's train_step and sliding window call ``network(x)`` only: the trainer
-        #: (modality dropout) and the predictor (absent channel files) set it around their calls
-        self.modality_mask = None
+        self._build_experts(conv_op, widths[1], num_classes)
         self.segdiff = SegDiffHead(conv_op, num_classes, features_per_stage[0] + 1, segdiff_hidden,
                                    t_start=segdiff_t_start, rank=segdiff_rank, mc_samples=segdiff_mc_samples,
                                    cov_penalty=segdiff_cov_penalty)
@@ -173,6 +166,18 @@ class EnTrustUNet(nn.Module):
         #: when True, forward() keeps its intermediate parts in ``last_parts`` for :class:`EnTrustLoss`
         self.cache_parts = False
         self.last_parts: dict | None = None
+
+    def _build_experts(self, conv_op, width: int, num_classes: int) -> None:
+        """The per-modality experts (one 1x1 head per modality's stage-1 features) and CLoE's parts: the region
+        map r from their averaged shallow features and the consistency gate's reliability weights."""
+        m = self.num_modalities
+        self.experts = conv_op(m * width, m * num_classes, 1, groups=m)
+        self.region = RegionProjection(conv_op, width)
+        self.reliability = ConsistencyGate()
+        #: modality mask (M,) or (B, M), 1 = present, for the next forward passes; None = all present. An
+        #: attribute because nnU-Net's train_step and sliding window call ``network(x)`` only: the trainer
+        #: (modality dropout) and the predictor (absent channel files) set it around their calls
+        self.modality_mask = None
 
     #: :meth:`sample` draws ``num_hypotheses`` hypotheses (the predictor sizes its outputs by it)
     samples_hypotheses = True

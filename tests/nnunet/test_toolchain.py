@@ -238,7 +238,7 @@ def test_entrust_ensemble_pools_members_like_folds(members, tmp_path):
         np.testing.assert_allclose(aleatoric, np.mean([_map(f, case, "aleatoric") for f in folders], 0), atol=1e-6)
         # epistemic is computed from the members' UNTEMPERED means (the saved probabilities carry each fold's
         # class temperature, recorded in the .pkl)
-        raw = np.mean([untempered(mp, load_pickle(str(f / f"{case}.pkl"))) for mp, f in zip(member_probs, folders)], 0)
+        untempered_mean = np.mean([untempered(mp, load_pickle(str(f / f"{case}.pkl"))) for mp, f in zip(member_probs, folders)], 0)
         expected = np.clip(entropy(torch.from_numpy(untempered_mean), axis=0).numpy() - aleatoric, 0, None)
         epistemic = _map(out, case, "epistemic")
         np.testing.assert_allclose(epistemic, expected, atol=1e-5)
