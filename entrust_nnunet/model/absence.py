@@ -37,7 +37,7 @@ def without_absent(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(_broadcast(mask, x) > 0, x, torch.zeros_like(x))
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def mean_over_present(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of (B, M, ...) over the modality axis, counting only modalities with ``mask`` (B, M) = 1."""
     m = _broadcast(mask, x).to(x.dtype)
     return (x * m).sum(1) / m.sum(1).clamp_min(1)

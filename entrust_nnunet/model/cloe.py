@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from entrust_nnunet.model.absence import masked_mean
+from entrust_nnunet.model.absence import mean_over_present
 
 
 def pairwise_cosines(maps: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,7 +65,7 @@ class RegionProjection(nn.Module):
         self.project = conv_op(width, 1, 1)
 
     def forward(self, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.project(masked_mean(features, mask))
+        return self.project(mean_over_present(features, mask))
 
 
 class ConsistencyGate(nn.Module):
