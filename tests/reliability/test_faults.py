@@ -31,6 +31,9 @@ FAST = ["-f", "2", "--num-samples", "2", "--disable_tta", "-npp", "1", "-nps", "
 LEFTOVERS = (".tmp-*", ".trash-*", ".entrust-predict.lock")
 NOBODY = 65534
 N_MANY = 12
+#: inputs of the scenarios interrupted by a signal: enough cases that the prediction is still running when the
+#: first mask appears (with 12, a quiet machine had predicted them all before the signal arrived)
+N_LONG = 48
 
 
 @dataclass
@@ -52,7 +55,8 @@ class Ctx:
     raw: Path
     model: Path  # the session's trained model
     lean: Path  # a copy holding only what prediction reads
-    many: Path  # N_MANY input cases, long enough a prediction to interrupt it
+    many: Path  # N_MANY input cases
+    long: Path  # N_LONG input cases, long enough a prediction to interrupt it
     scratch: pytest.TempPathFactory
 
 
@@ -64,12 +68,18 @@ def ctx(trained_entrust, tmp_path_factory):
     (lean / "fold_2").mkdir(parents=True)
     for f in ("dataset.json", "plans.json", "fold_2/checkpoint_final.pth"):
         shutil.copy(model / f, lean / f)
-    many = tmp_path_factory.mktemp("many") / "in"
-    many.mkdir()
-    for i in range(N_MANY):
+    many, long = (_cases(raw, tmp_path_factory.mktemp(name) / "in", n) for name, n in (("many", N_MANY), ("long", N_LONG)))
+    return Ctx({**env, "nnUNet_def_n_proc": "2", "nnUNet_n_proc_DA": "2"}, raw, model, lean, many, long,
+               tmp_path_factory)
+
+
+def _cases(raw: Path, folder: Path, n: int) -> Path:
+    """``n`` input cases (copies of the two test phantoms) in ``folder``."""
+    folder.mkdir()
+    for i in range(n):
         for c in range(3):
-            shutil.copy(raw / "imagesTs" / f"test_{i % 2:03d}_{c:04d}.nii.gz", many / f"c{i:02d}_{c:04d}.nii.gz")
-    return Ctx({**env, "nnUNet_def_n_proc": "2", "nnUNet_n_proc_DA": "2"}, raw, model, lean, many, tmp_path_factory)
+            shutil.copy(raw / "imagesTs" / f"test_{i % 2:03d}_{c:04d}.nii.gz", folder / f"c{i:02d}_{c:04d}.nii.gz")
+    return folder
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -303,10 +313,12 @@ def scenario(ctx: Ctx, name: str) -> dict:
     return _SCENARIOS[name]
 
 
-def _interrupted(ctx: Ctx, out: Path, sig: int, group: bool, before=None) -> tuple[int, str, str, dict]:
-    """Start a prediction of ctx.many, wait until it has written a mask (its workers all run), send ``sig``
+def _interrupted(ctx: Ctx, out: Path, sig: int, group: bool, before=None, src: Path | None = None
+                 ) -> tuple[int, str, str, dict]:
+    """Start a prediction of ``src`` (ctx.long), wait until it has written a mask (its workers all run), send ``sig``
     (to the process group as Ctrl-C does, or to entrust alone as ``kill`` does). ``before`` runs at the lock."""
-    proc = entrust(ctx, *predict_argv(ctx.many, out, ctx.lean))
+    src = ctx.long if src is None else src
+    proc = entrust(ctx, *predict_argv(src, out, ctx.lean))
     results = {}
     if before:
         wait_for(lambda: (out / ".entrust-predict.lock").exists(), proc)
@@ -314,7 +326,7 @@ def _interrupted(ctx: Ctx, out: Path, sig: int, group: bool, before=None) -> tup
     wait_for(lambda: any(out.glob("*.nii.gz")), proc)
     (os.killpg if group else os.kill)(proc.pid, sig)
     stdout, stderr = proc.communicate(timeout=120)
-    assert len(list(out.glob("*.nii.gz"))) < N_MANY, "finished before the signal"
+    assert len(list(out.glob("*.nii.gz"))) < len(list(src.glob("*_0000.nii.gz"))), "finished before the signal"
     return proc.returncode, stdout, stderr, results
 
 
@@ -339,7 +351,7 @@ def _sigkill_then_rerun(ctx: Ctx, root: Path) -> dict:
     same prediction again, this time by -d/-tr without -p from a results folder where only
     nnUNetEnTrustPlans has a trained model (nnUNetPlans' folder has no checkpoint)."""
     out, results = root / "out", root / "results" / ctx.model.parent.name
-    status = _interrupted(ctx, out, signal.SIGKILL, group=True)[0]
+    status = _interrupted(ctx, out, signal.SIGKILL, group=True, src=ctx.many)[0]  # rerun below: all of ctx.many
     assert status == -signal.SIGKILL
     dead = _dead_pid()
     (out / "uncertainty").mkdir(exist_ok=True)
