@@ -46,11 +46,14 @@ def end_processes(processes) -> None:
 def workers_ended_first_on_signals(ours: set):
     """On Ctrl-C/SIGTERM, end the daemonic workers started inside (nnU-Net's preprocessing) before the
     exception unwinds nnU-Net's iterator: unwinding releases the Manager objects they use, and they
-    would print tracebacks. Then the previous handler raises as usual."""
+    would print tracebacks. Then the previous handler raises as usual. A signal this process inherited as
+    ignored (``nohup``, a background job of a script) stays ignored: ending the workers and then ignoring the
+    signal would leave nnU-Net's iterator with dead workers."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: h for s, h in previous.items() if h is not signal.SIG_IGN}
 
     @sigterm_handler_of_this_process
     def handler(signum, frame):

@@ -123,10 +123,15 @@ def predict_argv(src: Path, out: Path, model: Path) -> list[str]:
     return ["predict", "-i", str(src), "-o", str(out), "-m", str(model), *FAST]
 
 
+def _as_from_a_terminal() -> None:
+    # a script's background job (CI may run us as one) inherits SIGINT ignored; a terminal's command does not
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def entrust(ctx: Ctx, *args, **kw) -> subprocess.Popen:
     return subprocess.Popen([nnunet_bin("entrust"), *map(str, args)], env=kw.pop("env", ctx.env),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, encoding="utf-8", errors="replace",
-                            start_new_session=True, **kw)
+                            start_new_session=True, preexec_fn=_as_from_a_terminal, **kw)
 
 
 def wait_for(condition, proc: subprocess.Popen, timeout: float = 180) -> None:
@@ -607,14 +612,7 @@ def _restore_permissions(run: Run) -> None:
 HERE = [f for f in FAULTS if not f.covered_by]
 
 
-#: known defect (2026-11-27): Ctrl-C while nnU-Net's preprocessing workers still run ends with nnU-Net's
-#: "Background workers died" traceback and status 1 instead of "entrust: interrupted" (130). With 12 cases the
-#: signal came after every case was preprocessed, so the row passed; with 48 it exposes this. Fix, then drop this.
-KNOWN_DEFECTS = {"predict-sigint": "Ctrl-C during preprocessing: nnU-Net's worker traceback, status 1"}
-
-
-@pytest.mark.parametrize("fault", [pytest.param(f, marks=pytest.mark.xfail(reason=KNOWN_DEFECTS[f.id], strict=False))
-                                   if f.id in KNOWN_DEFECTS else f for f in HERE], ids=[f.id for f in HERE])
+@pytest.mark.parametrize("fault", HERE, ids=[f.id for f in HERE])
 def test_fault(fault, ctx, tmp_path):
     run = BUILDERS[fault.id](ctx, tmp_path)
     before = {p: tree_hash(p) for p in run.inputs}
