@@ -61,6 +61,7 @@ OURS = "EnTrust (K=8)"
 ABLATIONS = {
     "EnTrust without EnFuse (concatenation)": ("nnUNetTrainerEnTrustNoEnFuse_demo", "nnUNetEnTrustPlans", [0], 8),
     "EnTrust without SegDiff steps (head only)": ("nnUNetTrainerEnTrustNoSteps_demo", "nnUNetEnTrustPlans", [0], 8),
+    "EnTrust without expert alternatives": ("nnUNetTrainerEnTrustNoAlternatives_demo", "nnUNetEnTrustPlans", [0], 8),
     "EnTrust without ProbeStep": ("nnUNetTrainerEnTrustNoProbe_demo", "nnUNetEnTrustPlans", [0], 8),
     "EnTrust without CalibHead (1 - max prob.)": ("nnUNetTrainerEnTrust_demo", "nnUNetEnTrustPlans", [0], 8),
 }
@@ -77,7 +78,9 @@ SMOKE_METHODS = ("softmax nnU-Net", TEMPERATURE_ROW, "5-fold deep ensemble", OUR
 POOLED_KEYS = ("ece", "ece_fg_boundary", "brier", "nll", "ece_perror", "ece_fg_boundary_perror", "brier_perror",
                "nll_perror", "error_auroc", "aurc", "error_rate", "conflict_auroc_total", "conflict_auroc_conflict",
                "entanglement", "total_in_conflict", "error_in_conflict", "total_outside_conflict",
-               "error_outside_conflict", "conflict_in_conflict", "conflict_outside_conflict")
+               "error_outside_conflict", "conflict_in_conflict", "conflict_outside_conflict",
+               "conflict_vs_edge_auroc_conflict", "conflict_vs_edge_auroc_total", "conflict_on_edges", "total_on_edges",
+               "error_on_edges")
 
 
 def methods(smoke: bool, table: dict | None = None) -> dict:
@@ -385,7 +388,7 @@ def predict_method(args, raw: Path, pred: Path, model: Path, folds, k: int, **ab
     if not any(pred.glob("*.npz")):
         predict_folder(raw / "imagesTs", pred, model, folds=folds, device=args.device, save_probabilities=True,
                        sampling=SamplingSettings(num_hypotheses=k), num_processes_preprocessing=1,
-                       num_processes_export=1, **absent)
+                       num_processes_export=1, save_hypotheses=True, **absent)
     return time.time() - t
 
 
@@ -401,6 +404,8 @@ def evaluate_row(raw: Path, pred: Path) -> dict:
     pooled, mean = summary.get("uncertainty_pooled", {}), summary.get("uncertainty_mean", {})
     for key in POOLED_KEYS:
         row[key] = pooled.get(key, mean.get(key))
+    for key in ("coherence", "diversity"):  # MC dropout's passes and the ensemble's folds are their hypotheses
+        row[key] = summary.get("hypotheses_mean", {}).get(key)
     for label, values in summary.get("mean", {}).items():
         row[f"dice_{label}"] = values.get("Dice")
         row[f"hd95_{label}"] = values.get("HD95")
@@ -625,9 +630,26 @@ TARGETS = [
     ("ECE of P(error) <= 0.6x the best baseline", "rel", "ece_perror", False, 0.6),
     ("ECE of class probabilities <= 0.6x the best baseline", "rel", "ece", False, 0.6),
     ("error AUROC >= the best baseline", "rel", "error_auroc", True, 1.0),
-    ("Dice >= softmax nnU-Net", "softmax", "dice", True, 1.0),
+    ("Dice >= softmax nnU-Net", "softmax nnU-Net", "dice", True, 1.0),
     ("conflict AUROC of total >= 0.90", "abs", "conflict_auroc_total", True, 0.90),
+    # issue 12: the mean P(error) where the modalities conflict, and the conflict map against ordinary edges
+    ("|mean P(error) - error rate| inside conflict <= 0.10", "gap", ("total_in_conflict", "error_in_conflict"), False, 0.10),
+    ("|mean P(error) - error rate| outside conflict <= 0.01", "gap", ("total_outside_conflict", "error_outside_conflict"),
+     False, 0.01),
+    ("conflict vs edge AUROC of the conflict map >= 0.85", "abs", "conflict_vs_edge_auroc_conflict", True, 0.85),
+    ("conflict map in conflict >= 2x on lesion edges", "quotient", ("conflict_in_conflict", "conflict_on_edges"), True, 2.0),
+    ("ECE of class probabilities <= softmax nnU-Net", "softmax nnU-Net", "ece", False, 1.0),
+    ("ECE fg+bnd of class probabilities <= softmax nnU-Net", "softmax nnU-Net", "ece_fg_boundary", False, 1.0),
+    ("ECE fg+bnd of class probabilities <= 0.6x temperature-scaled softmax", TEMPERATURE_ROW, "ece_fg_boundary", False, 0.6),
+    ("coherence of the hypotheses >= 0.8", "abs", "coherence", True, 0.8),
+    ("diversity of the hypotheses >= 0.6", "abs", "diversity", True, 0.6),
 ]
+
+
+def _derived(cell_a: dict | None, cell_b: dict | None, how) -> list:
+    """Per-seed values of ``how(a, b)`` for two cells of one method (seeds where both exist)."""
+    pairs = zip(cell_a["values"], cell_b["values"]) if cell_a and cell_b else []
+    return [how(a, b) for a, b in pairs if a is not None and b is not None and a == a and b == b]
 
 
 def _values(cell: dict | None) -> list:
@@ -651,8 +673,12 @@ def target_inputs(result: dict, kind: str, key: str, higher: bool, bound: float)
         return _values(cell), bound, 1.0, None
     if kind == "abs":
         return _values(ours.get(key)), bound, 1.0, None
-    if kind == "softmax":
-        return _values(ours.get(key)), _values(methods.get("softmax nnU-Net", {}).get(key)), bound, "softmax nnU-Net"
+    if kind == "gap":
+        return _derived(ours.get(key[0]), ours.get(key[1]), lambda a, b: abs(a - b)), bound, 1.0, None
+    if kind == "quotient":
+        return _derived(ours.get(key[0]), ours.get(key[1]), lambda a, b: a / b if b else float("inf")), bound, 1.0, None
+    if kind != "rel":  # a named baseline row (no verdict when the run did not have it)
+        return _values(ours.get(key)), _values(methods.get(kind, {}).get(key)), bound, kind
     baselines = {m: r[key]["mean"] for m, r in methods.items() if m != OURS and key in r and r[key]["mean"] == r[key]["mean"]}
     if not baselines:
         return _values(ours.get(key)), [], bound, None
@@ -697,7 +723,11 @@ QUALITY_COLS = [("dice", "Dice", 3, 1), ("ece", "ECE class prob.", 4, 1), ("ece_
                 ("conflict_auroc_conflict", "conflict AUROC (conflict map)", 3, 1), ("entanglement", "AU/EU entangl.", 3, 1)]
 CONFLICT_COLS = [("total_in_conflict", "mean P(error) in conflict"), ("error_in_conflict", "true error rate in conflict"),
                  ("total_outside_conflict", "mean P(error) outside"), ("error_outside_conflict", "true error rate outside"),
-                 ("conflict_in_conflict", "conflict map in conflict"), ("conflict_outside_conflict", "conflict map outside")]
+                 ("conflict_in_conflict", "conflict map in conflict"), ("conflict_outside_conflict", "conflict map outside"),
+                 ("conflict_on_edges", "conflict map on lesion edges"),
+                 ("conflict_vs_edge_auroc_conflict", "conflict vs edge AUROC (conflict map)"),
+                 ("conflict_vs_edge_auroc_total", "conflict vs edge AUROC (total)"),
+                 ("coherence", "coherence"), ("diversity", "diversity")]
 
 
 def _table(title: str, cols: list, rows: dict) -> list[str]:

@@ -28,7 +28,7 @@ def _cmd_phantoms(args: argparse.Namespace) -> None:
 
     out = write_phantom_dataset(args.out, num_cases=args.n, num_modalities=args.modalities, dim=args.dim,
                                 seed=args.seed, num_annotators=args.annotators, num_test=args.num_test,
-                                size=args.size, overwrite=args.overwrite)
+                                size=args.size, overwrite=args.overwrite, conflict_in=args.conflict_in)
     print(f"wrote {out}")
 
 
@@ -442,6 +442,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed; same seed, same dataset (default: 0)")
     p.add_argument("--annotators", type=int, default=0,
                    help="also write this many plausible label variants per case (default: 0)")
+    p.add_argument("--conflict-in", choices=("all", "test"), default="all",
+                   help="cases holding conflict blobs: all (default), or test only (a conflict never seen in "
+                        "training)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.set_defaults(func=_cmd_phantoms)
 

@@ -221,12 +221,16 @@ def _checked_sizes(num_cases: int, num_modalities: int, dim: int, num_annotators
 def write_phantom_dataset(out: str | os.PathLike, num_cases: int = 20, num_modalities: int = 3, dim: int = 2,
                           seed: int = 0, num_annotators: int = 0, num_test: int | None = None,
                           size: int | None = None, overwrite: bool = False, progress: bool = True,
-                          test_seed: int | None = None) -> Path:
+                          test_seed: int | None = None, conflict_in: str = "all") -> Path:
     """Write an nnU-Net v2 raw dataset of phantoms to ``out`` (built in a temporary folder, then renamed).
 
     Case ``i`` of the training set depends only on ``(seed, i)``; test case ``j`` on ``(test_seed, 100000 + j)``
     (``test_seed`` defaults to ``seed``), so a benchmark can draw fresh test cases beside the same training cases.
+    ``conflict_in="test"``: the training cases hold no conflict blob, the test cases do (a conflict no
+    training case showed: what the model meets must then come from the modalities, not from memory).
     """
+    if conflict_in not in ("all", "test"):
+        raise ValueError(f"conflict_in must be 'all' or 'test', got {conflict_in!r}")
     size, num_test = _checked_sizes(num_cases, num_modalities, dim, num_annotators, num_test, size)
     test_seed = seed if test_seed is None else test_seed
     out = Path(out)
@@ -245,7 +249,7 @@ def write_phantom_dataset(out: str | os.PathLike, num_cases: int = 20, num_modal
             rng = np.random.default_rng([case_seed, offset + idx])
             case = make_case(rng, size, num_modalities, dim,
                              num_annotators=num_annotators if suffix == "Tr" else 0,
-                             allow_conflict=(idx % 4 != 3))
+                             allow_conflict=(idx % 4 != 3) and (suffix == "Ts" or conflict_in == "all"))
             for m, img in enumerate(case.images):
                 sitk.WriteImage(_to_sitk(img, case), str(tmp / f"images{suffix}" / f"{name}_{m:04d}{FILE_ENDING}"))
             sitk.WriteImage(_to_sitk(case.label, case), str(tmp / f"labels{suffix}" / f"{name}{FILE_ENDING}"))
@@ -262,7 +266,7 @@ def write_phantom_dataset(out: str | os.PathLike, num_cases: int = 20, num_modal
             "description": f"EnTrust phantoms, {dim}D, {num_modalities} modalities, seed {seed}; conflict masks in "
                            f"conflictTr/conflictTs, truth inside conflict is a coin flip",
             "entrust": {"kind": "phantoms", "dim": dim, "seed": seed, "test_seed": test_seed, "num_annotators": num_annotators,
-                        "conflict_label": CONFLICT_LABEL},
+                        "conflict_label": CONFLICT_LABEL, "conflict_in": conflict_in},
         }
         with open(tmp / "dataset.json", "w") as f:
             json.dump(dataset_json, f, indent=2)

@@ -208,8 +208,10 @@ def _calibration(out: dict, pool: dict, probs, labels, source: str, valid, fg_ma
     pool["brier_sum"], pool["nll_sum"] = out["brier"] * n_valid, out["nll"] * n_valid
 
 
-def _conflict(out: dict, pool: dict, job: dict, gt_img, maps: dict, error, valid, sample, n_valid: int) -> None:
-    """Conflict detection by the maps and every map's mean inside / outside the true conflict mask."""
+def _conflict(out: dict, pool: dict, job: dict, gt_img, gt, maps: dict, error, valid, sample, n_valid: int) -> None:
+    """Conflict detection by the maps, every map's mean inside / outside the true conflict mask and on lesion
+    edges away from it, and how well the maps tell conflict from those edges (AUROC among conflict + edge
+    voxels: the two causes of doubt the conflict map must keep apart)."""
     image = read_image(job["conflict_file"])
     check_same_geometry(gt_img, job["gt_file"], image, job["conflict_file"])
     truth = sitk.GetArrayFromImage(image)
@@ -221,9 +223,17 @@ def _conflict(out: dict, pool: dict, job: dict, gt_img, maps: dict, error, valid
     out["conflict_fraction"] = float(inside.sum() / n_valid) if n_valid else math.nan
     pool["sample"]["truth"] = truth[sample]
     pool["in_out"] = {}
+    edges = metrics.lesion_edges(gt if valid is None else np.where(valid, gt, 0), exclude=truth)
+    if valid is not None:
+        edges &= valid
+    pool["sample"]["edge"] = edges[sample]
     for name in ("total", "conflict"):
         if name in maps:
             out[f"conflict_auroc_{name}"] = metrics.auroc(maps[name], truth, mask=valid)
+            out[f"conflict_vs_edge_auroc_{name}"] = metrics.auroc(maps[name], truth, mask=inside | edges)
+    for name, arr in {**maps, "error": error}.items():
+        out[f"{name}_on_edges"] = float(arr[edges].mean()) if edges.any() else math.nan
+        pool.setdefault("edges", {})[name] = (float(arr[edges].sum()), int(edges.sum()))
     # the realized error rate beside the maps, so "P(error) in conflict" can be checked against it
     for name, arr in {**maps, "error": error}.items():
         s_in, n_in = float(arr[inside].sum()), int(inside.sum())
@@ -269,7 +279,7 @@ def _uncertainty(job: dict, pred_img: sitk.Image, pred: np.ndarray, gt: np.ndarr
     for name, arr in maps.items():
         pool["sample"][name] = arr[sample].astype(np.float32)
     if job["conflict_file"] is not None:
-        _conflict(out, pool, job, gt_img, maps, error, valid, sample, n_valid)
+        _conflict(out, pool, job, gt_img, gt, maps, error, valid, sample, n_valid)
     return out, pool
 
 

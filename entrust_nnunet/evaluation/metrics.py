@@ -340,6 +340,31 @@ def foreground_boundary_mask(labels: npt.ArrayLike, pred: npt.ArrayLike, width: 
     return out
 
 
+def lesion_edges(labels: npt.ArrayLike, exclude: npt.ArrayLike | None = None, width: int = 1,
+                 margin: int = 2) -> np.ndarray:
+    """Voxels of ordinary boundary doubt: within ``width`` voxels of the foreground's boundary, on either side,
+    away from ``exclude`` (e.g. the true conflict mask)::
+
+        edges = (dilate(fg, width) & ~erode(fg, width)) & ~dilate(exclude, margin),   fg = labels > 0
+
+    (face-connected structuring element, as :func:`foreground_boundary_mask`). The negatives when a conflict
+    map is scored for telling "the modalities disagree" from "the edge is fuzzy"."""
+    y = np.asarray(labels)
+    if y.ndim == 0:
+        raise ValueError("labels must have at least one spatial dimension")
+    if isinstance(width, bool) or not isinstance(width, (int, np.integer)) or width < 1 or margin < 0:
+        raise ValueError(f"need an integer width >= 1 and margin >= 0, got {width!r}, {margin!r}")
+    structure = ndimage.generate_binary_structure(y.ndim, 1)
+    fg = y > 0
+    out = ndimage.binary_dilation(fg, structure, int(width)) & ~ndimage.binary_erosion(fg, structure, int(width),
+                                                                                      border_value=1)
+    if exclude is not None:
+        ex = _as_binary(exclude, "exclude")
+        _same_shape(y, ex, "labels", "exclude")
+        out &= ~(ndimage.binary_dilation(ex, structure, int(margin)) if margin and ex.any() else ex)
+    return out
+
+
 def brier_score(probs: npt.ArrayLike, labels: npt.ArrayLike, mask: npt.ArrayLike | None = None) -> float:
     """Multi-class Brier score: ``mean_voxels sum_c (p_c - [label == c])^2`` (range [0, 2]).
 

@@ -41,6 +41,10 @@ DEFINITIONS = {
     "conflict_auroc_total": "AUROC of total for detecting true conflict voxels",
     "conflict_auroc_conflict": "AUROC of the conflict map for detecting true conflict voxels",
     "<map>_in_conflict / <map>_outside_conflict": "mean of the map inside / outside the true conflict mask",
+    "<map>_on_edges": "mean of the map on lesion edges away from conflict (metrics.lesion_edges: 1 voxel either "
+                      "side of the reference foreground's boundary, more than 2 voxels from the conflict mask)",
+    "conflict_vs_edge_auroc_<total, conflict>": "AUROC of the map for telling true conflict voxels from lesion-edge "
+                                                "voxels (among those two only): conflict vs ordinary boundary doubt",
     "error_in_conflict / error_outside_conflict": "fraction of wrong voxels inside / outside the true conflict mask",
     "foreground_mean": "mean over the evaluated foreground labels (regions, if dataset.json declares regions) "
                        "of the per-label means, as nnU-Net",
@@ -123,12 +127,20 @@ def _pooled(pools: list[dict], num_voxels: int, fraction: float) -> dict:
         among = [p for p in with_truth if name in p["sample"]]
         if among:
             out[f"conflict_auroc_{name}"] = metrics.auroc(cat(name, among), cat("truth", among))
+            if all("edge" in p["sample"] for p in among):
+                truth = cat("truth", among)
+                either = truth | cat("edge", among)
+                out[f"conflict_vs_edge_auroc_{name}"] = metrics.auroc(cat(name, among)[either], truth[either])
     for name in (*MAP_NAMES, "error"):
         parts = [p["in_out"][name] for p in with_truth if name in p.get("in_out", {})]
         if parts:
             s_in, n_in, s_out, n_out = (sum(x[i] for x in parts) for i in range(4))
             out[f"{name}_in_conflict"] = s_in / n_in if n_in else math.nan
             out[f"{name}_outside_conflict"] = s_out / n_out if n_out else math.nan
+        edges = [p["edges"][name] for p in with_truth if name in p.get("edges", {})]
+        if edges:
+            n = sum(e[1] for e in edges)
+            out[f"{name}_on_edges"] = sum(e[0] for e in edges) / n if n else math.nan
     return out
 
 

@@ -8,7 +8,9 @@ and predicts through the same trainer, predictor and CalibHead code as EnTrust i
   concatenation network does). The conflict map is then the per-modality experts' disagreement alone
   (EnFuse's D_cf is what refines it), and there is no independence penalty.
 * :class:`EnTrustNoStepsUNet`: no SegDiff steps; the deterministic head only. Its softmax is every
-  "hypothesis" (so epistemic = 0 and ProbeStep's map = 0); its trainer gives the generative loss weight 0.
+  "hypothesis" before the expert alternatives (so ProbeStep's map = 0); its trainer gives the generative loss weight 0.
+* :class:`EnTrustNoAlternativesUNet`: SegDiff's hypotheses alone, never following a modality's expert where
+  the experts conflict (:mod:`entrust_nnunet.model.alternatives`).
 * :class:`EnTrustNoProbeUNet`: sampling without ProbeStep (its map is 0 for CalibHead, in fitting and
   at inference).
 
@@ -81,9 +83,17 @@ class EnTrustNoEnFuseUNet(EnTrustUNet):
 class EnTrustNoStepsUNet(EnTrustUNet):
     """EnTrustUNet whose hypotheses are all the deterministic head's softmax (no SegDiff steps)."""
 
-    def _hypotheses(self, logits: torch.Tensor, cond: torch.Tensor, k: int, s: int, seed: int = 0) -> torch.Tensor:
+    def _segdiff_hypotheses(self, logits: torch.Tensor, cond: torch.Tensor, k: int, s: int, seed: int = 0
+                            ) -> torch.Tensor:
         probs = probabilities(logits, self.regions)
         return probs.unsqueeze(0).expand(k, *probs.shape)
+
+
+class EnTrustNoAlternativesUNet(EnTrustUNet):
+    """EnTrustUNet whose hypotheses are SegDiff's alone (expert alternatives strength 0)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **{**kwargs, "expert_alternatives": 0.0})
 
 
 class EnTrustNoProbeUNet(EnTrustUNet):

@@ -23,7 +23,7 @@ their own through a 1x1 head. Their conflict ``d`` is an input of D_cf at every 
 (area-pooled to that resolution) and, detached, its training target: F_cf says "the modalities say
 different things here" without ever using true conflict masks (real data has none). ``d`` is the
 experts' generalised Jensen-Shannon divergence ``H(mean_m p_m) - mean_m H(p_m)`` divided by
-``log(min(M, C))`` (:func:`~entrust_nnunet.model.trustmap.expert_conflict`, ``conflict_measure="jsd"``):
+``log 2`` (:func:`~entrust_nnunet.model.trustmap.expert_conflict`, ``conflict_measure="jsd"``):
 it discounts what each expert is unsure of on its own, so it is high where CONFIDENT experts contradict
 each other, not on every blurred edge (why not the total-variation distance: docs/design.md).
 ``sample()`` reports ``d`` itself (upsampled) as the conflict map.
@@ -50,6 +50,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from entrust_nnunet.model.absence import impute_absent, resolve_mask, without_absent
+from entrust_nnunet.model.alternatives import expert_alternatives
 from entrust_nnunet.model.cloe import ConsistencyGate, RegionProjection, consistency_loss
 from entrust_nnunet.model.encoders import ModalityEncoders
 from entrust_nnunet.model.enfuse import EnFuse
@@ -118,7 +119,7 @@ class EnTrustUNet(nn.Module):
                  segdiff_hidden: int = 16, segdiff_t_start: float = 0.5, probe_strength: float = 1.0,
                  probe_hypotheses: int = 2, sampling_chunk: int = 4, segdiff_rank: int = 10,
                  segdiff_mc_samples: int = 20, segdiff_cov_penalty: float = 0.002, conflict_measure: str = "jsd",
-                 num_modalities: int | None = None):
+                 num_modalities: int | None = None, expert_alternatives: float = 2.0):
         super().__init__()
         if isinstance(features_per_stage, int):
             features_per_stage = [features_per_stage] * n_stages
@@ -135,6 +136,8 @@ class EnTrustUNet(nn.Module):
         self.probe_strength = probe_strength
         self.probe_hypotheses = probe_hypotheses
         self.sampling_chunk = sampling_chunk
+        #: strength of the expert alternatives (:mod:`entrust_nnunet.model.alternatives`); 0 = SegDiff's alone
+        self.expert_alternatives = expert_alternatives
         self.encoders = ModalityEncoders(m, n_stages, features_per_stage, conv_op, kernel_sizes, strides,
                                          n_conv_per_stage, conv_bias, norm_op, norm_op_kwargs, dropout_op,
                                          dropout_op_kwargs, nonlin, nonlin_kwargs, min_width=min_modality_width)
@@ -215,7 +218,8 @@ class EnTrustUNet(nn.Module):
         if not (return_parts or self.cache_parts):
             if self.training or self.decoder.deep_supervision:
                 return logits
-            hyps = self._hypotheses(logits, parts["cond"], self.sampling.num_hypotheses, self.sampling.steps)
+            hyps = self._hypotheses(logits, parts["cond"], self.sampling.num_hypotheses, self.sampling.steps,
+                                    parts=parts)
             # labels: the fitted temperature (CalibHead's), so stock nnU-Net's probabilities are the calibrated ones
             # too; regions keep their sigmoids (the temperature is a softmax's, docs/design.md)
             mean = hyps.mean(0)
@@ -270,8 +274,8 @@ class EnTrustUNet(nn.Module):
         del full
         logits, features = self.decoder(f_en)
         del f_en
-        return {**kept, "logits": logits, "conflict": conflict, "expert_conflict": d,
-                "cond": torch.cat([features, conflict], 1)}
+        return {**kept, "logits": logits, "conflict": conflict, "expert_conflict": d, "experts": ex["experts"],
+                "modality_mask": mask, "cond": torch.cat([features, conflict], 1)}
 
     def _add_prior(self, f_en: torch.Tensor, prior: torch.Tensor, stage: int) -> torch.Tensor:
         """EnFuse's output of ``stage`` (0 = the first below full resolution) plus the cascade prior's projection."""
@@ -354,10 +358,25 @@ class EnTrustUNet(nn.Module):
         return F.nll_loss(p.clamp_min(1e-6).log(), tgt[:, 0].long(), reduction="none")[:, None]
 
     # ------------------------------------------------------------------ inference
-    def _hypotheses(self, logits: torch.Tensor, cond: torch.Tensor, k: int, s: int, seed: int = 0) -> torch.Tensor:
-        """K SegDiff hypotheses (K, B, C, *s) given the deterministic logits (the start's mean) and conditioning."""
+    def _segdiff_hypotheses(self, logits: torch.Tensor, cond: torch.Tensor, k: int, s: int, seed: int = 0
+                            ) -> torch.Tensor:
+        """SegDiff's K hypotheses (K, B, C, *s): the start around the deterministic logits, then S flow steps."""
         return self.segdiff.sample(self.segdiff.condition(cond), k, s, seed=seed, logits=logits,
                                    chunk=self.sampling_chunk)
+
+    def _hypotheses(self, logits: torch.Tensor, cond: torch.Tensor, k: int, s: int, seed: int = 0,
+                    parts: dict | None = None) -> torch.Tensor:
+        """K SegDiff hypotheses (K, B, C, *s) given the deterministic logits (the start's mean) and conditioning;
+        with the trunk's ``parts``, each then follows its modality's expert where the experts conflict
+        (:func:`~entrust_nnunet.model.alternatives.expert_alternatives`)."""
+        hyps = self._segdiff_hypotheses(logits, cond, k, s, seed)
+        if parts is None or self.expert_alternatives <= 0:
+            return hyps
+        size = hyps.shape[3:]
+        experts = parts["experts"].float()
+        experts = self._upsample(experts.flatten(1, 2), size).unflatten(1, experts.shape[1:3]).clamp(0, 1)
+        conflict = self._upsample(parts["expert_conflict"].float(), size).clamp(0, 1)
+        return expert_alternatives(hyps, experts, conflict, parts["modality_mask"], self.expert_alternatives)
 
     @torch.no_grad()
     def sample(self, x: torch.Tensor, settings: SamplingSettings | None = None,
@@ -378,7 +397,7 @@ class EnTrustUNet(nn.Module):
         parts = self._trunk(x, keep_all=False, mask=self._mask(x, modality_mask))
         logits = full_resolution(parts["logits"])
 
-        hyps = self._hypotheses(logits, parts["cond"], k, s, seed)
+        hyps = self._hypotheses(logits, parts["cond"], k, s, seed, parts)
         stats = hypothesis_statistics(hyps, self.regions)
         # the experts' conflict itself, not F_cf, its learned copy: it separates conflict from edges better
         # (docs/design.md)
@@ -386,7 +405,7 @@ class EnTrustUNet(nn.Module):
         stats["conflict"], stats["fusion_conflict"] = conflict[:, 0], parts["conflict"].float()[:, 0].clamp(0, 1)
         # ProbeStep redraws only the first few hypotheses (same noise: hypotheses are nested across K)
         p = min(k, self.probe_hypotheses)
-        stats["probe"] = (probe_step(lambda cond: self._hypotheses(logits, cond, p, s, seed), parts["cond"],
+        stats["probe"] = (probe_step(lambda cond: self._hypotheses(logits, cond, p, s, seed, parts), parts["cond"],
                                      conflict, hyps[:p], self.probe_strength, seed, self.regions) if settings.probe
                           else torch.zeros_like(stats["entropy"]))
         stats["confidence"] = decision_confidence(stats["mean"], self.regions)

@@ -21,7 +21,7 @@ Per network and patch (:func:`hypothesis_statistics`, from hypotheses ``p_k`` (K
   between hypotheses (alternative masks) rather than softness within each (not a CalibHead input);
 * ``probe``     (ProbeStep): how far the hypotheses move when the conditioning is perturbed where
   the modalities conflict (see :func:`probe_step`);
-* ``conflict``  = the per-modality experts' Jensen-Shannon divergence normalised to [0, 1]
+* ``conflict``  = the per-modality experts' Jensen-Shannon divergence over ``log 2``, clipped to [0, 1]
   (:func:`expert_conflict`), upsampled to full resolution: high where confident experts contradict
   each other, low where they are unsure alike (blurred edges);
 * ``head_confidence`` = max class probability of the deterministic head (nnU-Net's softmax output):
@@ -108,22 +108,24 @@ def jensen_shannon(probs: torch.Tensor, member_axis: int, class_axis: int) -> to
 
 def expert_conflict(expert_probs: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Conflict of M expert predictions (B, M, C, *s) -> (B, 1, *s) in [0, 1]: their Jensen-Shannon
-    divergence divided by its bound ``log(min(M, C))`` (0 for a single expert).
+    divergence divided by ``log 2`` and clipped to 1 (0 for a single expert).
 
+    ``log 2`` is the divergence of confident experts split evenly between two readings (structure there or
+    not), so 1 means "the modalities contradict each other" for any M >= 2; the general bound ``log(min(M, C))``
+    would put a one-against-two split of three modalities at 0.58 and the same split of two at 1.
     ``mask`` (B, M), 1 = modality present: the divergence is taken among the present experts only
     (``M`` is then their number, per sample), so an absent modality's expert never counts as conflicting."""
-    m, c = expert_probs.shape[1:3]
+    m = expert_probs.shape[1]
     if mask is None:
         if m < 2:
             return torch.zeros_like(expert_probs[:, 0, :1])
-        return (jensen_shannon(expert_probs.float(), 1, 2) / math.log(min(m, c))).clamp(0, 1).unsqueeze(1)
+        return (jensen_shannon(expert_probs.float(), 1, 2) / math.log(2)).clamp(0, 1).unsqueeze(1)
     p = expert_probs.float()
     a = mask.float().view(*mask.shape, *([1] * (p.dim() - 2)))
     n = a.sum(1).clamp_min(1)  # (B, 1, ..., 1)
     mean = (p * a).sum(1) / n
     jsd = (entropy(mean, axis=1) - (entropy(p, axis=2) * a[:, :, 0]).sum(1) / n[:, 0]).clamp_min(0)
-    bound = torch.clamp(torch.minimum(n[:, 0], torch.full_like(n[:, 0], float(c))), min=2).log()
-    return torch.where(n[:, 0] >= 2, jsd / bound, torch.zeros_like(jsd)).clamp(0, 1).unsqueeze(1)
+    return torch.where(n[:, 0] >= 2, jsd / math.log(2), torch.zeros_like(jsd)).clamp(0, 1).unsqueeze(1)
 
 
 def hypothesis_statistics(hypotheses: torch.Tensor, regions: bool = False) -> dict[str, torch.Tensor]:

@@ -4,7 +4,8 @@ validation fold, validation maps) is EnTrust's. Their schedule variants are in `
 """
 from __future__ import annotations
 
-from entrust_nnunet.model.ablations import EnTrustNoEnFuseUNet, EnTrustNoProbeUNet, EnTrustNoStepsUNet
+from entrust_nnunet.model.ablations import (EnTrustNoAlternativesUNet, EnTrustNoEnFuseUNet, EnTrustNoProbeUNet,
+                                            EnTrustNoStepsUNet)
 from entrust_nnunet.model.network import LOSS_WEIGHTS
 from entrust_nnunet.nnunet.distributed import unwrap
 from entrust_nnunet.nnunet.trainers import EnTrustLoss, nnUNetTrainerEnTrust
@@ -24,6 +25,12 @@ class nnUNetTrainerEnTrustNoSteps(nnUNetTrainerEnTrust):
     def _build_loss(self):
         loss = super()._build_loss()
         return EnTrustLoss(loss.base, unwrap(self.network), {**LOSS_WEIGHTS, "generative": 0.0, "start": 0.0})
+
+
+class nnUNetTrainerEnTrustNoAlternatives(nnUNetTrainerEnTrust):
+    """EnTrust whose hypotheses never follow a modality's expert (:class:`EnTrustNoAlternativesUNet`)."""
+
+    network_class = EnTrustNoAlternativesUNet
 
 
 class nnUNetTrainerEnTrustNoProbe(nnUNetTrainerEnTrust):

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from entrust_nnunet.nnunet.ablation_trainers import (nnUNetTrainerEnTrustNoEnFuse, nnUNetTrainerEnTrustNoProbe,
-                                                      nnUNetTrainerEnTrustNoSteps)
+from entrust_nnunet.nnunet.ablation_trainers import (nnUNetTrainerEnTrustNoAlternatives, nnUNetTrainerEnTrustNoEnFuse,
+                                                      nnUNetTrainerEnTrustNoProbe, nnUNetTrainerEnTrustNoSteps)
 from entrust_nnunet.nnunet.baseline_trainers import nnUNetTrainerCRNP, nnUNetTrainerMCDropout, nnUNetTrainerModDrop
 from entrust_nnunet.nnunet.trainers import nnUNetTrainerEnTrust, nnUNetTrainerEnTrustModDrop
 
@@ -170,6 +170,14 @@ class nnUNetTrainerEnTrustNoSteps_demo(ScheduleMixin, nnUNetTrainerEnTrustNoStep
 
 
 class nnUNetTrainerEnTrustNoSteps_tinyCPU(ScheduleMixin, nnUNetTrainerEnTrustNoSteps):
+    schedule = TINY_SCHEDULE
+
+
+class nnUNetTrainerEnTrustNoAlternatives_demo(ScheduleMixin, nnUNetTrainerEnTrustNoAlternatives):
+    schedule = DEMO_SCHEDULE
+
+
+class nnUNetTrainerEnTrustNoAlternatives_tinyCPU(ScheduleMixin, nnUNetTrainerEnTrustNoAlternatives):
     schedule = TINY_SCHEDULE
 
 

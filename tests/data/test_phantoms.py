@@ -101,6 +101,17 @@ def test_test_seed_draws_fresh_test_cases_beside_the_same_training_cases(tmp_pat
     assert json.loads((d / "dataset.json").read_text())["entrust"]["test_seed"] == 2026
 
 
+def test_conflict_only_in_test_cases(tmp_path):
+    """--conflict-in test: no training case holds a conflict blob (nor a coin-flip label), the test cases do as usual."""
+    out = tmp_path / "Dataset904_Unseen"
+    assert main(["phantoms", str(out), "-n", "6", "--num-test", "6", "--size", "32", "--conflict-in", "test"]) == 0
+    assert all(_arr(p).sum() == 0 for p in (out / "conflictTr").glob("*.nii.gz"))
+    assert sum(_arr(p).sum() > 0 for p in (out / "conflictTs").glob("*.nii.gz")) >= 3
+    assert json.loads((out / "dataset.json").read_text())["entrust"]["conflict_in"] == "test"
+    usual = write_phantom_dataset(tmp_path / "usual", num_cases=6, num_test=6, size=32, progress=False)
+    assert sum(_arr(p).sum() > 0 for p in (usual / "conflictTr").glob("*.nii.gz")) >= 3
+
+
 def test_cli_refuses_existing_output_and_leaves_no_partial(tmp_path, capsys):
     out = tmp_path / "Dataset903_P"
     assert main(["phantoms", str(out), "-n", "2", "--size", "16"]) == 0

@@ -126,11 +126,16 @@ def test_oracle_maps_hand_counted_dice_and_perfect_aurocs(data):
         assert entry["uncertainty"]["conflict_auroc_conflict"] == 1.0
         assert entry["uncertainty"]["conflict_in_conflict"] == 1.0
         assert entry["uncertainty"]["conflict_outside_conflict"] == 0.0
+        # the oracle conflict map is the truth: 1 in conflict, 0 on lesion edges (metrics.lesion_edges)
+        assert entry["uncertainty"]["conflict_vs_edge_auroc_conflict"] == 1.0
+        assert entry["uncertainty"]["conflict_on_edges"] == 0.0
         u, f = entry["uncertainty"], entry["uncertainty"]["conflict_fraction"]
         # the error rates inside and outside conflict recombine to the case's error rate
         assert u["error_in_conflict"] * f + u["error_outside_conflict"] * (1 - f) == pytest.approx(u["error_rate"])
     pooled = s["uncertainty_pooled"]
     assert pooled["error_auroc"] == 1.0 and pooled["conflict_auroc_conflict"] == 1.0
+    assert pooled["conflict_vs_edge_auroc_conflict"] == 1.0 and pooled["conflict_on_edges"] == 0.0
+    assert 0 < pooled["error_on_edges"] < 1  # the oracle's flipped voxels fall on edges too
     assert pooled["num_voxels"] == pooled["num_sampled_voxels"] == 4 * 32 * 32
     assert pooled["error_rate"] == pytest.approx(sum(v["errors"] for v in info.values()) / 4096)
     assert s["uncertainty_mean"]["conflict_auroc_conflict"] == 1.0  # nanmean skips test_003
@@ -145,6 +150,7 @@ def test_random_maps_and_npz_probabilities(data):
     pooled = s["uncertainty_pooled"]
     assert abs(pooled["error_auroc"] - 0.5) < 0.12
     assert abs(pooled["conflict_auroc_conflict"] - 0.5) < 0.15 and abs(pooled["conflict_auroc_total"] - 0.5) < 0.15
+    assert abs(pooled["conflict_vs_edge_auroc_conflict"] - 0.5) < 0.15  # random maps tell nothing apart
     assert abs(pooled["entanglement"]) < 0.15
     assert pooled["ece_source"] == s["uncertainty_mean"]["ece_source"] == "probabilities"
     acc = 1 - 100 / 1024

@@ -373,3 +373,19 @@ def test_coherence_against_a_loop():
     pairs = [(h[k][labels == b] != 0).mean() for k in range(6) for b in range(1, n + 1)]
     expected = np.mean([f >= 0.8 or f <= 0.2 for f in pairs])
     assert M.hypothesis_coherence(h, conflict) == pytest.approx(expected)
+
+
+def test_lesion_edges_by_hand():
+    """A 3x3 square: dilated by the face-connected element it has 21 voxels, eroded 1 (its centre): 20 edge
+    voxels on both sides of the boundary; excluding a voxel next to it with margin 1 removes one more."""
+    labels = np.zeros((9, 9), np.uint8)
+    labels[3:6, 3:6] = 2
+    edges = M.lesion_edges(labels)
+    assert edges.sum() == 20 and not edges[4, 4] and edges[2, 4] and edges[3, 3] and not edges[2, 2]
+    exclude = np.zeros_like(labels)
+    exclude[3, 1] = 1
+    fewer = M.lesion_edges(labels, exclude=exclude, margin=1)
+    assert fewer.sum() == 19 and not fewer[3, 2]
+    assert M.lesion_edges(np.zeros((5, 5))).sum() == 0
+    with pytest.raises(ValueError):
+        M.lesion_edges(labels, width=0)
