@@ -218,8 +218,9 @@ class EnTrustUNet(nn.Module):
         if not (return_parts or self.cache_parts):
             if self.training or self.decoder.deep_supervision:
                 return logits
+            experts = self._full_resolution_experts(parts, x.shape[2:]) if self.expert_alternatives > 0 else None
             hyps = self._hypotheses(logits, parts["cond"], self.sampling.num_hypotheses, self.sampling.steps,
-                                    parts=parts)
+                                    experts=experts)
             # labels: the fitted temperature (CalibHead's), so stock nnU-Net's probabilities are the calibrated ones
             # too; regions keep their sigmoids (the temperature is a softmax's, docs/design.md)
             mean = hyps.mean(0)
@@ -364,19 +365,24 @@ class EnTrustUNet(nn.Module):
         return self.segdiff.sample(self.segdiff.condition(cond), k, s, seed=seed, logits=logits,
                                    chunk=self.sampling_chunk)
 
-    def _hypotheses(self, logits: torch.Tensor, cond: torch.Tensor, k: int, s: int, seed: int = 0,
-                    parts: dict | None = None) -> torch.Tensor:
-        """K SegDiff hypotheses (K, B, C, *s) given the deterministic logits (the start's mean) and conditioning;
-        with the trunk's ``parts``, each then follows its modality's expert where the experts conflict
-        (:func:`~entrust_nnunet.model.alternatives.expert_alternatives`)."""
-        hyps = self._segdiff_hypotheses(logits, cond, k, s, seed)
-        if parts is None or self.expert_alternatives <= 0:
-            return hyps
-        size = hyps.shape[3:]
+    def _full_resolution_experts(self, parts: dict, size) -> dict[str, torch.Tensor]:
+        """The trunk's experts upsampled once per patch: ``experts`` (B, M, C, *size), their ``conflict``
+        (B, 1, *size) in [0, 1] and the modality ``mask`` (B, M)."""
         experts = parts["experts"].float()
-        experts = self._upsample(experts.flatten(1, 2), size).unflatten(1, experts.shape[1:3]).clamp(0, 1)
-        conflict = self._upsample(parts["expert_conflict"].float(), size).clamp(0, 1)
-        return expert_alternatives(hyps, experts, conflict, parts["modality_mask"], self.expert_alternatives)
+        return {"experts": self._upsample(experts.flatten(1, 2), size).unflatten(1, experts.shape[1:3]).clamp(0, 1),
+                "conflict": self._upsample(parts["expert_conflict"].float(), size).clamp(0, 1),
+                "mask": parts["modality_mask"]}
+
+    def _hypotheses(self, logits: torch.Tensor, cond: torch.Tensor, k: int, s: int, seed: int = 0,
+                    experts: dict | None = None) -> torch.Tensor:
+        """K SegDiff hypotheses (K, B, C, *s) given the deterministic logits (the start's mean) and conditioning;
+        with the full-resolution ``experts`` (:meth:`_full_resolution_experts`), each then follows its
+        modality's expert where the experts conflict (:func:`~entrust_nnunet.model.alternatives.expert_alternatives`)."""
+        hyps = self._segdiff_hypotheses(logits, cond, k, s, seed)
+        if experts is None or self.expert_alternatives <= 0:
+            return hyps
+        return expert_alternatives(hyps, experts["experts"], experts["conflict"], experts["mask"],
+                                   self.expert_alternatives)
 
     @torch.no_grad()
     def sample(self, x: torch.Tensor, settings: SamplingSettings | None = None,
@@ -397,15 +403,16 @@ class EnTrustUNet(nn.Module):
         parts = self._trunk(x, keep_all=False, mask=self._mask(x, modality_mask))
         logits = full_resolution(parts["logits"])
 
-        hyps = self._hypotheses(logits, parts["cond"], k, s, seed, parts)
+        experts = self._full_resolution_experts(parts, x.shape[2:])
+        hyps = self._hypotheses(logits, parts["cond"], k, s, seed, experts)
         stats = hypothesis_statistics(hyps, self.regions)
         # the experts' conflict itself, not F_cf, its learned copy: it separates conflict from edges better
         # (docs/design.md)
-        conflict = self._upsample(parts["expert_conflict"].float(), x.shape[2:]).clamp(0, 1)
+        conflict = experts["conflict"]
         stats["conflict"], stats["fusion_conflict"] = conflict[:, 0], parts["conflict"].float()[:, 0].clamp(0, 1)
         # ProbeStep redraws only the first few hypotheses (same noise: hypotheses are nested across K)
         p = min(k, self.probe_hypotheses)
-        stats["probe"] = (probe_step(lambda cond: self._hypotheses(logits, cond, p, s, seed, parts), parts["cond"],
+        stats["probe"] = (probe_step(lambda cond: self._hypotheses(logits, cond, p, s, seed, experts), parts["cond"],
                                      conflict, hyps[:p], self.probe_strength, seed, self.regions) if settings.probe
                           else torch.zeros_like(stats["entropy"]))
         stats["confidence"] = decision_confidence(stats["mean"], self.regions)
