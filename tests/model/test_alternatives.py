@@ -61,3 +61,21 @@ def test_network_hypotheses_diverge_only_with_the_alternatives():
     moved = (mixed["hypotheses"] - plain["hypotheses"]).abs().amax((0, 2))[0]
     assert float(moved[high].mean()) > 3 * float(moved[low].mean())
     assert float(mixed["spread"].mean()) > float(plain["spread"].mean())
+
+
+def test_inference_forward_is_the_log_of_samples_mean():
+    """What nnU-Net's sliding window gets from forward() at inference is sample()'s mean (alternatives included),
+    tempered by CalibHead's temperature: masks of the stock nnUNetv2_predict and of entrust predict agree."""
+    torch.manual_seed(0)
+    net = EnTrustUNet(3, num_classes=3, **arch_kwargs(2)).eval()
+    with torch.no_grad():
+        net.experts.weight.mul_(50.0)
+        net.calib.temperature.fill_(0.7)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        logits = net(x)
+    mean = net.sample(x, SamplingSettings(num_hypotheses=net.sampling.num_hypotheses, steps=net.sampling.steps,
+                                          probe=False))["mean"]
+    torch.testing.assert_close(torch.softmax(logits.float(), 1), torch.softmax(mean.clamp_min(1e-6).log() / 0.7, 1),
+                               atol=1e-4, rtol=1e-4)
+    assert (mean.argmax(1) == logits.argmax(1)).all()
