@@ -231,11 +231,11 @@ def _conflict(out: dict, pool: dict, job: dict, gt_img, gt, maps: dict, error, v
         if name in maps:
             out[f"conflict_auroc_{name}"] = metrics.auroc(maps[name], truth, mask=valid)
             out[f"conflict_vs_edge_auroc_{name}"] = metrics.auroc(maps[name], truth, mask=inside | edges)
-    for name, arr in {**maps, "error": error}.items():
-        out[f"{name}_on_edges"] = float(arr[edges].mean()) if edges.any() else math.nan
-        pool.setdefault("edges", {})[name] = (float(arr[edges].sum()), int(edges.sum()))
+    pool["edges"] = {}
     # the realized error rate beside the maps, so "P(error) in conflict" can be checked against it
     for name, arr in {**maps, "error": error}.items():
+        out[f"{name}_on_edges"] = float(arr[edges].mean()) if edges.any() else math.nan
+        pool["edges"][name] = (float(arr[edges].sum()), int(edges.sum()))
         s_in, n_in = float(arr[inside].sum()), int(inside.sum())
         s_out, n_out = float(arr[outside].sum()), int(outside.sum())
         out[f"{name}_in_conflict"] = s_in / n_in if n_in else math.nan

@@ -115,12 +115,9 @@ def expert_conflict(expert_probs: torch.Tensor, mask: torch.Tensor | None = None
     would put a one-against-two split of three modalities at 0.58 and the same split of two at 1.
     ``mask`` (B, M), 1 = modality present: the divergence is taken among the present experts only
     (``M`` is then their number, per sample), so an absent modality's expert never counts as conflicting."""
-    m = expert_probs.shape[1]
-    if mask is None:
-        if m < 2:
-            return torch.zeros_like(expert_probs[:, 0, :1])
-        return (jensen_shannon(expert_probs.float(), 1, 2) / math.log(2)).clamp(0, 1).unsqueeze(1)
     p = expert_probs.float()
+    if mask is None:
+        mask = p.new_ones(p.shape[:2])
     a = mask.float().view(*mask.shape, *([1] * (p.dim() - 2)))
     n = a.sum(1).clamp_min(1)  # (B, 1, ..., 1)
     mean = (p * a).sum(1) / n

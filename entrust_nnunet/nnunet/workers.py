@@ -52,8 +52,7 @@ def workers_ended_first_on_signals(ours: set):
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    previous = {s: h for s, h in previous.items() if h is not signal.SIG_IGN}
+    previous = {s: h for s in (signal.SIGINT, signal.SIGTERM) if (h := signal.getsignal(s)) is not signal.SIG_IGN}
 
     @sigterm_handler_of_this_process
     def handler(signum, frame):
