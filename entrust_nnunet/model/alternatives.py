@@ -6,7 +6,15 @@ and on new cases every hypothesis agrees on a blob whose truth is a coin flip (d
 diversity 0). The per-modality experts, each seeing one modality only, disagree exactly where the
 modalities do. So hypothesis k takes expert ``m_k``'s reading in proportion to their conflict::
 
-    p'_k = (1 - g) p_k + g e_{m_k},   g = clamp(strength * d, 0, 1)   (strength 2 by default)
+    p'_k = (1 - g) p_k + g r_k,   g = clamp(strength * d, 0, 1)   (strength 2 by default)
+
+``r_k`` is ONE draw of expert ``m_k``'s reading for the whole case: the one-hot class whose cumulative
+probability first exceeds ``u_k`` (per region: ``e > u_k``), with ``u_k`` the ``(k // n + 1)``-th term of the
+base-2 van der Corput sequence (1/2, 1/4, 3/4, 1/8, ...). An expert that gives a structure 0.4 takes or leaves
+it whole in each hypothesis that follows it (in 2 of 5 of them), instead of marking half of it in all of them
+(measured: hypotheses that took 40-70 % of a blob, docs/design.md); the draws average to ``e`` over hypotheses.
+The written hypotheses carry the draws; the network's mean and maps take their expectation ``e`` (a few draws
+per expert would only add Monte-Carlo noise to the mean: measured, docs/design.md).
 
 with ``d`` the experts' normalised Jensen-Shannon divergence among the present modalities (high only where
 confident experts contradict each other: not on blurred edges, where each is unsure alike) and ``m_k`` the
@@ -15,26 +23,70 @@ hypothesis takes or leaves a conflicting structure whole; ``k mod n`` keeps the 
 hypotheses nested across K. Where the experts agree (``d`` ~ 0) nothing changes. Strength 2: from
 ``d`` = 0.5 on, the hypothesis takes its expert's reading wholly (a linear mix at ``d`` = 0.5 would not
 flip a confident SegDiff hypothesis); chosen on the development seed, with what it costs (docs/design.md).
+
+The same gate bounds the probability of error from below (:func:`alternatives_error_floor`): a calibrator
+fitted on cases without conflict has never seen one, so there the hypotheses' own vote is the best estimate.
 """
 from __future__ import annotations
 
 import torch
 
 
+def van_der_corput(index: torch.Tensor) -> torch.Tensor:
+    """Base-2 radical inverse of ``index + 1`` (integers >= 0): 1/2, 1/4, 3/4, 1/8, 5/8, 3/8, 7/8, ... Every
+    prefix spreads evenly over (0, 1), so the draws stay stratified as K grows (hypotheses nested across K)."""
+    i, u, scale = index.long() + 1, torch.zeros(index.shape, dtype=torch.float64, device=index.device), 0.5
+    while bool((i > 0).any()):
+        u += (i % 2) * scale
+        i, scale = i // 2, scale / 2
+    return u
+
+
+def expert_reading(expert: torch.Tensor, u: torch.Tensor, regions: bool = False) -> torch.Tensor:
+    """One draw of an expert's reading per hypothesis: ``expert`` (K, B, C, *s) probabilities, ``u`` (K, B) in
+    (0, 1) shared by every voxel. Softmax: the one-hot class whose cumulative probability first exceeds u;
+    regions (independent sigmoids): channel r on where ``e_r > u``. The mean over uniform u is ``expert``."""
+    level = u.to(expert.dtype).view(*u.shape, *([1] * (expert.dim() - 2)))
+    if regions:
+        return (expert > level).to(expert.dtype)
+    below = (expert.cumsum(2) < level).sum(2, keepdim=True).clamp_max(expert.shape[2] - 1)
+    return torch.zeros_like(expert).scatter_(2, below, 1.0)
+
+
 def expert_alternatives(hypotheses: torch.Tensor, experts: torch.Tensor, conflict: torch.Tensor,
-                        mask: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
-    """``p'_k = (1 - g) p_k + g e_{m_k}`` (module doc) for hypotheses (K, B, C, *s), expert probabilities
+                        mask: torch.Tensor, strength: float = 1.0, regions: bool = False,
+                        drawn: bool = True) -> torch.Tensor:
+    """``p'_k = (1 - g) p_k + g r_k`` (module doc) for hypotheses (K, B, C, *s), expert probabilities
     (B, M, C, *s) and conflict ``d`` (B, 1, *s) at the hypotheses' resolution, modality ``mask`` (B, M), 1 =
-    present. ``strength`` 0 returns the hypotheses unchanged."""
+    present; ``regions``: C sigmoid channels. ``drawn`` False: ``r_k`` is replaced by its expectation over the
+    draws, ``e_{m_k}`` (what the network's mean and maps use: the same mean without the noise of a few draws).
+    ``strength`` 0 returns the hypotheses unchanged."""
     if strength <= 0:
         return hypotheses
     k, b = hypotheses.shape[:2]
     present = mask > 0
-    n = present.sum(1)  # (B,)
+    n = present.sum(1).clamp_min(1)  # (B,)
     # the (k mod n_b)-th present modality of sample b: rank the present modalities 0..n_b-1
     rank = present.long().cumsum(1) - 1  # (B, M): rank among the present ones (junk where absent)
-    which = torch.arange(k, device=mask.device)[:, None] % n.clamp_min(1)[None]  # (K, B)
+    ks = torch.arange(k, device=mask.device)[:, None]
+    which = ks % n[None]  # (K, B)
     chosen = (present[None] & (rank[None] == which[..., None])).to(experts.dtype)  # (K, B, M) one-hot
     followed = torch.einsum("kbm,bm...->kb...", chosen, experts)  # (K, B, C, *s)
+    reading = expert_reading(followed, van_der_corput(ks // n[None]), regions) if drawn else followed
     gate = (strength * conflict).clamp(0, 1).to(hypotheses.dtype)[None]
-    return (1 - gate) * hypotheses + gate * followed.to(hypotheses.dtype)
+    return (1 - gate) * hypotheses + gate * reading.to(hypotheses.dtype)
+
+
+def alternatives_error_floor(confidence: torch.Tensor, conflict: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
+    """``P(error) >= g (1 - confidence)``, ``g = clamp(strength * d, 0, 1)`` (maps of one shape).
+
+    Where the experts conflict (g = 1) hypothesis k IS expert m_k's reading, so ``1 - confidence`` (the share of
+    hypothesis mass that disagrees with the mask) is the probability of error if each modality's reading is as
+    likely to be the truth. A calibrator knows better only where it saw such voxels; fitted on cases without
+    conflict it extrapolates (measured: 0.01 where the mask was wrong half the time, docs/design.md), so the
+    exported P(error) is the larger of the two. Where the experts agree (g = 0) the floor is 0.
+    ``strength`` 0 (no expert alternatives) gives 0 everywhere."""
+    if strength <= 0:
+        return torch.zeros_like(confidence, dtype=torch.float32)
+    gate = (strength * conflict.float()).clamp(0, 1)
+    return gate * (1 - confidence.float()).clamp(0, 1)

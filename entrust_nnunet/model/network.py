@@ -50,7 +50,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from entrust_nnunet.model.absence import impute_absent, resolve_mask, without_absent
-from entrust_nnunet.model.alternatives import expert_alternatives
+from entrust_nnunet.model.alternatives import alternatives_error_floor, expert_alternatives
 from entrust_nnunet.model.cloe import ConsistencyGate, RegionProjection, consistency_loss
 from entrust_nnunet.model.encoders import ModalityEncoders
 from entrust_nnunet.model.enfuse import EnFuse
@@ -373,24 +373,31 @@ class EnTrustUNet(nn.Module):
                 "conflict": self._upsample(parts["expert_conflict"].float(), size).clamp(0, 1),
                 "mask": parts["modality_mask"]}
 
+    def _alternatives(self, hyps: torch.Tensor, experts: dict | None, drawn: bool = False) -> torch.Tensor:
+        """SegDiff's hypotheses (K, B, C, *s) following their modality's expert where the experts conflict
+        (:func:`~entrust_nnunet.model.alternatives.expert_alternatives`): ``drawn`` one whole-case reading of the
+        expert per hypothesis (the masks written as hypotheses), else its expectation (the mean and every map:
+        the same mean without the few draws' Monte-Carlo noise)."""
+        if experts is None or self.expert_alternatives <= 0:
+            return hyps
+        return expert_alternatives(hyps, experts["experts"], experts["conflict"], experts["mask"],
+                                   self.expert_alternatives, self.regions, drawn=drawn)
+
     def _hypotheses(self, logits: torch.Tensor, cond: torch.Tensor, k: int, s: int, seed: int = 0,
                     experts: dict | None = None) -> torch.Tensor:
         """K SegDiff hypotheses (K, B, C, *s) given the deterministic logits (the start's mean) and conditioning;
         with the full-resolution ``experts`` (:meth:`_full_resolution_experts`), each then follows its
-        modality's expert where the experts conflict (:func:`~entrust_nnunet.model.alternatives.expert_alternatives`)."""
-        hyps = self._segdiff_hypotheses(logits, cond, k, s, seed)
-        if experts is None or self.expert_alternatives <= 0:
-            return hyps
-        return expert_alternatives(hyps, experts["experts"], experts["conflict"], experts["mask"],
-                                   self.expert_alternatives)
+        modality's expert in expectation where the experts conflict (:meth:`_alternatives`)."""
+        return self._alternatives(self._segdiff_hypotheses(logits, cond, k, s, seed), experts)
 
     @torch.no_grad()
     def sample(self, x: torch.Tensor, settings: SamplingSettings | None = None,
                modality_mask=None) -> dict[str, torch.Tensor]:
         """Encoders + EnFuse + decoder once, then K hypotheses x S steps through the SegDiff head.
 
-        ``settings`` default to the network's own (:attr:`sampling`). Returns ``hypotheses`` (K, B, C, *s),
-        ``mean`` (B, C, *s) and the maps (B, *s): ``entropy`` (of the mean, nats), ``aleatoric`` (= entropy:
+        ``settings`` default to the network's own (:attr:`sampling`). Returns ``hypotheses`` (K, B, C, *s; each
+        with its drawn expert reading where the experts conflict), ``mean`` (B, C, *s; with the readings'
+        expectation, as every map) and the maps (B, *s): ``entropy`` (of the mean, nats), ``aleatoric`` (= entropy:
         within one model the hypotheses' spread is aleatoric), ``epistemic`` (0 within one model; the
         predictor's fold pooling makes it the folds' disagreement), ``spread`` (the hypotheses' share of the
         entropy), ``probe``, ``conflict`` (the experts' normalised Jensen-Shannon divergence, upsampled),
@@ -404,7 +411,8 @@ class EnTrustUNet(nn.Module):
         logits = full_resolution(parts["logits"])
 
         experts = self._full_resolution_experts(parts, x.shape[2:])
-        hyps = self._hypotheses(logits, parts["cond"], k, s, seed, experts)
+        segdiff = self._segdiff_hypotheses(logits, parts["cond"], k, s, seed)
+        hyps = self._alternatives(segdiff, experts)
         stats = hypothesis_statistics(hyps, self.regions)
         # the experts' conflict itself, not F_cf, its learned copy: it separates conflict from edges better
         # (docs/design.md)
@@ -417,8 +425,9 @@ class EnTrustUNet(nn.Module):
                           else torch.zeros_like(stats["entropy"]))
         stats["confidence"] = decision_confidence(stats["mean"], self.regions)
         stats["head_confidence"] = decision_confidence(probabilities(logits, self.regions), self.regions)
-        stats["error"] = self.calib(stats)
-        stats["hypotheses"] = hyps
+        stats["error"] = torch.maximum(self.calib(stats), alternatives_error_floor(
+            stats["confidence"], stats["conflict"], self.expert_alternatives))
+        stats["hypotheses"] = self._alternatives(segdiff, experts, drawn=True)
         return stats
 
     def compute_conv_feature_map_size(self, input_size) -> int:

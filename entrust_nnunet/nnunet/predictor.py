@@ -57,6 +57,7 @@ from entrust_nnunet.data.io import (HYPOTHESIS_FOLDER, MAP_FOLDER, MAP_NAMES, In
                                     map_path, temporary_path, write_image)
 from entrust_nnunet.data.modalities import modalities_path
 from entrust_nnunet.model.absence import resolve_mask, without_absent
+from entrust_nnunet.model.alternatives import alternatives_error_floor
 from entrust_nnunet.model.network import EnTrustUNet
 from entrust_nnunet.model.outputs import as_logits, decision_confidence
 from entrust_nnunet.model.sampling import DEFAULT_SAMPLING, SamplingSettings
@@ -268,12 +269,18 @@ class EnTrustPredictor(nnUNetPredictor):
 
     def probability_of_error(self, stats: dict[str, torch.Tensor]) -> torch.Tensor:
         """EnTrust: the calibrator of ``entrust calibrate`` (fitted on every fold's out-of-fold cases) when the
-        model folder has one, else the folds' CalibHeads averaged; other methods: 1 - max of the pooled mean."""
+        model folder has one, else the folds' CalibHeads averaged; other methods: 1 - max of the pooled mean.
+        EnTrust's is never below the expert alternatives' vote where the modalities conflict
+        (:func:`~entrust_nnunet.model.alternatives.alternatives_error_floor`)."""
         if getattr(self, "calibrator", None) is not None:
-            return self.calibrator.probability_of_error(stats).clamp(0, 1)
-        if not self.calib_heads:
+            p = self.calibrator.probability_of_error(stats)
+        elif not self.calib_heads:
             return 1 - stats["confidence"]
-        return torch.stack([head.predict_voxels(stats) for head in self.calib_heads]).mean(0).clamp(0, 1)
+        else:
+            p = torch.stack([head.predict_voxels(stats) for head in self.calib_heads]).mean(0)
+        floor = alternatives_error_floor(stats["confidence"], stats["conflict"],
+                                         getattr(self.network.net, "expert_alternatives", 0.0))
+        return torch.maximum(p.clamp(0, 1), floor.to(p.device))
 
     def class_temperature(self) -> float:
         """T of the class probabilities written (``softmax(log mean / T)``): the one ``entrust calibrate`` fitted on

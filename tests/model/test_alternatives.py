@@ -2,7 +2,8 @@
 import torch
 
 from conftest import arch_kwargs
-from entrust_nnunet.model.alternatives import expert_alternatives
+from entrust_nnunet.model.alternatives import (alternatives_error_floor, expert_alternatives, expert_reading,
+                                               van_der_corput)
 from entrust_nnunet.model.network import EnTrustUNet
 from entrust_nnunet.model.sampling import SamplingSettings
 from entrust_nnunet.model.trustmap import expert_conflict
@@ -31,6 +32,46 @@ def test_hypotheses_follow_each_present_expert_where_they_conflict_and_stay_else
     torch.testing.assert_close(out[:, :, :, 0, 0], hyps[:, :, :, 0, 0])  # agreement: unchanged
     torch.testing.assert_close(out.sum(2), torch.ones(6, 1, 8, 8))  # still distributions
     torch.testing.assert_close(expert_alternatives(hyps, experts, conflict, torch.ones(1, 3), 0.0), hyps)
+
+
+def test_van_der_corput_is_nested_and_stratified():
+    u = van_der_corput(torch.arange(7))
+    torch.testing.assert_close(u, torch.tensor([1 / 2, 1 / 4, 3 / 4, 1 / 8, 5 / 8, 3 / 8, 7 / 8], dtype=torch.float64))
+    assert sorted(van_der_corput(torch.arange(15)).tolist()) == [(i + 1) / 16 for i in range(15)]
+
+
+def test_a_soft_expert_is_read_whole_per_hypothesis_and_on_average_as_it_is():
+    """An expert that gives a blob 0.4 (softmax) or 0.4 per region: each hypothesis takes or leaves the blob
+    whole; over a stratified set of draws the readings average back to the expert's probabilities."""
+    e = torch.zeros(1, 3, 6, 6)
+    e[:, 0] = 1.0
+    e[:, :, 2:4, 2:4] = torch.tensor([0.5, 0.4, 0.1])[:, None, None]
+    u = van_der_corput(torch.arange(255))[:, None]  # (K, B=1)
+    reading = expert_reading(e[None].expand(255, -1, -1, -1, -1), u)
+    blob = reading[:, 0, :, 2:4, 2:4].argmax(1).flatten(1)
+    assert (blob == blob[:, :1]).all()  # whole, in every hypothesis
+    torch.testing.assert_close(reading.mean(0), e, atol=0.01, rtol=0)
+    regions = expert_reading(e[None].expand(255, -1, -1, -1, -1), u, regions=True)
+    torch.testing.assert_close(regions.mean(0), e, atol=0.01, rtol=0)
+    # u = 1/2, 1/4: background (its cumulative 0.5 is not below u); u = 3/4: class 1 (cumulative 0.9)
+    assert reading[:3, 0, :, 2, 2].argmax(1).tolist() == [0, 0, 1]
+
+
+def test_error_floor_is_the_alternatives_vote_where_experts_conflict_and_zero_where_they_agree():
+    experts = _experts_disagreeing_on_a_blob()
+    conflict = expert_conflict(experts)[:, 0]
+    hyps = torch.zeros(6, 1, 3, 8, 8)
+    hyps[:, :, 0] = 1.0
+    mean = expert_alternatives(hyps, experts, conflict[:, None], torch.ones(1, 3), strength=2.0).mean(0)
+    confidence = mean.amax(1)
+    floor = alternatives_error_floor(confidence, conflict, strength=2.0)
+    # on the blob 2 of 6 hypotheses (expert 0's) disagree with the background mask: P(error) >= 1/3
+    torch.testing.assert_close(floor[0, 3, 3], torch.tensor(1 / 3))
+    assert floor[0, 0, 0] == 0  # the experts agree: no floor, the calibrator alone decides
+    # a weak conflict lifts the floor only in proportion (g = strength * d), and strength 0 switches it off
+    half = alternatives_error_floor(torch.full((2,), 0.6), torch.tensor([0.1, 0.4]), strength=2.0)
+    torch.testing.assert_close(half, torch.tensor([0.2 * 0.4, 0.8 * 0.4]))
+    assert alternatives_error_floor(confidence, conflict, strength=0.0).abs().max() == 0
 
 
 def test_absent_modalities_are_never_followed():

@@ -209,9 +209,14 @@ def test_aleatoric_epistemic_decomposition_by_hand():
     net = EnTrustUNet(2, num_classes=3, **arch_kwargs(2)).eval()
     with torch.no_grad():
         net.segdiff.cov[-1].weight.mul_(30.0)
-    out = net.sample(torch.randn(1, 2, 32, 32), SamplingSettings(num_hypotheses=4, steps=0, seed=0))
-    torch.testing.assert_close(out["aleatoric"], entropy(out["hypotheses"].mean(0), axis=1))
+    x = torch.randn(1, 2, 32, 32)
+    out = net.sample(x, SamplingSettings(num_hypotheses=4, steps=0, seed=0))
+    torch.testing.assert_close(out["aleatoric"], entropy(out["mean"], axis=1))
     assert float(out["spread"].max()) > 0.05 and float(out["epistemic"].abs().max()) == 0.0
+    # the mean is the hypotheses' mean, up to the expert readings' draws (their expectation is in the mean)
+    net.expert_alternatives = 0.0
+    plain = net.sample(x, SamplingSettings(num_hypotheses=4, steps=0, seed=0))
+    torch.testing.assert_close(plain["mean"], plain["hypotheses"].mean(0))
 
 
 def test_nnunet_initialisation_keeps_the_start_near_the_deterministic_head():

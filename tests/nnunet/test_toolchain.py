@@ -175,8 +175,29 @@ def _largest_component_pkl(path: Path) -> Path:
     return path
 
 
+def _with_a_stray_component(pred: Path, dst: Path) -> Path:
+    """A copy of a prediction folder whose masks each get a 2x2 and a 1-voxel foreground speck in two corners,
+    so that largest-component post-processing has something to remove whatever the one-epoch model drew."""
+    import shutil
+
+    shutil.copytree(pred, dst)
+    for case in ("test_000", "test_001"):
+        image = sitk.ReadImage(str(dst / f"{case}.nii.gz"))
+        mask = sitk.GetArrayFromImage(image)
+        lead = (0,) * (mask.ndim - 2)
+        mask[lead + (slice(0, 4), slice(0, 4))] = 0
+        mask[lead + (slice(-3, None), slice(-3, None))] = 0
+        mask[lead + (slice(0, 2), slice(0, 2))] = 1
+        mask[lead + (-1, -1)] = 1
+        speck = sitk.GetImageFromArray(mask)
+        speck.CopyInformation(image)
+        sitk.WriteImage(speck, str(dst / f"{case}.nii.gz"))
+    return dst
+
+
 def test_postprocess_gives_removed_regions_the_foreground_probability(members, tmp_path):
     env, raw, (pred, _) = members
+    pred = _with_a_stray_component(pred, tmp_path / "pred")
     pkl = _largest_component_pkl(tmp_path / "postprocessing.pkl")
     out, nnunet_out = tmp_path / "pp", tmp_path / "nnunet_pp"
     r = _run(env, "entrust", "postprocess", "-i", str(pred), "-o", str(out), "-pp_pkl_file", str(pkl), "-np", "1")
