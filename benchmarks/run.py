@@ -46,6 +46,9 @@ COST_JSON = REPO / "benchmarks" / "results" / "cost_large.json"
 #: CalibHead inputs and the conflict map's inputs: they are in-sample for those choices.
 DATA_SEED, TEST_SEED, DEVELOPMENT_SEED, SMOKE_TEST_SEED = 0, 2026, 1, 99
 TEMPERATURE_ROW = "softmax nnU-Net + temperature"
+#: label variants per test case (each conflict blob re-flipped, boundaries moved by a voxel): GED^2 and HM-IoU of
+#: every method's hypotheses; the training cases keep one label each, as a user's dataset has
+TEST_ANNOTATORS = 4
 
 #: method -> (trainer, plans, folds used for prediction, sampling count)
 METHODS = {
@@ -361,7 +364,7 @@ def prepare_dataset(args, out: Path) -> tuple[int, str, str]:
         if not raw.exists():
             write_phantom_dataset(raw, num_cases=8 if args.smoke else args.n,
                                   num_test=3 if args.smoke else args.num_test, dim=2, size=32 if args.smoke else 64,
-                                  seed=args.data_seed, test_seed=args.test_seed)
+                                  seed=args.data_seed, test_seed=args.test_seed, num_test_annotators=TEST_ANNOTATORS)
         return dataset_id, name, args.c
     missing = [v for v in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results") if not os.environ.get(v)]
     if missing:
@@ -400,13 +403,16 @@ def evaluate_row(raw: Path, pred: Path) -> dict:
     from entrust_nnunet.evaluation.summary import headline
 
     conflict_dir = raw / "conflictTs" if (raw / "conflictTs").is_dir() else None
+    annotators = raw / "labelsTs_annotators"
     summary = evaluate_folder(pred, raw / "labelsTs", conflict_dir=conflict_dir,
-                              dataset_json=raw / "dataset.json", output_file=pred / "summary.json", num_processes=1)
+                              dataset_json=raw / "dataset.json", output_file=pred / "summary.json", num_processes=1,
+                              annotators_dir=annotators if annotators.is_dir() else None)
     row = dict(headline(summary))
     pooled, mean = summary.get("uncertainty_pooled", {}), summary.get("uncertainty_mean", {})
     for key in POOLED_KEYS:
         row[key] = pooled.get(key, mean.get(key))
-    for key in ("coherence", "diversity"):  # MC dropout's passes and the ensemble's folds are their hypotheses
+    # MC dropout's passes and the ensemble's folds are their hypotheses; GED^2 / HM-IoU against the test annotators
+    for key in ("coherence", "diversity", "ged2", "ged2_mask_copies", "hm_iou"):
         row[key] = summary.get("hypotheses_mean", {}).get(key)
     for label, values in summary.get("mean", {}).items():
         row[f"dice_{label}"] = values.get("Dice")
@@ -645,6 +651,9 @@ TARGETS = [
     ("ECE fg+bnd of class probabilities <= 0.6x temperature-scaled softmax", TEMPERATURE_ROW, "ece_fg_boundary", False, 0.6),
     ("coherence of the hypotheses >= 0.8", "abs", "coherence", True, 0.8),
     ("diversity of the hypotheses >= 0.6", "abs", "diversity", True, 0.6),
+    ("GED^2 <= 0.7x that of K copies of the mask", "quotient", ("ged2", "ged2_mask_copies"), False, 0.7),
+    ("GED^2 below MC dropout's", "MC dropout (T=8)", "ged2", False, 1.0),
+    ("GED^2 below the 5-fold ensemble's", "5-fold deep ensemble", "ged2", False, 1.0),
 ]
 
 
@@ -729,7 +738,8 @@ CONFLICT_COLS = [("total_in_conflict", "mean P(error) in conflict"), ("error_in_
                  ("conflict_on_edges", "conflict map on lesion edges"),
                  ("conflict_vs_edge_auroc_conflict", "conflict vs edge AUROC (conflict map)"),
                  ("conflict_vs_edge_auroc_total", "conflict vs edge AUROC (total)"),
-                 ("coherence", "coherence"), ("diversity", "diversity")]
+                 ("coherence", "coherence"), ("diversity", "diversity"), ("ged2", "GED^2"),
+                 ("ged2_mask_copies", "GED^2 of K mask copies"), ("hm_iou", "HM-IoU")]
 
 
 def _table(title: str, cols: list, rows: dict) -> list[str]:

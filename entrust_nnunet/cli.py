@@ -28,7 +28,8 @@ def _cmd_phantoms(args: argparse.Namespace) -> None:
 
     out = write_phantom_dataset(args.out, num_cases=args.n, num_modalities=args.modalities, dim=args.dim,
                                 seed=args.seed, num_annotators=args.annotators, num_test=args.num_test,
-                                size=args.size, overwrite=args.overwrite, conflict_in=args.conflict_in)
+                                size=args.size, overwrite=args.overwrite, conflict_in=args.conflict_in,
+                                num_test_annotators=args.test_annotators)
     print(f"wrote {out}")
 
 
@@ -441,7 +442,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=None, help="edge length in voxels (default: 64 in 2D, 32 in 3D)")
     p.add_argument("--seed", type=int, default=0, help="random seed; same seed, same dataset (default: 0)")
     p.add_argument("--annotators", type=int, default=0,
-                   help="also write this many plausible label variants per case (default: 0)")
+                   help="also write this many plausible label variants per training case (labelsTr_annotators: "
+                        "multi-annotator training; default: 0)")
+    p.add_argument("--test-annotators", type=int, default=0,
+                   help="label variants per test case (labelsTs_annotators: entrust evaluate --annotators scores "
+                        "the hypotheses with GED^2 and HM-IoU; default: 0)")
     p.add_argument("--conflict-in", choices=("all", "test"), default="all",
                    help="cases holding conflict blobs: all (default), or test only (a conflict never seen in "
                         "training)")

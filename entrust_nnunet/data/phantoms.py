@@ -221,17 +221,21 @@ def _checked_sizes(num_cases: int, num_modalities: int, dim: int, num_annotators
 def write_phantom_dataset(out: str | os.PathLike, num_cases: int = 20, num_modalities: int = 3, dim: int = 2,
                           seed: int = 0, num_annotators: int = 0, num_test: int | None = None,
                           size: int | None = None, overwrite: bool = False, progress: bool = True,
-                          test_seed: int | None = None, conflict_in: str = "all") -> Path:
+                          test_seed: int | None = None, conflict_in: str = "all", num_test_annotators: int = 0) -> Path:
     """Write an nnU-Net v2 raw dataset of phantoms to ``out`` (built in a temporary folder, then renamed).
 
     Case ``i`` of the training set depends only on ``(seed, i)``; test case ``j`` on ``(test_seed, 100000 + j)``
     (``test_seed`` defaults to ``seed``), so a benchmark can draw fresh test cases beside the same training cases.
     ``conflict_in="test"``: the training cases hold no conflict blob, the test cases do (a conflict no
     training case showed: what the model meets must then come from the modalities, not from memory).
+    ``num_test_annotators``: label variants of the TEST cases in ``labelsTs_annotators`` (for GED^2 / HM-IoU;
+    drawn after each case's images and label, so the cases themselves are the same with or without them).
     """
     if conflict_in not in ("all", "test"):
         raise ValueError(f"conflict_in must be 'all' or 'test', got {conflict_in!r}")
     size, num_test = _checked_sizes(num_cases, num_modalities, dim, num_annotators, num_test, size)
+    if num_test_annotators < 0:
+        raise InputError(f"--test-annotators {num_test_annotators}: must be >= 0")
     test_seed = seed if test_seed is None else test_seed
     out = Path(out)
     names = modality_names(num_modalities)
@@ -241,21 +245,24 @@ def write_phantom_dataset(out: str | os.PathLike, num_cases: int = 20, num_modal
                   ("Ts", [f"test_{j:03d}" for j in range(num_test)], 100000, test_seed)]
         for sub in ("imagesTr", "labelsTr", "conflictTr", "imagesTs", "labelsTs", "conflictTs"):
             (tmp / sub).mkdir()
-        if num_annotators:
-            (tmp / "labelsTr_annotators").mkdir()
+        annotators = {"Tr": num_annotators, "Ts": num_test_annotators}
+        for suffix, count in annotators.items():
+            if count:
+                (tmp / f"labels{suffix}_annotators").mkdir()
         jobs = [(suffix, idx, name, offset, s) for suffix, cases, offset, s in splits for idx, name in enumerate(cases)]
         for suffix, idx, name, offset, case_seed in tqdm(jobs, desc=f"phantoms {out.name}", disable=not progress,
                                                          unit="case"):
             rng = np.random.default_rng([case_seed, offset + idx])
             case = make_case(rng, size, num_modalities, dim,
-                             num_annotators=num_annotators if suffix == "Tr" else 0,
+                             num_annotators=annotators[suffix],
                              allow_conflict=(idx % 4 != 3) and (suffix == "Ts" or conflict_in == "all"))
             for m, img in enumerate(case.images):
                 sitk.WriteImage(_to_sitk(img, case), str(tmp / f"images{suffix}" / f"{name}_{m:04d}{FILE_ENDING}"))
             sitk.WriteImage(_to_sitk(case.label, case), str(tmp / f"labels{suffix}" / f"{name}{FILE_ENDING}"))
             sitk.WriteImage(_to_sitk(case.conflict, case), str(tmp / f"conflict{suffix}" / f"{name}{FILE_ENDING}"))
             for k, variant in enumerate(case.annotators):
-                sitk.WriteImage(_to_sitk(variant, case), str(tmp / "labelsTr_annotators" / f"{name}_a{k}{FILE_ENDING}"))
+                sitk.WriteImage(_to_sitk(variant, case),
+                                str(tmp / f"labels{suffix}_annotators" / f"{name}_a{k}{FILE_ENDING}"))
 
         dataset_json = {
             "channel_names": {str(m): n for m, n in enumerate(names)},

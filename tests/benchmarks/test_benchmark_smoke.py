@@ -18,6 +18,9 @@ def test_benchmark_smoke(tmp_path):
     for row in result["methods"].values():
         assert 0 <= row["dice"]["mean"] <= 1 and 0 <= row["ece"]["mean"] <= 1 and row["dice"]["values"]
         assert 0 <= row["ece_perror"]["mean"] <= 1  # both calibration views, from the .npz and from total
+    ours = result["methods"]["EnTrust (K=8)"]  # hypotheses scored against the test cases' annotators
+    assert 0 <= ours["ged2"]["mean"] <= 2 and 0 <= ours["hm_iou"]["mean"] <= 1 and ours["ged2_mask_copies"]["values"]
+    assert any(t["target"].startswith("GED^2 <= 0.7x") and t["verdict"] for t in result["targets"])
     seed = result["per_seed"][0]
     assert seed["seed"] == 0 and seed["temperature"] > 0 and seed["temperature_fitted_on"]
     assert seed["results_root"].endswith("seed_0")

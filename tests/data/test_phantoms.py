@@ -5,8 +5,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from scipy import ndimage
 
 from entrust_nnunet.cli import main
+from entrust_nnunet.data.io import InputError
 from entrust_nnunet.data.phantoms import LABELS, geometry, modality_contrast, write_phantom_dataset
 
 
@@ -80,6 +82,29 @@ def test_annotators_vary_inside_conflict(tmp_path):
                               for k in range(4)])
             differs += int(votes.any(0).any() and not votes.all(0).all())
     assert differs >= 1
+
+
+def test_test_annotators_leave_the_cases_unchanged_and_flip_conflict_blobs(tmp_path):
+    """labelsTs_annotators only for the test cases; the cases' images and labels are those written without them."""
+    plain = write_phantom_dataset(tmp_path / "a", num_cases=2, num_test=4, dim=2, size=32, seed=3, progress=False)
+    scored = write_phantom_dataset(tmp_path / "b", num_cases=2, num_test=4, dim=2, size=32, seed=3, progress=False,
+                                   num_test_annotators=3)
+    assert not (scored / "labelsTr_annotators").exists()
+    assert sorted(p.name for p in (scored / "labelsTs_annotators").iterdir()) == \
+        [f"test_{j:03d}_a{k}.nii.gz" for j in range(4) for k in range(3)]
+    for j in range(4):
+        for folder, suffix in (("imagesTs", "_0001"), ("labelsTs", "")):
+            np.testing.assert_array_equal(_arr(plain / folder / f"test_{j:03d}{suffix}.nii.gz"),
+                                          _arr(scored / folder / f"test_{j:03d}{suffix}.nii.gz"))
+        conflict = _arr(scored / "conflictTs" / f"test_{j:03d}.nii.gz") > 0
+        label = _arr(scored / "labelsTs" / f"test_{j:03d}.nii.gz")
+        for k in range(3):
+            variant = _arr(scored / "labelsTs_annotators" / f"test_{j:03d}_a{k}.nii.gz")
+            # away from conflict an annotator moves the boundary by at most one voxel; nothing else changes
+            far = ~ndimage.binary_dilation(label > 0, iterations=2) & ~conflict
+            assert (variant[far] == label[far]).all()
+    with pytest.raises(InputError, match="--test-annotators"):
+        write_phantom_dataset(tmp_path / "c", num_cases=2, dim=2, size=32, progress=False, num_test_annotators=-1)
 
 
 def test_deterministic_for_a_seed(tmp_path):
