@@ -206,7 +206,7 @@ def _cmd_predict(args: argparse.Namespace) -> None:
                          sampling=sampling, step_size=args.step_size, disable_tta=args.disable_tta,
                          save_probabilities=args.save_probabilities, num_processes_preprocessing=args.npp,
                          num_processes_export=args.nps, save_hypotheses=args.save_hypotheses,
-                         drop_modalities=args.drop_modalities)
+                         drop_modalities=args.drop_modalities, prev_stage_predictions=args.prev_stage_predictions)
     print(f"masks in {out}, uncertainty maps in {out / 'uncertainty'}")
 
 
@@ -249,6 +249,9 @@ def _add_prediction(sub: argparse._SubParsersAction) -> None:
                    help="also write every hypothesis as a mask: OUT/hypotheses/CASE_hNN<ending> (with several "
                         "folds fold-major: fold 0's K hypotheses first)")
     p.add_argument("--no-probe", action="store_true", help="skip ProbeStep (faster; the probe statistic is then 0)")
+    p.add_argument("-prev_stage_predictions", default=None, metavar="FOLDER",
+                   help="a cascade stage (3d_cascade_fullres): the previous stage's masks of these cases, "
+                        "FOLDER/CASE<ending> (as nnUNetv2_predict)")
     p.add_argument("--drop-modalities", default=None, metavar="NAMES",
                    help="predict as if these modalities were absent, e.g. T2,FLAIR (dataset.json's channel names; "
                         "needs a model trained with modality dropout, e.g. nnUNetTrainerEnTrustModDrop). Cases whose "

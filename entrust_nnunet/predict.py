@@ -13,6 +13,7 @@ import json
 import sys
 from pathlib import Path
 
+import SimpleITK as sitk
 import torch
 
 from entrust_nnunet.data.io import (MAP_FOLDER, InputError, atomic_file, check_same_geometry, check_writable_folder,
@@ -96,17 +97,42 @@ def check_absence_supported(predictor: EnTrustPredictor, modalities: dict[str, C
     raise InputError(f"--drop-modalities {drop_flag}: {trainer}; it cannot predict with absent modalities")
 
 
+def previous_stage_files(cases: dict, folder, file_ending: str, previous: str | None, model_folder: Path
+                         ) -> list[str] | None:
+    """The previous stage's mask of every case (``FOLDER/CASE<ending>``, as nnUNetv2_predict's
+    ``-prev_stage_predictions``) for a cascade stage, else None; one line naming the file or the flag otherwise."""
+    if previous is None:
+        if folder is not None:
+            raise InputError(f"-prev_stage_predictions {folder}: {model_folder} is not a cascade stage; leave the "
+                             f"flag out")
+        return None
+    if folder is None:
+        raise InputError(f"{model_folder}: a cascade stage (after {previous}); give -prev_stage_predictions FOLDER "
+                         f"with {previous}'s masks of these cases")
+    files = {case: Path(folder).absolute() / f"{case}{file_ending}" for case in cases}
+    for case, path in files.items():
+        if not path.is_file():
+            raise InputError(f"{path}: the previous stage's mask of case {case} is missing (-prev_stage_predictions)")
+        channel = next(f for f in cases[case] if f is not None)
+        try:
+            check_same_geometry(sitk.ReadImage(str(channel)), channel, sitk.ReadImage(str(path)), path)
+        except RuntimeError as e:
+            raise InputError(f"{path}: not a readable image ({str(e).strip().splitlines()[-1]})") from None
+    return [str(files[case]) for case in cases]
+
+
 def predict_folder(input_dir, output_dir, model_folder, folds=None, checkpoint: str = "checkpoint_final.pth",
                    device: str = "cpu", sampling: SamplingSettings = DEFAULT_SAMPLING, step_size: float = 0.5,
                    disable_tta: bool = False, save_probabilities: bool = False, num_processes_preprocessing: int = 2,
                    num_processes_export: int = 2, save_hypotheses: bool = False, drop_modalities: str | None = None,
-                   absent_without_dropout: bool = False) -> Path:
+                   absent_without_dropout: bool = False, prev_stage_predictions=None) -> Path:
     """Predict every case of ``input_dir`` into ``output_dir`` (masks + ``uncertainty/`` maps; with
     ``save_hypotheses`` also ``hypotheses/CASE_hNN`` masks).
 
     ``drop_modalities`` ("T2,FLAIR", dataset.json's channel names) predicts as if those files were absent.
     Absent modalities need a model trained with modality dropout, unless ``absent_without_dropout`` (the
-    benchmark's zero-filled nnU-Net baseline). Every check (output writable, inputs readable and finite,
+    benchmark's zero-filled nnU-Net baseline). A cascade stage (3d_cascade_fullres) takes the previous stage's
+    masks from ``prev_stage_predictions`` (``CASE<ending>``), as ``nnUNetv2_predict -prev_stage_predictions``. Every check (output writable, inputs readable and finite,
     modalities, checkpoints loadable and fitting) runs before ``output_dir`` is created, so an input error
     leaves nothing behind.
     """
@@ -124,10 +150,8 @@ def predict_folder(input_dir, output_dir, model_folder, folds=None, checkpoint: 
                                  perform_everything_on_device=device.type == "cuda", device=device,
                                  allow_tqdm=False, sampling=sampling, save_hypotheses=save_hypotheses)
     predictor.initialize_from_trained_model_folder(str(model_folder), folds, checkpoint)
-    previous = predictor.configuration_manager.previous_stage_name
-    if previous is not None:  # its input includes the previous stage's segmentation, which this command does not take
-        raise InputError(f"{model_folder}: a cascade stage (after {previous}); entrust predict takes no previous-stage "
-                         f"segmentations yet: use nnUNetv2_predict ... -prev_stage_predictions FOLDER")
+    previous = previous_stage_files(cases, prev_stage_predictions, ending,
+                                    predictor.configuration_manager.previous_stage_name, model_folder)
     if not absent_without_dropout:
         check_absence_supported(predictor, modalities, input_dir, ending, drop_modalities)
     try:
@@ -147,7 +171,7 @@ def predict_folder(input_dir, output_dir, model_folder, folds=None, checkpoint: 
             predictor.predict_cases([files_to_read(cases[c], m.present) for c, m in modalities.items()],
                                     [str(output_dir / c) for c in cases], save_probabilities,
                                     num_processes_preprocessing, num_processes_export,
-                                    [{**m.record(), "mask": m.present} for m in modalities.values()])
+                                    [{**m.record(), "mask": m.present} for m in modalities.values()], previous)
         finally:  # export workers ended by Ctrl-C/SIGTERM cannot remove their own temporaries
             remove_stale_temporaries(output_dir, output_dir / MAP_FOLDER)
     return output_dir

@@ -373,13 +373,14 @@ class EnTrustPredictor(nnUNetPredictor):
 
     def predict_cases(self, input_files: list[list[str]], output_truncated: list[str], save_probabilities: bool = False,
                       num_processes_preprocessing: int = 2, num_processes_export: int = 2,
-                      modalities: list[dict] | None = None) -> None:
+                      modalities: list[dict] | None = None, previous_stage: list[str] | None = None) -> None:
         """Preprocess (nnU-Net's iterator), predict with maps, export in a spawn pool; progress bar per case.
         ``modalities``: per case a record with ``present`` (M bools; absent channels are masked) that is written
-        beside the maps."""
+        beside the maps. ``previous_stage``: per case the previous stage's mask (a cascade stage; nnU-Net's
+        preprocessor appends it one-hot, the network takes it as its prior)."""
         records = dict(zip(output_truncated, modalities or [None] * len(output_truncated)))
         iterator = self._internal_get_data_iterator_from_lists_of_filenames(
-            input_files, [None] * len(input_files), output_truncated, num_processes_preprocessing)
+            input_files, previous_stage or [None] * len(input_files), output_truncated, num_processes_preprocessing)
         with sigint_blocked_in_children():
             pool = multiprocessing.get_context("spawn").Pool(num_processes_export)
         ours = set(multiprocessing.active_children())

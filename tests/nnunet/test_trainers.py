@@ -1,6 +1,7 @@
 """The stock nnU-Net commands find, train, resume and load our trainers (subprocesses, CPU)."""
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -146,7 +147,7 @@ def _write_previous_stage(env, name, trainer: str) -> Path:
     return out
 
 
-def test_cascade_stage_takes_the_previous_segmentation_as_a_prior(planned_phantoms):
+def test_cascade_stage_takes_the_previous_segmentation_as_a_prior(planned_phantoms, tmp_path):
     """Stock nnUNetv2_train of a cascade stage: without the low-resolution predictions one line of ours names the
     folder; with them it trains, the one-hot prior goes beside the modality encoders (not as modalities), and
     validation, calibration and the validation maps run on image + prior."""
@@ -169,6 +170,38 @@ def test_cascade_stage_takes_the_previous_segmentation_as_a_prior(planned_phanto
     assert weights["prior.0.weight"].shape[1] == n_fg
     assert float(weights["calib.fitted"]) == 1.0
     assert len(list((fold / "validation" / "uncertainty").glob("*"))) > 0
+    _entrust_predict_cascade(env, name, trainer, tmp_path)
+
+
+def _entrust_predict_cascade(env, name, trainer, tmp_path):
+    """entrust predict of the cascade stage takes the previous stage's masks as nnUNetv2_predict does (here the
+    reference labels stand in for them); without them, or with one missing, one line names the flag / file."""
+    raw = Path(env["nnUNet_raw"]) / name
+    inp, prev, out = tmp_path / "in", tmp_path / "prev", tmp_path / "out"
+    inp.mkdir(), prev.mkdir()
+    for case in ("case_000", "case_001"):
+        for f in raw.glob(f"imagesTr/{case}_*.nii.gz"):
+            (inp / f.name).symlink_to(f)
+    (prev / "case_000.nii.gz").symlink_to(raw / "labelsTr" / "case_000.nii.gz")
+    from entrust_nnunet.data.io import InputError
+    from entrust_nnunet.predict import predict_folder
+
+    model = Path(env["nnUNet_results"]) / name / f"{trainer}__nnUNetCascadePlans__cascade"
+    for folder, expected in ((None, "give -prev_stage_predictions FOLDER"),
+                             (prev, f"{prev / 'case_001.nii.gz'}: the previous stage's mask of case case_001")):
+        with pytest.raises(InputError, match=re.escape(expected)):  # the CLI prints it as one line, exit 2
+            predict_folder(inp, out, model, folds=[0], prev_stage_predictions=folder)
+        assert not out.exists()
+    (prev / "case_001.nii.gz").symlink_to(raw / "labelsTr" / "case_001.nii.gz")
+    _run(env, "entrust", "predict", "-i", str(inp), "-o", str(out), "-d", ID, "-c", "cascade", "-tr", trainer,
+         "-p", "nnUNetCascadePlans", "-f", "0", "--num-hypotheses", "2", "-npp", "1", "-nps", "1",
+         "-prev_stage_predictions", str(prev))
+    for case in ("case_000", "case_001"):
+        image = sitk.ReadImage(str(raw / "imagesTr" / f"{case}_0000.nii.gz"))
+        mask = sitk.ReadImage(str(out / f"{case}.nii.gz"))
+        assert mask.GetSize() == image.GetSize() and mask.GetSpacing() == image.GetSpacing()
+        total = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "uncertainty" / f"{case}_total.nii.gz")))
+        assert total.shape == sitk.GetArrayFromImage(image).shape and 0 <= total.min() and total.max() <= 1
 
 
 def _cascade_plans_manager(num_channels: int = 4):
