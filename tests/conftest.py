@@ -56,7 +56,8 @@ def planned_phantoms(tmp_path_factory):
     name = f"Dataset{SESSION_DATASET_ID}_Phantoms"
     write_phantom_dataset(Path(env["nnUNet_raw"]) / name, num_cases=8, num_test=2, dim=2, size=32, seed=11,
                           progress=False)
-    r = subprocess.run([nnunet_bin("nnUNetv2_plan_and_preprocess"), "-d", str(SESSION_DATASET_ID), "-c", "2d",
+    # -npfp 1: its default spawns 8 fingerprint processes, each importing nnU-Net, for 8 tiny cases
+    r = subprocess.run([nnunet_bin("nnUNetv2_plan_and_preprocess"), "-d", str(SESSION_DATASET_ID), "-c", "2d", "-npfp", "1",
                         "-np", "1", "--verify_dataset_integrity"], env=env, capture_output=True, encoding="utf-8",
                        errors="replace", timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

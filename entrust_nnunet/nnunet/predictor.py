@@ -34,6 +34,7 @@ regions, conflict is the largest per-region conflict (:mod:`entrust_nnunet.model
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
 import os
@@ -374,23 +375,30 @@ class EnTrustPredictor(nnUNetPredictor):
     def predict_cases(self, input_files: list[list[str]], output_truncated: list[str], save_probabilities: bool = False,
                       num_processes_preprocessing: int = 2, num_processes_export: int = 2,
                       modalities: list[dict] | None = None, previous_stage: list[str] | None = None) -> None:
-        """Preprocess (nnU-Net's iterator), predict with maps, export in a spawn pool; progress bar per case.
-        ``modalities``: per case a record with ``present`` (M bools; absent channels are masked) that is written
-        beside the maps. ``previous_stage``: per case the previous stage's mask (a cascade stage; nnU-Net's
-        preprocessor appends it one-hot, the network takes it as its prior)."""
+        """Preprocess (nnU-Net's iterator), predict with maps, export in a spawn pool (``num_processes_export``
+        1: in this process, after each case: a spawned worker costs seconds of imports, more than a small case's
+        export); progress bar per case. ``modalities``: per case a record with ``present`` (M bools; absent
+        channels are masked) that is written beside the maps. ``previous_stage``: per case the previous stage's
+        mask (a cascade stage; nnU-Net's preprocessor appends it one-hot, the network takes it as its prior)."""
         records = dict(zip(output_truncated, modalities or [None] * len(output_truncated)))
         iterator = self._internal_get_data_iterator_from_lists_of_filenames(
             input_files, previous_stage or [None] * len(input_files), output_truncated, num_processes_preprocessing)
-        with sigint_blocked_in_children():
-            pool = multiprocessing.get_context("spawn").Pool(num_processes_export)
+        pool = None
+        if num_processes_export > 1:
+            with sigint_blocked_in_children():
+                pool = multiprocessing.get_context("spawn").Pool(num_processes_export)
         ours = set(multiprocessing.active_children())
-        with pool, workers_ended_first_on_signals(ours):  # the pool's exit terminates the export workers
+        # the pool's exit terminates the export workers
+        with pool or contextlib.nullcontext(), workers_ended_first_on_signals(ours):
             try:
                 pending = []
                 for item in tqdm(workers_started(iter(iterator)), total=len(input_files), desc="predict",
                                  unit="case", disable=not self.allow_tqdm):
-                    pending.append(pool.apply_async(export_prediction_with_maps,
-                                                    self._predicted(item, save_probabilities, records[item["ofile"]])))
+                    export = self._predicted(item, save_probabilities, records[item["ofile"]])
+                    if pool is None:
+                        export_prediction_with_maps(*export)
+                    else:
+                        pending.append(pool.apply_async(export_prediction_with_maps, export))
                 for job in pending:
                     job.get()
             except BaseException:
