@@ -32,6 +32,11 @@ from __future__ import annotations
 import torch
 
 
+def alternatives_gate(conflict: torch.Tensor, strength: float) -> torch.Tensor:
+    """``g = clamp(strength * d, 0, 1)``: how far a hypothesis follows its expert at conflict ``d``."""
+    return (strength * conflict.float()).clamp(0, 1)
+
+
 def van_der_corput(index: torch.Tensor) -> torch.Tensor:
     """Base-2 radical inverse of ``index + 1`` (integers >= 0): 1/2, 1/4, 3/4, 1/8, 5/8, 3/8, 7/8, ... Every
     prefix spreads evenly over (0, 1), so the draws stay stratified as K grows (hypotheses nested across K)."""
@@ -73,7 +78,7 @@ def expert_alternatives(hypotheses: torch.Tensor, experts: torch.Tensor, conflic
     chosen = (present[None] & (rank[None] == which[..., None])).to(experts.dtype)  # (K, B, M) one-hot
     followed = torch.einsum("kbm,bm...->kb...", chosen, experts)  # (K, B, C, *s)
     reading = expert_reading(followed, van_der_corput(ks // n[None]), regions) if drawn else followed
-    gate = (strength * conflict).clamp(0, 1).to(hypotheses.dtype)[None]
+    gate = alternatives_gate(conflict, strength).to(hypotheses.dtype)[None]
     return (1 - gate) * hypotheses + gate * reading.to(hypotheses.dtype)
 
 
@@ -88,5 +93,4 @@ def alternatives_error_floor(confidence: torch.Tensor, conflict: torch.Tensor, s
     ``strength`` 0 (no expert alternatives) gives 0 everywhere."""
     if strength <= 0:
         return torch.zeros_like(confidence, dtype=torch.float32)
-    gate = (strength * conflict.float()).clamp(0, 1)
-    return gate * (1 - confidence.float()).clamp(0, 1)
+    return alternatives_gate(conflict, strength) * (1 - confidence.float()).clamp(0, 1)
