@@ -137,6 +137,8 @@ def train_all(args, dataset_id: int, name: str, config: str, table: dict, log_di
     for trainer, plans, folds, _ in table.values():
         needed.setdefault((trainer, plans), set()).update(folds)
     per_iteration = {}
+    # the temperature row's fold-0 validation keeps its probabilities as it is trained (no second --val run)
+    temperature = table.get(TEMPERATURE_ROW, (None, None))[:2]
     for (trainer, plans), folds in needed.items():
         if not trainer_exists(trainer):
             print(f"skipping {trainer}: not found")
@@ -144,7 +146,7 @@ def train_all(args, dataset_id: int, name: str, config: str, table: dict, log_di
         for fold in sorted(folds):
             if not (model_folder(name, trainer, plans, config) / f"fold_{fold}" / "checkpoint_final.pth").exists():
                 train_fold(dataset_id, config, str(fold), trainer, plans, args.device, None,
-                           log_dir / f"train_{trainer}_{fold}.log")
+                           log_dir / f"train_{trainer}_{fold}.log", npz=(trainer, plans) == temperature and fold == 0)
         per_iteration[trainer] = seconds_per_iteration(log_dir / f"train_{trainer}_{min(folds)}.log",
                                                        schedule["num_iterations_per_epoch"])
     return per_iteration
@@ -165,7 +167,8 @@ def seconds_per_iteration(log: Path, iterations: int) -> float:
 
 # ------------------------------------------------------------------------------------------ temperature
 def validation_probabilities(args, dataset_id: int, config: str, trainer: str, plans: str, model: Path, log: Path):
-    """nnU-Net's out-of-fold validation probabilities of fold 0 (``nnUNetv2_train ... --val --npz`` once)."""
+    """nnU-Net's out-of-fold validation probabilities of fold 0: kept by its training (``--npz``), else from
+    ``nnUNetv2_train ... --val --npz`` once (a model trained without them)."""
     folder = model / "fold_0" / "validation"
     if not list(folder.glob("*.npz")):
         exe = Path(sys.executable).with_name("nnUNetv2_train")
@@ -392,7 +395,7 @@ def predict_method(args, raw: Path, pred: Path, model: Path, folds, k: int, **ab
     t = time.time()
     if not any(pred.glob("*.npz")):
         predict_folder(raw / "imagesTs", pred, model, folds=folds, device=args.device, save_probabilities=True,
-                       sampling=SamplingSettings(num_hypotheses=k), num_processes_preprocessing=1,
+                       sampling=SamplingSettings(num_hypotheses=k), num_processes_preprocessing=0,
                        num_processes_export=1, save_hypotheses=True, **absent)
     return time.time() - t
 

@@ -235,9 +235,10 @@ def _add_prediction(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--disable_tta", action="store_true", help="no mirroring test-time augmentation")
     p.add_argument("--save_probabilities", action="store_true", help="also write the calibrated class probabilities (.npz + .pkl)")
     p.add_argument("-npp", type=int, default=_env_int("nnUNet_npp", 3),
-                   help="processes for preprocessing (default: $nnUNet_npp, else 3, as nnUNetv2_predict)")
+                   help="processes for preprocessing (default: $nnUNet_npp, else 3, as nnUNetv2_predict); 0: in "
+                        "this process (small cases, where a worker's start costs more than it saves)")
     p.add_argument("-nps", type=int, default=_env_int("nnUNet_nps", 3),
-                   help="processes for export (default: $nnUNet_nps, else 3, as nnUNetv2_predict)")
+                   help="processes for export (default: $nnUNet_nps, else 3, as nnUNetv2_predict); 1: in this process")
     p.add_argument("--num-hypotheses", type=int, default=DEFAULT_SAMPLING.num_hypotheses,
                    help=f"K hypotheses per patch and fold (default: {DEFAULT_SAMPLING.num_hypotheses})")
     p.add_argument("--num-samples", type=int, dest="num_hypotheses", help=argparse.SUPPRESS)  # old name

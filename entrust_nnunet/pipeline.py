@@ -148,12 +148,13 @@ def plan_and_preprocess(dataset_ids, configurations=("2d",), planner: str = "EnT
 
 
 def train_fold(dataset_id: int, configuration: str, fold: str, trainer: str, plans: str, device: str,
-               num_epochs: int | None, log_file: Path, verbose: bool = False) -> None:
+               num_epochs: int | None, log_file: Path, verbose: bool = False, npz: bool = False) -> None:
     """Run the stock ``nnUNetv2_train`` in a subprocess with an epoch progress bar; its output goes to
-    ``log_file`` (and, with ``verbose``, to the terminal too)."""
+    ``log_file`` (and, with ``verbose``, to the terminal too). ``npz``: nnU-Net's ``--npz`` (the validation's
+    class probabilities are kept)."""
     exe = Path(sys.executable).with_name("nnUNetv2_train")
     cmd = [str(exe if exe.exists() else "nnUNetv2_train"), str(dataset_id), configuration, str(fold), "-tr", trainer,
-           "-p", plans, "-device", device]
+           "-p", plans, "-device", device] + (["--npz"] if npz else [])
     with open(log_file, "w", encoding="utf-8") as log, \
             tqdm(total=num_epochs, desc=f"train fold {fold}", unit="epoch", disable=verbose) as bar:
         # unbuffered: nnU-Net's epoch lines drive the progress bar as they happen, not when a buffer fills
@@ -260,7 +261,8 @@ def _demo_predict(paths: DemoPaths, folds: Sequence[str], device: str, verbose: 
         with step_output(log, verbose):
             predict_folder(paths.raw / "imagesTs", paths.predictions, paths.model,
                            folds=[f if f == "all" else int(f) for f in folds], device=device,
-                           num_processes_preprocessing=2, num_processes_export=2, save_hypotheses=True)
+                           # phantoms are small: a spawned worker's imports cost more than their preprocessing/export
+                           num_processes_preprocessing=0, num_processes_export=1, save_hypotheses=True)
 
 
 def _demo_evaluate(paths: DemoPaths, started: float, verbose: bool) -> dict:

@@ -7,6 +7,12 @@ import pytest
 
 from entrust_nnunet.nnunet.env import ensure_ext_trainer, set_nnunet_roots
 
+# `entrust predict` in the tests preprocesses in its own process and exports inline unless a test says otherwise
+# (-npp/-nps): a spawned worker's imports cost seconds, more than a 32x32 phantom's preprocessing. The worker
+# and pool paths are run by tests/reliability/test_faults.py (-npp 1, and -nps 2 in one scenario)
+os.environ.setdefault("nnUNet_npp", "0")
+os.environ.setdefault("nnUNet_nps", "1")
+
 def arch_kwargs(dim: int, n_stages: int = 3) -> dict:
     """Small PlainConvUNet arch kwargs (as nnU-Net's planner writes them) for network tests, 2D or 3D."""
     from torch import nn

@@ -41,7 +41,7 @@ def trained_moddrop(trained_entrust, tmp_path_factory):
 
 
 def _predict(env, src, out, model, *extra):
-    return _entrust(env, "predict", "-i", str(src), "-o", str(out), "-m", str(model), "-f", "2", "-npp", "1",
+    return _entrust(env, "predict", "-i", str(src), "-o", str(out), "-m", str(model), "-f", "2", "-npp", "0",
                     "-nps", "1", "--num-hypotheses", "2", *extra)
 
 

@@ -8,13 +8,17 @@ modalities do. So hypothesis k takes expert ``m_k``'s reading in proportion to t
 
     p'_k = (1 - g) p_k + g r_k,   g = clamp(strength * d, 0, 1)   (strength 2 by default)
 
-``r_k`` is ONE draw of expert ``m_k``'s reading for the whole case: the one-hot class whose cumulative
-probability first exceeds ``u_k`` (per region: ``e > u_k``), with ``u_k`` the ``(k // n + 1)``-th term of the
-base-2 van der Corput sequence (1/2, 1/4, 3/4, 1/8, ...). An expert that gives a structure 0.4 takes or leaves
-it whole in each hypothesis that follows it (in 2 of 5 of them), instead of marking half of it in all of them
-(measured: hypotheses that took 40-70 % of a blob, docs/design.md); the draws average to ``e`` over hypotheses.
-The written hypotheses carry the draws; the network's mean and maps take their expectation ``e`` (a few draws
-per expert would only add Monte-Carlo noise to the mean: measured, docs/design.md).
+``r_k`` is ONE draw of expert ``m_k``'s reading for the whole case, with ``u_k`` the ``(k // n + 1)``-th term of
+the base-2 van der Corput sequence (1/2, 1/4, 3/4, 1/8, ...): per voxel, the one-hot class whose cumulative
+probability first exceeds ``u_k`` (per region: ``e > u_k``). Where the experts conflict a structure is read as a
+whole instead (:func:`expert_reading` with a ``peak``): an expert trained on coin-flip labels gives a blob
+``f(x) = q s(x)``, its peak ``q`` (the chance the blob is lesion) times a shape graded from centre to rim, so a
+per-voxel threshold takes a different part of the blob in every hypothesis (measured: 40-70 %, docs/design.md).
+The reading takes the blob (``f > q / 4``: an expert's blob is more peaked than the structure, docs/design.md)
+with probability ``q`` and leaves it otherwise,
+``q`` being the largest ``f`` over the connected conflicting region (:func:`structure_peak`). The written
+hypotheses carry the draws; the network's mean and maps take their expectation ``e`` (a few draws per expert
+would only add Monte-Carlo noise to the mean: measured, docs/design.md).
 
 with ``d`` the experts' normalised Jensen-Shannon divergence among the present modalities (high only where
 confident experts contradict each other: not on blurred edges, where each is unsure alike) and ``m_k`` the
@@ -30,6 +34,14 @@ fitted on cases without conflict has never seen one, so there the hypotheses' ow
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+
+#: a voxel belongs to a conflicting structure where the expert's foreground and the gate both exceed this
+SUPPORT = 0.1
+#: a structure read whole extends to where its expert gives it this share of its peak
+EXTENT = 0.25
+#: geodesic reach of a structure's peak, in voxels (3x3(x3) max-pool steps)
+PEAK_STEPS = 32
 
 
 def alternatives_gate(conflict: torch.Tensor, strength: float) -> torch.Tensor:
@@ -47,14 +59,46 @@ def van_der_corput(index: torch.Tensor) -> torch.Tensor:
     return u
 
 
-def expert_reading(expert: torch.Tensor, u: torch.Tensor, regions: bool = False) -> torch.Tensor:
+def structure_peak(values: torch.Tensor, support: torch.Tensor, steps: int = PEAK_STEPS) -> torch.Tensor:
+    """The largest of ``values`` over the connected component of ``support`` each voxel lies in (geodesic
+    dilation by 3x3(x3) max-pooling, at most ``steps`` voxels far); ``values`` itself outside the support.
+    ``values`` and ``support`` (N, C, *s) with 1-3 spatial dims; channels are separate images."""
+    shape = values.shape
+    x, inside = values.reshape(-1, 1, *shape[2:]), support.reshape(-1, 1, *shape[2:]).to(values.dtype)
+    pool = (F.max_pool1d, F.max_pool2d, F.max_pool3d)[x.dim() - 3]
+    peak = x * inside
+    for _ in range(steps):
+        grown = torch.maximum(pool(peak, 3, 1, 1) * inside, peak)
+        if torch.equal(grown, peak):
+            break
+        peak = grown
+    return torch.where(inside > 0, peak, x).reshape(shape)
+
+
+def foreground_mass(probabilities: torch.Tensor, regions: bool = False) -> torch.Tensor:
+    """Per-region probabilities (channels in dim 2) as they are; softmax: ``1 - p(background)`` as one channel."""
+    return probabilities if regions else 1 - probabilities[:, :, :1]
+
+
+def expert_reading(expert: torch.Tensor, u: torch.Tensor, regions: bool = False,
+                   peak: torch.Tensor | None = None) -> torch.Tensor:
     """One draw of an expert's reading per hypothesis: ``expert`` (K, B, C, *s) probabilities, ``u`` (K, B) in
     (0, 1) shared by every voxel. Softmax: the one-hot class whose cumulative probability first exceeds u;
-    regions (independent sigmoids): channel r on where ``e_r > u``. The mean over uniform u is ``expert``."""
+    regions (independent sigmoids): channel r on where ``e_r > u``; the mean over uniform u is ``expert``.
+
+    ``peak`` (K, B, 1 or R, *s; :func:`structure_peak` of :func:`foreground_mass`): read whole structures.
+    Foreground (per region: on) where ``q > 1 - u`` (per region: ``q > u``) and ``f > EXTENT q``, with ``f`` the
+    foreground mass and ``q`` its peak: a structure is taken with probability ``q``, at that extent,
+    in the class the per-voxel reading gives (else the likeliest foreground class). Where ``q = f`` this is the
+    per-voxel reading."""
     level = u.to(expert.dtype).view(*u.shape, *([1] * (expert.dim() - 2)))
     if regions:
-        return (expert > level).to(expert.dtype)
+        return (expert > level if peak is None else (peak > level) & (expert > EXTENT * peak)).to(expert.dtype)
     below = (expert.cumsum(2) < level).sum(2, keepdim=True).clamp_max(expert.shape[2] - 1)
+    if peak is not None and expert.shape[2] > 1:
+        foreground = (peak > 1 - level) & (foreground_mass(expert) > EXTENT * peak)
+        likeliest = expert[:, :, 1:].argmax(2, keepdim=True) + 1
+        below = torch.where(foreground, torch.where(below > 0, below, likeliest), torch.zeros_like(below))
     return torch.zeros_like(expert).scatter_(2, below, 1.0)
 
 
@@ -77,8 +121,19 @@ def expert_alternatives(hypotheses: torch.Tensor, experts: torch.Tensor, conflic
     which = ks % n[None]  # (K, B)
     chosen = (present[None] & (rank[None] == which[..., None])).to(experts.dtype)  # (K, B, M) one-hot
     followed = torch.einsum("kbm,bm...->kb...", chosen, experts)  # (K, B, C, *s)
-    reading = expert_reading(followed, van_der_corput(ks // n[None]), regions) if drawn else followed
-    gate = alternatives_gate(conflict, strength).to(hypotheses.dtype)[None]
+    gate = alternatives_gate(conflict, strength).to(hypotheses.dtype)[None]  # (1, B, 1, *s)
+    if drawn:  # whole structures where the experts conflict: peaks per expert, then followed like the experts
+        mass = foreground_mass(experts, regions)  # (B, M, 1 or R, *s)
+        inside = (mass > SUPPORT) & (gate[0, :, None] > SUPPORT) & present.view(*present.shape, *[1] * (mass.dim() - 2))
+        peak = structure_peak(mass.flatten(0, 1), inside.flatten(0, 1)).view_as(mass)
+        reading = expert_reading(followed, van_der_corput(ks // n[None]), regions,
+                                 torch.einsum("kbm,bm...->kb...", chosen, peak))
+        # a structure a hypothesis takes, it takes wholly: where the gate is weak (its rim) SegDiff's hypothesis
+        # would keep the rim and a taken blob lose much of its area (measured, docs/design.md)
+        taken = foreground_mass(reading, regions) * torch.einsum("kbm,bm...->kb...", chosen, inside.to(chosen.dtype))
+        gate = torch.maximum(gate, taken.to(gate.dtype))
+    else:
+        reading = followed
     return (1 - gate) * hypotheses + gate * reading.to(hypotheses.dtype)
 
 

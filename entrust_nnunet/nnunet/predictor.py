@@ -47,6 +47,7 @@ import torch
 from nnunetv2.inference.export_prediction import (convert_predicted_logits_to_segmentation_with_correct_shape,
                                                   export_prediction_from_logits)
 from nnunetv2.configuration import default_num_processes
+from nnunetv2.inference.data_iterators import PreprocessAdapter
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.utilities.label_handling.label_handling import LabelManager
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
@@ -375,7 +376,8 @@ class EnTrustPredictor(nnUNetPredictor):
     def predict_cases(self, input_files: list[list[str]], output_truncated: list[str], save_probabilities: bool = False,
                       num_processes_preprocessing: int = 2, num_processes_export: int = 2,
                       modalities: list[dict] | None = None, previous_stage: list[str] | None = None) -> None:
-        """Preprocess (nnU-Net's iterator), predict with maps, export in a spawn pool (``num_processes_export``
+        """Preprocess (nnU-Net's iterator; ``num_processes_preprocessing`` 0: in this process), predict with maps,
+        export in a spawn pool (``num_processes_export``
         1: in this process, after each case: a spawned worker costs seconds of imports, more than a small case's
         export); progress bar per case. ``modalities``: per case a record with ``present`` (M bools; absent
         channels are masked) that is written beside the maps. ``previous_stage``: per case the previous stage's
@@ -407,6 +409,18 @@ class EnTrustPredictor(nnUNetPredictor):
                 # workers would print EOFError tracebacks
                 end_processes(set(multiprocessing.active_children()) - ours)
                 raise
+
+    def _internal_get_data_iterator_from_lists_of_filenames(self, input_list_of_lists, seg_from_prev_stage_files,
+                                                            output_filenames_truncated, num_processes: int):
+        """nnU-Net's iterator (background processes); ``num_processes`` 0: nnU-Net's :class:`PreprocessAdapter`
+        iterated in this process (small cases: a spawned worker's imports cost more than it saves)."""
+        if num_processes > 0:
+            return super()._internal_get_data_iterator_from_lists_of_filenames(
+                input_list_of_lists, seg_from_prev_stage_files, output_filenames_truncated, num_processes)
+        return iter(PreprocessAdapter(input_list_of_lists, seg_from_prev_stage_files,
+                                      self.configuration_manager.preprocessor_class(verbose=self.verbose_preprocessing),
+                                      output_filenames_truncated, self.plans_manager, self.dataset_json,
+                                      self.configuration_manager))
 
     def _predicted(self, item: dict, save_probabilities: bool, record: dict | None = None) -> tuple:
         """The arguments of :func:`export_prediction_with_maps` for one preprocessed case of nnU-Net's iterator,

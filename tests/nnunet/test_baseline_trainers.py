@@ -54,7 +54,7 @@ def test_trainer_trains_and_predicts_maps(planned_phantoms, tmp_path, trainer, f
     out = tmp_path / "pred"
     r = subprocess.run([nnunet_bin("entrust"), "predict", "-i", str(raw / "imagesTs"), "-o", str(out), "-d",
                         str(SESSION_DATASET_ID), "-c", "2d", "-tr", trainer, "-p", "nnUNetPlans", "-f", fold,
-                        "-npp", "1", "-nps", "1", "--num-samples", "3"],
+                        "-npp", "0", "-nps", "1", "--num-samples", "3"],
                        env=env, capture_output=True, encoding="utf-8", errors="replace", timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     ref = sitk.ReadImage(str(raw / "imagesTs" / "test_000_0000.nii.gz"))

@@ -71,7 +71,7 @@ def five_folds(tmp_path_factory):
     root = tmp_path_factory.mktemp("toolchain")
     env = set_nnunet_roots(root, dict(os.environ))
     # one process everywhere, also for the defaults that nnU-Net prints into its instructions (-np, -npp, -nps)
-    env.update(nnUNet_def_n_proc="1", nnUNet_n_proc_DA="0", nnUNet_npp="1", nnUNet_nps="1", nnUNet_compile="false")
+    env.update(nnUNet_def_n_proc="1", nnUNet_n_proc_DA="0", nnUNet_npp="0", nnUNet_nps="1", nnUNet_compile="false")
     ensure_ext_trainer(env)
     raw = Path(env["nnUNet_raw"]) / NAME
     write_phantom_dataset(raw, num_cases=10, num_test=2, dim=2, size=32, seed=3, progress=False)

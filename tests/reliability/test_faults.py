@@ -28,6 +28,8 @@ from faults import FAULTS, README, line_pattern, readme_text
 
 TRAINER = "nnUNetTrainerEnTrust_tinyCPU"
 FAST = ["-f", "2", "--num-samples", "2", "--disable_tta", "-npp", "1", "-nps", "1"]
+#: the export pool too (elsewhere the suite exports inline: conftest's nnUNet_nps)
+POOLS = [*FAST[:-1], "2"]
 LEFTOVERS = (".tmp-*", ".trash-*", ".entrust-predict.lock")
 NOBODY = 65534
 N_MANY = 12
@@ -383,7 +385,7 @@ def _nnunetplans(ctx: Ctx, root: Path) -> dict:
     (results / f"{TRAINER}__nnUNetPlans__2d").symlink_to(ctx.model)
     before = tree_hash(src)
     proc = entrust(ctx, "predict", "-i", src, "-o", out, "-d", SESSION_DATASET_ID, "-c", "2d", "-tr", TRAINER,
-                   *FAST, env={**ctx.env, "nnUNet_results": str(root / "results")})
+                   *POOLS, env={**ctx.env, "nnUNet_results": str(root / "results")})
     stdout, stderr = proc.communicate(timeout=300)
     assert "using plans" not in stdout  # the default needs no word
     assert tree_hash(src) == before
