@@ -2,7 +2,8 @@
 
 For each method and each of the 2^M - 1 subsets the test cases are predicted with the other modalities
 absent (``entrust predict --drop-modalities``) and scored: Dice per label and ECE over foreground + boundary
-(``ece_fg_boundary``, from the saved class probabilities; ``ece_fg_boundary_perror`` from ``total``). The
+(``ece_fg_boundary``, from the saved class probabilities; ``ece_fg_boundary_perror`` from ``total``) and the
+mean ``total`` over the true lesion (it should rise when a modality that shows the lesion is missing). The
 table has one row per subset plus their mean, one column group per method; numbers are mean ± std over seeds.
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ SMOKE_SUBSET_TRAINERS = {"nnUNetTrainerEnTrustModDrop_demo": "nnUNetTrainerEnTru
                          "nnUNetTrainer_demo": "nnUNetTrainer_tinyCPU",
                          "nnUNetTrainerModDrop_demo": "nnUNetTrainerModDrop_tinyCPU"}
 #: the per-subset numbers kept (besides ``dice_<label>``)
-SUBSET_KEYS = ("dice", "ece_fg_boundary", "ece_fg_boundary_perror")
+SUBSET_KEYS = ("dice", "ece_fg_boundary", "ece_fg_boundary_perror", "total_on_lesion")
 MEAN_ROW = "mean over subsets"
 
 
@@ -86,11 +87,13 @@ def subsets_markdown(table: dict, labels: list[str]) -> str:
     """One table per method: rows = subsets then their mean; columns = Dice per label, mean Dice, ECE_fg."""
     lines = []
     for method, rows in table.items():
-        cols = [f"dice_{label}" for label in labels] + ["dice", "ece_fg_boundary", "ece_fg_boundary_perror"]
-        heads = [f"Dice {label}" for label in labels] + ["Dice (fg mean)", "ECE_fg class prob.", "ECE_fg P(error)"]
+        cols = [f"dice_{label}" for label in labels] + ["dice", "ece_fg_boundary", "ece_fg_boundary_perror",
+                                                        "total_on_lesion"]
+        heads = [f"Dice {label}" for label in labels] + ["Dice (fg mean)", "ECE_fg class prob.", "ECE_fg P(error)",
+                                                         "total on lesion"]
         lines += ["", f"**{method}**", "", "| modalities present | " + " | ".join(heads) + " |",
                   "|---|" + "---|" * len(heads)]
         for subset, row in rows.items():
             name = f"**{subset}**" if subset == MEAN_ROW else subset
-            lines.append(f"| {name} | " + " | ".join(_cell(row.get(c), 4 if "ece" in c else 3) for c in cols) + " |")
+            lines.append(f"| {name} | " + " | ".join(_cell(row.get(c), 4 if "ece" in c or "total" in c else 3) for c in cols) + " |")
     return "\n".join(lines).strip() + "\n"

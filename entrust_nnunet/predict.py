@@ -13,11 +13,10 @@ import json
 import sys
 from pathlib import Path
 
-import SimpleITK as sitk
 import torch
 
 from entrust_nnunet.data.io import (MAP_FOLDER, InputError, atomic_file, check_same_geometry, check_writable_folder,
-                                    folder_lock, read_image, remove_stale_temporaries)
+                                    folder_lock, read_header, read_image, remove_stale_temporaries)
 from entrust_nnunet.data.modalities import CaseModalities, case_modalities, files_to_read, parse_drop_modalities
 from entrust_nnunet.model.sampling import DEFAULT_SAMPLING, SamplingSettings
 from entrust_nnunet.nnunet.predictor import EnTrustPredictor
@@ -114,10 +113,7 @@ def previous_stage_files(cases: dict, folder, file_ending: str, previous: str | 
         if not path.is_file():
             raise InputError(f"{path}: the previous stage's mask of case {case} is missing (-prev_stage_predictions)")
         channel = next(f for f in cases[case] if f is not None)
-        try:
-            check_same_geometry(sitk.ReadImage(str(channel)), channel, sitk.ReadImage(str(path)), path)
-        except RuntimeError as e:
-            raise InputError(f"{path}: not a readable image ({str(e).strip().splitlines()[-1]})") from None
+        check_same_geometry(read_header(channel), channel, read_header(path), path)  # headers only
     return [str(files[case]) for case in cases]
 
 

@@ -276,6 +276,10 @@ def _uncertainty(job: dict, pred_img: sitk.Image, pred: np.ndarray, gt: np.ndarr
         out["aurc"] = metrics.aurc(total, error, mask=valid)
     if "aleatoric" in maps and "epistemic" in maps:
         out["entanglement"] = metrics.au_eu_entanglement(maps["aleatoric"], maps["epistemic"], mask=valid)
+    # the maps over the true lesion (any foreground): with a modality missing, total should rise where it showed
+    lesion = (gt > 0) if valid is None else (gt > 0) & valid
+    for name, arr in maps.items():
+        out[f"{name}_on_lesion"] = float(arr[lesion].mean()) if lesion.any() else math.nan
     for name, arr in maps.items():
         pool["sample"][name] = arr[sample].astype(np.float32)
     if job["conflict_file"] is not None:

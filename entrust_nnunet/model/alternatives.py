@@ -14,9 +14,9 @@ probability first exceeds ``u_k`` (per region: ``e > u_k``). Where the experts c
 whole instead (:func:`expert_reading` with a ``peak``): an expert trained on coin-flip labels gives a blob
 ``f(x) = q s(x)``, its peak ``q`` (the chance the blob is lesion) times a shape graded from centre to rim, so a
 per-voxel threshold takes a different part of the blob in every hypothesis (measured: 40-70 %, docs/design.md).
-The reading takes the blob (``f > q / 4``: an expert's blob is more peaked than the structure, docs/design.md)
-with probability ``q`` and leaves it otherwise,
-``q`` being the largest ``f`` over the connected conflicting region (:func:`structure_peak`). The written
+The reading takes the blob (``f > EXTENT q``: an expert's blob is more peaked than the structure, docs/design.md)
+with probability ``q`` and leaves it otherwise, ``q`` being the largest ``f`` over the connected conflicting
+region that holds a strong conflict (:func:`structure_peak`; constants chosen on the development seed). The written
 hypotheses carry the draws; the network's mean and maps take their expectation ``e`` (a few draws per expert
 would only add Monte-Carlo noise to the mean: measured, docs/design.md).
 
@@ -36,10 +36,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-#: a voxel belongs to a conflicting structure where the expert's foreground and the gate both exceed this
+#: a voxel belongs to a conflicting structure where the expert's foreground exceeds SUPPORT and the gate
+#: STRUCTURE_GATE
 SUPPORT = 0.1
+STRUCTURE_GATE = 0.1
+#: ... and that is connected to a voxel where the gate exceeds STRUCTURE_SEED (lesion edges, where the experts
+#: differ a little, are not structures of their own)
+STRUCTURE_SEED = 0.8
 #: a structure read whole extends to where its expert gives it this share of its peak
-EXTENT = 0.25
+EXTENT = 0.3
 #: geodesic reach of a structure's peak, in voxels (3x3(x3) max-pool steps)
 PEAK_STEPS = 32
 
@@ -107,9 +112,12 @@ def expert_alternatives(hypotheses: torch.Tensor, experts: torch.Tensor, conflic
                         drawn: bool = True) -> torch.Tensor:
     """``p'_k = (1 - g) p_k + g r_k`` (module doc) for hypotheses (K, B, C, *s), expert probabilities
     (B, M, C, *s) and conflict ``d`` (B, 1, *s) at the hypotheses' resolution, modality ``mask`` (B, M), 1 =
-    present; ``regions``: C sigmoid channels. ``drawn`` False: ``r_k`` is replaced by its expectation over the
-    draws, ``e_{m_k}`` (what the network's mean and maps use: the same mean without the noise of a few draws).
-    ``strength`` 0 returns the hypotheses unchanged."""
+    present; ``regions``: C sigmoid channels. ``drawn``: each conflicting structure read whole (its peak over the
+    voxels where the expert gives > SUPPORT and the gate is > STRUCTURE_GATE, connected to one where the gate is
+    > STRUCTURE_SEED: :func:`structure_peak`), and a hypothesis
+    that takes one follows its reading there with gate 1. ``drawn`` False: ``r_k`` is replaced by its expectation
+    over the draws, ``e_{m_k}`` (what the network's mean and maps use: the same mean without the noise of a few
+    draws). ``strength`` 0 returns the hypotheses unchanged."""
     if strength <= 0:
         return hypotheses
     k, b = hypotheses.shape[:2]
@@ -124,7 +132,10 @@ def expert_alternatives(hypotheses: torch.Tensor, experts: torch.Tensor, conflic
     gate = alternatives_gate(conflict, strength).to(hypotheses.dtype)[None]  # (1, B, 1, *s)
     if drawn:  # whole structures where the experts conflict: peaks per expert, then followed like the experts
         mass = foreground_mass(experts, regions)  # (B, M, 1 or R, *s)
-        inside = (mass > SUPPORT) & (gate[0, :, None] > SUPPORT) & present.view(*present.shape, *[1] * (mass.dim() - 2))
+        present_m = present.view(*present.shape, *[1] * (mass.dim() - 2))
+        inside = (mass > SUPPORT) & (gate[0, :, None] > STRUCTURE_GATE) & present_m
+        seeds = (inside & (gate[0, :, None] > STRUCTURE_SEED)).to(mass.dtype)
+        inside &= structure_peak(seeds.flatten(0, 1), inside.flatten(0, 1)).view_as(mass) > 0
         peak = structure_peak(mass.flatten(0, 1), inside.flatten(0, 1)).view_as(mass)
         reading = expert_reading(followed, van_der_corput(ks // n[None]), regions,
                                  torch.einsum("kbm,bm...->kb...", chosen, peak))

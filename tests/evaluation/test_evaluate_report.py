@@ -132,6 +132,12 @@ def test_oracle_maps_hand_counted_dice_and_perfect_aurocs(data):
         u, f = entry["uncertainty"], entry["uncertainty"]["conflict_fraction"]
         # the error rates inside and outside conflict recombine to the case's error rate
         assert u["error_in_conflict"] * f + u["error_outside_conflict"] * (1 - f) == pytest.approx(u["error_rate"])
+        # every map's mean over the true lesion (any foreground label), as read from the written files
+        case = Path(entry["prediction_file"]).name[: -len(END)]
+        lesion = sitk.GetArrayFromImage(sitk.ReadImage(str(data["ds"] / "labelsTs" / f"{case}{END}"))) > 0
+        for name in ("total", "conflict"):
+            written = data["folders"]["oracle"][0] / "uncertainty" / f"{case}_{name}{END}"
+            assert u[f"{name}_on_lesion"] == pytest.approx(sitk.GetArrayFromImage(sitk.ReadImage(str(written)))[lesion].mean())
     pooled = s["uncertainty_pooled"]
     assert pooled["error_auroc"] == 1.0 and pooled["conflict_auroc_conflict"] == 1.0
     assert pooled["conflict_vs_edge_auroc_conflict"] == 1.0 and pooled["conflict_on_edges"] == 0.0

@@ -3,7 +3,8 @@ import torch
 
 from conftest import arch_kwargs
 from entrust_nnunet.model.alternatives import (alternatives_error_floor, expert_alternatives, expert_reading,
-                                               EXTENT, SUPPORT, foreground_mass, structure_peak,
+                                               EXTENT, STRUCTURE_GATE, STRUCTURE_SEED, SUPPORT,
+                                               foreground_mass, structure_peak,
                                                van_der_corput)
 from entrust_nnunet.model.network import EnTrustUNet
 from entrust_nnunet.model.sampling import SamplingSettings
@@ -125,6 +126,22 @@ def test_drawn_alternatives_take_a_conflicting_graded_blob_whole():
     assert set(fraction.tolist()) == {0.0, 1.0}
     assert fraction[[1, 2, 4, 5, 7, 8, 10, 11]].sum() == 0  # experts 1 and 2 hide it
     assert 0 < fraction[[0, 3, 6, 9]].sum() < 4  # expert 0's readings: some take it, some leave it
+
+
+def test_weak_conflict_alone_makes_no_structure():
+    """Where the gate never exceeds STRUCTURE_SEED (as on lesion edges, where experts differ a little) nothing is
+    read whole: the per-voxel reading, mixed in with the gate as it is."""
+    e, _ = _graded_blob(peak=0.6)
+    experts = torch.zeros(1, 3, 3, 16, 16)
+    experts[:, :, 0] = 1.0
+    experts[:, 0] = e
+    hyps = torch.zeros(6, 1, 3, 16, 16)
+    hyps[:, :, 0] = 1.0
+    weak = torch.full((1, 1, 16, 16), (STRUCTURE_GATE + STRUCTURE_SEED) / 2)
+    out = expert_alternatives(hyps, experts, weak, torch.ones(1, 3), strength=1.0, drawn=True)
+    ks = torch.arange(6)
+    per_voxel = expert_reading(experts[0][ks % 3][:, None], van_der_corput(ks // 3)[:, None])
+    torch.testing.assert_close(out, (1 - weak) * hyps + weak * per_voxel)
 
 
 def test_error_floor_is_the_alternatives_vote_where_experts_conflict_and_zero_where_they_agree():

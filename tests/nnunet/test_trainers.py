@@ -192,6 +192,15 @@ def _entrust_predict_cascade(env, name, trainer, tmp_path):
         with pytest.raises(InputError, match=re.escape(expected)):  # the CLI prints it as one line, exit 2
             predict_folder(inp, out, model, folds=[0], prev_stage_predictions=folder)
         assert not out.exists()
+    # a mask of another geometry, a corrupt one: one line naming the file (headers are read, not the voxels)
+    sitk.WriteImage(sitk.Image([16, 16], sitk.sitkUInt8), str(prev / "case_001.nii.gz"))
+    with pytest.raises(InputError, match=re.escape(f"{prev / 'case_001.nii.gz'}: geometry differs")):
+        predict_folder(inp, out, model, folds=[0], prev_stage_predictions=prev)
+    (prev / "case_001.nii.gz").write_bytes(b"not a nifti")
+    with pytest.raises(InputError, match=re.escape(f"{prev / 'case_001.nii.gz'}: unreadable or corrupt image")):
+        predict_folder(inp, out, model, folds=[0], prev_stage_predictions=prev)
+    assert not out.exists()
+    (prev / "case_001.nii.gz").unlink()
     (prev / "case_001.nii.gz").symlink_to(raw / "labelsTr" / "case_001.nii.gz")
     _run(env, "entrust", "predict", "-i", str(inp), "-o", str(out), "-d", ID, "-c", "cascade", "-tr", trainer,
          "-p", "nnUNetCascadePlans", "-f", "0", "--num-hypotheses", "2", "-npp", "0", "-nps", "1",
