@@ -396,7 +396,8 @@ class EnTrustUNet(nn.Module):
         """Encoders + EnFuse + decoder once, then K hypotheses x S steps through the SegDiff head.
 
         ``settings`` default to the network's own (:attr:`sampling`). Returns ``hypotheses`` (K, B, C, *s; each
-        with its drawn expert reading where the experts conflict), ``mean`` (B, C, *s; with the readings'
+        with its drawn expert reading where the experts conflict; with ``settings.hypotheses`` off their
+        expectations), ``mean`` (B, C, *s; with the readings'
         expectation, as every map) and the maps (B, *s): ``entropy`` (of the mean, nats), ``aleatoric`` (= entropy:
         within one model the hypotheses' spread is aleatoric), ``epistemic`` (0 within one model; the
         predictor's fold pooling makes it the folds' disagreement), ``spread`` (the hypotheses' share of the
@@ -427,7 +428,7 @@ class EnTrustUNet(nn.Module):
         stats["head_confidence"] = decision_confidence(probabilities(logits, self.regions), self.regions)
         stats["error"] = torch.maximum(self.calib(stats), alternatives_error_floor(
             stats["confidence"], stats["conflict"], self.expert_alternatives))
-        stats["hypotheses"] = self._alternatives(segdiff, experts, drawn=True)
+        stats["hypotheses"] = self._alternatives(segdiff, experts, drawn=True) if settings.hypotheses else hyps
         return stats
 
     def compute_conv_feature_map_size(self, input_size) -> int:

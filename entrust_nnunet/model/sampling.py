@@ -10,13 +10,16 @@ class SamplingSettings:
 
     ``num_hypotheses``: K hypotheses per patch (and per fold); ``steps``: S flow-matching steps after
     the start distribution (0: the start's draws themselves);
-    ``seed``: the sampling seed (same seed, same hypotheses and maps); ``probe``: run ProbeStep.
+    ``seed``: the sampling seed (same seed, same hypotheses and maps); ``probe``: run ProbeStep;
+    ``hypotheses``: draw the hypotheses' whole-case readings (the masks ``--save-hypotheses`` writes; off, the
+    returned hypotheses are their expectations, as the mean and maps use, and the drawing costs nothing).
     """
 
     num_hypotheses: int = 8
     steps: int = 1
     seed: int = 0
     probe: bool = True
+    hypotheses: bool = True
 
     def __post_init__(self):
         if self.num_hypotheses < 1:

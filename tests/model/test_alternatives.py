@@ -193,6 +193,23 @@ def test_network_hypotheses_diverge_only_with_the_alternatives():
     assert float(mixed["spread"].mean()) > float(plain["spread"].mean())
 
 
+def test_undrawn_hypotheses_are_the_expectations_the_mean_is_made_of():
+    """``SamplingSettings(hypotheses=False)`` (the predictor's setting unless hypotheses are written): no drawing,
+    the hypotheses are the expected ones, whose mean is the network's mean; the maps are the same either way."""
+    torch.manual_seed(0)
+    net = EnTrustUNet(3, num_classes=3, **arch_kwargs(2)).eval()
+    with torch.no_grad():
+        net.experts.weight.mul_(3.0)
+    x = torch.randn(1, 3, 32, 32)
+    drawn = net.sample(x, SamplingSettings(num_hypotheses=6, steps=0, probe=False))
+    expected = net.sample(x, SamplingSettings(num_hypotheses=6, steps=0, probe=False, hypotheses=False))
+    torch.testing.assert_close(expected["hypotheses"].mean(0), expected["mean"])
+    assert not torch.allclose(drawn["hypotheses"], expected["hypotheses"])
+    for key in ("mean", "total", "conflict", "error"):
+        if key in drawn:
+            torch.testing.assert_close(drawn[key], expected[key])
+
+
 def test_inference_forward_is_the_log_of_samples_mean():
     """What nnU-Net's sliding window gets from forward() at inference is sample()'s mean (alternatives included),
     tempered by CalibHead's temperature: masks of the stock nnUNetv2_predict and of entrust predict agree."""
