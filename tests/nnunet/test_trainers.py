@@ -56,7 +56,7 @@ def test_stock_train_discovers_placeholder_and_old_plans_still_train_and_predict
     pred = tmp_path / "pred"
     _run(env, "nnUNetv2_predict", "-i", str(Path(env["nnUNet_raw"]) / name / "imagesTs"), "-o", str(pred),
          "-d", ID, "-c", "2d", "-tr", "nnUNetTrainerEnTrustPlaceholder_tinyCPU", "-p", "nnUNetEnTrustPlansV0",
-         "-f", "0", "-device", "cpu", "--disable_tta", "-npp", "0", "-nps", "1")
+         "-f", "0", "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1")
     assert sorted(p.name for p in pred.glob("*.nii.gz")) == ["test_000.nii.gz", "test_001.nii.gz"]
 
 
@@ -108,7 +108,7 @@ def test_interrupted_training_resumes_with_c_and_predict_loads(planned_phantoms,
     out = tmp_path / "pred"
     _run(env, "nnUNetv2_predict", "-i", str(raw / "imagesTs"), "-o", str(out), "-d", ID, "-c", "2d",
          "-tr", "nnUNetTrainerEnTrust_tinyCPU", "-p", "nnUNetEnTrustPlans", "-f", "0", "-device", "cpu",
-         "--disable_tta", "-npp", "0", "-nps", "1")
+         "--disable_tta", "-npp", "1", "-nps", "1")
     for case in ("test_000", "test_001"):
         ref = sitk.ReadImage(str(raw / "imagesTs" / f"{case}_0000.nii.gz"))
         pred = sitk.ReadImage(str(out / f"{case}.nii.gz"))
