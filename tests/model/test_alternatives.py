@@ -70,6 +70,18 @@ def _graded_blob(peak=0.6, size=16, centre=(5, 5), radius=4.0):
     return e, shape
 
 
+def _graded_blob_seen_by_expert_0(k: int):
+    """(experts (1, 3, 3, 16, 16), K all-background SegDiff hypotheses, the blob's shape): expert 0 sees
+    :func:`_graded_blob` (peak 0.6), experts 1 and 2 see background."""
+    e, shape = _graded_blob(peak=0.6)
+    experts = torch.zeros(1, 3, 3, 16, 16)
+    experts[:, :, 0] = 1.0
+    experts[:, 0] = e
+    hyps = torch.zeros(k, 1, 3, 16, 16)
+    hyps[:, :, 0] = 1.0
+    return experts, hyps, shape
+
+
 def test_structure_peak_is_the_largest_value_of_each_connected_region():
     values = torch.zeros(1, 1, 1, 12)
     values[..., 1:4] = torch.tensor([0.2, 0.7, 0.3])
@@ -113,16 +125,11 @@ def test_drawn_alternatives_take_a_conflicting_graded_blob_whole():
     """Through expert_alternatives: expert 0 sees a graded blob (peak 0.6) the others hide; the drawn hypotheses
     that follow expert 0 take or leave it whole, even where the gate is weak (its rim); those following the
     others leave it."""
-    e, shape = _graded_blob(peak=0.6)
-    experts = torch.zeros(1, 3, 3, 16, 16)
-    experts[:, :, 0] = 1.0
-    experts[:, 0] = e
-    hyps = torch.zeros(12, 1, 3, 16, 16)
-    hyps[:, :, 0] = 1.0
+    experts, hyps, shape = _graded_blob_seen_by_expert_0(12)
     core = shape > EXTENT
     conflict = (2 * shape).clamp(0, 1)  # strong at the centre, weak at the rim
     out = expert_alternatives(hyps, experts, conflict[None, None], torch.ones(1, 3), strength=1.0, drawn=True)
-    fraction = (out[:, 0].argmax(0 + 1) > 0)[:, core].float().mean(1)
+    fraction = (out[:, 0].argmax(1) > 0)[:, core].float().mean(1)
     assert set(fraction.tolist()) == {0.0, 1.0}
     assert fraction[[1, 2, 4, 5, 7, 8, 10, 11]].sum() == 0  # experts 1 and 2 hide it
     assert 0 < fraction[[0, 3, 6, 9]].sum() < 4  # expert 0's readings: some take it, some leave it
@@ -131,12 +138,7 @@ def test_drawn_alternatives_take_a_conflicting_graded_blob_whole():
 def test_weak_conflict_alone_makes_no_structure():
     """Where the gate never exceeds STRUCTURE_SEED (as on lesion edges, where experts differ a little) nothing is
     read whole: the per-voxel reading, mixed in with the gate as it is."""
-    e, _ = _graded_blob(peak=0.6)
-    experts = torch.zeros(1, 3, 3, 16, 16)
-    experts[:, :, 0] = 1.0
-    experts[:, 0] = e
-    hyps = torch.zeros(6, 1, 3, 16, 16)
-    hyps[:, :, 0] = 1.0
+    experts, hyps, _ = _graded_blob_seen_by_expert_0(6)
     weak = torch.full((1, 1, 16, 16), (STRUCTURE_GATE + STRUCTURE_SEED) / 2)
     out = expert_alternatives(hyps, experts, weak, torch.ones(1, 3), strength=1.0, drawn=True)
     ks = torch.arange(6)
