@@ -128,7 +128,11 @@ def expert_alternatives(hypotheses: torch.Tensor, experts: torch.Tensor, conflic
     ks = torch.arange(k, device=mask.device)[:, None]
     which = ks % n[None]  # (K, B)
     chosen = (present[None] & (rank[None] == which[..., None])).to(experts.dtype)  # (K, B, M) one-hot
-    followed = torch.einsum("kbm,bm...->kb...", chosen, experts)  # (K, B, C, *s)
+
+    def follow(per_expert: torch.Tensor) -> torch.Tensor:  # (B, M, ...) -> (K, B, ...): hypothesis k's expert
+        return torch.einsum("kbm,bm...->kb...", chosen, per_expert)
+
+    followed = follow(experts)  # (K, B, C, *s)
     gate = alternatives_gate(conflict, strength).to(hypotheses.dtype)[None]  # (1, B, 1, *s)
     if drawn:  # whole structures where the experts conflict: peaks per expert, then followed like the experts
         mass = foreground_mass(experts, regions)  # (B, M, 1 or R, *s)
@@ -137,11 +141,10 @@ def expert_alternatives(hypotheses: torch.Tensor, experts: torch.Tensor, conflic
         seeds = (inside & (gate[0, :, None] > STRUCTURE_SEED)).to(mass.dtype)
         inside &= structure_peak(seeds.flatten(0, 1), inside.flatten(0, 1)).view_as(mass) > 0
         peak = structure_peak(mass.flatten(0, 1), inside.flatten(0, 1)).view_as(mass)
-        reading = expert_reading(followed, van_der_corput(ks // n[None]), regions,
-                                 torch.einsum("kbm,bm...->kb...", chosen, peak))
+        reading = expert_reading(followed, van_der_corput(ks // n[None]), regions, follow(peak))
         # a structure a hypothesis takes, it takes wholly: where the gate is weak (its rim) SegDiff's hypothesis
         # would keep the rim and a taken blob lose much of its area (measured, docs/design.md)
-        taken = foreground_mass(reading, regions) * torch.einsum("kbm,bm...->kb...", chosen, inside.to(chosen.dtype))
+        taken = foreground_mass(reading, regions) * follow(inside.to(chosen.dtype))
         gate = torch.maximum(gate, taken.to(gate.dtype))
     else:
         reading = followed

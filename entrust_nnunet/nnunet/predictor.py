@@ -122,7 +122,8 @@ class TrustStatistics(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # the hypotheses' drawn readings only when they are written
-        s = uncertainty_statistics(self.net, x, self.sampling.with_(hypotheses=self.with_hypotheses), self.modality_mask)
+        sampling = self.sampling.with_(hypotheses=self.with_hypotheses)
+        s = uncertainty_statistics(self.net, x, sampling, self.modality_mask)
         hyps = [s["hypotheses"].movedim(0, 1).flatten(1, 2).to(s["mean"].dtype)] if self.with_hypotheses else []
         return torch.cat([s["mean"], *(s[k][:, None] for k in POOLED_MAPS), *hyps], 1)
 
