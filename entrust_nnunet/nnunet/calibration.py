@@ -75,13 +75,15 @@ def case_voxels(stats: dict[str, torch.Tensor], seg: np.ndarray, key: str, max_v
     return columns, error
 
 
-def calibration_voxels(predictor, cases: Iterable, keys, cache: dict, max_voxels_per_case: int) -> Voxels:
-    """Voxels of ``keys``: ``cases`` yields (key, data, seg) of those not yet in ``cache`` (filled here)."""
-    for key, data, seg in cases:
-        cache[key] = case_voxels(predictor.pooled_statistics(data), seg, key, max_voxels_per_case,
-                                 predictor.label_manager)
-    columns = {k: torch.cat([cache[key][0][k] for key in keys]) for k in cache[keys[0]][0]}
-    return columns, torch.cat([cache[key][1] for key in keys])
+def calibration_voxels(predictor, cases: Iterable, names, cache: dict, max_voxels_per_case: int) -> Voxels:
+    """Voxels of ``names``: ``cases`` yields (name, data, seg, present) of those not yet in ``cache`` (filled
+    here); ``present`` (M flags, None = every modality) masks the absent modalities as inference does."""
+    for name, data, seg, present in cases:
+        with predictor.modalities_present(present):
+            stats = predictor.pooled_statistics(data)
+        cache[name] = case_voxels(stats, seg, name, max_voxels_per_case, predictor.label_manager)
+    columns = {k: torch.cat([cache[name][0][k] for name in names]) for k in cache[names[0]][0]}
+    return columns, torch.cat([cache[name][1] for name in names])
 
 
 def fit_calib_head(calib: CalibHead, voxels_of: Callable[[list], Voxels], keys, max_steps: int = CALIBRATION_STEPS) -> str:

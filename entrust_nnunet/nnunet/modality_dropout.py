@@ -11,6 +11,8 @@ normalisation, which is what a user can do with absent scans today.
 """
 from __future__ import annotations
 
+import zlib
+
 import torch
 
 
@@ -35,6 +37,17 @@ def subsets(modalities: int) -> list[tuple[int, ...]]:
     """Every non-empty subset of ``range(modalities)`` (2^M - 1 of them), smallest first, as sorted tuples."""
     out = [tuple(m for m in range(modalities) if code >> m & 1) for code in range(1, 2 ** modalities)]
     return sorted(out, key=lambda s: (len(s), s))
+
+
+def calibration_subsets(modalities: int, most: int, key: str) -> list[tuple[bool, ...]]:
+    """The proper non-empty subsets (as M present flags) a calibration case is also predicted with: all
+    2^M - 2 of them when there are at most ``most``, else ``most`` drawn without replacement by a generator
+    seeded with the case ``key`` (different cases see different subsets; the same case always the same)."""
+    proper = [tuple(m in s for m in range(modalities)) for s in subsets(modalities) if len(s) < modalities]
+    if len(proper) <= most:
+        return proper
+    gen = torch.Generator().manual_seed(zlib.crc32(key.encode("utf-8")))
+    return [proper[i] for i in sorted(torch.randperm(len(proper), generator=gen)[:most].tolist())]
 
 
 class ModalityDropout:

@@ -333,6 +333,15 @@ class EnTrustPredictor(nnUNetPredictor):
             torch.set_num_threads(threads)
         return pooled / len(self.list_of_parameters), torch.cat(labels)
 
+    @contextlib.contextmanager
+    def modalities_present(self, present):
+        """Predict with only the modalities flagged in ``present`` (M bools; None or all True: every one)."""
+        self.network.modality_mask = None if present is None or all(present) else torch.tensor(present)
+        try:
+            yield
+        finally:
+            self.network.modality_mask = None
+
     @torch.inference_mode()
     def pooled_statistics(self, data: torch.Tensor) -> dict[str, torch.Tensor]:
         """Hypotheses pooled over patches, mirrorings and folds -> ``mean`` (C, *s) and CalibHead's inputs (*s);
@@ -431,12 +440,8 @@ class EnTrustPredictor(nnUNetPredictor):
         if isinstance(data, str):  # nnU-Net hands large cases over as a temporary .npy file
             path, data = data, torch.from_numpy(np.load(data))
             os.remove(path)
-        present = None if record is None else record.get("mask")
-        self.network.modality_mask = None if present is None or all(present) else torch.tensor(present)
-        try:
+        with self.modalities_present(None if record is None else record.get("mask")):
             prediction, hypotheses = self.predict_case(data)
-        finally:
-            self.network.modality_mask = None
         record = None if record is None else {k: v for k, v in record.items() if k != "mask"}
         # recorded in the .pkl, so that `entrust ensemble` can pool the members' untempered means
         item["data_properties"][TEMPERATURE_KEY] = self.class_temperature()

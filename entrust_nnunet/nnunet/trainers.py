@@ -12,7 +12,8 @@ It changes these hooks of nnUNetTrainer and nothing else:
   labelsTr;
 * ``do_split`` / ``on_train_end``: fit TrustMap's CalibHead, and the temperature of the class probabilities,
   on the validation fold (cases the network never trained on) before the final checkpoint; with fold ``all`` a held-out subset of the training
-  cases instead (:mod:`entrust_nnunet.nnunet.calibration`);
+  cases instead (:mod:`entrust_nnunet.nnunet.calibration`); with modality dropout each case is also predicted
+  with subsets of its modalities (:meth:`nnUNetTrainerEnTrust.calibration_modalities`);
 * ``train_step`` (:class:`~entrust_nnunet.nnunet.modality_dropout.ModalityDropout`): with ``modality_dropout``
   > 0 each sample keeps a random non-empty subset of its modalities, handed to the network as a mask around
   nnU-Net's unchanged step (off here; on in :class:`nnUNetTrainerEnTrustModDrop`);
@@ -47,7 +48,7 @@ from entrust_nnunet.nnunet.calibration import (CALIBRATION_STEPS, FOLD_VOXELS_FI
                                                calibration_voxels, fit_calib_head, fit_class_temperature,
                                                save_fold_voxels)
 from entrust_nnunet.nnunet.distributed import broadcast_state, freeze, thawed, unwrap
-from entrust_nnunet.nnunet.modality_dropout import ModalityDropout
+from entrust_nnunet.nnunet.modality_dropout import ModalityDropout, calibration_subsets
 
 AUX_LOG_KEYS = tuple(f"entrust_{k}" for k in LOSS_WEIGHTS)
 
@@ -126,6 +127,8 @@ class nnUNetTrainerEnTrust(ModalityDropout, nnUNetTrainer):
     calibration_voxels_per_case = 200_000
     #: most Adam steps of a CalibHead fit (early stopping picks fewer); schedule variants for tests lower it
     calibration_steps = CALIBRATION_STEPS
+    #: with modality dropout: proper modality subsets each calibration case is also predicted with (all when fewer)
+    calibration_subsets_per_case = 6
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -295,15 +298,32 @@ class nnUNetTrainerEnTrust(ModalityDropout, nnUNetTrainer):
         self.print_to_log_file(f"uncertainty maps of {len(val_keys)} validation cases in {folder}/uncertainty, "
                                f"{how}")
 
+    def calibration_modalities(self, key: str) -> list[tuple[bool, ...] | None]:
+        """What a calibration case is predicted with: every modality (None) and, when the network trains with
+        modality dropout, up to ``calibration_subsets_per_case`` proper subsets (M present flags), so that
+        CalibHead and the class temperature also learn the statistics of cases with modalities missing."""
+        if not self.modality_dropout:
+            return [None]
+        m = unwrap(self.network).num_modalities
+        return [None, *calibration_subsets(m, self.calibration_subsets_per_case, key)]
+
     def _calibration_voxels(self, keys) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """TrustMap statistics and error indicators of the voxels of ``keys``, predicted as at inference."""
-        cache = self.__dict__.setdefault("_calibration_cache", {})  # per case; emptied when weights load
+        """TrustMap statistics and error indicators of the voxels of ``keys`` (each case predicted with every
+        modality set of :meth:`calibration_modalities`), predicted as at inference."""
+        cache = self.__dict__.setdefault("_calibration_cache", {})  # per prediction; emptied when weights load
+
+        def name(key, present):
+            return key if present is None else f"{key}~{''.join('1' if p else '0' for p in present)}"
+
+        names = {key: {name(key, p): p for p in self.calibration_modalities(key)} for key in keys}
         self.set_deep_supervision_enabled(False)
         unwrap(self.network).eval()
         try:
-            todo = [k for k in keys if k not in cache]
-            cases = ((key, data, seg) for key, data, seg, _ in self._preprocessed_cases(todo))
-            return calibration_voxels(self._predictor(), cases, keys, cache, self.calibration_voxels_per_case)
+            todo = [k for k in keys if any(n not in cache for n in names[k])]
+            cases = ((n, data, seg, present) for key, data, seg, _ in self._preprocessed_cases(todo)
+                     for n, present in names[key].items() if n not in cache)
+            return calibration_voxels(self._predictor(), cases, [n for k in keys for n in names[k]], cache,
+                                      self.calibration_voxels_per_case)
         finally:
             self.set_deep_supervision_enabled(self.enable_deep_supervision)
 
@@ -326,7 +346,9 @@ class nnUNetTrainerEnTrust(ModalityDropout, nnUNetTrainer):
                                    "1 - max probability")
             return
         if self.local_rank == 0:
-            self.print_to_log_file(f"CalibHead fitted on {self._fit_calib_head(self.calibration_keys)}")
+            sets = len(self.calibration_modalities(self.calibration_keys[0]))
+            subsets = f", each predicted with {sets} modality sets" if sets > 1 else ""
+            self.print_to_log_file(f"CalibHead fitted on {self._fit_calib_head(self.calibration_keys)}{subsets}")
             voxels = self._calibration_voxels(self.calibration_keys)
             if "probabilities" in voxels[0]:  # label outputs only: regions keep their sigmoids
                 self.print_to_log_file(fit_class_temperature(unwrap(self.network).calib, voxels))

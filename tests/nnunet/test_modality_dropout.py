@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 
 from entrust_nnunet.nnunet import variants
-from entrust_nnunet.nnunet.modality_dropout import modality_dropout_masks, subsets
+from entrust_nnunet.nnunet.modality_dropout import calibration_subsets, modality_dropout_masks, subsets
 
 
 def test_masks_keep_a_nonempty_subset_and_everything_with_probability_one_minus_p():
@@ -26,6 +26,16 @@ def test_masks_keep_a_nonempty_subset_and_everything_with_probability_one_minus_
 def test_subsets_are_every_nonempty_subset_smallest_first():
     assert subsets(3) == [(0,), (1,), (2,), (0, 1), (0, 2), (1, 2), (0, 1, 2)]
     assert len(subsets(4)) == 15
+
+
+def test_calibration_subsets_are_proper_and_seeded_by_the_case():
+    every = calibration_subsets(3, 6, "case_000")
+    assert sorted(every) == sorted({(a, b, c) for a in (0, 1) for b in (0, 1) for c in (0, 1)} - {(0, 0, 0), (1, 1, 1)})
+    drawn = {key: calibration_subsets(4, 5, key) for key in ("case_000", "case_001", "case_002")}
+    for key, sets in drawn.items():
+        assert len(sets) == len(set(sets)) == 5 and all(0 < sum(s) < 4 for s in sets)
+        assert calibration_subsets(4, 5, key) == sets  # the same case always sees the same subsets
+    assert len({tuple(v) for v in drawn.values()}) > 1  # different cases see different subsets
 
 
 def _trainer(cls, planned_phantoms, monkeypatch):
@@ -97,3 +107,29 @@ def test_prediction_zero_fills_absent_channels_for_plain_networks():
         masked = uncertainty_statistics(net, x, SamplingSettings(), torch.tensor([True, True, False]))
         torch.testing.assert_close(masked["mean"], torch.softmax(net(zeroed), 1))
         assert (masked["mean"] - uncertainty_statistics(net, x, SamplingSettings())["mean"]).abs().max() > 1e-4
+
+
+def test_calibration_also_sees_each_case_with_modalities_missing(planned_phantoms, monkeypatch):
+    """A dropout-trained EnTrust fits CalibHead and the class temperature on every calibration case predicted with
+    every modality and with each proper subset (masked, as at inference); without dropout only with every one."""
+    torch.manual_seed(2)
+    t = _trainer(variants.nnUNetTrainerEnTrustModDrop_tinyCPU, planned_phantoms, monkeypatch)
+    from entrust_nnunet.nnunet.predictor import EnTrustPredictor
+
+    seen, pooled = [], EnTrustPredictor.pooled_statistics
+    monkeypatch.setattr(EnTrustPredictor, "pooled_statistics",
+                        lambda self, data: seen.append(self.network.modality_mask) or pooled(self, data))
+    keys = sorted(t.do_split()[1])[:2]
+    columns, error = t._calibration_voxels(keys)
+    masks = [None if m is None else tuple(m.int().tolist()) for m in seen]
+    assert len(masks) == 14 and set(masks) == {None, *calibration_subsets(3, 6, keys[0])}
+    full = {k: v for k, v in t._calibration_cache.items() if "~" not in k}
+    assert sorted(full) == keys and len(t._calibration_cache) == 14
+    n = sum(v[1].numel() for v in full.values())
+    assert error.numel() == 7 * n and columns["probabilities"].shape[0] == 7 * n
+    # a case without T2 is not the case with every modality: the statistics differ
+    k = keys[0]
+    assert not torch.equal(t._calibration_cache[k][0]["probabilities"], t._calibration_cache[k + "~101"][0]["probabilities"])
+    plain = _trainer(variants.nnUNetTrainerEnTrust_tinyCPU, planned_phantoms, monkeypatch)
+    assert plain.calibration_modalities(k) == [None]
+    assert plain._calibration_voxels(keys)[1].numel() == n
