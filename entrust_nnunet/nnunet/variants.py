@@ -31,11 +31,12 @@ DEMO_SCHEDULE = {"num_epochs": 15, "num_iterations_per_epoch": 50, "num_val_iter
 #: training on 2 cores so that the whole `entrust demo --dim 3` stays within 15 min (docs/design.md, "3D demo")
 DEMO_3D_SCHEDULE = {"num_epochs": 20, "num_iterations_per_epoch": 25, "num_val_iterations_per_epoch": 3}
 #: the tests' schedule: 4 epochs x 3 iterations, 1 validation iteration, a checkpoint every epoch
-TINY_SCHEDULE = {"num_epochs": 4, "num_iterations_per_epoch": 3, "num_val_iterations_per_epoch": 1, "save_every": 1}
+TINY_SCHEDULE = {"num_epochs": 4, "num_iterations_per_epoch": 3, "num_val_iterations_per_epoch": 1, "save_every": 1,
+                 "final_plot_only": True}
 #: the toolchain test's schedule (5 folds): one epoch of 2 iterations and a 50-step CalibHead fit (the fits took
 #: most of a 1-epoch fold: 4.5 of 6 min on a loaded 2-core machine); the test checks plumbing, not quality
 ONE_EPOCH_SCHEDULE = {"num_epochs": 1, "num_iterations_per_epoch": 2, "num_val_iterations_per_epoch": 1, "save_every": 1,
-                      "calibration_steps": 50}
+                      "calibration_steps": 50, "final_plot_only": True}
 
 
 #: the environment variable that sets a variant's training seed (benchmarks/run.py --seeds sets it per run)
@@ -64,6 +65,9 @@ class ScheduleMixin:
     (:func:`training_seed`) seeds everything when nnU-Net initialises the trainer."""
 
     schedule: dict = {}
+    #: draw the progress plots (nnU-Net's progress.png, EnTrust's progress_entrust.png) after the last epoch only:
+    #: each costs about a second of CPU, more than an epoch of the tests' schedules
+    final_plot_only = False
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -83,6 +87,16 @@ class ScheduleMixin:
             self.print_to_log_file(f"training seed: {self.seed} (from {TRAIN_SEED_ENV}; seeds random, numpy and "
                                    f"torch before the network is built)")
         super().initialize()
+
+    def on_epoch_end(self):
+        if not self.final_plot_only or self.current_epoch >= self.num_epochs - 1:
+            return super().on_epoch_end()
+        # instance attributes shadow the plotting methods for this epoch only
+        self.logger.plot_progress_png = self._plot_aux_losses = lambda *args: None
+        try:
+            return super().on_epoch_end()
+        finally:
+            del self.logger.plot_progress_png, self._plot_aux_losses
 
 
 class nnUNetTrainerEnTrust_5epochs(ScheduleMixin, nnUNetTrainerEnTrust):

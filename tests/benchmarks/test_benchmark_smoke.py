@@ -8,8 +8,13 @@ REPO = Path(__file__).resolve().parents[2]  # tests/benchmarks/ -> the repositor
 
 
 def test_benchmark_smoke(tmp_path):
+    import os
+
     out = tmp_path / "bench"
-    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "run.py"), "--smoke", "--out", str(out)],
+    # one worker per nnU-Net pool (fingerprint, preprocessing, validation export): each spawned worker imports
+    # torch and nnU-Net, which costs more than 8 phantoms of 32x32
+    env = {**os.environ, "nnUNet_def_n_proc": "1", "nnUNet_n_proc_DA": "1"}
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "run.py"), "--smoke", "--out", str(out)], env=env,
                        capture_output=True, encoding="utf-8", errors="replace", timeout=1500)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     result = json.loads((out / "results.json").read_text())

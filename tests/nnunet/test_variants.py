@@ -70,3 +70,36 @@ def test_training_seed_comes_from_the_environment_and_is_applied(planned_phantom
     monkeypatch.setenv(variants.TRAIN_SEED_ENV, "x")
     with pytest.raises(ValueError, match=variants.TRAIN_SEED_ENV):
         variants.training_seed()
+
+
+def test_test_schedules_draw_the_progress_plots_after_the_last_epoch_only():
+    """final_plot_only (the tests' schedules): nnU-Net's and EnTrust's plots are skipped before the last epoch,
+    drawn after it, and the trainer's own methods are back after every epoch."""
+    calls = []
+
+    class Logger:
+        def plot_progress_png(self, folder):
+            calls.append(("progress", trainer.current_epoch))
+
+    class Trainer:
+        def on_epoch_end(self):
+            self.logger.plot_progress_png("out")
+            self._plot_aux_losses()
+
+        def _plot_aux_losses(self):
+            calls.append(("entrust", self.current_epoch))
+
+    class Variant(ScheduleMixin, Trainer):
+        pass
+
+    trainer = object.__new__(Variant)
+    trainer.logger, trainer.num_epochs, trainer.final_plot_only = Logger(), 3, True
+    for epoch in range(3):
+        trainer.current_epoch = epoch
+        trainer.on_epoch_end()
+        assert "plot_progress_png" not in vars(trainer.logger) and "_plot_aux_losses" not in vars(trainer)
+    assert calls == [("progress", 2), ("entrust", 2)]
+    trainer.final_plot_only, calls[:] = False, []
+    trainer.on_epoch_end()
+    assert calls == [("progress", 2), ("entrust", 2)]
+    assert variants.TINY_SCHEDULE["final_plot_only"] and not variants.DEMO_SCHEDULE.get("final_plot_only")
