@@ -108,7 +108,9 @@ def main(argv=None) -> dict:
     patch = args.patch or patch
     x = torch.randn(1, 4, *patch)
     k1 = TrustStatistics(net, SamplingSettings(1))
-    jobs = {"plain": lambda: plain(x), "trunk": lambda: net._trunk(x, keep_all=False), "K=1 all maps": lambda: k1(x)}
+    mask = net._mask(x)  # every modality present
+    jobs = {"plain": lambda: plain(x), "trunk": lambda: net._trunk(x, keep_all=False, mask=mask),
+            "K=1 all maps": lambda: k1(x)}
     out = {"plan": args.plan, "patch": list(patch), "threads": args.threads}
     with torch.inference_mode():
         times = timings(jobs, args.repeats)
