@@ -12,6 +12,10 @@ from entrust_nnunet.nnunet.env import ensure_ext_trainer, set_nnunet_roots
 # and pool paths are run by tests/reliability/test_faults.py (-npp 1, and -nps 2 in one scenario)
 os.environ.setdefault("nnUNet_npp", "0")
 os.environ.setdefault("nnUNet_nps", "1")
+# Idle OpenMP threads sleep instead of spinning: the suite runs on two workers (README: -n 2), and with spinning
+# threads two tiny nnU-Net trainings side by side took 47 s, with sleeping ones 20 s (one alone: 22-23 s).
+# Set before any test process imports torch; the nnU-Net subprocesses inherit it
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 def arch_kwargs(dim: int, n_stages: int = 3) -> dict:
     """Small PlainConvUNet arch kwargs (as nnU-Net's planner writes them) for network tests, 2D or 3D."""
