@@ -3,7 +3,7 @@
 Builds plain PlainConvUNet and EnTrustUNet from the arch kwargs nnU-Net's planner wrote for the plans of
 ``benchmarks/cost.py`` (kept in ``benchmarks/results/cost_large.json``), with untrained weights, and runs in ONE
 process, interleaved: plain forward, EnTrust's trunk (ModEnc + EnFuse + decoder) and EnTrust K = 1 with all maps
-(what the predictor runs per patch). Ratios to plain are what to read on a loaded machine.
+and K = 8 (what the predictor runs per patch; default sampling settings). Ratios to plain are what to read on a loaded machine.
 
     python benchmarks/profile_trunk.py --plan 2d                      # 2D 512x512, 4 channels, 8 stages
     python benchmarks/profile_trunk.py --plan 3d --patch 64 96 96     # the 3D plan's network, a smaller patch
@@ -33,6 +33,7 @@ def networks(plan: str):
         torch.manual_seed(0)
         nets.append(get_network_from_plans(cls, kwargs, REQ_IMPORT, 4, 3, allow_init=True,
                                            deep_supervision=False).eval())
+    nets[1].calib.fitted.fill_(1.0)  # a trained model's CalibHead runs (untrained, it is skipped for 1 - max prob.)
     return nets[0], nets[1], stored["patch_size"]
 
 
@@ -107,10 +108,10 @@ def main(argv=None) -> dict:
     plain, net, patch = networks(args.plan)
     patch = args.patch or patch
     x = torch.randn(1, 4, *patch)
-    k1 = TrustStatistics(net, SamplingSettings(1))
+    k1, k8 = TrustStatistics(net, SamplingSettings(1)), TrustStatistics(net, SamplingSettings(8))
     mask = net._mask(x)  # every modality present
     jobs = {"plain": lambda: plain(x), "trunk": lambda: net._trunk(x, keep_all=False, mask=mask),
-            "K=1 all maps": lambda: k1(x)}
+            "K=1 all maps": lambda: k1(x), "K=8 all maps": lambda: k8(x)}
     out = {"plan": args.plan, "patch": list(patch), "threads": args.threads}
     with torch.inference_mode():
         times = timings(jobs, args.repeats)

@@ -25,6 +25,7 @@ from torch import nn
 from entrust_nnunet.model.absence import impute_absent
 from entrust_nnunet.model.network import EnTrustUNet
 from entrust_nnunet.model.outputs import probabilities
+from entrust_nnunet.model.pointwise import pointwise_conv
 from entrust_nnunet.model.sampling import SamplingSettings
 
 
@@ -65,7 +66,7 @@ class EnTrustNoEnFuseUNet(EnTrustUNet):
                          norm_op_kwargs=norm_op_kwargs, nonlin=nonlin, nonlin_kwargs=nonlin_kwargs, **kwargs)
         features = [features_per_stage] * n_stages if isinstance(features_per_stage, int) else features_per_stage
         self.fuse = nn.ModuleList(
-            ConcatFuse(self.num_modalities, w, f, conv_op, norm_op, norm_op_kwargs, nonlin, nonlin_kwargs)
+            ConcatFuse(self.num_modalities, w, f, pointwise_conv(conv_op), norm_op, norm_op_kwargs, nonlin, nonlin_kwargs)
             for w, f in zip(self.encoders.widths[1:], features[1:]))
 
     def compute_conv_feature_map_size(self, input_size) -> int:
@@ -83,7 +84,7 @@ class EnTrustNoEnFuseUNet(EnTrustUNet):
 class EnTrustNoStepsUNet(EnTrustUNet):
     """EnTrustUNet whose hypotheses are all the deterministic head's softmax (no SegDiff steps)."""
 
-    def _segdiff_hypotheses(self, logits: torch.Tensor, cond: torch.Tensor, k: int, s: int, seed: int = 0
+    def _segdiff_hypotheses(self, logits: torch.Tensor, cond_h: torch.Tensor, k: int, s: int, seed: int = 0
                             ) -> torch.Tensor:
         probs = probabilities(logits, self.regions)
         return probs.unsqueeze(0).expand(k, *probs.shape)
@@ -101,5 +102,5 @@ class EnTrustNoProbeUNet(EnTrustUNet):
 
     @torch.no_grad()
     def sample(self, x: torch.Tensor, settings: SamplingSettings | None = None,
-               modality_mask=None) -> dict[str, torch.Tensor]:
-        return super().sample(x, (settings or self.sampling).with_(probe=False), modality_mask)
+               modality_mask=None, maps=None) -> dict[str, torch.Tensor]:
+        return super().sample(x, (settings or self.sampling).with_(probe=False), modality_mask, maps)

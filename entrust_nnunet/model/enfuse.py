@@ -157,22 +157,28 @@ class EnFuse(nn.Module):
 
     def forward(self, h: torch.Tensor, disagreement: torch.Tensor | None = None, mask: torch.Tensor | None = None,
                 weights: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """``mask`` (B, M), 1 = modality present (default: all); ``weights`` (B, M) the experts' reliability
-        weights (0 on absent modalities, sum 1; default: uniform over the present ones)."""
+        """``mask`` (B, M), 1 = modality present (default: all; None skips the masking, which is then the
+        identity); ``weights`` (B, M) the experts' reliability weights (0 on absent modalities, sum 1; default:
+        uniform over the present ones)."""
         b, m, w = h.shape[:3]
         spatial = h.shape[3:]
-        mask = torch.ones(b, m, device=h.device) if mask is None else mask.float()
+        everything = mask is None
+        mask = torch.ones(b, m, device=h.device) if everything else mask.float()
         weights = mask / mask.sum(1, keepdim=True) if weights is None else weights.float()
         per_stream = (b, m, 1, *([1] * len(spatial)))
         a, wt = mask.view(per_stream).to(h.dtype), weights.view(per_stream).to(h.dtype)
         z = self.E_c(h.reshape(b * m, w, *spatial)).reshape(b, m, w, *spatial)
         f_c = (z * wt).sum(1)  # consensus: reliability-weighted mean of the present modalities
-        f_u = self.E_u(h.reshape(b, m * w, *spatial)).reshape(b, m, w, *spatial) * a
+        f_u = self.E_u(h.reshape(b, m * w, *spatial)).reshape(b, m, w, *spatial)
         if disagreement is None:
             disagreement = torch.zeros_like(f_c[:, :1])
         # spread of the present modalities around their mean, written out: torch.var is slow on CPU here
-        n = a.sum(1)
-        spread = ((z - ((z * a).sum(1) / n).unsqueeze(1)).square() * a).sum(1) / n
+        if everything:
+            spread = (z - z.mean(1, keepdim=True)).square().mean(1)
+        else:
+            f_u = f_u * a
+            n = a.sum(1)
+            spread = ((z - ((z * a).sum(1) / n).unsqueeze(1)).square() * a).sum(1) / n
         cf_logit = self.D_cf(torch.cat([spread, f_c, disagreement.to(f_c.dtype)], 1))
         f_cf = torch.sigmoid(cf_logit)
         gate_logits = self.gate(torch.cat([f_c, f_cf], 1))

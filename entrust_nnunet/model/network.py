@@ -43,6 +43,8 @@ every resolution (as nnU-Net's cascade, whose encoder sees it from the input on)
 """
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import torch
 from dynamic_network_architectures.building_blocks.unet_decoder import UNetDecoder
 from dynamic_network_architectures.initialization.weight_init import InitWeights_He
@@ -56,10 +58,11 @@ from entrust_nnunet.model.encoders import ModalityEncoders
 from entrust_nnunet.model.enfuse import EnFuse
 from entrust_nnunet.model.outputs import (as_logits, decision_confidence, full_resolution, masked_mean,
                                           probabilities)
+from entrust_nnunet.model.pointwise import pointwise_conv
 from entrust_nnunet.model.sampling import DEFAULT_SAMPLING, SamplingSettings
 from entrust_nnunet.model.segdiff import SegDiffHead
-from entrust_nnunet.model.trustmap import (CalibHead, expert_conflict, hypothesis_statistics, probe_step,
-                                          tempered_log_probabilities)
+from entrust_nnunet.model.trustmap import (CalibHead, channel_std, expert_conflict, hypothesis_statistics,
+                                          probe_step, projected_perturbation, tempered_log_probabilities)
 #: weights of the EnTrust loss terms added to nnU-Net's Dice+CE (see ``auxiliary_losses``)
 LOSS_WEIGHTS = {"generative": 1.0, "start": 1.0, "independence": 0.1, "experts": 0.5, "conflict": 0.5,
                 "mec": 0.1, "rec": 0.1, "region": 0.1}
@@ -147,6 +150,9 @@ class EnTrustUNet(nn.Module):
             raise ValueError(f"conflict_measure must be one of {sorted(CONFLICT_MEASURES)}, got {conflict_measure!r}")
         self.conflict_measure = CONFLICT_MEASURES[conflict_measure]
         widths = self.encoders.widths
+        # nnU-Net's blocks (encoders, decoder) keep conv_op; the heads we add are mostly 1x1 convolutions, which
+        # run faster on CPU as a matrix product (model/pointwise.py)
+        conv_op = pointwise_conv(conv_op)
         self.fuse_full = nn.Sequential(conv_op(m * widths[0] + 1 + self.prior_channels, features_per_stage[0], 1),
                                        norm_op(features_per_stage[0], **(norm_op_kwargs or {})),
                                        nonlin(**(nonlin_kwargs or {})))
@@ -169,6 +175,9 @@ class EnTrustUNet(nn.Module):
         #: when True, forward() keeps its intermediate parts in ``last_parts`` for :class:`EnTrustLoss`
         self.cache_parts = False
         self.last_parts: dict | None = None
+        #: ProbeStep's standard normal noise for the last patch shape (key, tensor): every patch of a case, and
+        #: every case, draws the same seeded noise, so it is drawn once (docs/design.md, ProbeStep's cost)
+        self._probe_noise: tuple | None = None
 
     def _build_experts(self, conv_op, width: int, num_classes: int) -> None:
         """The per-modality experts (one 1x1 head per modality's stage-1 features) and CLoE's parts: the region
@@ -219,8 +228,8 @@ class EnTrustUNet(nn.Module):
             if self.training or self.decoder.deep_supervision:
                 return logits
             experts = self._full_resolution_experts(parts, x.shape[2:]) if self.expert_alternatives > 0 else None
-            hyps = self._hypotheses(logits, parts["cond"], self.sampling.num_hypotheses, self.sampling.steps,
-                                    experts=experts)
+            hyps = self._hypotheses(logits, self.segdiff.condition(parts["cond"]), self.sampling.num_hypotheses,
+                                    self.sampling.steps, experts=experts)
             # labels: the fitted temperature (CalibHead's), so stock nnU-Net's probabilities are the calibrated ones
             # too; regions keep their sigmoids (the temperature is a softmax's, docs/design.md)
             mean = hyps.mean(0)
@@ -254,7 +263,10 @@ class EnTrustUNet(nn.Module):
         the input, from EnFuse's means and gates and, at full resolution, their streams are replaced by the
         reliability-weighted mean of the present ones. Channels after the modalities are the cascade prior."""
         x, prior = x[:, :self.num_modalities], x[:, self.num_modalities:]
-        skips = self.encoders(without_absent(x, mask))
+        # every modality present (inference, most training samples): the masking below is the identity; skipping
+        # it saves full-resolution passes (docs/design.md, the cost of K = 1)
+        partial = None if bool(mask.all()) else mask
+        skips = self.encoders(x if partial is None else without_absent(x, mask))
         ex = self._experts(skips, mask)
         d, weights = ex["disagreement"], ex["weights"]
         full, streams = skips[0], skips[1:]
@@ -262,7 +274,7 @@ class EnTrustUNet(nn.Module):
         del skips
         f_en, conflict = [], None
         for i, fuse in enumerate(self.fuse):
-            p = fuse(streams[i], _area_pool(d, streams[i].shape[3:]), mask, weights)
+            p = fuse(streams[i], _area_pool(d, streams[i].shape[3:]), partial, weights)
             streams[i] = None
             f_en.append(self._add_prior(p["F_en"], prior, i))
             if conflict is None:
@@ -270,8 +282,8 @@ class EnTrustUNet(nn.Module):
             if keep_all:
                 kept["fused"].append(p)
             del p
-        f_en.insert(0, self.fuse_full(torch.cat([impute_absent(full, mask, weights).flatten(1, 2), conflict,
-                                                 prior.to(full.dtype)], 1)))
+        streams_full = full if partial is None else impute_absent(full, mask, weights)
+        f_en.insert(0, self.fuse_full(torch.cat([streams_full.flatten(1, 2), conflict, prior.to(full.dtype)], 1)))
         del full
         logits, features = self.decoder(f_en)
         del f_en
@@ -359,18 +371,31 @@ class EnTrustUNet(nn.Module):
         return F.nll_loss(p.clamp_min(1e-6).log(), tgt[:, 0].long(), reduction="none")[:, None]
 
     # ------------------------------------------------------------------ inference
-    def _segdiff_hypotheses(self, logits: torch.Tensor, cond: torch.Tensor, k: int, s: int, seed: int = 0
+    def _segdiff_hypotheses(self, logits: torch.Tensor, cond_h: torch.Tensor, k: int, s: int, seed: int = 0
                             ) -> torch.Tensor:
-        """SegDiff's K hypotheses (K, B, C, *s): the start around the deterministic logits, then S flow steps."""
-        return self.segdiff.sample(self.segdiff.condition(cond), k, s, seed=seed, logits=logits,
-                                   chunk=self.sampling_chunk)
+        """SegDiff's K hypotheses (K, B, C, *s) from its projected conditioning ``cond_h``
+        (``segdiff.condition``): the start around the deterministic logits, then S flow steps."""
+        return self.segdiff.sample(cond_h, k, s, seed=seed, logits=logits, chunk=self.sampling_chunk)
+
+    def _probe_direction(self, cond: torch.Tensor, seed: int) -> torch.Tensor:
+        """ProbeStep's perturbation direction in SegDiff's projected conditioning (B, hidden, *s): a draw of
+        ``W_proj (std(cond) * xi)`` (:func:`~entrust_nnunet.model.trustmap.projected_perturbation`) from
+        standard normal noise seeded with ``seed + 1``, the same for every patch of one shape."""
+        weight = self.segdiff.cond_proj.weight.flatten(1)
+        shape = (cond.shape[0], weight.shape[0], *cond.shape[2:])
+        key = (shape, cond.dtype, cond.device, int(seed))
+        if self._probe_noise is None or self._probe_noise[0] != key:
+            gen = torch.Generator(device=cond.device).manual_seed(int(seed) + 1)
+            self._probe_noise = (key, torch.randn(shape, device=cond.device, dtype=cond.dtype, generator=gen))
+        return projected_perturbation(weight, channel_std(cond), self._probe_noise[1])
 
     def _full_resolution_experts(self, parts: dict, size) -> dict[str, torch.Tensor]:
         """The trunk's experts upsampled once per patch: ``experts`` (B, M, C, *size), their ``conflict``
         (B, 1, *size) in [0, 1] and the modality ``mask`` (B, M)."""
         experts = parts["experts"].float()
-        return {"experts": self._upsample(experts.flatten(1, 2), size).unflatten(1, experts.shape[1:3]).clamp(0, 1),
-                "conflict": self._upsample(parts["expert_conflict"].float(), size).clamp(0, 1),
+        # in place: the upsampled copies are new tensors (a full-resolution allocation less, docs/design.md)
+        return {"experts": self._upsample(experts.flatten(1, 2), size).unflatten(1, experts.shape[1:3]).clamp_(0, 1),
+                "conflict": self._upsample(parts["expert_conflict"].float(), size).clamp_(0, 1),
                 "mask": parts["modality_mask"]}
 
     def _alternatives(self, hyps: torch.Tensor, experts: dict | None, drawn: bool = False) -> torch.Tensor:
@@ -383,16 +408,17 @@ class EnTrustUNet(nn.Module):
         return expert_alternatives(hyps, experts["experts"], experts["conflict"], experts["mask"],
                                    self.expert_alternatives, self.regions, drawn=drawn)
 
-    def _hypotheses(self, logits: torch.Tensor, cond: torch.Tensor, k: int, s: int, seed: int = 0,
+    def _hypotheses(self, logits: torch.Tensor, cond_h: torch.Tensor, k: int, s: int, seed: int = 0,
                     experts: dict | None = None) -> torch.Tensor:
-        """K SegDiff hypotheses (K, B, C, *s) given the deterministic logits (the start's mean) and conditioning;
+        """K SegDiff hypotheses (K, B, C, *s) given the deterministic logits (the start's mean) and projected
+        conditioning;
         with the full-resolution ``experts`` (:meth:`_full_resolution_experts`), each then follows its
         modality's expert in expectation where the experts conflict (:meth:`_alternatives`)."""
-        return self._alternatives(self._segdiff_hypotheses(logits, cond, k, s, seed), experts)
+        return self._alternatives(self._segdiff_hypotheses(logits, cond_h, k, s, seed), experts)
 
     @torch.no_grad()
     def sample(self, x: torch.Tensor, settings: SamplingSettings | None = None,
-               modality_mask=None) -> dict[str, torch.Tensor]:
+               modality_mask=None, maps: Collection[str] | None = None) -> dict[str, torch.Tensor]:
         """Encoders + EnFuse + decoder once, then K hypotheses x S steps through the SegDiff head.
 
         ``settings`` default to the network's own (:attr:`sampling`). Returns ``hypotheses`` (K, B, C, *s; each
@@ -404,30 +430,37 @@ class EnTrustUNet(nn.Module):
         entropy), ``probe``, ``conflict`` (the experts' normalised Jensen-Shannon divergence, upsampled),
         ``fusion_conflict`` (EnFuse's F_cf), ``confidence`` (max of the mean), ``head_confidence`` (max
         softmax of the deterministic head) and ``error`` (CalibHead's probability that argmax(mean) is
-        wrong). See :mod:`entrust_nnunet.model.trustmap`. ``modality_mask``: as in :meth:`forward`.
+        wrong). See :mod:`entrust_nnunet.model.trustmap`. ``modality_mask``: as in :meth:`forward`. ``maps``:
+        the maps wanted beside ``mean`` and ``hypotheses`` (default: every one); the predictor asks for those it
+        pools per patch, so ``error`` (CalibHead runs once per case on the pooled maps) and ``spread`` are then
+        not computed.
         """
+        wanted = (lambda key: True) if maps is None else set(maps).__contains__
         settings = settings or self.sampling
         k, s, seed = settings.num_hypotheses, settings.steps, settings.seed
         parts = self._trunk(x, keep_all=False, mask=self._mask(x, modality_mask))
         logits = full_resolution(parts["logits"])
 
         experts = self._full_resolution_experts(parts, x.shape[2:])
-        segdiff = self._segdiff_hypotheses(logits, parts["cond"], k, s, seed)
+        cond_h = self.segdiff.condition(parts["cond"])
+        segdiff = self._segdiff_hypotheses(logits, cond_h, k, s, seed)
         hyps = self._alternatives(segdiff, experts)
-        stats = hypothesis_statistics(hyps, self.regions)
+        stats = hypothesis_statistics(hyps, self.regions, spread=wanted("spread"))
         # the experts' conflict itself, not F_cf, its learned copy: it separates conflict from edges better
         # (docs/design.md)
         conflict = experts["conflict"]
         stats["conflict"], stats["fusion_conflict"] = conflict[:, 0], parts["conflict"].float()[:, 0].clamp(0, 1)
         # ProbeStep redraws only the first few hypotheses (same noise: hypotheses are nested across K)
         p = min(k, self.probe_hypotheses)
-        stats["probe"] = (probe_step(lambda cond: self._hypotheses(logits, cond, p, s, seed, experts), parts["cond"],
-                                     conflict, hyps[:p], self.probe_strength, seed, self.regions) if settings.probe
+        stats["probe"] = (probe_step(lambda moved: self._hypotheses(logits, moved, p, s, seed, experts), cond_h,
+                                     self._probe_direction(parts["cond"], seed), conflict, hyps[:p],
+                                     self.probe_strength, self.regions) if settings.probe
                           else torch.zeros_like(stats["entropy"]))
         stats["confidence"] = decision_confidence(stats["mean"], self.regions)
         stats["head_confidence"] = decision_confidence(probabilities(logits, self.regions), self.regions)
-        stats["error"] = torch.maximum(self.calib(stats), alternatives_error_floor(
-            stats["confidence"], stats["conflict"], self.expert_alternatives))
+        if wanted("error"):
+            stats["error"] = torch.maximum(self.calib(stats), alternatives_error_floor(
+                stats["confidence"], stats["conflict"], self.expert_alternatives))
         stats["hypotheses"] = self._alternatives(segdiff, experts, drawn=True) if settings.hypotheses else hyps
         return stats
 

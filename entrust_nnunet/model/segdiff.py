@@ -70,6 +70,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from entrust_nnunet.model.outputs import masked_mean
+from entrust_nnunet.model.pointwise import pointwise_product
 
 #: bound on the state so that logits stay finite in fp16 (nnU-Net accumulates in half precision)
 STATE_CLAMP = 4.0
@@ -218,6 +219,29 @@ class SegDiffHead(nn.Module):
         """Hypotheses' start probabilities ``softmax((mu + P eps_k) / sqrt(1 + pi D / 8))``, (K, B, C, *s)."""
         return marginal_probabilities(mu + low_rank_shift(factor, eps), diag, self.regions)
 
+    def start_sampler(self, cond_h: torch.Tensor):
+        """The start's draws at inference without the factor P: ``(diag, shift)`` with ``diag`` = D (B, C, *s)
+        and ``shift(eps)`` = ``P eps`` (K, B, C, *s) for latents (K, r).
+
+        P's last layer is linear, ``P_vcr = W_cr . h_v + b_cr``, so ``(P eps)_vc = (sum_r eps_r W_cr) . h_v +
+        sum_r eps_r b_cr``: one C-channel 1x1 product per hypothesis on the head's hidden features ``h``
+        instead of the C r channels of P and their contraction (the same numbers, docs/design.md)."""
+        hidden = self.cov[:-1](cond_h)
+        last = self.cov[-1]
+        c, r = self.num_classes, self.rank
+        weight, bias = last.weight.flatten(1), last.bias
+        diag = F.softplus(pointwise_product(hidden, weight[c * r:], bias[c * r:]).float()) + 1e-6
+        w_p, b_p = weight[:c * r].unflatten(0, (c, r)), bias[:c * r].unflatten(0, (c, r))
+
+        def shift(eps: torch.Tensor) -> torch.Tensor:
+            e = eps.to(w_p.dtype)
+            k = e.shape[0]
+            out = pointwise_product(hidden, torch.einsum("crh,kr->kch", w_p, e).flatten(0, 1),
+                                    torch.einsum("cr,kr->kc", b_p, e).flatten())
+            return out.unflatten(1, (k, c)).transpose(0, 1).float()
+
+        return diag, shift
+
     def velocity(self, x_t: torch.Tensor, t: torch.Tensor, cond_h: torch.Tensor) -> torch.Tensor:
         """v_theta for states (K, B, C, *s) at times t (K,) given projected conditioning (B, hidden, *s).
 
@@ -277,7 +301,7 @@ class SegDiffHead(nn.Module):
         """
         if steps < 0:
             raise ValueError(f"need steps >= 0, got {steps}")
-        factor, diag = self.covariance(cond_h)
+        diag, shift = self.start_sampler(cond_h)
         mu = self._mean(logits, cond_h)
         eps = latent_draws(num_hypotheses, self.rank, seed).to(cond_h.device)
         t0 = self.t_start
@@ -288,7 +312,7 @@ class SegDiffHead(nn.Module):
                   for e in (self.time_mlp(self._time_features(times)) if steps else [])]
         out = []
         for e in eps.split(max(1, int(chunk))):
-            p = self.start_probabilities(factor, diag, mu, e)
+            p = marginal_probabilities(mu + shift(e), diag, self.regions)
             if not steps:
                 out.append(p)
                 continue

@@ -88,7 +88,7 @@ def uncertainty_statistics(net: nn.Module, x: torch.Tensor, sampling: SamplingSe
     absent modalities, masked by EnTrust networks, zero-filled (after normalisation) for any other.
     """
     if isinstance(net, EnTrustUNet):
-        s = net.sample(x, sampling, modality_mask=modality_mask)
+        s = net.sample(x, sampling, modality_mask=modality_mask, maps=POOLED_MAPS)
         return {k: s[k] for k in ("mean", "hypotheses", *POOLED_MAPS)}
     if modality_mask is not None:
         x = without_absent(x, resolve_mask(modality_mask, x.shape[0], x.shape[1], x.device))

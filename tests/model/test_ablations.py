@@ -69,6 +69,6 @@ def test_no_alternatives_hypotheses_are_segdiffs_alone():
     s = net.sample(x, settings)
     parts = net._trunk(x, keep_all=False, mask=net._mask(x))
     logits = parts["logits"][0] if isinstance(parts["logits"], (list, tuple)) else parts["logits"]
-    torch.testing.assert_close(s["hypotheses"], net._segdiff_hypotheses(logits, parts["cond"], 4, settings.steps))
+    torch.testing.assert_close(s["hypotheses"], net._segdiff_hypotheses(logits, net.segdiff.condition(parts["cond"]), 4, settings.steps))
     net.expert_alternatives = 1.0
     assert not torch.allclose(net.sample(x, settings)["hypotheses"], s["hypotheses"])

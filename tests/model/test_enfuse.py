@@ -44,3 +44,19 @@ def test_hsic_sees_nonlinear_dependence_that_xcov_misses():
     h_dep = float(hsic_penalty(a, sq, num_voxels=256, generator=torch.Generator().manual_seed(0)))
     h_ind = float(hsic_penalty(a, indep, num_voxels=256, generator=torch.Generator().manual_seed(0)))
     assert h_dep > 0.2 and h_ind < 0.05 and h_dep > 5 * h_ind
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+def test_enfuse_without_a_mask_equals_the_all_present_mask(dim):
+    """The trunk hands EnFuse no mask when every modality is present (it skips the masking, which is then the
+    identity): the same parts as with an explicit all-ones mask, with reliability weights or without."""
+    torch.manual_seed(0)
+    net = EnTrustUNet(3, num_classes=3, **arch_kwargs(dim)).eval()
+    fuse = net.fuse[0]
+    size = (8, 8) if dim == 2 else (4, 8, 8)
+    h, d = torch.randn(2, 3, fuse.E_c.expand.in_channels, *size), torch.rand(2, 1, *size)
+    weights = torch.softmax(torch.randn(2, 3), 1)
+    for w in (None, weights):
+        fast, masked = fuse(h, d, None, w), fuse(h, d, torch.ones(2, 3), w)
+        for key in ("F_en", "F_c", "F_u", "F_cf", "gates"):
+            torch.testing.assert_close(fast[key], masked[key])

@@ -132,3 +132,40 @@ def test_cascade_prior_is_no_modality_and_reaches_every_resolution():
     assert out["mean"].shape == (1, 4, 8, 16, 16)
     with pytest.raises(ValueError, match="num_modalities"):
         EnTrustUNet(2, num_modalities=3, num_classes=2, **arch_kwargs(2))
+
+
+def test_probe_noise_is_drawn_once_per_patch_shape_and_seed():
+    """ProbeStep's noise is seeded (seed + 1), so every patch of one shape gets the same: it is drawn once and
+    reused; the probe map is then the same for the same input, and changes with the seed."""
+    torch.manual_seed(0)
+    net = EnTrustUNet(3, num_classes=3, **arch_kwargs(2)).eval()
+    with torch.no_grad():
+        net.experts.weight.mul_(50.0)  # experts that contradict each other: conflict, so something to probe
+    x = torch.randn(1, 3, 32, 32)
+    first = net.sample(x, SamplingSettings(num_hypotheses=2))
+    noise = net._probe_noise[1]
+    assert noise.shape == (1, net.segdiff.hidden, 32, 32)
+    second = net.sample(x, SamplingSettings(num_hypotheses=2))
+    assert net._probe_noise[1] is noise
+    torch.testing.assert_close(first["probe"], second["probe"])
+    assert first["probe"].max() > 0
+    other = net.sample(x, SamplingSettings(num_hypotheses=2, seed=3))
+    assert not torch.allclose(other["probe"], first["probe"])
+    net.sample(torch.randn(1, 3, 16, 32), SamplingSettings(num_hypotheses=2))
+    assert net._probe_noise[1].shape == (1, net.segdiff.hidden, 16, 32)
+
+
+def test_sample_computes_only_the_maps_asked_for():
+    """The predictor asks for the maps it pools per patch: the same values as a full sample, and neither
+    CalibHead's ``error`` (computed once per case on the pooled maps) nor the hypotheses' ``spread``."""
+    from entrust_nnunet.nnunet.predictor import POOLED_MAPS
+
+    torch.manual_seed(0)
+    net = EnTrustUNet(3, num_classes=3, **arch_kwargs(2)).eval()
+    net.calib.fitted.fill_(1.0)
+    x = torch.randn(1, 3, 32, 32)
+    full = net.sample(x, SamplingSettings(num_hypotheses=3))
+    some = net.sample(x, SamplingSettings(num_hypotheses=3), maps=POOLED_MAPS)
+    assert "error" not in some and "spread" not in some and {"error", "spread"} <= set(full)
+    for key in ("mean", "hypotheses", *POOLED_MAPS):
+        torch.testing.assert_close(some[key], full[key])

@@ -1,10 +1,12 @@
 """SegDiff sampling: seeded, bounded, nested across K."""
+import pytest
 import torch
+from torch import nn
 from conftest import arch_kwargs
 
 from entrust_nnunet.model.sampling import SamplingSettings
 from entrust_nnunet.model.network import EnTrustUNet
-from entrust_nnunet.model.segdiff import STATE_CLAMP
+from entrust_nnunet.model.segdiff import STATE_CLAMP, SegDiffHead, latent_draws, low_rank_shift
 
 
 def test_sampling_is_deterministic_for_a_seed_and_bounded():
@@ -26,3 +28,24 @@ def test_sampling_is_deterministic_for_a_seed_and_bounded():
     assert torch.isfinite(a["hypotheses"].clamp_min(1e-4).log().half()).all()
     worst = torch.softmax(torch.tensor([STATE_CLAMP, -STATE_CLAMP]) * net.segdiff.sharpness, 0).min()
     assert float(a["hypotheses"].min()) >= float(worst) - 1e-6
+
+
+@pytest.mark.parametrize("regions", [False, True])
+def test_start_sampler_gives_the_start_of_the_covariance_factor(regions):
+    """Inference draws ``P eps`` from the covariance head's hidden features with the latents folded into its last
+    layer: the same start probabilities as from the factor P and diagonal D themselves."""
+    torch.manual_seed(0)
+    head = SegDiffHead(nn.Conv2d, 3, 5, hidden=8, rank=4)
+    with torch.no_grad():
+        head.cov[-1].weight.normal_()  # a spread that matters
+        head.cov[-1].bias.normal_()
+    head.regions = regions
+    cond_h = head.condition(torch.randn(2, 5, 6, 7))
+    mu, eps = torch.randn(2, 3, 6, 7), torch.randn(5, 4)
+    factor, diag = head.covariance(cond_h)
+    d, shift = head.start_sampler(cond_h)
+    torch.testing.assert_close(d, diag)
+    torch.testing.assert_close(shift(eps), low_rank_shift(factor, eps), rtol=1e-4, atol=1e-5)
+    hyps = head.sample(cond_h, 5, 0, seed=3, logits=mu)
+    expected = head.start_probabilities(factor, diag, mu, latent_draws(5, 4, 3))
+    torch.testing.assert_close(hyps, expected, rtol=1e-4, atol=1e-5)

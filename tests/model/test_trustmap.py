@@ -9,8 +9,11 @@ from torch import nn
 from entrust_nnunet.model.trustmap import (
     STATISTICS,
     CalibHead,
+    channel_std,
     entropy,
     mutual_information,
+    probe_step,
+    projected_perturbation,
 )
 
 
@@ -104,3 +107,52 @@ def test_mutual_information():
     np.testing.assert_allclose(d32["entropy"].numpy(), reference["entropy"], atol=1e-5)
     with pytest.raises(ValueError, match="K, C"):
         mutual_information(torch.ones(3))
+
+
+def test_channel_std_matches_torch_std():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 64, 64, generator=g) * torch.arange(1, 6).view(1, 5, 1, 1) + 3.0
+    torch.testing.assert_close(channel_std(x), x.flatten(2).std(-1))
+    torch.testing.assert_close(channel_std(torch.ones(1, 2, 4, 4)), torch.zeros(1, 2))
+
+
+def test_projected_perturbation_has_the_law_of_the_projected_conditioning_noise():
+    """ProbeStep draws ``W (std * xi)`` (xi over c channels) as ``root zeta`` (zeta over h channels): per voxel
+    both are N(0, W diag(std^2) W^T). Checked on the empirical covariance over many voxels, per sample."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(4, 9, generator=g)
+    scale = torch.rand(2, 9, generator=g) * 2
+    n = 200_000
+    drawn = projected_perturbation(w, scale, torch.randn(2, 4, n, generator=g))
+    direct = torch.einsum("hc,bcn->bhn", w, scale[:, :, None] * torch.randn(2, 9, n, generator=g))
+    expected = torch.einsum("hc,bc,gc->bhg", w, scale.square(), w)
+    for b in range(2):
+        for sample in (drawn[b], direct[b]):
+            cov = sample @ sample.T / n
+            assert (cov - expected[b]).abs().max() < 0.03 * expected[b].diagonal().max()
+    # a scale of 0 on every channel: no perturbation
+    assert projected_perturbation(w, torch.zeros(1, 9), torch.randn(1, 4, 10, generator=g)).abs().max() < 1e-6
+
+
+def test_probe_step_moves_only_where_the_modalities_conflict():
+    """A pointwise stand-in for SegDiff (softmax of a linear map of the conditioning): the probe map is 0 where
+    the conflict is 0, grows with the conflict and with the strength, and is a total variation (<= 1)."""
+    g = torch.Generator().manual_seed(0)
+    proj = torch.randn(3, 4, generator=g)
+
+    def sample_fn(cond_h):
+        return torch.softmax(torch.einsum("ch,bh...->bc...", proj, cond_h), 1).unsqueeze(0)
+
+    cond_h = torch.randn(1, 4, 16, 16, generator=g)
+    direction = torch.randn(1, 4, 16, 16, generator=g)
+    conflict = torch.zeros(1, 1, 16, 16)
+    conflict[..., :, 8:12] = 0.2
+    conflict[..., :, 12:] = 1.0
+    reference = sample_fn(cond_h)
+    probe = probe_step(sample_fn, cond_h, direction, conflict, reference)
+    assert probe.shape == (1, 16, 16)
+    assert probe[..., :8].abs().max() == 0
+    assert probe[..., 12:].mean() > 2 * probe[..., 8:12].mean() > 0
+    assert probe.max() <= 1
+    stronger = probe_step(sample_fn, cond_h, direction, conflict, reference, strength=3.0)
+    assert stronger[..., 8:].mean() > probe[..., 8:].mean()
