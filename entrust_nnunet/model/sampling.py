@@ -16,7 +16,9 @@ class SamplingSettings:
     """
 
     num_hypotheses: int = 8
-    steps: int = 1
+    #: 0: the start's draws; a flow step bought nothing measurable over them and costs a head per hypothesis
+    #: (docs/design.md, "S = 0 by default")
+    steps: int = 0
     seed: int = 0
     probe: bool = True
     hypotheses: bool = True
