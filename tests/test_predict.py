@@ -135,9 +135,12 @@ def test_folds_are_pooled_epistemic_rises_when_folds_disagree(trained_entrust):
                               sampling=SamplingSettings(num_hypotheses=4))
     single.initialize_from_trained_model_folder(str(model), [2])
     weights = single.list_of_parameters[0]
-    # a second 'fold' that disagrees by construction: its SegDiff output bias favours the last class
+    # a second 'fold' that disagrees by construction: its deterministic head (the SegDiff start's mean) favours the
+    # last class
     other = {k: v.clone() for k, v in weights.items()}
-    other["segdiff.out.bias"] = other["segdiff.out.bias"] + torch.tensor([-6.0, -6.0, 6.0])
+    head = max((k for k in other if k.startswith("decoder.seg_layers.") and k.endswith(".bias")),
+               key=lambda k: int(k.split(".")[2]))
+    other[head] = other[head] + torch.tensor([-6.0, -6.0, 6.0])
     pooled = EnTrustPredictor(device=torch.device("cpu"), allow_tqdm=False, use_mirroring=False,
                               sampling=SamplingSettings(num_hypotheses=4))
     pooled.initialize_from_trained_model_folder(str(model), [2])
@@ -155,9 +158,10 @@ def test_folds_are_pooled_epistemic_rises_when_folds_disagree(trained_entrust):
     pooled.save_hypotheses = True
     pooled._wrap_network()
     three, hyps = pooled.predict_case(data)
-    # same maps; our per-fold loop runs with torch's thread count, nnU-Net's with its own: float rounding, which
-    # can flip one hypothesis' reading of an expert exactly at its threshold (one voxel in thousands)
-    assert float(((three - two).abs() > 2e-3).float().mean()) < 1e-3 and float((three - two).abs().max()) < 0.3
+    # same maps; our per-fold loop runs with torch's thread count, nnU-Net's with its own and accumulates patches in
+    # half precision (steps of ~1e-3 near 1): rounding, which can flip one hypothesis' reading of an expert exactly
+    # at its threshold (one voxel in thousands)
+    assert float(((three - two).abs() > 5e-3).float().mean()) < 1e-3 and float((three - two).abs().max()) < 0.3
     assert hyps.shape == (8, 1, 32, 32) and hyps.dtype == torch.uint8  # fold-major, (F*K, *s)
     assert (hyps[4:] == 2).float().mean() > (hyps[:4] == 2).float().mean()
 

@@ -246,8 +246,10 @@ TEMPERATURE_KEY = "entrust_class_temperature"
 
 def untempered(probs: np.ndarray, properties: dict) -> np.ndarray:
     """The hypotheses' mean behind saved class probabilities ``softmax(log mean / T)``: ``p^T`` renormalised
-    (T from the case's .pkl; 1 where it names none)."""
-    q = np.power(np.clip(probs, 1e-12, None), float(properties.get(TEMPERATURE_KEY, 1.0)))
+    (T from the case's .pkl; 1 where it names none). In float64 and log space: saved probabilities may be float16,
+    where ``p^T`` of every class underflows to 0 for a large T."""
+    log_q = float(properties.get(TEMPERATURE_KEY, 1.0)) * np.log(np.clip(probs.astype(np.float64), 1e-12, None))
+    q = np.exp(log_q - log_q.max(0, keepdims=True))
     return q / q.sum(0, keepdims=True)
 
 

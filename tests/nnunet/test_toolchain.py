@@ -339,3 +339,6 @@ def test_untempered_recovers_the_hypotheses_mean_behind_saved_probabilities():
     assert np.abs(saved - mean.numpy()).max() > 0.1  # sharpened
     np.testing.assert_allclose(untempered(saved, {TEMPERATURE_KEY: 0.4}), mean.numpy(), atol=1e-5)
     np.testing.assert_allclose(untempered(saved, {}), saved, atol=1e-6)  # files of other methods: as saved
+    # float16 files and a large temperature: p^T of every class underflows there, the log-space form does not
+    low = np.full((3, 4), 1 / 3, dtype=np.float16)
+    np.testing.assert_allclose(untempered(low, {TEMPERATURE_KEY: 60.0}), np.full((3, 4), 1 / 3), atol=1e-3)
