@@ -148,7 +148,8 @@ def expert_alternatives(hypotheses: torch.Tensor, experts: torch.Tensor, conflic
         gate = torch.maximum(gate, taken.to(gate.dtype))
     else:
         reading = followed
-    return (1 - gate) * hypotheses + gate * reading.to(hypotheses.dtype)
+    # (1 - g) p_k + g r_k in one fused pass over the K hypotheses
+    return torch.lerp(hypotheses, reading.to(hypotheses.dtype), gate.to(hypotheses.dtype))
 
 
 def alternatives_error_floor(confidence: torch.Tensor, conflict: torch.Tensor, strength: float = 1.0) -> torch.Tensor:

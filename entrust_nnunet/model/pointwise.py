@@ -39,8 +39,8 @@ def pointwise_conv(conv_op: type[nn.Module]) -> type[nn.Module]:
         def __init__(self, *args, **kwargs):
             conv_op.__init__(self, *args, **kwargs)
             self.pointwise = (all(k == 1 for k in self.kernel_size) and all(s == 1 for s in self.stride)
-                              and all(d == 1 for d in self.dilation) and not any(self.padding)
-                              and not isinstance(self.padding, str))
+                              and all(d == 1 for d in self.dilation)
+                              and not isinstance(self.padding, str) and not any(self.padding))
 
         _POINTWISE[conv_op] = type(f"{conv_op.__name__}Pointwise", (conv_op,), {"__init__": __init__,
                                                                                  "forward": forward})

@@ -320,7 +320,7 @@ class SegDiffHead(nn.Module):
             for bias in biases:
                 x = (x + dt * self._head(x, bias)).clamp_(-STATE_CLAMP, STATE_CLAMP)
             out.append(self.state_probabilities(x))
-        return torch.cat(out, 0)
+        return out[0] if len(out) == 1 else torch.cat(out, 0)
 
     def state_probabilities(self, x: torch.Tensor) -> torch.Tensor:
         """A flow state (K, B, C, *s) in [-1, 1] as probabilities: ``softmax(sharpness x)`` over C, or per

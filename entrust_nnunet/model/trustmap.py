@@ -159,10 +159,11 @@ def projected_perturbation(weight: torch.Tensor, scale: torch.Tensor, noise: tor
     ``weight`` W (h, c): a linear pointwise projection (SegDiff's ``cond_proj``); ``scale`` (B, c);
     ``noise`` zeta (B, h, *s) standard normal -> (B, h, *s). The square root is the symmetric one (eigh).
     """
-    w = weight.float()
-    cov = torch.einsum("hc,bc,gc->bhg", w, scale.float().square(), w)
-    values, vectors = torch.linalg.eigh(cov)
-    root = vectors @ torch.diag_embed(values.clamp_min(0).sqrt()) @ vectors.transpose(1, 2)
+    with torch.autocast(noise.device.type, enabled=False):  # nnU-Net predicts under autocast; eigh needs float32
+        w = weight.float()
+        cov = torch.einsum("hc,bc,gc->bhg", w, scale.float().square(), w)
+        values, vectors = torch.linalg.eigh(cov)
+        root = vectors @ torch.diag_embed(values.clamp_min(0).sqrt()) @ vectors.transpose(1, 2)
     return torch.einsum("bhg,bg...->bh...", root.to(noise.dtype), noise)
 
 

@@ -130,6 +130,10 @@ def test_projected_perturbation_has_the_law_of_the_projected_conditioning_noise(
         for sample in (drawn[b], direct[b]):
             cov = sample @ sample.T / n
             assert (cov - expected[b]).abs().max() < 0.03 * expected[b].diagonal().max()
+    # under autocast (nnU-Net predicts with it on CUDA; CPU's bfloat16 here) the square root stays in float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        half = projected_perturbation(w, scale, torch.randn(2, 4, 100, generator=g))
+    assert torch.isfinite(half).all()
     # a scale of 0 on every channel: no perturbation
     assert projected_perturbation(w, torch.zeros(1, 9), torch.randn(1, 4, 10, generator=g)).abs().max() < 1e-6
 
