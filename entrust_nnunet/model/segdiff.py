@@ -53,10 +53,12 @@ the per-image normalisation N counts valid voxels only. In flow matching their d
 draw itself (x1 = x_s), so their labels reach no valid voxel through the head's 3x3 convolution either. The covariance cost does not see labels and is
 kept over every voxel.
 
-Defaults (``cov_penalty`` 0.002, S = 1) and what they were chosen on: docs/design.md.
+Defaults (``cov_penalty`` 0.002; S = 0 at inference since 2026-12-05) and what they were chosen on: docs/design.md.
 
-Cost: the conditioning ``c`` is projected ONCE per patch (:meth:`SegDiffHead.condition`), and so are
-``P`` and ``D``. A start hypothesis costs one (C x r) x r product per voxel; each of the K x S flow
+Cost: the conditioning ``c`` is projected ONCE per patch (:meth:`SegDiffHead.condition`), and so are ``D``
+and the covariance head's hidden features. A start hypothesis costs one C x hidden product per voxel (the
+latents folded into P's last layer: :meth:`SegDiffHead.start_sampler`; P itself is never formed at
+inference); each of the K x S flow
 steps runs only the light head (one 3x3 conv on the C-channel state, two 1x1 convs of ``hidden``
 channels), on ``chunk`` hypotheses at a time so that memory does not grow with K.
 """
