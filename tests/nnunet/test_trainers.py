@@ -85,13 +85,24 @@ def test_interrupted_training_resumes_with_c_and_predict_loads(planned_phantoms,
     # own session: killing the group also ends nnU-Net's data-augmentation workers, as Ctrl-C would
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 300
-    while not (fold / "checkpoint_latest.pth").exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    time.sleep(0.3)  # let torch.save finish the file
+    interrupted = None
+    while interrupted is None and time.time() < deadline and proc.poll() is None:
+        if not (fold / "checkpoint_latest.pth").exists():
+            time.sleep(0.05)
+            continue
+        # freeze the training so that the file cannot change, then read it; nnU-Net rewrites checkpoint_latest
+        # every epoch of this schedule (torch.save in place), so a frozen write is let finish and read again
+        os.killpg(proc.pid, signal.SIGSTOP)
+        try:
+            interrupted = _load(fold / "checkpoint_latest.pth")
+        except (RuntimeError, EOFError):
+            os.killpg(proc.pid, signal.SIGCONT)
+            time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (fold / "checkpoint_final.pth").exists(), "training finished before it could be interrupted"
-    interrupted = _load(fold / "checkpoint_latest.pth")
+    assert interrupted is not None, "no readable checkpoint_latest.pth before the training ended"
+    assert _load(fold / "checkpoint_latest.pth")["current_epoch"] == interrupted["current_epoch"]
     done_before = interrupted["current_epoch"]
     assert 1 <= done_before < 4
 
