@@ -124,10 +124,8 @@ class EnTrustUNet(nn.Module):
                  segdiff_mc_samples: int = 20, segdiff_cov_penalty: float = 0.002, conflict_measure: str = "jsd",
                  num_modalities: int | None = None, expert_alternatives: float = 2.0):
         super().__init__()
-        if isinstance(features_per_stage, int):
-            features_per_stage = [features_per_stage] * n_stages
-        if isinstance(kernel_sizes, int):
-            kernel_sizes = [kernel_sizes] * n_stages
+        features_per_stage, kernel_sizes = ([v] * n_stages if isinstance(v, int) else v
+                                            for v in (features_per_stage, kernel_sizes))
         m = self.num_modalities = input_channels if num_modalities is None else num_modalities
         if not 1 <= m <= input_channels:
             raise ValueError(f"num_modalities must be in 1..input_channels ({input_channels}), got {num_modalities}")
@@ -150,9 +148,7 @@ class EnTrustUNet(nn.Module):
             raise ValueError(f"conflict_measure must be one of {sorted(CONFLICT_MEASURES)}, got {conflict_measure!r}")
         self.conflict_measure = CONFLICT_MEASURES[conflict_measure]
         widths = self.encoders.widths
-        # nnU-Net's blocks (encoders, decoder) keep conv_op; the heads we add are mostly 1x1 convolutions, which
-        # run faster on CPU as a matrix product (model/pointwise.py)
-        conv_op = pointwise_conv(conv_op)
+        conv_op = pointwise_conv(conv_op)  # our mostly-1x1 heads, not nnU-Net's blocks (model/pointwise.py)
         self.fuse_full = nn.Sequential(conv_op(m * widths[0] + 1 + self.prior_channels, features_per_stage[0], 1),
                                        norm_op(features_per_stage[0], **(norm_op_kwargs or {})),
                                        nonlin(**(nonlin_kwargs or {})))
@@ -175,9 +171,6 @@ class EnTrustUNet(nn.Module):
         #: when True, forward() keeps its intermediate parts in ``last_parts`` for :class:`EnTrustLoss`
         self.cache_parts = False
         self.last_parts: dict | None = None
-        #: ProbeStep's standard normal noise for the last patch shape (key, tensor): every patch of a case, and
-        #: every case, draws the same seeded noise, so it is drawn once (docs/design.md, ProbeStep's cost)
-        self._probe_noise: tuple | None = None
 
     def _build_experts(self, conv_op, width: int, num_classes: int) -> None:
         """The per-modality experts (one 1x1 head per modality's stage-1 features) and CLoE's parts: the region
@@ -193,6 +186,9 @@ class EnTrustUNet(nn.Module):
 
     #: :meth:`sample` draws ``num_hypotheses`` hypotheses (the predictor sizes its outputs by it)
     samples_hypotheses = True
+    #: ProbeStep's standard normal noise for the last patch shape (key, tensor), set per instance: every patch of a
+    #: case, and every case, draws the same seeded noise, so it is drawn once (docs/design.md, ProbeStep's cost)
+    _probe_noise: tuple | None = None
     #: state-dict keys that checkpoints written before they existed may lack (they load as 0: label outputs)
     optional_weights = ("region_outputs",)
 
