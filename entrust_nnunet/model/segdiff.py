@@ -184,7 +184,12 @@ class SegDiffHead(nn.Module):
         out = self.cov(cond_h).float()
         c, r = self.num_classes, self.rank
         factor = out[:, :c * r].unflatten(1, (c, r))
-        return factor, F.softplus(out[:, c * r:]) + 1e-6
+        return factor, self._diagonal(out[:, c * r:])
+
+    @staticmethod
+    def _diagonal(raw: torch.Tensor) -> torch.Tensor:
+        """D > 0 from the covariance head's last C channels."""
+        return F.softplus(raw.float()) + 1e-6
 
     def _mean(self, logits: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
         """The start's mean: the deterministic logits, or 0 (uniform) for a head used without them."""
@@ -232,7 +237,7 @@ class SegDiffHead(nn.Module):
         last = self.cov[-1]
         c, r = self.num_classes, self.rank
         weight, bias = last.weight.flatten(1), last.bias
-        diag = F.softplus(pointwise_product(hidden, weight[c * r:], bias[c * r:]).float()) + 1e-6
+        diag = self._diagonal(pointwise_product(hidden, weight[c * r:], bias[c * r:]))
         w_p, b_p = weight[:c * r].unflatten(0, (c, r)), bias[:c * r].unflatten(0, (c, r))
 
         def shift(eps: torch.Tensor) -> torch.Tensor:

@@ -131,14 +131,12 @@ def hypothesis_statistics(hypotheses: torch.Tensor, regions: bool = False, sprea
     with ``spread``, ``spread`` = H(mean) - mean_k H(p_k) of K hypotheses (K, B, C, *s) of ONE model (see the
     module doc); ``regions``: C sigmoid channels, H summed over them."""
     hyps = hypotheses.float()
-    if spread:
-        parts = mutual_information(hyps.transpose(1, 2), regions=regions)  # (K, C, B, *s): class axis second
-        mean, total = hyps.mean(0), parts["entropy"]
-    else:  # the entropy of the mean alone: no per-hypothesis entropies
-        mean = hyps.mean(0)
-        total = output_entropy(mean, 1, regions)
+    mean = hyps.mean(0)
+    total = output_entropy(mean, 1, regions)
     out = {"mean": mean, "entropy": total, "aleatoric": total, "epistemic": torch.zeros_like(total)}
-    return {**out, "spread": parts["epistemic"]} if spread else out
+    if spread:  # the per-hypothesis entropies only when asked for; (K, C, B, *s): class axis second
+        out["spread"] = mutual_information(hyps.transpose(1, 2), regions=regions)["epistemic"]
+    return out
 
 
 def channel_std(x: torch.Tensor) -> torch.Tensor:
