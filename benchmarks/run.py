@@ -7,10 +7,13 @@ drawn with the benchmark's own TEST seed (:data:`TEST_SEED`), which no design de
 Table numbers are mean ± standard deviation over the training seeds; a target is met only when it
 holds beyond the spread (``entrust_nnunet.evaluation.seeds.verdict``). Speed and memory are RATIOS to
 one plain nnU-Net forward measured in the same run, on one preprocessed patch, after warm-up, over
-several repetitions (median and spread reported).
+several repetitions (median and spread reported). Beside the main phantoms, softmax nnU-Net and EnTrust are
+trained on the same training phantoms drawn without any conflict blob and scored on the same test phantoms
+(:data:`UNSEEN_ID`): a conflict never seen in training.
 
     python benchmarks/run.py                      # 2D phantoms, CPU, three training seeds
     python benchmarks/run.py --ablations          # + EnTrust without EnFuse / SegDiff steps / ProbeStep / CalibHead
+    python benchmarks/run.py --no-unseen          # without the unseen-conflict dataset (conflict in test cases only)
     python benchmarks/run.py --smoke              # tiny sizes and schedules, one seed, for the test suite
     python benchmarks/run.py --subsets            # only the missing-modality table: every subset of the modalities
     python benchmarks/run.py --cost               # only the large-size cost tables (benchmarks/cost.py)
@@ -69,6 +72,9 @@ ABLATIONS = {
     "EnTrust without CalibHead (1 - max prob.)": ("nnUNetTrainerEnTrust_demo", "nnUNetEnTrustPlans", [0], 8),
 }
 NO_CALIB = "EnTrust without CalibHead (1 - max prob.)"
+#: the unseen-conflict dataset (issue 12): the same training phantoms drawn without any conflict blob, the same test
+#: phantoms (with them); a conflict no training case showed, so CalibHead never saw one either
+UNSEEN_ID, UNSEEN_METHODS = 612, ("softmax nnU-Net", OURS)
 SMOKE_TRAINERS = {"nnUNetTrainer_demo": "nnUNetTrainer_tinyCPU",
                   "nnUNetTrainerMCDropout_demo": "nnUNetTrainerMCDropout_tinyCPU",
                   "nnUNetTrainerCRNP_demo": "nnUNetTrainerCRNP_tinyCPU",
@@ -386,6 +392,19 @@ def prepare_dataset(args, out: Path) -> tuple[int, str, str]:
     return int(name[7:10]), name, args.c
 
 
+def unseen_dataset(args, config: str) -> tuple[int, str, str, Path]:
+    """(id, name, configuration, raw folder) of the unseen-conflict phantoms, written, planned and preprocessed."""
+    from entrust_nnunet.data.phantoms import write_phantom_dataset
+
+    name = f"Dataset{UNSEEN_ID}_BenchUnseenConflictTest{args.test_seed}"
+    raw = Path(os.environ["nnUNet_raw"]) / name
+    if not raw.exists():
+        write_phantom_dataset(raw, num_cases=args.n, num_test=args.num_test, dim=2, size=64, seed=args.data_seed,
+                              test_seed=args.test_seed, conflict_in="test")
+    plan_if_needed(UNSEEN_ID, name, config)
+    return UNSEEN_ID, name, config, raw
+
+
 def predict_method(args, raw: Path, pred: Path, model: Path, folds, k: int, **absent) -> float:
     """``entrust predict`` of the test cases (class probabilities saved); seconds taken. ``absent``:
     ``drop_modalities`` / ``absent_without_dropout`` of ``predict_folder`` (the --subsets table)."""
@@ -454,6 +473,25 @@ def run_seed(args, seed: int, dataset_id: int, name: str, config: str, raw: Path
         models[NO_CALIB] = no_calib_row(args, raw, log_dir, models[OURS], record)
     record.update(extra, wall_seconds=time.time() - started)
     return record, models
+
+
+def unseen_seed(args, seed: int, unseen: tuple, out: Path) -> dict:
+    """method -> row on the unseen-conflict dataset for training seed ``seed`` (same results root as the seed's)."""
+    dataset_id, name, config, raw = unseen
+    os.environ["nnUNet_results"] = str(Path(args.results_root) / f"seed_{seed}")
+    os.environ["ENTRUST_TRAIN_SEED"] = str(seed)
+    table = {m: v for m, v in methods(args.smoke).items() if m in UNSEEN_METHODS}
+    log_dir = out / f"seed_{seed}" / "unseen_conflict"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    train_all(args, dataset_id, name, config, table, log_dir)
+    rows = {}
+    for method, (trainer, plans, folds, k) in table.items():
+        model = model_folder(name, trainer, plans, config)
+        if all((model / f"fold_{f}" / "checkpoint_final.pth").exists() for f in folds):
+            pred = log_dir / "predictions" / method.split(" (")[0].replace(" ", "_")
+            predict_method(args, raw, pred, model, folds, k)
+            rows[method] = evaluate_row(raw, pred)
+    return rows
 
 
 def temperature_row(args, dataset_id: int, config: str, name: str, raw: Path, log_dir: Path, record: dict) -> dict:
@@ -572,26 +610,33 @@ def train_ratios(per_seed: list[dict], smoke: bool) -> dict:
 def prepared(args, out: Path) -> tuple[int, str, str, Path, Path]:
     """(dataset id, name, configuration, raw folder, preprocessed folder), planned and preprocessed; sets
     ``args.results_root``."""
-    from entrust_nnunet.pipeline import plan_and_preprocess
-
     out.mkdir(parents=True, exist_ok=True)
     dataset_id, name, config = prepare_dataset(args, out)
     args.results_root = (str(Path(os.environ["nnUNet_results"]) / "entrust_benchmark") if args.dataset is not None
                          else str(out / "nnunet" / "results_per_seed"))
-    raw = Path(os.environ["nnUNet_raw"]) / name
+    return dataset_id, name, config, Path(os.environ["nnUNet_raw"]) / name, plan_if_needed(dataset_id, name, config)
+
+
+def plan_if_needed(dataset_id: int, name: str, config: str) -> Path:
+    """nnU-Net's (and EnTrust's) plans and preprocessed data of a dataset, made once; its preprocessed folder."""
+    from entrust_nnunet.pipeline import plan_and_preprocess
+
     preprocessed = Path(os.environ["nnUNet_preprocessed"]) / name
     if not ((preprocessed / "nnUNetEnTrustPlans.json").exists() and (preprocessed / f"nnUNetPlans_{config}").is_dir()):
         plan_and_preprocess([dataset_id], configurations=[config])
-    return dataset_id, name, config, raw, preprocessed
+    return preprocessed
 
 
 def run(args) -> dict:
     started = time.time()
     out = Path(args.out).absolute()
     dataset_id, name, config, raw, preprocessed = prepared(args, out)
+    unseen = unseen_dataset(args, config) if args.dataset is None and not (args.smoke or args.no_unseen) else None
     per_seed, models = [], {}
     for seed in args.seeds:
         record, seed_models = run_seed(args, seed, dataset_id, name, config, raw, out)
+        if unseen is not None:
+            record["unseen_conflict"] = unseen_seed(args, seed, unseen, out)
         per_seed.append(record)
         models = models or seed_models
         models.update({k: v for k, v in seed_models.items() if k in ABLATIONS})
@@ -600,6 +645,7 @@ def run(args) -> dict:
     speed = measure_speed(args, models, len(dataset_json["channel_names"]), plans["configurations"][config]["patch_size"])
     result = header(args, name, config, started) | {
         "per_seed": per_seed, "methods": aggregate(per_seed, "methods"), "ablations": aggregate(per_seed, "ablations"),
+        "unseen_conflict": aggregate(per_seed, "unseen_conflict"),
         "speed": speed, "train": train_ratios(per_seed, args.smoke)}
     result["wall_seconds"] = time.time() - started
     if COST_JSON.exists() and not args.smoke:
@@ -649,6 +695,10 @@ TARGETS = [
      False, 0.01),
     ("conflict vs edge AUROC of the conflict map >= 0.85", "abs", "conflict_vs_edge_auroc_conflict", True, 0.85),
     ("conflict map in conflict >= 2x on lesion edges", "quotient", ("conflict_in_conflict", "conflict_on_edges"), True, 2.0),
+    # issue 12: a conflict never seen in training (the unseen-conflict dataset)
+    ("unseen conflict: conflict vs edge AUROC of the conflict map >= 0.80", "unseen", "conflict_vs_edge_auroc_conflict",
+     True, 0.80),
+    ("unseen conflict: mean P(error) inside conflict >= 0.25", "unseen", "total_in_conflict", True, 0.25),
     ("ECE of class probabilities <= softmax nnU-Net", "softmax nnU-Net", "ece", False, 1.0),
     ("ECE fg+bnd of class probabilities <= softmax nnU-Net", "softmax nnU-Net", "ece_fg_boundary", False, 1.0),
     ("ECE fg+bnd of class probabilities <= 0.6x temperature-scaled softmax", TEMPERATURE_ROW, "ece_fg_boundary", False, 0.6),
@@ -687,6 +737,8 @@ def target_inputs(result: dict, kind: str, key: str, higher: bool, bound: float)
         return _values(cell), bound, 1.0, None
     if kind == "abs":
         return _values(ours.get(key)), bound, 1.0, None
+    if kind == "unseen":
+        return _values((result.get("unseen_conflict") or {}).get(OURS, {}).get(key)), bound, 1.0, None
     if kind == "gap":
         return _derived(ours.get(key[0]), ours.get(key[1]), lambda a, b: abs(a - b)), bound, 1.0, None
     if kind == "quotient":
@@ -797,13 +849,30 @@ def ablation_markdown(result: dict) -> list[str]:
     return lines
 
 
+UNSEEN_COLS = [("dice", "Dice", 3, 1), ("total_in_conflict", "mean P(error) in conflict", 3, 1),
+               ("error_in_conflict", "true error rate in conflict", 3, 1),
+               ("total_outside_conflict", "mean P(error) outside", 4, 1),
+               ("error_outside_conflict", "true error rate outside", 4, 1),
+               ("conflict_vs_edge_auroc_conflict", "conflict vs edge AUROC (conflict map)", 3, 1),
+               ("conflict_in_conflict", "conflict map in conflict", 3, 1),
+               ("conflict_on_edges", "conflict map on lesion edges", 3, 1), ("ece_perror", "ECE P(error)", 4, 1)]
+
+
+def unseen_markdown(result: dict) -> list[str]:
+    if not result.get("unseen_conflict"):
+        return []
+    return ["", f"Unseen conflict (Dataset{UNSEEN_ID}: the same training phantoms drawn without any conflict blob, the "
+                "same test phantoms; every method trained anew on it, per seed):"] + \
+        _table("method", UNSEEN_COLS, result["unseen_conflict"])
+
+
 def markdown(result: dict) -> str:
     seeds = result["seeds"]
     lines = [f"Command: `{result['command']}` — commit `{result['commit']}`, device {result['device']}, "
              f"{result['machine'].get('cpus')} CPUs, wall time {result['wall_seconds'] / 60:.1f} min. "
              f"Data: {result['data']}. Schedule: {result['schedule']}. Training seeds {', '.join(map(str, seeds))}: "
              f"every number is mean ± standard deviation over the {len(seeds)} seed(s)."]
-    lines += quality_markdown(result) + speed_markdown(result) + ablation_markdown(result)
+    lines += quality_markdown(result) + unseen_markdown(result) + speed_markdown(result) + ablation_markdown(result)
     if result.get("cost_large"):
         lines += ["", result["cost_large"].get("markdown", "").strip()]
     lines += ["", "| target | ours | reference | difference (better > 0) | pooled std | verdict |", "|---|---|---|---|---|---|"]
@@ -848,6 +917,9 @@ def parse_args(argv=None):
                         help=f"test phantoms' seed (default {TEST_SEED}, smoke {SMOKE_TEST_SEED}); design choices use "
                              f"{DEVELOPMENT_SEED} (or the validation folds), never {TEST_SEED}")
     parser.add_argument("--ablations", action="store_true", help="also train and score the EnTrust ablations (first seed)")
+    parser.add_argument("--no-unseen", action="store_true",
+                        help="skip the unseen-conflict dataset (softmax nnU-Net and EnTrust trained on phantoms "
+                             "without conflict, tested on phantoms with it; on by default, not in --smoke)")
     parser.add_argument("--repeats", type=int, default=10, help="timed repetitions per method (default 10)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads for the timing (default 2)")
     parser.add_argument("--smoke", action="store_true", help="tiny data and schedules (for the test suite)")

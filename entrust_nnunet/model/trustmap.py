@@ -191,6 +191,31 @@ def tempered_log_probabilities(probs: torch.Tensor, temperature) -> torch.Tensor
     return log_probabilities(probs.float()) / torch.as_tensor(temperature, dtype=torch.float32, device=probs.device)
 
 
+#: how far below the argmax-keeping bound ``1 / (1 + r)`` a calibrated P(error) is capped
+_TOP_LABEL_MARGIN = 1e-4
+
+
+def top_label_calibrated(probs: torch.Tensor, p_error: torch.Tensor) -> torch.Tensor:
+    """Class probabilities (C, *s) whose top label carries the calibrated confidence (top-label calibration,
+    Gupta & Ramdas, ICLR 2022): with ``t = argmax_c p_c`` and ``e`` the calibrated P(error) (*s)::
+
+        q_t = 1 - e,   q_c = e * p_c / (1 - p_t)  (c != t; shared alike where the other classes have no mass)
+
+    so ``1 - max_c q_c`` is the calibrated P(error) and the other classes keep their proportions. ``e`` is capped
+    just below ``1 / (1 + r)`` (``r`` the largest share of a non-top class), where another class would overtake
+    ``t``: the argmax, i.e. nnU-Net's mask, never changes (with two classes: ``e < 0.5``)."""
+    p = probs.float()
+    c = p.shape[0]
+    top = p.argmax(0, keepdim=True)
+    rest = p.scatter(0, top, 0.0)
+    mass = rest.sum(0, keepdim=True)
+    uniform = torch.ones_like(p).scatter(0, top, 0.0) / max(c - 1, 1)
+    shares = torch.where(mass > 0, rest / mass.clamp_min(1e-12), uniform)
+    bound = 1.0 / (1.0 + shares.amax(0, keepdim=True)) - _TOP_LABEL_MARGIN
+    e = torch.minimum(p_error.float().to(p.device).clamp(0, 1).unsqueeze(0), bound)
+    return (shares * e).scatter(0, top, 1.0 - e)
+
+
 class CalibHead(nn.Module):
     """Per-voxel map (statistics -> probability of error): a two-layer 1x1-conv MLP with sigmoid output."""
 

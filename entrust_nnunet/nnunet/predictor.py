@@ -12,8 +12,9 @@ Gaussian weighting, mirroring, fold averaging, resampling, crop/transpose back).
   ``entropy``/``epistemic`` (entropy of the pooled mean minus the pooled aleatoric part: the folds'
   disagreement, and with one fold only what overlapping patches and mirrorings of that model disagree
   on) and the calibrated probability of error (the folds' CalibHeads averaged);
-* export: the mask (and, with ``--save_probabilities``, the pooled class probabilities, temperature-scaled
-  by the folds' fitted temperature (:meth:`EnTrustPredictor.class_temperature`), as ``.npz``/``.pkl``) is written by nnU-Net's own ``export_prediction_from_logits``; the maps are
+* export: the mask (and, with ``--save_probabilities``, the pooled class probabilities as ``.npz``/``.pkl``:
+  temperature-scaled by the fitted temperature, their top label's confidence the calibrated ``1 - P(error)``,
+  :meth:`EnTrustPredictor.class_probabilities`) is written by nnU-Net's own ``export_prediction_from_logits``; the maps are
   resampled by nnU-Net's own functions and written as float32 images with the mask's geometry into
   ``OUT/uncertainty/``. Everything goes to temporary names first and is renamed at the end, maps
   before the mask, so a mask on disk means its maps are complete.
@@ -61,13 +62,13 @@ from entrust_nnunet.data.modalities import modalities_path
 from entrust_nnunet.model.absence import resolve_mask, without_absent
 from entrust_nnunet.model.alternatives import alternatives_error_floor
 from entrust_nnunet.model.network import EnTrustUNet
-from entrust_nnunet.model.outputs import as_logits, decision_confidence
+from entrust_nnunet.model.outputs import as_logits, decision_confidence, log_probabilities
 from entrust_nnunet.model.sampling import DEFAULT_SAMPLING, SamplingSettings
-from entrust_nnunet.model.trustmap import CalibHead, entropy, output_entropy, tempered_log_probabilities
+from entrust_nnunet.model.trustmap import (CalibHead, entropy, output_entropy, tempered_log_probabilities,
+                                           top_label_calibrated)
 from entrust_nnunet.nnunet.calibration import load_calibrator
 from entrust_nnunet.nnunet.checkpoints import build_network, check_weights_fit, find_trainer, load_checkpoint
 from entrust_nnunet.nnunet.distributed import unwrap
-from entrust_nnunet.nnunet.toolchain import TEMPERATURE_KEY
 from entrust_nnunet.nnunet.workers import (end_processes, sigint_blocked_in_children, workers_ended_first_on_signals,
                                            workers_started)
 
@@ -297,6 +298,15 @@ class EnTrustPredictor(nnUNetPredictor):
             return 1.0
         return float(torch.stack([head.temperature for head in self.calib_heads]).mean())
 
+    def class_probabilities(self, mean: torch.Tensor, p_error: torch.Tensor) -> torch.Tensor:
+        """The class probabilities written (labels): the temperature-scaled mean (:meth:`class_temperature`) with
+        its top label's confidence set to ``1 - P(error)`` (:func:`top_label_calibrated`): the temperature alone
+        cannot follow the conflict, CalibHead's P(error) does (docs/design.md "Class probabilities")."""
+        tempered = torch.softmax(tempered_log_probabilities(mean, self.class_temperature()), 0)
+        if getattr(self, "calibrator", None) is None and not self.calib_heads:
+            return tempered  # other methods: their own probabilities (their P(error) is 1 - max of them)
+        return top_label_calibrated(tempered, p_error)
+
     # --------------------------------------------------------------- prediction
     def hypotheses_per_fold(self) -> int:
         """K for networks that sample hypotheses, else 1 (their one prediction)."""
@@ -370,7 +380,7 @@ class EnTrustPredictor(nnUNetPredictor):
         stats = self.pooled_statistics(data)
         p_error = self.probability_of_error(stats)
         probs = (as_logits(stats["mean"], True) if self.label_manager.has_regions
-                 else tempered_log_probabilities(stats["mean"], self.class_temperature()))
+                 else log_probabilities(self.class_probabilities(stats["mean"], p_error)))
         return torch.cat([probs,
                           torch.stack([p_error, stats["aleatoric"], stats["epistemic"], stats["conflict"]])]), \
             stats.get("hypotheses")
@@ -443,8 +453,6 @@ class EnTrustPredictor(nnUNetPredictor):
         with self.modalities_present(None if record is None else record.get("mask")):
             prediction, hypotheses = self.predict_case(data)
         record = None if record is None else {k: v for k, v in record.items() if k != "mask"}
-        # recorded in the .pkl, so that `entrust ensemble` can pool the members' untempered means
-        item["data_properties"][TEMPERATURE_KEY] = self.class_temperature()
         return (prediction.cpu().numpy(), item["data_properties"], self.configuration_manager, self.plans_manager,
                 self.dataset_json, item["ofile"], save_probabilities, True,
                 None if hypotheses is None else hypotheses.cpu().numpy(), record)

@@ -13,8 +13,8 @@
 * :func:`ensemble_folders` (``entrust ensemble``): several ``entrust predict --save_probabilities``
   folders pooled the way folds are pooled: class probabilities averaged (nnU-Net's
   ``average_probabilities``; mask = nnU-Net's ``convert_probabilities_to_segmentation``), aleatoric
-  averaged, epistemic = H(mean probabilities) - mean aleatoric (the mutual information of all members'
-  hypotheses, each member weighted equally), conflict averaged, ``total`` = the members' calibrated
+  averaged, epistemic = the members' own epistemic maps averaged plus the Jensen-Shannon divergence of their
+  class probabilities (the members' disagreement, each member weighted equally), conflict averaged, ``total`` = the members' calibrated
   P(error) re-targeted to the ensemble's label and averaged (:func:`member_error_probability`).
 
 Everything is checked before anything is written; every file goes to a temporary name and is renamed,
@@ -40,7 +40,7 @@ from scipy import ndimage
 
 from entrust_nnunet.data.io import (CONFLICT_MARK, MAP_NAMES, POSTPROCESSING_RECORD, InputError, atomic_file, map_path,
                                     read_image, temporary_path, write_image)
-from entrust_nnunet.model.trustmap import entropy
+from entrust_nnunet.model.trustmap import jensen_shannon
 
 
 # --------------------------------------------------------------------------------------------------
@@ -240,38 +240,23 @@ def member_error_probability(total: np.ndarray, member_label: np.ndarray, member
     return np.where(member_label == label, total, np.clip(1.0 - total * share, 0.0, 1.0))
 
 
-#: the .pkl key under which `entrust predict` records the temperature of the class probabilities it saved
-TEMPERATURE_KEY = "entrust_class_temperature"
-
-
-def untempered(probs: np.ndarray, properties: dict) -> np.ndarray:
-    """The hypotheses' mean behind saved class probabilities ``softmax(log mean / T)``: ``p^T`` renormalised
-    (T from the case's .pkl; 1 where it names none). In float64 and log space: saved probabilities may be float16,
-    where ``p^T`` of every class underflows to 0 for a large T."""
-    log_q = float(properties.get(TEMPERATURE_KEY, 1.0)) * np.log(np.clip(probs.astype(np.float64), 1e-12, None))
-    q = np.exp(log_q - log_q.max(0, keepdims=True))
-    return q / q.sum(0, keepdims=True)
-
-
 def _ensemble_case(job: dict) -> dict:
     members, case, out, first = job["members"], job["case"], job["out"], job["members"][0]
     probs = average_probabilities([str(m["folder"] / f"{case}.npz") for m in members])
     label = first["label_manager"].convert_probabilities_to_segmentation(probs)
     properties = load_pickle(str(first["folder"] / f"{case}.pkl"))
-    errors, aleatoric, conflict, means = [], [], [], []
+    errors, member_maps, member_probs = [], [], []
     for m in members:
         seg, _ = m["rw"].read_seg(str(m["folder"] / f"{case}{m['ending']}"))
-        maps = _maps(m, case, label.shape)
-        member_probs = _probabilities(m["folder"] / f"{case}.npz", label.shape)
-        errors.append(member_error_probability(maps["total"], seg[0], member_probs, label))
-        aleatoric.append(maps["aleatoric"])
-        conflict.append(maps["conflict"])
-        means.append(untempered(member_probs, load_pickle(str(m["folder"] / f"{case}.pkl"))))
-    maps = {"aleatoric": np.mean(aleatoric, 0), "conflict": np.mean(conflict, 0), "total": np.mean(errors, 0)}
-    # the mutual information of all members' hypotheses: entropy of the pooled mean minus the mean entropy (of the
-    # hypotheses' means, before the members' temperatures, as the aleatoric maps are)
-    pooled = torch.from_numpy(np.mean(means, 0))
-    maps["epistemic"] = np.clip(entropy(pooled, axis=0).numpy() - maps["aleatoric"], 0.0, None)
+        member_maps.append(_maps(m, case, label.shape))
+        member_probs.append(_probabilities(m["folder"] / f"{case}.npz", label.shape))
+        errors.append(member_error_probability(member_maps[-1]["total"], seg[0], member_probs[-1], label))
+    maps = {name: np.mean([mm[name] for mm in member_maps], 0) for name in ("aleatoric", "epistemic", "conflict")}
+    maps["total"] = np.mean(errors, 0)
+    # each member's own epistemic part (its folds') plus the members' disagreement: the Jensen-Shannon divergence of
+    # their class probabilities as written (for EnTrust top-label calibrated, docs/design.md "Class probabilities")
+    between = jensen_shannon(torch.from_numpy(np.stack(member_probs)), member_axis=0, class_axis=1)
+    maps["epistemic"] = maps["epistemic"] + between.numpy()
     write_case(out, case, first["ending"], first["rw"], label, properties, maps,
                _npz_pkl(probs, properties) if job["save_probabilities"] else None)
     return {"case": case}

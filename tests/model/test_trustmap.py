@@ -14,6 +14,7 @@ from entrust_nnunet.model.trustmap import (
     mutual_information,
     probe_step,
     projected_perturbation,
+    top_label_calibrated,
 )
 
 
@@ -160,3 +161,42 @@ def test_probe_step_moves_only_where_the_modalities_conflict():
     assert probe.max() <= 1
     stronger = probe_step(sample_fn, cond_h, direction, conflict, reference, strength=3.0)
     assert stronger[..., 8:].mean() > probe[..., 8:].mean()
+
+
+def test_top_label_calibrated_by_hand():
+    probs = torch.tensor([[0.6, 1.0], [0.3, 0.0], [0.1, 0.0]])  # (C=3, 2 voxels); voxel 1: no mass off the top
+    out = top_label_calibrated(probs, torch.tensor([0.2, 0.3]))
+    torch.testing.assert_close(out, torch.tensor([[0.8, 0.7], [0.15, 0.15], [0.05, 0.15]]))
+
+
+def test_top_label_calibrated_keeps_the_argmax_and_carries_the_calibrated_confidence():
+    g = torch.Generator().manual_seed(0)
+    probs = torch.softmax(3 * torch.randn(4, 500, generator=g), 0)
+    p_error = torch.rand(500, generator=g)
+    out = top_label_calibrated(probs, p_error)
+    torch.testing.assert_close(out.sum(0), torch.ones(500))
+    assert torch.equal(out.argmax(0), probs.argmax(0))  # nnU-Net's mask is unchanged
+    rest = probs.scatter(0, probs.argmax(0, keepdim=True), 0.0)
+    bound = 1 / (1 + (rest / rest.sum(0)).amax(0))
+    free = p_error < bound - 1e-3
+    assert free.float().mean() > 0.5
+    torch.testing.assert_close(1 - out.amax(0)[free], p_error[free])  # 1 - max = P(error) where not capped
+    assert (1 - out.amax(0)[~free] < bound[~free]).all()  # capped just below the bound elsewhere
+    # the non-top classes keep their proportions
+    out_rest = out.scatter(0, probs.argmax(0, keepdim=True), 0.0)
+    torch.testing.assert_close(out_rest / out_rest.sum(0), rest / rest.sum(0))
+
+
+def test_top_label_calibrated_probabilities_are_calibrated_when_p_error_is():
+    """Overconfident probabilities, a P(error) that is the true error rate: the top-label ECE falls to ~0."""
+    from entrust_nnunet.evaluation.metrics import ece
+
+    g = torch.Generator().manual_seed(1)
+    n = 20000
+    p_error = 0.5 * torch.rand(n, generator=g) ** 2
+    wrong = torch.rand(n, generator=g) < p_error
+    probs = torch.stack([torch.full((n,), 0.99), torch.full((n,), 0.01)])  # class 0 predicted, far too sure
+    labels = wrong.long()
+    before = ece(probs.numpy(), labels.numpy())
+    after = ece(top_label_calibrated(probs, p_error).numpy(), labels.numpy())
+    assert before > 0.1 and after < 0.01

@@ -14,7 +14,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-from batchgenerators.utilities.file_and_folder_operations import load_pickle
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -22,9 +21,8 @@ import torch
 
 from conftest import nnunet_bin
 from entrust_nnunet.data.io import MAP_NAMES
-from entrust_nnunet.model.trustmap import entropy
 from entrust_nnunet.nnunet.env import ensure_ext_trainer, set_nnunet_roots
-from entrust_nnunet.nnunet.toolchain import member_error_probability, untempered
+from entrust_nnunet.nnunet.toolchain import member_error_probability
 
 DATASET_ID = 953
 NAME = f"Dataset{DATASET_ID}_Phantoms"
@@ -127,7 +125,6 @@ def test_find_best_configuration_reads_our_cross_validation(five_folds, best):
 def test_entrust_calibrate_fits_on_every_fold_out_of_fold(five_folds):
     """entrust calibrate reads the out-of-fold voxels every fold kept (each training case once) and writes
     one calibrator that entrust predict then uses; the file is removed again for the tests below."""
-    import torch
 
     from entrust_nnunet.nnunet.calibration import CALIBRATION_FILE, FOLD_VOXELS_FILE
     from entrust_nnunet.nnunet.predictor import EnTrustPredictor
@@ -270,10 +267,13 @@ def test_entrust_ensemble_pools_members_like_folds(members, tmp_path):
         np.testing.assert_allclose(probs, np.mean(member_probs, 0), atol=1e-6)
         aleatoric = _map(out, case, "aleatoric")
         np.testing.assert_allclose(aleatoric, np.mean([_map(f, case, "aleatoric") for f in folders], 0), atol=1e-6)
-        # epistemic is computed from the members' UNTEMPERED means (the saved probabilities carry each fold's
-        # class temperature, recorded in the .pkl)
-        untempered_mean = np.mean([untempered(mp, load_pickle(str(f / f"{case}.pkl"))) for mp, f in zip(member_probs, folders)], 0)
-        expected = np.clip(entropy(torch.from_numpy(untempered_mean), axis=0).numpy() - aleatoric, 0, None)
+        # epistemic: the members' own parts averaged plus the Jensen-Shannon divergence of their written probabilities
+        def h(p):
+            return -(p * np.log(np.clip(p, 1e-12, None))).sum(0)
+
+        stacked = np.stack(member_probs).astype(np.float64)
+        between = np.clip(h(stacked.mean(0)) - np.mean([h(p) for p in stacked], 0), 0, None)
+        expected = np.mean([_map(f, case, "epistemic") for f in folders], 0) + between
         epistemic = _map(out, case, "epistemic")
         np.testing.assert_allclose(epistemic, expected, atol=1e-5)
         # the members' disagreement adds to their own epistemic parts (the JSD of their means is >= 0)
@@ -326,19 +326,3 @@ def test_bad_input_one_line_and_nothing_written(members, tmp_path, problem):
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("entrust: error: ") and culprit in lines[0]
     assert not out.exists()
-
-
-def test_untempered_recovers_the_hypotheses_mean_behind_saved_probabilities():
-    """`entrust ensemble` pools the members' means before their temperatures (the aleatoric maps' space)."""
-    from entrust_nnunet.model.trustmap import tempered_log_probabilities
-    from entrust_nnunet.nnunet.toolchain import TEMPERATURE_KEY, untempered
-
-    mean = torch.softmax(torch.randn(3, 200, generator=torch.Generator().manual_seed(0)), 0).clamp_min(1e-3)
-    mean = mean / mean.sum(0)
-    saved = torch.softmax(tempered_log_probabilities(mean, 0.4), 0).numpy()
-    assert np.abs(saved - mean.numpy()).max() > 0.1  # sharpened
-    np.testing.assert_allclose(untempered(saved, {TEMPERATURE_KEY: 0.4}), mean.numpy(), atol=1e-5)
-    np.testing.assert_allclose(untempered(saved, {}), saved, atol=1e-6)  # files of other methods: as saved
-    # float16 files and a large temperature: p^T of every class underflows there, the log-space form does not
-    low = np.full((3, 4), 1 / 3, dtype=np.float16)
-    np.testing.assert_allclose(untempered(low, {TEMPERATURE_KEY: 60.0}), np.full((3, 4), 1 / 3), atol=1e-3)
