@@ -10,6 +10,7 @@ every measurement runs in a fresh process (memory in a second one, with glibc re
 
     python benchmarks/cost.py                       # (a) + (b), 2 CPU threads
     python benchmarks/cost.py --whole-case          # + (c) (slow on CPU: minutes per pass)
+    python benchmarks/cost.py --compile 2d          # + the 2D patch jobs under torch.compile (CPU inductor)
     python benchmarks/cost.py --smoke               # tiny volumes, for a quick check of the harness
 
 Writes ``benchmarks/results/cost_large.json`` (``--out``), which ``benchmarks/run.py`` includes in its results.
@@ -33,6 +34,8 @@ PLANS = {"3d": (991, (240, 240, 155), "3d_fullres", "BraTS-like 3D (4 ch, 1 mm)"
          "2d": (992, (512, 512), "2d", "2D 512x512 (4 ch)")}
 SMOKE_SIZES = {"3d": (48, 48, 32), "2d": (96, 96)}
 PATCH_JOBS = [("plain nnU-Net forward", "plain", 1), ("EnTrust K=1", "entrust", 1), ("EnTrust K=8", "entrust", 8)]
+#: the same patch jobs under ``torch.compile`` (``--compile PLAN``), ratios still to the eager plain forward
+COMPILED_JOBS = [(f"{label} (torch.compile)", method, k, True) for label, method, k in PATCH_JOBS]
 CASE_JOBS = [("plain nnU-Net prediction", "plain", 1), ("EnTrust K=1", "entrust", 1), ("EnTrust K=8", "entrust", 8),
              ("5-fold deep ensemble", "ensemble", 1), ("MC dropout T=8", "mcdropout", 8)]
 
@@ -166,14 +169,18 @@ def job(cfg: dict) -> dict:
     if cfg["mode"] == "patch":
         x = torch.randn(1, 4, *cm.patch_size)
         model = net if cfg["method"] == "plain" else TrustStatistics(net, SamplingSettings(cfg["k"]))
+        if cfg.get("compile"):  # inductor compiles on the first call (the warm-up), whose time is reported apart
+            model = torch.compile(model)
         fn = lambda: model(x)  # noqa: E731
     else:
         p = predictor(plans, cfg["config"], cfg["method"], cfg["k"], net, cm, cfg["mirroring"])
         data = torch.randn(4, *reversed(cfg["case_size"]))
         fn = lambda: p.predict_logits_from_preprocessed_data(data)  # noqa: E731
     with torch.inference_mode():
+        t = time.perf_counter()
         for _ in range(cfg["warmup"]):
             fn()
+        first_s = time.perf_counter() - t
         if cfg["memory"]:
             return {"peak_bytes": peak_above(fn)}
         times = []
@@ -181,7 +188,7 @@ def job(cfg: dict) -> dict:
             t = time.perf_counter()
             fn()
             times.append(time.perf_counter() - t)
-    return {"times": times}
+    return {"times": times, "warmup_s": first_s}
 
 
 # ------------------------------------------------------------------------------------------ orchestration
@@ -198,15 +205,15 @@ def measure(cfg: dict) -> dict | None:
         out.update(json.loads(r.stdout.strip().splitlines()[-1]))
     t = out["times"]
     return {"median_s": statistics.median(t), "min_s": min(t), "max_s": max(t), "n": len(t), "times": t,
-            "peak_bytes": out["peak_bytes"]}
+            "peak_bytes": out["peak_bytes"], "warmup_s": out["warmup_s"]}
 
 
 def table(jobs, base_cfg: dict) -> dict:
     """label -> measurement, with ``time_ratio`` (of medians), ``time_ratios`` (each pass / plain's median) and
     ``memory_ratio``, all to the first job (plain)."""
     rows = {}
-    for label, method, k in jobs:
-        row = measure({**base_cfg, "method": method, "k": k})
+    for label, method, k, *compiled in jobs:
+        row = measure({**base_cfg, "method": method, "k": k, "compile": bool(compiled)})
         if row is not None:
             rows[label] = row
             print(f"  {label}: median {row['median_s']:.2f} s, peak {row['peak_bytes'] / 2 ** 20:.0f} MiB", flush=True)
@@ -239,8 +246,10 @@ def markdown(result: dict) -> str:
 
 
 def _row(label: str, row: dict) -> str:
-    return (f"| {label} | {_fmt(row['median_s'], 3)} | {_fmt(row['min_s'], 3)}–{_fmt(row['max_s'], 3)} (n={row['n']}) | "
-            f"{_fmt(row.get('time_ratio'))} | {row['peak_bytes'] / 2 ** 20:.0f} | {_fmt(row.get('memory_ratio'))} |")
+    first = f" (first call, compiling: {row['warmup_s']:.0f} s)" if "torch.compile" in label else ""
+    return (f"| {label}{first} | {_fmt(row['median_s'], 3)} | {_fmt(row['min_s'], 3)}–{_fmt(row['max_s'], 3)} "
+            f"(n={row['n']}) | {_fmt(row.get('time_ratio'))} | {row['peak_bytes'] / 2 ** 20:.0f} | "
+            f"{_fmt(row.get('memory_ratio'))} |")
 
 
 def run(args) -> dict:
@@ -260,7 +269,8 @@ def run(args) -> dict:
             base = {"plans": str(plans_file), "config": config, "mode": "patch", "threads": args.threads,
                     "warmup": 1, "repeats": args.repeats}
             result["plans"][key] = {"label": label, "patch_size": cm["patch_size"], "image_size": size,
-                                    "arch_kwargs": cm["architecture"]["arch_kwargs"], "patch": table(PATCH_JOBS, base)}
+                                    "arch_kwargs": cm["architecture"]["arch_kwargs"],
+                                    "patch": table(PATCH_JOBS + (COMPILED_JOBS if key in args.compile else []), base)}
             if key == "3d" and args.whole_case:
                 case = list(size)
                 result["whole_case_settings"] = {"case_size": case, "mirroring": args.mirroring, "tile_step_size": 0.5}
@@ -282,6 +292,9 @@ def main(argv=None) -> int:
     parser.add_argument("--whole-case", action="store_true", help="(c): whole-case sliding-window prediction")
     parser.add_argument("--case-repeats", type=int, default=1, help="timed whole-case passes (default 1)")
     parser.add_argument("--mirroring", action="store_true", help="test-time mirroring in (c) (8x the work in 3D)")
+    parser.add_argument("--compile", nargs="*", default=[], choices=list(PLANS), metavar="PLAN",
+                        help="also time the patch jobs under torch.compile (inductor) for these plans (e.g. 2d); "
+                             "the first call, which compiles, is reported as warmup_s")
     parser.add_argument("--smoke", action="store_true", help="tiny volumes (harness check); writes nothing")
     args = parser.parse_args(argv)
     if args.job:
