@@ -19,7 +19,8 @@ SMOKE_SUBSET_TRAINERS = {"nnUNetTrainerEnTrustModDrop_demo": "nnUNetTrainerEnTru
                          "nnUNetTrainer_demo": "nnUNetTrainer_tinyCPU",
                          "nnUNetTrainerModDrop_demo": "nnUNetTrainerModDrop_tinyCPU"}
 #: the per-subset numbers kept (besides ``dice_<label>``)
-SUBSET_KEYS = ("dice", "ece_fg_boundary", "ece_fg_boundary_perror", "total_on_lesion")
+SUBSET_KEYS = ("dice", "ece_fg_boundary", "ece_fg_boundary_perror", "total_on_lesion",
+               "total_on_lesion_outside_conflict")
 MEAN_ROW = "mean over subsets"
 
 
@@ -88,9 +89,9 @@ def subsets_markdown(table: dict, labels: list[str]) -> str:
     lines = []
     for method, rows in table.items():
         cols = [f"dice_{label}" for label in labels] + ["dice", "ece_fg_boundary", "ece_fg_boundary_perror",
-                                                        "total_on_lesion"]
+                                                        "total_on_lesion", "total_on_lesion_outside_conflict"]
         heads = [f"Dice {label}" for label in labels] + ["Dice (fg mean)", "ECE_fg class prob.", "ECE_fg P(error)",
-                                                         "total on lesion"]
+                                                         "total on lesion", "total on lesion outside conflict"]
         lines += ["", f"**{method}**", "", "| modalities present | " + " | ".join(heads) + " |",
                   "|---|" + "---|" * len(heads)]
         for subset, row in rows.items():

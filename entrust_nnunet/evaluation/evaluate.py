@@ -232,8 +232,12 @@ def _conflict(out: dict, pool: dict, job: dict, gt_img, gt, maps: dict, error, v
             out[f"conflict_auroc_{name}"] = metrics.auroc(maps[name], truth, mask=valid)
             out[f"conflict_vs_edge_auroc_{name}"] = metrics.auroc(maps[name], truth, mask=inside | edges)
     pool["edges"] = {}
+    # the lesion where no modality contradicts another: with a modality missing, total should rise there (in the
+    # conflict blobs the truth is a coin flip that only several modalities together reveal)
+    clear_lesion = (gt > 0) & outside
     # the realized error rate beside the maps, so "P(error) in conflict" can be checked against it
     for name, arr in {**maps, "error": error}.items():
+        out[f"{name}_on_lesion_outside_conflict"] = float(arr[clear_lesion].mean()) if clear_lesion.any() else math.nan
         out[f"{name}_on_edges"] = float(arr[edges].mean()) if edges.any() else math.nan
         pool["edges"][name] = (float(arr[edges].sum()), int(edges.sum()))
         s_in, n_in = float(arr[inside].sum()), int(inside.sum())

@@ -41,6 +41,8 @@ DEFINITIONS = {
     "conflict_auroc_total": "AUROC of total for detecting true conflict voxels",
     "conflict_auroc_conflict": "AUROC of the conflict map for detecting true conflict voxels",
     "<map>_in_conflict / <map>_outside_conflict": "mean of the map inside / outside the true conflict mask",
+    "<map>_on_lesion_outside_conflict": "mean of the map over the true lesion (any foreground) outside the true "
+                                        "conflict mask",
     "<map>_on_edges": "mean of the map on lesion edges away from conflict (metrics.lesion_edges: 1 voxel either "
                       "side of the reference foreground's boundary, more than 2 voxels from the conflict mask)",
     "conflict_vs_edge_auroc_<total, conflict>": "AUROC of the map for telling true conflict voxels from lesion-edge "

@@ -137,7 +137,12 @@ def test_oracle_maps_hand_counted_dice_and_perfect_aurocs(data):
         lesion = sitk.GetArrayFromImage(sitk.ReadImage(str(data["ds"] / "labelsTs" / f"{case}{END}"))) > 0
         for name in ("total", "conflict"):
             written = data["folders"]["oracle"][0] / "uncertainty" / f"{case}_{name}{END}"
-            assert u[f"{name}_on_lesion"] == pytest.approx(sitk.GetArrayFromImage(sitk.ReadImage(str(written)))[lesion].mean())
+            values = sitk.GetArrayFromImage(sitk.ReadImage(str(written)))
+            assert u[f"{name}_on_lesion"] == pytest.approx(values[lesion].mean())
+            conflict = sitk.GetArrayFromImage(sitk.ReadImage(str(data["ds"] / "conflictTs" / f"{case}{END}"))) > 0
+            assert (lesion & ~conflict).any()
+            assert u[f"{name}_on_lesion_outside_conflict"] == pytest.approx(values[lesion & ~conflict].mean())
+        assert u["conflict_on_lesion_outside_conflict"] == 0.0  # the oracle conflict map is the truth
     pooled = s["uncertainty_pooled"]
     assert pooled["error_auroc"] == 1.0 and pooled["conflict_auroc_conflict"] == 1.0
     assert pooled["conflict_vs_edge_auroc_conflict"] == 1.0 and pooled["conflict_on_edges"] == 0.0
