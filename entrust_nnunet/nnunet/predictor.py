@@ -14,8 +14,8 @@ Gaussian weighting, mirroring, fold averaging, resampling, crop/transpose back).
   on) and the calibrated probability of error (the folds' CalibHeads averaged);
 * export: the mask (and, with ``--save_probabilities``, the pooled class probabilities as ``.npz``/``.pkl``:
   temperature-scaled by the fitted temperature, their top label's confidence the calibrated ``1 - P(error)``,
-  :meth:`EnTrustPredictor.class_probabilities`) is written by nnU-Net's own ``export_prediction_from_logits``; the maps are
-  resampled by nnU-Net's own functions and written as float32 images with the mask's geometry into
+  :meth:`EnTrustPredictor.class_probabilities`) is written by nnU-Net's own ``export_prediction_from_logits``;
+  the maps are resampled by nnU-Net's own functions and written as float32 images with the mask's geometry into
   ``OUT/uncertainty/``. Everything goes to temporary names first and is renamed at the end, maps
   before the mask, so a mask on disk means its maps are complete.
 

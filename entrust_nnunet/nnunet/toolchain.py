@@ -14,8 +14,9 @@
   folders pooled the way folds are pooled: class probabilities averaged (nnU-Net's
   ``average_probabilities``; mask = nnU-Net's ``convert_probabilities_to_segmentation``), aleatoric
   averaged, epistemic = the members' own epistemic maps averaged plus the Jensen-Shannon divergence of their
-  class probabilities (the members' disagreement, each member weighted equally), conflict averaged, ``total`` = the members' calibrated
-  P(error) re-targeted to the ensemble's label and averaged (:func:`member_error_probability`).
+  class probabilities (the members' disagreement, each member weighted equally), conflict averaged,
+  ``total`` = the members' calibrated P(error) re-targeted to the ensemble's label and averaged
+  (:func:`member_error_probability`).
 
 Everything is checked before anything is written; every file goes to a temporary name and is renamed,
 maps before the mask, so a mask on disk means its maps are complete.

@@ -28,8 +28,8 @@ def _targets(result):
 
 
 def test_unseen_conflict_targets_read_ours_on_the_unseen_dataset():
-    result = _result({run.OURS: {"total_in_conflict": [0.40, 0.35, 0.45], "conflict_vs_edge_auroc_conflict": [0.79, 0.80, 0.81],
-                                 "dice": [0.9, 0.9, 0.9]},
+    result = _result({run.OURS: {"total_in_conflict": [0.40, 0.35, 0.45],
+                                 "conflict_vs_edge_auroc_conflict": [0.79, 0.80, 0.81], "dice": [0.9, 0.9, 0.9]},
                       "softmax nnU-Net": {"total_in_conflict": [0.06, 0.05, 0.07], "dice": [0.9, 0.9, 0.9]}})
     targets = _targets(result)
     assert len(targets) == 2
