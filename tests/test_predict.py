@@ -192,8 +192,9 @@ def test_saved_class_probabilities_carry_p_error_and_keep_the_mask(trained_entru
         torch.testing.assert_close(probs.sum(0), torch.ones_like(probs[0]))
         assert torch.equal(probs.argmax(0), mean.argmax(0))
         free = total < 0.45  # below the cap (1 / (1 + r) >= 0.5 with three classes)
-        assert free.float().mean() > 0.9
+        assert free.sum() > 50  # (the input is noise: a tiny model is unsure of much of it)
         torch.testing.assert_close(1 - probs.amax(0)[free], total[free], atol=1e-4, rtol=0)
+        assert (1 - probs.amax(0) <= total + 1e-4).all()  # capped, never above the map
         tempered = mean.clamp_min(1e-4) ** (1 / t)
         rest, tempered_rest = probs.scatter(0, top, 0.0), tempered.scatter(0, top, 0.0)
         shares, tempered_shares = rest / rest.sum(0), tempered_rest / tempered_rest.sum(0)
@@ -201,6 +202,30 @@ def test_saved_class_probabilities_carry_p_error_and_keep_the_mask(trained_entru
         sel = (total > 0.02) & (tempered_shares.scatter(0, top, 1.0).amin(0) > 0.05)
         assert sel.sum() > 5
         torch.testing.assert_close(shares[:, sel], tempered_shares[:, sel], atol=2e-3, rtol=0)
+
+
+def test_case_level_maps_slab_by_slab_equal_the_whole(trained_entrust, monkeypatch):
+    """predict_case evaluates CalibHead and the class probabilities in slabs of voxels: any slab size gives the
+    same output (2D: slabs along H)."""
+    import entrust_nnunet.nnunet.predictor as predictor_module
+
+    env, name, model = trained_entrust
+    import os
+
+    os.environ.update({k: env[k] for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results",
+                                           "nnUNet_extTrainer")})
+    predictor = EnTrustPredictor(device=torch.device("cpu"), allow_tqdm=False, use_mirroring=False,
+                                 sampling=SamplingSettings(num_hypotheses=2, probe=False))
+    predictor.initialize_from_trained_model_folder(str(model), [2])
+    data = torch.randn(3, 1, 32, 32)
+    whole = predictor.predict_case(data)[0]
+    slabs = []
+    monkeypatch.setattr(predictor_module, "CASE_SLAB_VOXELS", 100)  # 3 rows of 32 voxels per slab: 11 slabs
+    original = predictor_module.case_slabs
+    monkeypatch.setattr(predictor_module, "case_slabs", lambda *a: (slabs.append(w) or (p, w) for p, w in original(*a)))
+    sliced = predictor.predict_case(data)[0]
+    assert len(slabs) == 11 and slabs[0] == (slice(None), slice(0, 3))
+    torch.testing.assert_close(sliced, whole)
 
 
 def _case_copy(raw, tmp_path):

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import multiprocessing
 import os
 from pathlib import Path
@@ -210,6 +211,21 @@ def export_prediction_with_maps(prediction: np.ndarray, properties: dict, config
                 os.remove(tmp)
 
 
+#: voxels per slab of the case-level maps (:func:`case_slabs`)
+CASE_SLAB_VOXELS = 1 << 20
+
+
+def case_slabs(stats: dict[str, torch.Tensor], spatial: tuple[int, ...]):
+    """``(part, where)`` over slabs of about :data:`CASE_SLAB_VOXELS` voxels along the first spatial axis longer
+    than 1 (2D cases are (1, H, W)): ``part`` the statistics of the slab (``mean`` keeps its class axis first),
+    ``where`` its spatial index."""
+    axis = next((i for i, n in enumerate(spatial) if n > 1), 0)
+    step = max(1, CASE_SLAB_VOXELS // max(1, math.prod(spatial[axis + 1:])))
+    for start in range(0, spatial[axis], step):
+        where = (slice(None),) * axis + (slice(start, start + step),)
+        yield {k: v[(slice(None), *where)] if k == "mean" else v[where] for k, v in stats.items()}, where
+
+
 class EnTrustPredictor(nnUNetPredictor):
     def __init__(self, *args, sampling: SamplingSettings = DEFAULT_SAMPLING, save_hypotheses: bool = False,
                  **kwargs):
@@ -378,12 +394,18 @@ class EnTrustPredictor(nnUNetPredictor):
         then the maps of MAP_NAMES: P(error) (exported as ``total``, see :meth:`probability_of_error`),
         aleatoric, epistemic, conflict; and the hypotheses' labels (F*K, *s) with ``save_hypotheses`` (else None)."""
         stats = self.pooled_statistics(data)
-        p_error = self.probability_of_error(stats)
-        probs = (as_logits(stats["mean"], True) if self.label_manager.has_regions
-                 else log_probabilities(self.class_probabilities(stats["mean"], p_error)))
-        return torch.cat([probs,
-                          torch.stack([p_error, stats["aleatoric"], stats["epistemic"], stats["conflict"]])]), \
-            stats.get("hypotheses")
+        hypotheses = stats.pop("hypotheses", None)
+        c, spatial = stats["mean"].shape[0], stats["entropy"].shape
+        out = torch.empty((c + len(MAP_NAMES), *spatial), dtype=torch.float32)
+        # per voxel, so slab by slab: CalibHead's hidden layer and the class probabilities' temporaries over a whole
+        # BraTS-sized case at once were the largest allocation of prediction (docs/design.md)
+        for part, where in case_slabs(stats, spatial):
+            p_error = self.probability_of_error(part)
+            out[(slice(0, c), *where)] = (as_logits(part["mean"], True) if self.label_manager.has_regions
+                                          else log_probabilities(self.class_probabilities(part["mean"], p_error)))
+            out[(slice(c, None), *where)] = torch.stack([p_error, part["aleatoric"], part["epistemic"],
+                                                         part["conflict"]])
+        return out, hypotheses
 
     def segmentation(self, mean: torch.Tensor) -> torch.Tensor:
         """nnU-Net's mask of pooled probabilities (C, *s): argmax, or regions converted with
