@@ -166,19 +166,25 @@ def test_folds_are_pooled_epistemic_rises_when_folds_disagree(trained_entrust):
     assert (hyps[4:] == 2).float().mean() > (hyps[:4] == 2).float().mean()
 
 
-def test_saved_class_probabilities_carry_p_error_and_keep_the_mask(trained_entrust):
-    """The class channels: the top label (the mask's) gets 1 - P(error) (the exported total map, capped below the
-    point where another class would overtake it), the other classes share the rest in the proportions of
-    softmax(log mean / T), T the folds' fitted CalibHead temperatures averaged; they sum to 1 and their argmax is the
-    hypotheses' mean's (the mask)."""
-    env, name, model = trained_entrust
+def _fold2_predictor(trained_entrust) -> EnTrustPredictor:
+    """The trained tiny model's fold 2 in an EnTrustPredictor (K = 2, no probe, no mirroring), nnU-Net's roots set."""
     import os
 
+    env, _, model = trained_entrust
     os.environ.update({k: env[k] for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results",
                                            "nnUNet_extTrainer")})
     predictor = EnTrustPredictor(device=torch.device("cpu"), allow_tqdm=False, use_mirroring=False,
                                  sampling=SamplingSettings(num_hypotheses=2, probe=False))
     predictor.initialize_from_trained_model_folder(str(model), [2])
+    return predictor
+
+
+def test_saved_class_probabilities_carry_p_error_and_keep_the_mask(trained_entrust):
+    """The class channels: the top label (the mask's) gets 1 - P(error) (the exported total map, capped below the
+    point where another class would overtake it), the other classes share the rest in the proportions of
+    softmax(log mean / T), T the folds' fitted CalibHead temperatures averaged; they sum to 1 and their argmax is the
+    hypotheses' mean's (the mask)."""
+    predictor = _fold2_predictor(trained_entrust)
     fitted = float(predictor.list_of_parameters[0]["calib.temperature"])
     assert fitted != 1.0 and predictor.class_temperature() == pytest.approx(fitted)  # fitted at the end of training
     data = torch.randn(3, 1, 32, 32)
@@ -209,14 +215,7 @@ def test_case_level_maps_slab_by_slab_equal_the_whole(trained_entrust, monkeypat
     same output (2D: slabs along H)."""
     import entrust_nnunet.nnunet.predictor as predictor_module
 
-    env, name, model = trained_entrust
-    import os
-
-    os.environ.update({k: env[k] for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results",
-                                           "nnUNet_extTrainer")})
-    predictor = EnTrustPredictor(device=torch.device("cpu"), allow_tqdm=False, use_mirroring=False,
-                                 sampling=SamplingSettings(num_hypotheses=2, probe=False))
-    predictor.initialize_from_trained_model_folder(str(model), [2])
+    predictor = _fold2_predictor(trained_entrust)
     data = torch.randn(3, 1, 32, 32)
     whole = predictor.predict_case(data)[0]
     slabs = []

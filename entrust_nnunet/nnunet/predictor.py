@@ -397,8 +397,8 @@ class EnTrustPredictor(nnUNetPredictor):
         hypotheses = stats.pop("hypotheses", None)
         c, spatial = stats["mean"].shape[0], stats["entropy"].shape
         out = torch.empty((c + len(MAP_NAMES), *spatial), dtype=torch.float32)
-        # per voxel, so slab by slab: CalibHead's hidden layer and the class probabilities' temporaries over a whole
-        # BraTS-sized case at once were the largest allocation of prediction (docs/design.md)
+        # per voxel, so slab by slab: CalibHead's 16-channel hidden layer over a whole BraTS-sized case is ~1 GB of
+        # temporaries (not the peak of prediction, which is at a patch: docs/design.md "Whole case")
         for part, where in case_slabs(stats, spatial):
             p_error = self.probability_of_error(part)
             out[(slice(0, c), *where)] = (as_logits(part["mean"], True) if self.label_manager.has_regions
