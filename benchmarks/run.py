@@ -89,7 +89,7 @@ POOLED_KEYS = ("ece", "ece_fg_boundary", "brier", "nll", "ece_perror", "ece_fg_b
                "entanglement", "total_in_conflict", "error_in_conflict", "total_outside_conflict",
                "error_outside_conflict", "conflict_in_conflict", "conflict_outside_conflict",
                "conflict_vs_edge_auroc_conflict", "conflict_vs_edge_auroc_total", "conflict_on_edges", "total_on_edges",
-               "error_on_edges", "total_on_lesion")
+               "error_on_edges", "total_on_lesion", "total_on_lesion_outside_conflict")
 
 
 def methods(smoke: bool, table: dict | None = None) -> dict:
