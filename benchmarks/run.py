@@ -133,6 +133,18 @@ def model_folder(name: str, trainer: str, plans: str, config: str) -> Path:
 
 
 # ------------------------------------------------------------------------------------------ training
+def use_seed(args, seed: int) -> None:
+    """Train and read models of training seed ``seed``: its own nnU-Net results root, the seed for the trainers."""
+    os.environ["nnUNet_results"] = str(Path(args.results_root) / f"seed_{seed}")
+    os.environ["ENTRUST_TRAIN_SEED"] = str(seed)
+    Path(os.environ["nnUNet_results"]).mkdir(parents=True, exist_ok=True)
+
+
+def trained(model: Path, folds) -> bool:
+    """Every fold of ``folds`` has finished training in ``model``."""
+    return all((model / f"fold_{f}" / "checkpoint_final.pth").exists() for f in folds)
+
+
 def train_all(args, dataset_id: int, name: str, config: str, table: dict, log_dir: Path) -> dict[str, float]:
     """Train every needed (trainer, fold) under the current results root; seconds per iteration per trainer."""
     from entrust_nnunet.pipeline import train_fold
@@ -447,9 +459,7 @@ def run_seed(args, seed: int, dataset_id: int, name: str, config: str, raw: Path
     """Train, predict and score every method with training seed ``seed`` under its own results root.
 
     Returns (the seed's record for the JSON, method -> model folder)."""
-    os.environ["nnUNet_results"] = str(Path(args.results_root) / f"seed_{seed}")
-    os.environ["ENTRUST_TRAIN_SEED"] = str(seed)
-    Path(os.environ["nnUNet_results"]).mkdir(parents=True, exist_ok=True)
+    use_seed(args, seed)
     table = methods(args.smoke)
     if args.ablations and seed == args.seeds[0]:
         table = {**table, **{a: v for a, v in methods(args.smoke, ABLATIONS).items() if a != NO_CALIB}}
@@ -461,7 +471,7 @@ def run_seed(args, seed: int, dataset_id: int, name: str, config: str, raw: Path
                       "methods": {}, "ablations": {}}, {}
     for method, (trainer, plans, folds, k) in table.items():
         model = model_folder(name, trainer, plans, config)
-        if method == TEMPERATURE_ROW or not all((model / f"fold_{f}" / "checkpoint_final.pth").exists() for f in folds):
+        if method == TEMPERATURE_ROW or not trained(model, folds):
             continue
         models[method] = model
         pred = log_dir / "predictions" / method.split(" (")[0].replace(" ", "_")
@@ -478,8 +488,7 @@ def run_seed(args, seed: int, dataset_id: int, name: str, config: str, raw: Path
 def unseen_seed(args, seed: int, unseen: tuple, out: Path) -> dict:
     """method -> row on the unseen-conflict dataset for training seed ``seed`` (same results root as the seed's)."""
     dataset_id, name, config, raw = unseen
-    os.environ["nnUNet_results"] = str(Path(args.results_root) / f"seed_{seed}")
-    os.environ["ENTRUST_TRAIN_SEED"] = str(seed)
+    use_seed(args, seed)
     table = {m: v for m, v in methods(args.smoke).items() if m in UNSEEN_METHODS}
     log_dir = out / f"seed_{seed}" / "unseen_conflict"
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -487,7 +496,7 @@ def unseen_seed(args, seed: int, unseen: tuple, out: Path) -> dict:
     rows = {}
     for method, (trainer, plans, folds, k) in table.items():
         model = model_folder(name, trainer, plans, config)
-        if all((model / f"fold_{f}" / "checkpoint_final.pth").exists() for f in folds):
+        if trained(model, folds):
             pred = log_dir / "predictions" / method.split(" (")[0].replace(" ", "_")
             predict_method(args, raw, pred, model, folds, k)
             rows[method] = evaluate_row(raw, pred)
@@ -526,9 +535,7 @@ def subsets_seed(args, seed: int, dataset_id: int, name: str, config: str, raw: 
 
     from entrust_nnunet.data.modalities import channel_list
 
-    os.environ["nnUNet_results"] = str(Path(args.results_root) / f"seed_{seed}")
-    os.environ["ENTRUST_TRAIN_SEED"] = str(seed)
-    Path(os.environ["nnUNet_results"]).mkdir(parents=True, exist_ok=True)
+    use_seed(args, seed)
     table = subset_methods(args.smoke)
     log_dir = out / f"seed_{seed}"
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -537,7 +544,7 @@ def subsets_seed(args, seed: int, dataset_id: int, name: str, config: str, raw: 
     record = {}
     for method, (trainer, plans, folds, k, zero_fill) in table.items():
         model = model_folder(name, trainer, plans, config)
-        if not all((model / f"fold_{f}" / "checkpoint_final.pth").exists() for f in folds):
+        if not trained(model, folds):
             continue
         rows = {}
         for subset, drop in modality_subsets(names):
