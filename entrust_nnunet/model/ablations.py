@@ -89,6 +89,9 @@ class EnTrustNoStepsUNet(EnTrustUNet):
         probs = probabilities(logits, self.regions)
         return probs.unsqueeze(0).expand(k, *probs.shape)
 
+    def _segdiff_mean(self, logits: torch.Tensor, cond_h: torch.Tensor, s: int) -> torch.Tensor:
+        return probabilities(logits, self.regions)
+
 
 class EnTrustNoAlternativesUNet(EnTrustUNet):
     """EnTrustUNet whose hypotheses are SegDiff's alone (expert alternatives strength 0)."""

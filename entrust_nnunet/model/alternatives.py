@@ -152,6 +152,20 @@ def expert_alternatives(hypotheses: torch.Tensor, experts: torch.Tensor, conflic
     return torch.lerp(hypotheses, reading.to(hypotheses.dtype), gate.to(hypotheses.dtype))
 
 
+def expected_alternative(mean: torch.Tensor, experts: torch.Tensor, conflict: torch.Tensor, mask: torch.Tensor,
+                         strength: float = 1.0) -> torch.Tensor:
+    """``E_k p'_k = (1 - g) E p_k + g mean_m e_m`` over the present experts: what the hypotheses of
+    :func:`expert_alternatives` (``drawn`` False) average to when each follows a present expert with equal
+    chance and ``mean`` (B, C, *s) is their expectation; ``experts`` (B, M, C, *s), ``conflict`` (B, 1, *s),
+    ``mask`` (B, M)."""
+    if strength <= 0:
+        return mean
+    present = (mask > 0).to(experts.dtype)
+    weights = present / present.sum(1, keepdim=True).clamp_min(1)
+    reading = torch.einsum("bm,bm...->b...", weights, experts)
+    return torch.lerp(mean, reading.to(mean.dtype), alternatives_gate(conflict, strength).to(mean.dtype))
+
+
 def alternatives_error_floor(confidence: torch.Tensor, conflict: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
     """``P(error) >= g (1 - confidence)``, ``g = clamp(strength * d, 0, 1)`` (maps of one shape).
 

@@ -52,7 +52,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from entrust_nnunet.model.absence import impute_absent, resolve_mask, without_absent
-from entrust_nnunet.model.alternatives import alternatives_error_floor, expert_alternatives
+from entrust_nnunet.model.alternatives import alternatives_error_floor, expected_alternative, expert_alternatives
 from entrust_nnunet.model.cloe import ConsistencyGate, RegionProjection, consistency_loss
 from entrust_nnunet.model.encoders import ModalityEncoders
 from entrust_nnunet.model.enfuse import EnFuse
@@ -224,11 +224,10 @@ class EnTrustUNet(nn.Module):
             if self.training or self.decoder.deep_supervision:
                 return logits
             experts = self._full_resolution_experts(parts, x.shape[2:]) if self.expert_alternatives > 0 else None
-            hyps = self._hypotheses(logits, self.segdiff.condition(parts["cond"]), self.sampling.num_hypotheses,
-                                    self.sampling.steps, experts=experts)
+            mean = self._mean_probabilities(logits, self.segdiff.condition(parts["cond"]), experts,
+                                            self.sampling.num_hypotheses, self.sampling.steps)
             # labels: the fitted temperature (CalibHead's), so stock nnU-Net's probabilities are the calibrated ones
             # too; regions keep their sigmoids (the temperature is a softmax's, docs/design.md)
-            mean = hyps.mean(0)
             return (as_logits(mean, True) if self.regions
                     else tempered_log_probabilities(mean, self.calib.temperature)).to(logits.dtype)
         if self.cache_parts:
@@ -373,6 +372,24 @@ class EnTrustUNet(nn.Module):
         (``segdiff.condition``): the start around the deterministic logits, then S flow steps."""
         return self.segdiff.sample(cond_h, k, s, seed=seed, logits=logits, chunk=self.sampling_chunk)
 
+    def _segdiff_mean(self, logits: torch.Tensor, cond_h: torch.Tensor, s: int) -> torch.Tensor | None:
+        """The expectation of :meth:`_segdiff_hypotheses` (B, C, *s) where it is known: SegDiff's start at
+        S = 0; None after flow steps (the hypotheses' average stands for it then)."""
+        return self.segdiff.start_mean(cond_h, logits) if s == 0 else None
+
+    def _mean_probabilities(self, logits: torch.Tensor, cond_h: torch.Tensor, experts: dict | None, k: int, s: int,
+                            seed: int = 0, hyps: torch.Tensor | None = None) -> torch.Tensor:
+        """The class probabilities (B, C, *s) every map is made of: the hypotheses' expectation where the sampler
+        knows it (:meth:`_segdiff_mean`, followed by the experts' expected readings where they conflict), else the
+        average of the K hypotheses ``hyps`` (drawn here when not given)."""
+        expected = self._segdiff_mean(logits, cond_h, s)
+        if expected is None:
+            return (self._hypotheses(logits, cond_h, k, s, seed, experts) if hyps is None else hyps).float().mean(0)
+        if experts is None or self.expert_alternatives <= 0:
+            return expected
+        return expected_alternative(expected, experts["experts"], experts["conflict"], experts["mask"],
+                                    self.expert_alternatives)
+
     def _probe_direction(self, cond: torch.Tensor, seed: int) -> torch.Tensor:
         """ProbeStep's perturbation direction in SegDiff's projected conditioning (B, hidden, *s): a draw of
         ``W_proj (std(cond) * xi)`` (:func:`~entrust_nnunet.model.trustmap.projected_perturbation`) from
@@ -441,7 +458,10 @@ class EnTrustUNet(nn.Module):
         cond_h = self.segdiff.condition(parts["cond"])
         segdiff = self._segdiff_hypotheses(logits, cond_h, k, s, seed)
         hyps = self._alternatives(segdiff, experts)
-        stats = hypothesis_statistics(hyps, self.regions, spread=wanted("spread"))
+        # the class probabilities and every map from the sampler's expectation, not K draws' Monte-Carlo average
+        # (docs/design.md, "Maps from the start's expectation")
+        mean = self._mean_probabilities(logits, cond_h, experts, k, s, seed, hyps)
+        stats = hypothesis_statistics(hyps, self.regions, spread=wanted("spread"), mean=mean)
         # the experts' conflict itself, not F_cf, its learned copy: it separates conflict from edges better
         # (docs/design.md)
         conflict = experts["conflict"]

@@ -128,6 +128,23 @@ def marginal_probabilities(logits: torch.Tensor, diag: torch.Tensor, regions: bo
     return torch.sigmoid(scaled) if regions else torch.softmax(scaled, axis)
 
 
+def expected_softmax(mu: torch.Tensor, factor: torch.Tensor, diag: torch.Tensor) -> torch.Tensor:
+    """``E softmax(mu + P eps + sqrt(D) eta)`` (B, C, *s) for the low-rank plus diagonal Gaussian of the start.
+
+    Pairwise mean-field approximation: ``p_c ~= 1 / (1 + sum_{j != c} exp(-(mu_c - mu_j) / sqrt(1 + pi v_cj / 8)))``
+    with ``v_cj = sum_r (P_cr - P_jr)^2 + D_c + D_j`` the variance of the logit difference (a shift common to
+    every class changes no probability, so it must not temper them), then renormalised to sum to one.
+    ``mu`` (B, C, *s), ``factor`` P (B, C, r, *s), ``diag`` D (B, C, *s).
+    """
+    diff = mu.unsqueeze(2) - mu.unsqueeze(1)  # (B, C, C, *s): mu_c - mu_j
+    gram = torch.einsum("bcr...,bjr...->bcj...", factor, factor)  # (B, C, C, *s) without a C x C x r tensor
+    norms = torch.diagonal(gram, dim1=1, dim2=2).movedim(-1, 1) + diag  # (B, C, *s): |P_c|^2 + D_c
+    var = norms.unsqueeze(2) + norms.unsqueeze(1) - 2 * gram
+    # the j = c term is exp(0) = 1: the 1 + sum_{j != c} of the formula
+    p = 1.0 / torch.exp(-diff / torch.sqrt(1 + math.pi / 8 * var)).sum(2)
+    return p / p.sum(1, keepdim=True)
+
+
 class SegDiffHead(nn.Module):
     """The start distribution (covariance head) and the light flow head ``v_theta(x_t, t | c)`` of SegDiff."""
 
@@ -328,6 +345,17 @@ class SegDiffHead(nn.Module):
                 x = (x + dt * self._head(x, bias)).clamp_(-STATE_CLAMP, STATE_CLAMP)
             out.append(self.state_probabilities(x))
         return out[0] if len(out) == 1 else torch.cat(out, 0)
+
+    @torch.no_grad()
+    def start_mean(self, cond_h: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
+        """The start's class probabilities in expectation over its draws (B, C, *s): ``marginal_probabilities``
+        with the whole marginal variance ``D + sum_r P^2`` of each class logit (the mean-field approximation
+        already used for D). What K = 8 draws average to, without their Monte-Carlo noise."""
+        factor, diag = self.covariance(cond_h)
+        mu = self._mean(logits, cond_h)
+        if self.regions:
+            return marginal_probabilities(mu, diag + factor.square().sum(2), regions=True)
+        return expected_softmax(mu, factor, diag)
 
     def state_probabilities(self, x: torch.Tensor) -> torch.Tensor:
         """A flow state (K, B, C, *s) in [-1, 1] as probabilities: ``softmax(sharpness x)`` over C, or per

@@ -125,13 +125,14 @@ def expert_conflict(expert_probs: torch.Tensor, mask: torch.Tensor | None = None
     return torch.where(n[:, 0] >= 2, jsd / math.log(2), torch.zeros_like(jsd)).clamp(0, 1).unsqueeze(1)
 
 
-def hypothesis_statistics(hypotheses: torch.Tensor, regions: bool = False, spread: bool = True
-                          ) -> dict[str, torch.Tensor]:
+def hypothesis_statistics(hypotheses: torch.Tensor, regions: bool = False, spread: bool = True,
+                          mean: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """``mean`` (B, C, *s) and the maps (B, *s) ``entropy`` = ``aleatoric`` = H(mean), ``epistemic`` = 0 and,
     with ``spread``, ``spread`` = H(mean) - mean_k H(p_k) of K hypotheses (K, B, C, *s) of ONE model (see the
-    module doc); ``regions``: C sigmoid channels, H summed over them."""
+    module doc); ``regions``: C sigmoid channels, H summed over them. ``mean``: the hypotheses' expectation
+    when the sampler knows it (SegDiff's start, :meth:`SegDiffHead.start_mean`), else their average."""
     hyps = hypotheses.float()
-    mean = hyps.mean(0)
+    mean = hyps.mean(0) if mean is None else mean.float()
     total = output_entropy(mean, 1, regions)
     out = {"mean": mean, "entropy": total, "aleatoric": total, "epistemic": torch.zeros_like(total)}
     if spread:  # the per-hypothesis entropies only when asked for; (K, C, B, *s): class axis second

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 from entrust_nnunet.model.ablations import (EnTrustNoAlternativesUNet, EnTrustNoEnFuseUNet, EnTrustNoProbeUNet,
                                             EnTrustNoStepsUNet)
-from entrust_nnunet.model.network import LOSS_WEIGHTS
-from entrust_nnunet.nnunet.distributed import unwrap
-from entrust_nnunet.nnunet.trainers import EnTrustLoss, nnUNetTrainerEnTrust
+from entrust_nnunet.nnunet.trainers import nnUNetTrainerEnTrust
 
 
 class nnUNetTrainerEnTrustNoEnFuse(nnUNetTrainerEnTrust):
@@ -22,9 +20,8 @@ class nnUNetTrainerEnTrustNoSteps(nnUNetTrainerEnTrust):
 
     network_class = EnTrustNoStepsUNet
 
-    def _build_loss(self):
-        loss = super()._build_loss()
-        return EnTrustLoss(loss.base, unwrap(self.network), {**LOSS_WEIGHTS, "generative": 0.0, "start": 0.0})
+    def loss_weights(self) -> dict[str, float]:
+        return {**super().loss_weights(), "generative": 0.0, "start": 0.0}
 
 
 class nnUNetTrainerEnTrustNoAlternatives(nnUNetTrainerEnTrust):

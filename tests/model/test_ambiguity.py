@@ -213,10 +213,16 @@ def test_aleatoric_epistemic_decomposition_by_hand():
     out = net.sample(x, SamplingSettings(num_hypotheses=4, steps=0, seed=0))
     torch.testing.assert_close(out["aleatoric"], entropy(out["mean"], axis=1))
     assert float(out["spread"].max()) > 0.05 and float(out["epistemic"].abs().max()) == 0.0
-    # the mean is the hypotheses' mean, up to the expert readings' draws (their expectation is in the mean)
+    # the mean is the hypotheses' expectation: at S = 0 the start's (SegDiffHead.start_mean), which many draws
+    # average to whatever K is; after flow steps the hypotheses' average
     net.expert_alternatives = 0.0
-    plain = net.sample(x, SamplingSettings(num_hypotheses=4, steps=0, seed=0))
-    torch.testing.assert_close(plain["mean"], plain["hypotheses"].mean(0))
+    plain = net.sample(x, SamplingSettings(num_hypotheses=4, steps=0, seed=0, probe=False))
+    many = net.sample(x, SamplingSettings(num_hypotheses=2000, steps=0, seed=0, probe=False))
+    torch.testing.assert_close(plain["mean"], many["mean"])
+    gap = (many["hypotheses"].mean(0) - plain["mean"]).abs()
+    assert float(gap.mean()) < 0.01 < float((plain["hypotheses"].mean(0) - plain["mean"]).abs().mean())
+    stepped = net.sample(x, SamplingSettings(num_hypotheses=4, steps=1, seed=0, probe=False))
+    torch.testing.assert_close(stepped["mean"], stepped["hypotheses"].mean(0))
 
 
 def test_nnunet_initialisation_keeps_the_start_near_the_deterministic_head():

@@ -49,3 +49,25 @@ def test_start_sampler_gives_the_start_of_the_covariance_factor(regions):
     hyps = head.sample(cond_h, 5, 0, seed=3, logits=mu)
     expected = head.start_probabilities(factor, diag, mu, latent_draws(5, 4, 3))
     torch.testing.assert_close(hyps, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("regions", [False, True])
+def test_start_mean_is_what_many_start_draws_average_to(regions):
+    """The maps' class probabilities at S = 0 are the start's expectation: 4000 draws average to it (the
+    mean-field approximation's error stays small), while 8 draws, what K = 8 averaged before, are noisier."""
+    torch.manual_seed(0)
+    head = SegDiffHead(nn.Conv2d, 3, 5, hidden=8, rank=4)
+    with torch.no_grad():
+        head.cov[-1].weight.normal_(std=1.5)  # a logit variance of about one: not a trivial case
+    head.regions = regions
+    cond_h = head.condition(torch.randn(1, 5, 6, 7))
+    mu = 2 * torch.randn(1, 3, 6, 7)
+    mean = head.start_mean(cond_h, mu)
+    many = head.sample(cond_h, 4000, 0, seed=1, logits=mu).mean(0)
+    few = head.sample(cond_h, 8, 0, seed=1, logits=mu).mean(0)
+    factor, diag = head.covariance(cond_h)
+    assert float((factor.square().sum(2) + diag).mean()) > 0.5
+    assert float((mean - many).abs().mean()) < 0.01 and float((mean - many).abs().max()) < float((few - many).abs().max())
+    assert float((mean - many).abs().mean()) < 0.5 * float((few - many).abs().mean())
+    if not regions:
+        torch.testing.assert_close(mean.sum(1), torch.ones(1, 6, 7))

@@ -103,3 +103,18 @@ def test_test_schedules_draw_the_progress_plots_after_the_last_epoch_only():
     trainer.on_epoch_end()
     assert calls == [("progress", 2), ("entrust", 2)]
     assert variants.TINY_SCHEDULE["final_plot_only"] and not variants.DEMO_SCHEDULE.get("final_plot_only")
+
+
+def test_head_only_ablation_trains_with_entrusts_weights_less_segdiffs(planned_phantoms, monkeypatch):
+    """The ablation removes SegDiff's two losses and nothing else: every other weight is EnTrust's own (an
+    earlier version rebuilt the loss from LOSS_WEIGHTS and so trained CLoE's terms that EnTrust had off)."""
+    from entrust_nnunet.nnunet.ablation_trainers import nnUNetTrainerEnTrustNoSteps
+
+    env, _ = planned_phantoms
+    for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        monkeypatch.setenv(k, env[k])
+    base = _trainer(nnUNetTrainerEnTrust, planned_phantoms).loss_weights()
+    t = _trainer(nnUNetTrainerEnTrustNoSteps, planned_phantoms)
+    t.initialize()
+    assert t.loss.weights == {**base, "generative": 0.0, "start": 0.0}
+    assert (t.loss.regions, t.loss.ignore_label) == (t.label_manager.has_regions, t.label_manager.ignore_label)
