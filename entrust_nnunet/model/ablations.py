@@ -90,6 +90,7 @@ class EnTrustNoStepsUNet(EnTrustUNet):
         return probs.unsqueeze(0).expand(k, *probs.shape)
 
     def _segdiff_mean(self, logits: torch.Tensor, cond_h: torch.Tensor, s: int) -> torch.Tensor:
+        """Every hypothesis is the head's softmax, so that is their expectation too."""
         return probabilities(logits, self.regions)
 
 

@@ -348,9 +348,9 @@ class SegDiffHead(nn.Module):
 
     @torch.no_grad()
     def start_mean(self, cond_h: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
-        """The start's class probabilities in expectation over its draws (B, C, *s): ``marginal_probabilities``
-        with the whole marginal variance ``D + sum_r P^2`` of each class logit (the mean-field approximation
-        already used for D). What K = 8 draws average to, without their Monte-Carlo noise."""
+        """The start's class probabilities in expectation over its draws (B, C, *s): per region the probit
+        approximation with each logit's whole variance ``D + sum_r P^2``, per softmax :func:`expected_softmax`
+        (the variance of the logit differences). What K = 8 draws average to, without their Monte-Carlo noise."""
         factor, diag = self.covariance(cond_h)
         mu = self._mean(logits, cond_h)
         if self.regions:
