@@ -164,7 +164,12 @@ def test_folds_are_pooled_epistemic_rises_when_folds_disagree(trained_entrust):
     # probabilities, where such a flip of a small probability (1e-3 -> 6e-3) reads as 1.8
     as_probs = lambda out: torch.cat([out[:c].exp(), out[c:]])  # noqa: E731
     diff = (as_probs(three) - as_probs(two)).abs()
-    assert float((diff > 5e-3).float().mean()) < 1e-3 and float(diff.max()) < 0.3
+    # the class probabilities carry the calibrated P(error) as their top label's confidence, so where the two
+    # folds' pooled mean is a near-tie (this 'fold' was built to disagree) the same rounding can flip the top
+    # label and move that confidence between two classes: rare, and the only place a large difference may be
+    same_label = three[:c].argmax(0) == two[:c].argmax(0)
+    assert float((~same_label).float().mean()) < 1e-3
+    assert float((diff > 5e-3).float().mean()) < 1e-3 and float(diff[:, same_label].max()) < 0.3
     assert hyps.shape == (8, 1, 32, 32) and hyps.dtype == torch.uint8  # fold-major, (F*K, *s)
     assert (hyps[4:] == 2).float().mean() > (hyps[:4] == 2).float().mean()
 
