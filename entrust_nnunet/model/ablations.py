@@ -84,12 +84,13 @@ class EnTrustNoEnFuseUNet(EnTrustUNet):
 class EnTrustNoStepsUNet(EnTrustUNet):
     """EnTrustUNet whose hypotheses are all the deterministic head's softmax (no SegDiff steps)."""
 
-    def _segdiff_hypotheses(self, logits: torch.Tensor, cond_h: torch.Tensor, k: int, s: int, seed: int = 0
-                            ) -> torch.Tensor:
+    def _segdiff_hypotheses(self, logits: torch.Tensor, cond_h: torch.Tensor, k: int, s: int, seed: int = 0,
+                            hidden: torch.Tensor | None = None) -> torch.Tensor:
         probs = probabilities(logits, self.regions)
         return probs.unsqueeze(0).expand(k, *probs.shape)
 
-    def _segdiff_mean(self, logits: torch.Tensor, cond_h: torch.Tensor, s: int) -> torch.Tensor:
+    def _segdiff_mean(self, logits: torch.Tensor, cond_h: torch.Tensor, s: int,
+                      hidden: torch.Tensor | None = None) -> torch.Tensor:
         """Every hypothesis is the head's softmax, so that is their expectation too."""
         return probabilities(logits, self.regions)
 

@@ -366,23 +366,26 @@ class EnTrustUNet(nn.Module):
         return F.nll_loss(p.clamp_min(1e-6).log(), tgt[:, 0].long(), reduction="none")[:, None]
 
     # ------------------------------------------------------------------ inference
-    def _segdiff_hypotheses(self, logits: torch.Tensor, cond_h: torch.Tensor, k: int, s: int, seed: int = 0
-                            ) -> torch.Tensor:
+    def _segdiff_hypotheses(self, logits: torch.Tensor, cond_h: torch.Tensor, k: int, s: int, seed: int = 0,
+                            hidden: torch.Tensor | None = None) -> torch.Tensor:
         """SegDiff's K hypotheses (K, B, C, *s) from its projected conditioning ``cond_h``
-        (``segdiff.condition``): the start around the deterministic logits, then S flow steps."""
-        return self.segdiff.sample(cond_h, k, s, seed=seed, logits=logits, chunk=self.sampling_chunk)
+        (``segdiff.condition``): the start around the deterministic logits, then S flow steps. ``hidden``: the
+        start's covariance features of ``cond_h`` (``segdiff.start_hidden``) when already computed."""
+        return self.segdiff.sample(cond_h, k, s, seed=seed, logits=logits, chunk=self.sampling_chunk, hidden=hidden)
 
-    def _segdiff_mean(self, logits: torch.Tensor, cond_h: torch.Tensor, s: int) -> torch.Tensor | None:
+    def _segdiff_mean(self, logits: torch.Tensor, cond_h: torch.Tensor, s: int,
+                      hidden: torch.Tensor | None = None) -> torch.Tensor | None:
         """The expectation of :meth:`_segdiff_hypotheses` (B, C, *s) where it is known: SegDiff's start at
         S = 0; None after flow steps (the hypotheses' average stands for it then)."""
-        return self.segdiff.start_mean(cond_h, logits) if s == 0 else None
+        return self.segdiff.start_mean(cond_h, logits, hidden) if s == 0 else None
 
     def _mean_probabilities(self, logits: torch.Tensor, cond_h: torch.Tensor, experts: dict | None, k: int, s: int,
-                            seed: int = 0, hyps: torch.Tensor | None = None) -> torch.Tensor:
+                            seed: int = 0, hyps: torch.Tensor | None = None,
+                            hidden: torch.Tensor | None = None) -> torch.Tensor:
         """The class probabilities (B, C, *s) every map is made of: the hypotheses' expectation where the sampler
         knows it (:meth:`_segdiff_mean`, followed by the experts' expected readings where they conflict), else the
         average of the K hypotheses ``hyps`` (drawn here when not given)."""
-        expected = self._segdiff_mean(logits, cond_h, s)
+        expected = self._segdiff_mean(logits, cond_h, s, hidden)
         if expected is None:
             return (self._hypotheses(logits, cond_h, k, s, seed, experts) if hyps is None else hyps).float().mean(0)
         if experts is None or self.expert_alternatives <= 0:
@@ -456,11 +459,12 @@ class EnTrustUNet(nn.Module):
 
         experts = self._full_resolution_experts(parts, x.shape[2:])
         cond_h = self.segdiff.condition(parts["cond"])
-        segdiff = self._segdiff_hypotheses(logits, cond_h, k, s, seed)
+        hidden = self.segdiff.start_hidden(cond_h)  # once: the draws and their expectation both start from it
+        segdiff = self._segdiff_hypotheses(logits, cond_h, k, s, seed, hidden)
         hyps = self._alternatives(segdiff, experts)
         # the class probabilities and every map from the sampler's expectation, not K draws' Monte-Carlo average
         # (docs/design.md, "Maps from the start's expectation")
-        mean = self._mean_probabilities(logits, cond_h, experts, k, s, seed, hyps)
+        mean = self._mean_probabilities(logits, cond_h, experts, k, s, seed, hyps, hidden)
         stats = hypothesis_statistics(hyps, self.regions, spread=wanted("spread"), mean=mean)
         # the experts' conflict itself, not F_cf, its learned copy: it separates conflict from edges better
         # (docs/design.md)

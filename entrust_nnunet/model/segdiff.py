@@ -57,8 +57,8 @@ Defaults (``cov_penalty`` 0.002; S = 0 at inference since 2026-12-05) and what t
 
 Cost: the conditioning ``c`` is projected ONCE per patch (:meth:`SegDiffHead.condition`), and so are ``D``
 and the covariance head's hidden features. A start hypothesis costs one C x hidden product per voxel (the
-latents folded into P's last layer: :meth:`SegDiffHead.start_sampler`; P itself is never formed at
-inference); each of the K x S flow
+latents folded into P's last layer: :meth:`SegDiffHead.start_sampler`; P is formed only for the start's
+expectation at S = 0, once per patch, from the same hidden features: :meth:`SegDiffHead.start_mean`); each of the K x S flow
 steps runs only the light head (one 3x3 conv on the C-channel state, two 1x1 convs of ``hidden``
 channels), on ``chunk`` hypotheses at a time so that memory does not grow with K.
 """
@@ -196,9 +196,16 @@ class SegDiffHead(nn.Module):
         """Project the conditioning once per patch: (B, cond_channels, *s) -> (B, hidden, *s)."""
         return self.cond_proj(cond)
 
-    def covariance(self, cond_h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Low-rank factor P (B, C, r, *s) and diagonal D (B, C, *s) > 0 of the start's logit covariance."""
-        out = self.cov(cond_h).float()
+    def start_hidden(self, cond_h: torch.Tensor) -> torch.Tensor:
+        """The covariance head's hidden features (B, hidden, *s), before its last (linear) layer: computed once
+        per patch and shared by :meth:`sample` and :meth:`start_mean` through their ``hidden`` argument."""
+        return self.cov[:-1](cond_h)
+
+    def covariance(self, cond_h: torch.Tensor, hidden: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Low-rank factor P (B, C, r, *s) and diagonal D (B, C, *s) > 0 of the start's logit covariance
+        (``hidden``: :meth:`start_hidden` of ``cond_h`` when already computed)."""
+        out = self.cov[-1](self.start_hidden(cond_h) if hidden is None else hidden).float()
         c, r = self.num_classes, self.rank
         factor = out[:, :c * r].unflatten(1, (c, r))
         return factor, self._diagonal(out[:, c * r:])
@@ -243,14 +250,14 @@ class SegDiffHead(nn.Module):
         """Hypotheses' start probabilities ``softmax((mu + P eps_k) / sqrt(1 + pi D / 8))``, (K, B, C, *s)."""
         return marginal_probabilities(mu + low_rank_shift(factor, eps), diag, self.regions)
 
-    def start_sampler(self, cond_h: torch.Tensor):
+    def start_sampler(self, cond_h: torch.Tensor, hidden: torch.Tensor | None = None):
         """The start's draws at inference without the factor P: ``(diag, shift)`` with ``diag`` = D (B, C, *s)
-        and ``shift(eps)`` = ``P eps`` (K, B, C, *s) for latents (K, r).
+        and ``shift(eps)`` = ``P eps`` (K, B, C, *s) for latents (K, r); ``hidden`` as in :meth:`covariance`.
 
         P's last layer is linear, ``P_vcr = W_cr . h_v + b_cr``, so ``(P eps)_vc = (sum_r eps_r W_cr) . h_v +
         sum_r eps_r b_cr``: one C-channel 1x1 product per hypothesis on the head's hidden features ``h``
         instead of the C r channels of P and their contraction (the same numbers, docs/design.md)."""
-        hidden = self.cov[:-1](cond_h)
+        hidden = self.start_hidden(cond_h) if hidden is None else hidden
         last = self.cov[-1]
         c, r = self.num_classes, self.rank
         weight, bias = last.weight.flatten(1), last.bias
@@ -316,16 +323,18 @@ class SegDiffHead(nn.Module):
 
     @torch.no_grad()
     def sample(self, cond_h: torch.Tensor, num_hypotheses: int, steps: int, seed: int = 0,
-               logits: torch.Tensor | None = None, chunk: int = 2) -> torch.Tensor:
+               logits: torch.Tensor | None = None, chunk: int = 2, hidden: torch.Tensor | None = None
+               ) -> torch.Tensor:
         """K hypotheses per input: start draws, then S Euler steps; class probabilities (K, B, C, *s).
 
         Deterministic for a fixed ``seed``; hypothesis k depends only on ``(seed, k)`` (see
         :func:`latent_draws`), not on K, ``chunk``, the batch or the patch. The flow head runs on
         ``chunk`` hypotheses at a time, bounding the peak memory of sampling at that of ``chunk`` hypotheses.
+        ``hidden``: the covariance head's features of ``cond_h`` (:meth:`start_hidden`) when already computed.
         """
         if steps < 0:
             raise ValueError(f"need steps >= 0, got {steps}")
-        diag, shift = self.start_sampler(cond_h)
+        diag, shift = self.start_sampler(cond_h, hidden)
         mu = self._mean(logits, cond_h)
         eps = latent_draws(num_hypotheses, self.rank, seed).to(cond_h.device)
         t0 = self.t_start
@@ -347,11 +356,13 @@ class SegDiffHead(nn.Module):
         return out[0] if len(out) == 1 else torch.cat(out, 0)
 
     @torch.no_grad()
-    def start_mean(self, cond_h: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
+    def start_mean(self, cond_h: torch.Tensor, logits: torch.Tensor | None = None,
+                   hidden: torch.Tensor | None = None) -> torch.Tensor:
         """The start's class probabilities in expectation over its draws (B, C, *s): per region the probit
         approximation with each logit's whole variance ``D + sum_r P^2``, per softmax :func:`expected_softmax`
-        (the variance of the logit differences). What K = 8 draws average to, without their Monte-Carlo noise."""
-        factor, diag = self.covariance(cond_h)
+        (the variance of the logit differences). What K = 8 draws average to, without their Monte-Carlo noise.
+        ``hidden`` as in :meth:`covariance`."""
+        factor, diag = self.covariance(cond_h, hidden)
         mu = self._mean(logits, cond_h)
         if self.regions:
             return marginal_probabilities(mu, diag + factor.square().sum(2), regions=True)

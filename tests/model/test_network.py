@@ -169,3 +169,27 @@ def test_sample_computes_only_the_maps_asked_for():
     assert "error" not in some and "spread" not in some and {"error", "spread"} <= set(full)
     for key in ("mean", "hypotheses", *POOLED_MAPS):
         torch.testing.assert_close(some[key], full[key])
+
+
+def test_sample_runs_the_start_covariance_head_once_per_patch():
+    """At S = 0 the K draws and their expectation (the mean every map is made of) share the covariance head's
+    hidden features: one pass of it per patch (ProbeStep's moved conditioning needs its own), and the mean is
+    the same as from a second, separate pass."""
+    torch.manual_seed(0)
+    net = EnTrustUNet(3, num_classes=3, **arch_kwargs(2)).eval()
+    calls = []
+    net.segdiff.cov[0].register_forward_hook(lambda *_: calls.append(1))  # the head's first layer
+    x = torch.randn(1, 3, 32, 32)
+    out = net.sample(x, SamplingSettings(num_hypotheses=4, probe=False))
+    assert len(calls) == 1
+    net.sample(x, SamplingSettings(num_hypotheses=4, probe=True))
+    assert len(calls) == 3  # + the probe's redraw around the moved conditioning
+    with torch.no_grad():
+        parts = net._trunk(x, keep_all=False, mask=net._mask(x))
+        logits = parts["logits"]
+        alone = net.segdiff.start_mean(net.segdiff.condition(parts["cond"]), logits)
+    assert net.sampling.steps == 0
+    experts = net._full_resolution_experts(parts, x.shape[2:])
+    from entrust_nnunet.model.alternatives import expected_alternative
+    torch.testing.assert_close(out["mean"], expected_alternative(alone, experts["experts"], experts["conflict"],
+                                                                 experts["mask"], net.expert_alternatives))
