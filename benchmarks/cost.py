@@ -275,7 +275,8 @@ def run(args) -> dict:
                 case = list(size)
                 result["whole_case_settings"] = {"case_size": case, "mirroring": args.mirroring, "tile_step_size": 0.5}
                 base.update(mode="case", case_size=case, mirroring=args.mirroring, warmup=0, repeats=args.case_repeats)
-                result["whole_case"] = table(CASE_JOBS, base)
+                jobs = [job for job in CASE_JOBS if job[1] in args.case_methods]
+                result["whole_case"] = table(jobs, base)
     result["wall_seconds"] = time.time() - started
     result["markdown"] = markdown(result)
     return result
@@ -291,12 +292,17 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="timed passes per patch measurement (default 3)")
     parser.add_argument("--whole-case", action="store_true", help="(c): whole-case sliding-window prediction")
     parser.add_argument("--case-repeats", type=int, default=1, help="timed whole-case passes (default 1)")
+    parser.add_argument("--case-methods", nargs="+", default=[m for _, m, _ in CASE_JOBS],
+                        choices=[m for _, m, _ in CASE_JOBS], metavar="METHOD",
+                        help="methods timed in (c) (default: all; plain is always the reference); the ensemble "
+                             "and MC dropout take ~16 of its ~20 min")
     parser.add_argument("--mirroring", action="store_true", help="test-time mirroring in (c) (8x the work in 3D)")
     parser.add_argument("--compile", nargs="*", default=[], choices=list(PLANS), metavar="PLAN",
                         help="also time the patch jobs under torch.compile (inductor) for these plans (e.g. 2d); "
                              "the first call, which compiles, is reported as warmup_s")
     parser.add_argument("--smoke", action="store_true", help="tiny volumes (harness check); writes nothing")
     args = parser.parse_args(argv)
+    args.case_methods = ["plain", *[m for m in args.case_methods if m != "plain"]]
     if args.job:
         print(json.dumps(job(json.loads(args.job))))
         return 0

@@ -320,14 +320,16 @@ class EnTrustUNet(nn.Module):
         (B, 1, *s), or with :meth:`use_regions` region membership (B, C, *s) in {0, 1}. ``valid`` (B, 1, *s,
         bool): voxels that count (False where nnU-Net's ignore label is); every term below skips the others.
 
-        start: SegDiff's start likelihood (SSN, M samples; it also trains the deterministic logits, its
-        mean); generative: SegDiff flow-matching loss; independence: mean EnFuse penalty over stages;
+        start: SegDiff's start likelihood (SSN, M samples, around the detached deterministic logits, its mean);
+        generative: SegDiff flow-matching loss (both on detached conditioning: they train SegDiff alone); independence: mean EnFuse penalty over stages;
         experts: mean cross-entropy of the per-modality experts (stage-1 resolution); conflict: BCE
         of F_cf (every EnFuse stage, target area-pooled) against the experts' detached conflict ``d``,
         each cell weighted by its share of valid voxels.
         """
-        cond_h = self.segdiff.condition(parts["cond"])
-        logits = full_resolution(parts["logits"])
+        # SegDiff learns the distribution around what the trunk and head give, without reshaping them: its losses
+        # see detached conditioning and logits (with its own gradient clip, nnunet/clipping.py; docs/design.md)
+        cond_h = self.segdiff.condition(parts["cond"].detach())
+        logits = full_resolution(parts["logits"]).detach()
         segdiff = self.segdiff.losses(cond_h, target, logits, valid=valid)
         independence = torch.stack([f.independence_penalty(p) for f, p in zip(self.fuse, parts["fused"])]).mean()
         disagreement = parts["disagreement"].detach().float()

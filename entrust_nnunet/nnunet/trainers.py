@@ -6,7 +6,8 @@ It changes these hooks of nnUNetTrainer and nothing else:
 * ``build_network_architecture``: whatever class the plans name (PlainConvUNet in ``nnUNetPlans``,
   EnTrustUNet in ``nnUNetEnTrustPlans``), build EnTrustUNet from the same arch kwargs, so both plans train;
 * ``_build_loss``: nnU-Net's own deep-supervised Dice+CE, wrapped by :class:`EnTrustLoss`, which adds
-  the EnTrust terms; nnU-Net's ``train_step`` and ``validation_step`` run unchanged;
+  the EnTrust terms; nnU-Net's ``train_step`` and ``validation_step`` run unchanged, the step inside
+  :func:`~entrust_nnunet.nnunet.clipping.clipping_per_group` (SegDiff's gradient norm clipped apart from the rest);
 * ``get_tr_and_val_datasets``: where ``entrust plan`` preprocessed annotator labels (``labelsTr_annotators/``),
   each training sample draws one annotator's label (:mod:`entrust_nnunet.nnunet.annotators`); validation keeps
   labelsTr;
@@ -47,6 +48,7 @@ from entrust_nnunet.nnunet.annotators import training_dataset
 from entrust_nnunet.nnunet.calibration import (CALIBRATION_STEPS, FOLD_VOXELS_FILE, calibration_subset,
                                                calibration_voxels, fit_calib_head, fit_class_temperature,
                                                save_fold_voxels)
+from entrust_nnunet.nnunet.clipping import clipping_per_group
 from entrust_nnunet.nnunet.distributed import broadcast_state, freeze, thawed, unwrap
 from entrust_nnunet.nnunet.modality_dropout import ModalityDropout, calibration_subsets
 
@@ -174,6 +176,11 @@ class nnUNetTrainerEnTrust(ModalityDropout, nnUNetTrainer):
         lm = self.label_manager
         return EnTrustLoss(super()._build_loss(), net, self.loss_weights(), regions=lm.has_regions,
                            ignore_label=lm.ignore_label)
+
+    def train_step(self, batch: dict) -> dict:
+        # nnU-Net's step, with SegDiff's gradients clipped apart from the rest (nnunet/clipping.py)
+        with clipping_per_group(self.network, unwrap(self.network).segdiff):
+            return super().train_step(batch)
 
     def loss_weights(self) -> dict[str, float]:
         """The weights of EnTrust's terms (LOSS_WEIGHTS; variants override this). CLoE's consistency terms (mec,

@@ -193,3 +193,15 @@ def test_sample_runs_the_start_covariance_head_once_per_patch():
     from entrust_nnunet.model.alternatives import expected_alternative
     torch.testing.assert_close(out["mean"], expected_alternative(alone, experts["experts"], experts["conflict"],
                                                                  experts["mask"], net.expert_alternatives))
+
+
+def test_segdiff_losses_train_segdiff_alone():
+    """SegDiff's start likelihood and flow loss see detached conditioning and logits: their gradients reach
+    SegDiff's parameters and nothing of the trunk, the head or EnFuse."""
+    torch.manual_seed(0)
+    net = EnTrustUNet(3, num_classes=3, deep_supervision=True, **arch_kwargs(2))
+    x, target = torch.randn(2, 3, 32, 32), torch.randint(0, 3, (2, 1, 32, 32))
+    losses = net.auxiliary_losses(net(x, return_parts=True), target)
+    (losses["start"] + losses["generative"]).backward()
+    reached = {n.split(".")[0] for n, p in net.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert reached == {"segdiff"}
