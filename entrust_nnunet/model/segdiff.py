@@ -225,7 +225,9 @@ class SegDiffHead(nn.Module):
         the covariance cost ``lambda mean_v sum_c (sum_r P^2 + D)`` (see the module docstring).
 
         ``l_m = mu + P eps_m + sqrt(D) eta_m`` with M = ``mc_samples`` independent draws per image;
-        ``logits`` = mu (B, C, *s) is NOT detached, so, as in SSN, the likelihood also trains the mean.
+        ``logits`` = mu (B, C, *s): gradients flow into whatever is passed; ``EnTrustUNet`` passes detached
+        logits and conditioning (SegDiff trains alone; SSN's joint training of the mean calibrated worse,
+        docs/design.md).
         ``target``: labels (B, 1, *s), or region membership (B, C, *s) with ``regions``; ``valid`` (B, 1, *s):
         voxels outside it (ignore label) add nothing and N counts the valid voxels of image b.
         """
