@@ -321,7 +321,8 @@ class EnTrustUNet(nn.Module):
         bool): voxels that count (False where nnU-Net's ignore label is); every term below skips the others.
 
         start: SegDiff's start likelihood (SSN, M samples, around the detached deterministic logits, its mean);
-        generative: SegDiff flow-matching loss (both on detached conditioning: they train SegDiff alone); independence: mean EnFuse penalty over stages;
+        generative: SegDiff flow-matching loss (both on detached conditioning: they train SegDiff alone);
+        independence: mean EnFuse penalty over stages;
         experts: mean cross-entropy of the per-modality experts (stage-1 resolution); conflict: BCE
         of F_cf (every EnFuse stage, target area-pooled) against the experts' detached conflict ``d``,
         each cell weighted by its share of valid voxels.

@@ -58,8 +58,8 @@ Defaults (``cov_penalty`` 0.002; S = 0 at inference since 2026-12-05) and what t
 Cost: the conditioning ``c`` is projected ONCE per patch (:meth:`SegDiffHead.condition`), and so are ``D``
 and the covariance head's hidden features. A start hypothesis costs one C x hidden product per voxel (the
 latents folded into P's last layer: :meth:`SegDiffHead.start_sampler`; P is formed only for the start's
-expectation at S = 0, once per patch, from the same hidden features: :meth:`SegDiffHead.start_mean`); each of the K x S flow
-steps runs only the light head (one 3x3 conv on the C-channel state, two 1x1 convs of ``hidden``
+expectation at S = 0, once per patch, from the same hidden features: :meth:`SegDiffHead.start_mean`); each of
+the K x S flow steps runs only the light head (one 3x3 conv on the C-channel state, two 1x1 convs of ``hidden``
 channels), on ``chunk`` hypotheses at a time so that memory does not grow with K.
 """
 from __future__ import annotations
