@@ -20,6 +20,7 @@ trained on the same training phantoms drawn without any conflict blob and scored
     python benchmarks/run.py --device cuda        # on a GPU (absolute times are in the table and JSON either way)
     python benchmarks/run.py --dataset 501 -c 3d_fullres   # any nnU-Net dataset with imagesTs + labelsTs
     python benchmarks/run.py --update-readme      # rewrite README's Results section from the results JSON
+    python benchmarks/run.py --update-readme --refresh-cost   # first embed a newer cost_large.json (cost.py)
 
 Outputs: ``OUT/results.json`` (every raw per-seed number, commit, machine, device, seeds) and
 ``OUT/results.md``; a default (non-smoke) phantom run also writes ``benchmarks/results/phantoms2d.json``,
@@ -894,6 +895,15 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def refresh_cost(results_json: Path) -> None:
+    """Embed the current ``benchmarks/results/cost_large.json`` (a later ``cost.py`` run) into a results JSON and
+    recompute its targets; the phantom numbers stay those of the run that wrote the JSON."""
+    result = json.loads(results_json.read_text(encoding="utf-8"))
+    result["cost_large"] = json.loads(COST_JSON.read_text(encoding="utf-8"))
+    result["targets"] = check_targets(result)
+    results_json.write_text(json.dumps(result, indent=2, default=float), encoding="utf-8")
+
+
 def update_readme(results_json: Path) -> None:
     """Rewrite README's Results block from a results JSON (the committed one by default)."""
     result = json.loads(results_json.read_text(encoding="utf-8"))
@@ -937,6 +947,9 @@ def parse_args(argv=None):
                              "writes OUT/subsets.json and OUT/subsets.md")
     parser.add_argument("--update-readme", nargs="?", const=str(RESULTS_JSON), default=None, metavar="JSON",
                         help=f"only rewrite README's Results from a results JSON (default {RESULTS_JSON.relative_to(REPO)})")
+    parser.add_argument("--refresh-cost", action="store_true",
+                        help="with --update-readme: first embed the current benchmarks/results/cost_large.json into "
+                             "the results JSON and recompute its targets")
     args = parser.parse_args(argv)
     args.seeds = args.seeds or ([0] if args.smoke else [0, 1, 2])
     args.test_seed = args.test_seed if args.test_seed is not None else (SMOKE_TEST_SEED if args.smoke else TEST_SEED)
@@ -948,6 +961,8 @@ def main(argv=None):
 
     args = parse_args(argv)
     if args.update_readme:
+        if args.refresh_cost:
+            refresh_cost(Path(args.update_readme))
         update_readme(Path(args.update_readme))
         return 0
     os.environ.setdefault("nnUNet_def_n_proc", "2")

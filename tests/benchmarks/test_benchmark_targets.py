@@ -48,3 +48,23 @@ def test_unseen_conflict_absent_gives_no_verdict_and_no_table():
     assert run.unseen_markdown(result) == []
     table = "\n".join(run.unseen_markdown(_result({run.OURS: {"total_in_conflict": [0.4, 0.4, 0.4]}})))
     assert f"Dataset{run.UNSEEN_ID}" in table and "| EnTrust (K=8) | n/a | 0.400 ± 0.000 |" in table
+
+
+def test_refresh_cost_embeds_the_newer_cost_run_and_recomputes_its_targets(tmp_path, monkeypatch):
+    """--refresh-cost: the whole-case targets follow the cost JSON now on disk; the phantom numbers stay."""
+    import json
+
+    result = _result({run.OURS: {"total_in_conflict": [0.40, 0.35, 0.45]}})
+    result["cost_large"] = {"whole_case": {"EnTrust K=8": {"time_ratios": [1.5], "memory_ratio": 1.3}}}
+    result["targets"] = run.check_targets(result)
+    results_json, cost_json = tmp_path / "results.json", tmp_path / "cost_large.json"
+    results_json.write_text(json.dumps(result))
+    cost_json.write_text(json.dumps({"whole_case": {"EnTrust K=8": {"time_ratios": [1.1], "memory_ratio": 1.25}},
+                                     "markdown": "new cost"}))
+    monkeypatch.setattr(run, "COST_JSON", cost_json)
+    run.refresh_cost(results_json)
+    after = json.loads(results_json.read_text())
+    targets = {t["target"]: t for t in after["targets"]}
+    assert targets["K=8 whole-case inference <= 1.3x plain prediction (BraTS-like 3D)"]["verdict"] == "met"
+    assert targets["K=8 whole-case peak memory <= 1.2x plain prediction (BraTS-like 3D)"]["verdict"] == "missed"
+    assert after["cost_large"]["markdown"] == "new cost" and after["unseen_conflict"] == result["unseen_conflict"]

@@ -71,3 +71,13 @@ def test_start_mean_is_what_many_start_draws_average_to(regions):
     assert float((mean - many).abs().mean()) < 0.5 * float((few - many).abs().mean())
     if not regions:
         torch.testing.assert_close(mean.sum(1), torch.ones(1, 6, 7))
+
+
+def test_expected_softmax_is_finite_and_one_hot_at_extreme_logits():
+    """Logit gaps far beyond exp's float range (one pair term overflows, its mirror underflows) still give a
+    distribution: the dominant class gets 1, the others 0, no NaN."""
+    from entrust_nnunet.model.segdiff import expected_softmax
+
+    mu = torch.tensor([[300.0, 0.0, -300.0]]).view(1, 3, 1, 1).expand(1, 3, 2, 2).clone()
+    p = expected_softmax(mu, torch.zeros(1, 3, 4, 2, 2), torch.full((1, 3, 2, 2), 1e-6))
+    torch.testing.assert_close(p, torch.tensor([1.0, 0.0, 0.0]).view(1, 3, 1, 1).expand(1, 3, 2, 2))
