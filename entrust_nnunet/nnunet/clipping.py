@@ -24,8 +24,10 @@ from torch.nn.utils import clip_grad_norm_ as _clip_grad_norm  # the real one, w
 def clip_grad_norm_per_group(groups: Iterable[Iterable[nn.Parameter]], max_norm: float, **kwargs) -> torch.Tensor:
     """Clip the gradient norm of each group to ``max_norm`` separately; returns the total norm before clipping
     (over all groups, as ``clip_grad_norm_`` returns it). ``kwargs``: those of ``clip_grad_norm_``."""
-    norms = [_clip_grad_norm([p for p in group if p.grad is not None], max_norm, **kwargs) for group in groups]
-    return torch.linalg.vector_norm(torch.stack([n.float().cpu() for n in norms])) if norms else torch.tensor(0.0)
+    with_grads = [g for g in ([p for p in group if p.grad is not None] for group in groups) if g]
+    # the norms stay on the gradients' device (no host sync in the training step)
+    norms = [_clip_grad_norm(group, max_norm, **kwargs).float() for group in with_grads]
+    return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.tensor(0.0)
 
 
 @contextlib.contextmanager
