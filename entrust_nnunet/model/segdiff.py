@@ -225,7 +225,8 @@ class SegDiffHead(nn.Module):
         return like.new_zeros(like.shape[0], self.num_classes, *like.shape[2:]) if logits is None else logits.float()
 
     def start_loss(self, cond_h: torch.Tensor, target: torch.Tensor, logits: torch.Tensor | None = None,
-                   generator: torch.Generator | None = None, valid: torch.Tensor | None = None) -> torch.Tensor:
+                   generator: torch.Generator | None = None, valid: torch.Tensor | None = None,
+                   start: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """SSN loss ``mean_b L_b``, ``L_b = -(1/N)[logsumexp_m sum_v log softmax(l_m)_v[y_v] - log M]`` plus
         the covariance cost ``lambda mean_v sum_c (sum_r P^2 + D)`` (see the module docstring).
 
@@ -234,9 +235,10 @@ class SegDiffHead(nn.Module):
         logits and conditioning (SegDiff trains alone; SSN's joint training of the mean calibrated worse,
         docs/design.md).
         ``target``: labels (B, 1, *s), or region membership (B, C, *s) with ``regions``; ``valid`` (B, 1, *s):
-        voxels outside it (ignore label) add nothing and N counts the valid voxels of image b.
+        voxels outside it (ignore label) add nothing and N counts the valid voxels of image b. ``start``:
+        :meth:`covariance` of ``cond_h`` when already computed.
         """
-        factor, diag = self.covariance(cond_h)
+        factor, diag = self.covariance(cond_h) if start is None else start
         mu = self._mean(logits, cond_h)
         m, b = self.mc_samples, mu.shape[0]
         eps = torch.randn(m, b, self.rank, device=mu.device, generator=generator)
@@ -297,15 +299,17 @@ class SegDiffHead(nn.Module):
         return self.out(h).unflatten(0, (k, b))
 
     def flow_loss(self, cond_h: torch.Tensor, target: torch.Tensor, logits: torch.Tensor | None = None,
-                  generator: torch.Generator | None = None, valid: torch.Tensor | None = None) -> torch.Tensor:
+                  generator: torch.Generator | None = None, valid: torch.Tensor | None = None,
+                  start: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """Flow-matching regression loss from one (detached) start draw ``x_s = 2 p - 1`` per image, averaged
-        over the ``valid`` voxels (all without a mask).
+        over the ``valid`` voxels (all without a mask). ``start``: :meth:`covariance` of ``cond_h`` when
+        already computed (used detached).
 
         The B states are passed as B hypotheses of one batch element each (one draw of (eps, t) per image).
         """
         x1 = one_hot_state(target, self.num_classes, self.regions).to(cond_h.dtype)
         with torch.no_grad():
-            factor, diag = self.covariance(cond_h)
+            factor, diag = self.covariance(cond_h) if start is None else (t.detach() for t in start)
             eps = torch.randn(1, x1.shape[0], self.rank, device=x1.device, generator=generator)  # one per image
             x_s = (2 * self.start_probabilities(factor, diag, self._mean(logits, cond_h), eps)[0] - 1).to(x1.dtype)
         if valid is not None:  # no label to flow to: ignored voxels stay at the start (the 3x3 head sees them)
@@ -319,9 +323,11 @@ class SegDiffHead(nn.Module):
 
     def losses(self, cond_h: torch.Tensor, target: torch.Tensor, logits: torch.Tensor | None = None,
                generator: torch.Generator | None = None, valid: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """``start``: the SSN likelihood term; ``generative``: the flow-matching term (both over ``valid``)."""
-        return {"start": self.start_loss(cond_h, target, logits, generator, valid),
-                "generative": self.flow_loss(cond_h, target, logits, generator, valid)}
+        """``start``: the SSN likelihood term; ``generative``: the flow-matching term (both over ``valid``), from
+        one pass of the covariance head."""
+        start = self.covariance(cond_h)
+        return {"start": self.start_loss(cond_h, target, logits, generator, valid, start),
+                "generative": self.flow_loss(cond_h, target, logits, generator, valid, start)}
 
     def loss(self, cond_h: torch.Tensor, target: torch.Tensor, logits: torch.Tensor | None = None,
              generator: torch.Generator | None = None) -> torch.Tensor:

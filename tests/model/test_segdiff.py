@@ -81,3 +81,20 @@ def test_expected_softmax_is_finite_and_one_hot_at_extreme_logits():
     mu = torch.tensor([[300.0, 0.0, -300.0]]).view(1, 3, 1, 1).expand(1, 3, 2, 2).clone()
     p = expected_softmax(mu, torch.zeros(1, 3, 4, 2, 2), torch.full((1, 3, 2, 2), 1e-6))
     torch.testing.assert_close(p, torch.tensor([1.0, 0.0, 0.0]).view(1, 3, 1, 1).expand(1, 3, 2, 2))
+
+
+def test_training_losses_run_the_covariance_head_once():
+    """The start likelihood and the flow loss share one pass of the covariance head, with the same values as
+    each computing its own (same random draws in the same order)."""
+    torch.manual_seed(0)
+    head = SegDiffHead(nn.Conv2d, 3, 8)
+    cond, target, mu = torch.randn(2, 8, 16, 16), torch.randint(0, 3, (2, 1, 16, 16)), torch.randn(2, 3, 16, 16)
+    calls = []
+    head.cov[0].register_forward_hook(lambda *_: calls.append(1))
+    together = head.losses(head.condition(cond), target, mu, torch.Generator().manual_seed(1))
+    assert len(calls) == 1
+    gen = torch.Generator().manual_seed(1)
+    apart = {"start": head.start_loss(head.condition(cond), target, mu, gen),
+             "generative": head.flow_loss(head.condition(cond), target, mu, gen)}
+    for key in apart:
+        torch.testing.assert_close(together[key], apart[key])
