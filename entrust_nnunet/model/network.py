@@ -278,8 +278,12 @@ class EnTrustUNet(nn.Module):
                 kept["fused"].append(p)
             del p
         streams_full = full if partial is None else impute_absent(full, mask, weights)
-        f_en.insert(0, self.fuse_full(torch.cat([streams_full.flatten(1, 2), conflict, prior.to(full.dtype)], 1)))
         del full
+        f_en.insert(0, self.fuse_full(torch.cat([streams_full.flatten(1, 2), conflict, prior.to(streams_full.dtype)],
+                                                1)))
+        # the M full-resolution streams are fused: not held through the decoder (its peak; plain nnU-Net holds one
+        # skip there, we would hold both)
+        del streams_full
         logits, features = self.decoder(f_en)
         del f_en
         return {**kept, "logits": logits, "conflict": conflict, "expert_conflict": d, "experts": ex["experts"],
@@ -450,9 +454,11 @@ class EnTrustUNet(nn.Module):
         ``fusion_conflict`` (EnFuse's F_cf), ``confidence`` (max of the mean), ``head_confidence`` (max
         softmax of the deterministic head) and ``error`` (CalibHead's probability that argmax(mean) is
         wrong). See :mod:`entrust_nnunet.model.trustmap`. ``modality_mask``: as in :meth:`forward`. ``maps``:
-        the maps wanted beside ``mean`` and ``hypotheses`` (default: every one); the predictor asks for those it
+        the maps wanted beside ``mean`` (default: every one, and ``hypotheses``); the predictor asks for those it
         pools per patch, so ``error`` (CalibHead runs once per case on the pooled maps) and ``spread`` are then
-        not computed.
+        not computed, and for ``hypotheses`` only when it writes them: without them (and at S = 0, where the mean
+        is the start's expectation) only the hypotheses ProbeStep redraws are drawn, not K (the same maps: the
+        hypotheses are nested across K).
         """
         wanted = (lambda key: True) if maps is None else set(maps).__contains__
         settings = settings or self.sampling
@@ -463,18 +469,22 @@ class EnTrustUNet(nn.Module):
         experts = self._full_resolution_experts(parts, x.shape[2:])
         cond_h = self.segdiff.condition(parts["cond"])
         hidden = self.segdiff.start_hidden(cond_h)  # once: the draws and their expectation both start from it
-        segdiff = self._segdiff_hypotheses(logits, cond_h, k, s, seed, hidden)
-        hyps = self._alternatives(segdiff, experts)
+        p = min(k, self.probe_hypotheses) if settings.probe else 0
+        # K draws only where something reads them: the hypotheses themselves, their spread, or their average as the
+        # mean (after flow steps); otherwise ProbeStep's first p (docs/design.md, "K = 8 at the cost of K = 1")
+        drawn = k if (wanted("hypotheses") or wanted("spread") or settings.hypotheses or s > 0) else p
+        segdiff = self._segdiff_hypotheses(logits, cond_h, drawn, s, seed, hidden) if drawn else None
+        hyps = self._alternatives(segdiff, experts) if drawn else None
         # the class probabilities and every map from the sampler's expectation, not K draws' Monte-Carlo average
         # (docs/design.md, "Maps from the start's expectation")
         mean = self._mean_probabilities(logits, cond_h, experts, k, s, seed, hyps, hidden)
-        stats = hypothesis_statistics(hyps, self.regions, spread=wanted("spread"), mean=mean)
+        stats = hypothesis_statistics(mean[None] if hyps is None else hyps, self.regions, spread=wanted("spread"),
+                                      mean=mean)
         # the experts' conflict itself, not F_cf, its learned copy: it separates conflict from edges better
         # (docs/design.md)
         conflict = experts["conflict"]
         stats["conflict"], stats["fusion_conflict"] = conflict[:, 0], parts["conflict"].float()[:, 0].clamp(0, 1)
         # ProbeStep redraws only the first few hypotheses (same noise: hypotheses are nested across K)
-        p = min(k, self.probe_hypotheses)
         stats["probe"] = (probe_step(lambda moved: self._hypotheses(logits, moved, p, s, seed, experts), cond_h,
                                      self._probe_direction(parts["cond"], seed), conflict, hyps[:p],
                                      self.probe_strength, self.regions) if settings.probe
@@ -484,7 +494,8 @@ class EnTrustUNet(nn.Module):
         if wanted("error"):
             stats["error"] = torch.maximum(self.calib(stats), alternatives_error_floor(
                 stats["confidence"], stats["conflict"], self.expert_alternatives))
-        stats["hypotheses"] = self._alternatives(segdiff, experts, drawn=True) if settings.hypotheses else hyps
+        if drawn == k:
+            stats["hypotheses"] = self._alternatives(segdiff, experts, drawn=True) if settings.hypotheses else hyps
         return stats
 
     def compute_conv_feature_map_size(self, input_size) -> int:

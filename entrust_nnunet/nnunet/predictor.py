@@ -86,12 +86,15 @@ def uncertainty_statistics(net: nn.Module, x: torch.Tensor, sampling: SamplingSe
     ``entrust_nnunet.model.mcdropout``, ``entrust_nnunet.model.crnp``) gives its own; any other nnU-Net
     network is read as plain softmax (aleatoric = its entropy, no probe, no conflict). For networks
     without a deterministic head of their own, ``head_confidence`` is the max of ``mean``. Also
-    ``hypotheses`` (K, B, C, *s): the network's samples, or its one prediction (K = 1). ``modality_mask`` (M,):
+    ``hypotheses`` (K, B, C, *s): the network's samples, or its one prediction (K = 1); EnTrust's only with
+    ``sampling.hypotheses`` (drawing K of them costs; nothing pooled reads them). ``modality_mask`` (M,):
     absent modalities, masked by EnTrust networks, zero-filled (after normalisation) for any other.
     """
     if isinstance(net, EnTrustUNet):
-        s = net.sample(x, sampling, modality_mask=modality_mask, maps=POOLED_MAPS)
-        return {k: s[k] for k in ("mean", "hypotheses", *POOLED_MAPS)}
+        # the K hypotheses only when they are written (``sampling.hypotheses``): the pooled maps do not read them
+        wanted = (*POOLED_MAPS, "hypotheses") if sampling.hypotheses else POOLED_MAPS
+        s = net.sample(x, sampling, modality_mask=modality_mask, maps=wanted)
+        return {k: s[k] for k in ("mean", *wanted)}
     if modality_mask is not None:
         x = without_absent(x, resolve_mask(modality_mask, x.shape[0], x.shape[1], x.device))
     if hasattr(net, "sample_statistics"):

@@ -165,10 +165,54 @@ def test_sample_computes_only_the_maps_asked_for():
     net.calib.fitted.fill_(1.0)
     x = torch.randn(1, 3, 32, 32)
     full = net.sample(x, SamplingSettings(num_hypotheses=3))
-    some = net.sample(x, SamplingSettings(num_hypotheses=3), maps=POOLED_MAPS)
+    some = net.sample(x, SamplingSettings(num_hypotheses=3), maps=(*POOLED_MAPS, "hypotheses"))
     assert "error" not in some and "spread" not in some and {"error", "spread"} <= set(full)
     for key in ("mean", "hypotheses", *POOLED_MAPS):
         torch.testing.assert_close(some[key], full[key])
+
+
+def test_sample_draws_only_what_is_read():
+    """Without the hypotheses (the predictor's pooled maps at S = 0) only ProbeStep's first hypotheses are drawn,
+    not K, and the maps are the same as with all K drawn; the K are drawn when asked for, or after flow steps
+    (their average is the mean there)."""
+    from entrust_nnunet.nnunet.predictor import POOLED_MAPS
+
+    torch.manual_seed(0)
+    net = EnTrustUNet(3, num_classes=3, **arch_kwargs(2)).eval()
+    drawn = []
+    sample = net.segdiff.sample
+    net.segdiff.sample = lambda cond_h, k, *a, **kw: drawn.append(k) or sample(cond_h, k, *a, **kw)
+    x = torch.randn(1, 3, 32, 32)
+    settings = SamplingSettings(num_hypotheses=8, hypotheses=False)
+    lean = net.sample(x, settings, maps=POOLED_MAPS)
+    assert "hypotheses" not in lean and drawn == [net.probe_hypotheses] * 2  # the hypotheses and the probe's
+    drawn.clear()
+    every = net.sample(x, settings, maps=(*POOLED_MAPS, "hypotheses"))
+    assert every["hypotheses"].shape[0] == 8 and drawn == [8, net.probe_hypotheses]
+    for key in ("mean", *POOLED_MAPS):
+        torch.testing.assert_close(lean[key], every[key])
+    drawn.clear()
+    net.sample(x, settings.with_(steps=1, probe=False), maps=POOLED_MAPS)
+    assert drawn == [8]  # after a flow step the mean is their average
+    drawn.clear()
+    assert "hypotheses" not in net.sample(x, settings.with_(probe=False), maps=POOLED_MAPS) and drawn == []
+
+
+@pytest.mark.parametrize("absent", [False, True])
+def test_full_resolution_streams_are_freed_before_the_decoder(absent):
+    """At inference the M full-resolution modality streams are fused before the decoder runs (its memory peak):
+    like plain nnU-Net, only the one fused skip is held there (docs/design.md, "The whole-case memory peak")."""
+    import weakref
+
+    torch.manual_seed(0)
+    net = EnTrustUNet(3, num_classes=3, **arch_kwargs(2)).eval()
+    streams, alive = [], []
+    net.encoders.register_forward_hook(lambda mod, inp, out: streams.append(weakref.ref(out[0])))
+    net.decoder.register_forward_pre_hook(lambda mod, inp: alive.append(streams[-1]() is not None))
+    mask = torch.tensor([1.0, 0.0, 1.0]) if absent else None
+    with torch.no_grad():
+        net.sample(torch.randn(1, 3, 32, 32), SamplingSettings(num_hypotheses=2, probe=False), modality_mask=mask)
+    assert alive == [False]
 
 
 def test_sample_runs_the_start_covariance_head_once_per_patch():
