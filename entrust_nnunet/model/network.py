@@ -472,7 +472,7 @@ class EnTrustUNet(nn.Module):
         p = min(k, self.probe_hypotheses) if settings.probe else 0
         # K draws only where something reads them: the hypotheses themselves, their spread, or their average as the
         # mean (after flow steps); otherwise ProbeStep's first p (docs/design.md, "K = 8 at the cost of K = 1")
-        drawn = k if (wanted("hypotheses") or wanted("spread") or settings.hypotheses or s > 0) else p
+        drawn = k if (wanted("hypotheses") or wanted("spread") or s > 0) else p
         segdiff = self._segdiff_hypotheses(logits, cond_h, drawn, s, seed, hidden) if drawn else None
         hyps = self._alternatives(segdiff, experts) if drawn else None
         # the class probabilities and every map from the sampler's expectation, not K draws' Monte-Carlo average
