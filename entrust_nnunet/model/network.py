@@ -494,7 +494,7 @@ class EnTrustUNet(nn.Module):
         if wanted("error"):
             stats["error"] = torch.maximum(self.calib(stats), alternatives_error_floor(
                 stats["confidence"], stats["conflict"], self.expert_alternatives))
-        if drawn == k:
+        if wanted("hypotheses"):
             stats["hypotheses"] = self._alternatives(segdiff, experts, drawn=True) if settings.hypotheses else hyps
         return stats
 

@@ -196,6 +196,10 @@ def test_sample_draws_only_what_is_read():
     assert drawn == [8]  # after a flow step the mean is their average
     drawn.clear()
     assert "hypotheses" not in net.sample(x, settings.with_(probe=False), maps=POOLED_MAPS) and drawn == []
+    # K no larger than ProbeStep's share: drawn all the same, yet not returned (nor read whole) unless asked for
+    drawn.clear()
+    few = net.sample(x, SamplingSettings(num_hypotheses=1), maps=POOLED_MAPS)
+    assert "hypotheses" not in few and drawn == [1, 1]
 
 
 @pytest.mark.parametrize("absent", [False, True])
