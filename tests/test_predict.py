@@ -189,28 +189,35 @@ def _fold2_predictor(trained_entrust) -> EnTrustPredictor:
 
 def test_saved_class_probabilities_carry_p_error_and_keep_the_mask(trained_entrust):
     """The class channels: the top label (the mask's) gets 1 - P(error) (the exported total map, capped below the
-    point where another class would overtake it), the other classes share the rest in the proportions of
-    softmax(log mean / T), T the folds' fitted CalibHead temperatures averaged; they sum to 1 and their argmax is the
-    hypotheses' mean's (the mask)."""
+    point where another class would overtake it), the other classes share the rest in the proportions of the
+    calibrated softmax(log mean / T + g b), T and b the folds' fitted CalibHead temperatures and conflict biases
+    averaged, g the gate of the pooled conflict; they sum to 1 and their argmax is the calibrated one (the mask)."""
     predictor = _fold2_predictor(trained_entrust)
     fitted = float(predictor.list_of_parameters[0]["calib.temperature"])
     assert fitted != 1.0 and predictor.class_temperature() == pytest.approx(fitted)  # fitted at the end of training
+    bias = predictor.list_of_parameters[0]["calib.conflict_bias"]
+    # one fold's trainer fits T only (its few conflicting structures cannot tell a coin's chance); entrust calibrate b
+    assert bias.shape == (3,) and not bias.any() and torch.equal(predictor.class_conflict_bias(), bias.float())
     data = torch.randn(3, 1, 32, 32)
-    mean = predictor.pooled_statistics(data)["mean"]
-    top = mean.argmax(0, keepdim=True)
-    for t in (0.5, 2.0):
+    stats = predictor.pooled_statistics(data)
+    mean, gate = stats["mean"], stats["gate"]
+    torch.testing.assert_close(gate, (2 * stats["conflict"]).clamp(0, 1))
+    for t, b in ((0.5, (0.0, 0.0, 0.0)), (2.0, (0.0, 2.0, -1.0))):
         for head in predictor.calib_heads:
             head.temperature.fill_(t)
+            head.conflict_bias.copy_(torch.tensor(b))
         out = predictor.predict_case(data)[0]
         probs, total = torch.softmax(out[:3], 0), out[3]
         torch.testing.assert_close(probs.sum(0), torch.ones_like(probs[0]))
-        assert torch.equal(probs.argmax(0), mean.argmax(0))
+        calibrated = torch.softmax(mean.clamp_min(1e-4).log() / t + gate[None] * torch.tensor(b).view(3, 1, 1, 1), 0)
+        assert torch.equal(probs.argmax(0), calibrated.argmax(0))
+        assert any(b) == bool((calibrated.argmax(0) != mean.argmax(0)).any())  # the biases move the mask somewhere
+        top = calibrated.argmax(0, keepdim=True)
         free = total < 0.45  # below the cap (1 / (1 + r) >= 0.5 with three classes)
         assert free.sum() > 50  # (the input is noise: a tiny model is unsure of much of it)
         torch.testing.assert_close(1 - probs.amax(0)[free], total[free], atol=1e-4, rtol=0)
         assert (1 - probs.amax(0) <= total + 1e-4).all()  # capped, never above the map
-        tempered = mean.clamp_min(1e-4) ** (1 / t)
-        rest, tempered_rest = probs.scatter(0, top, 0.0), tempered.scatter(0, top, 0.0)
+        rest, tempered_rest = probs.scatter(0, top, 0.0), calibrated.scatter(0, top, 0.0)
         shares, tempered_shares = rest / rest.sum(0), tempered_rest / tempered_rest.sum(0)
         # where every written probability is above the floor of the logits handed to nnU-Net (1e-4)
         sel = (total > 0.02) & (tempered_shares.scatter(0, top, 1.0).amin(0) > 0.05)

@@ -6,10 +6,11 @@ plans, 2D or 3D alike.
 
 ``forward(x)`` returns what PlainConvUNet returns, so nnU-Net's loss, validation and sliding-window
 inference use it unchanged: deep-supervision logits while training; at inference (eval mode,
-deep supervision off) ``log`` of the mean of K SegDiff hypotheses divided by CalibHead's fitted
-temperature, so that masks from the stock ``nnUNetv2_predict`` and from nnU-Net's end-of-training
-validation are the argmax of the hypotheses' mean, and their probabilities the temperature-scaled
-ones, exactly as ``entrust predict`` writes them.
+deep supervision off) the logits of the calibrated class probabilities: ``log`` of the mean of K SegDiff
+hypotheses divided by CalibHead's fitted temperature, plus its fitted biases where the modalities
+conflict (:meth:`calibrated_log_probabilities`), so that masks from the stock ``nnUNetv2_predict`` and
+from nnU-Net's end-of-training validation are the argmax of the calibrated probabilities, exactly as
+``entrust predict`` writes them.
 ``forward(x, return_parts=True)`` additionally returns the fusion parts the trainer needs for the
 EnTrust losses (:meth:`auxiliary_losses`). :meth:`sample` runs encoders and EnFuse ONCE and
 draws K hypotheses through the light SegDiff head only.
@@ -52,7 +53,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from entrust_nnunet.model.absence import impute_absent, resolve_mask, without_absent
-from entrust_nnunet.model.alternatives import alternatives_error_floor, expected_alternative, expert_alternatives
+from entrust_nnunet.model.alternatives import (alternatives_error_floor, alternatives_gate, expected_alternative,
+                                               expert_alternatives)
 from entrust_nnunet.model.cloe import ConsistencyGate, RegionProjection, consistency_loss
 from entrust_nnunet.model.encoders import ModalityEncoders
 from entrust_nnunet.model.enfuse import EnFuse
@@ -61,8 +63,8 @@ from entrust_nnunet.model.outputs import (as_logits, decision_confidence, full_r
 from entrust_nnunet.model.pointwise import pointwise_conv
 from entrust_nnunet.model.sampling import DEFAULT_SAMPLING, SamplingSettings
 from entrust_nnunet.model.segdiff import SegDiffHead
-from entrust_nnunet.model.trustmap import (CalibHead, channel_std, expert_conflict, hypothesis_statistics,
-                                          probe_step, projected_perturbation, tempered_log_probabilities)
+from entrust_nnunet.model.trustmap import (CalibHead, calibrated_log_probabilities, channel_std, expert_conflict,
+                                          hypothesis_statistics, probe_step, projected_perturbation)
 #: weights of the EnTrust loss terms added to nnU-Net's Dice+CE (see ``auxiliary_losses``)
 LOSS_WEIGHTS = {"generative": 1.0, "start": 1.0, "independence": 0.1, "experts": 0.5, "conflict": 0.5,
                 "mec": 0.1, "rec": 0.1, "region": 0.1}
@@ -163,7 +165,7 @@ class EnTrustUNet(nn.Module):
         self.segdiff = SegDiffHead(conv_op, num_classes, features_per_stage[0] + 1, segdiff_hidden,
                                    t_start=segdiff_t_start, rank=segdiff_rank, mc_samples=segdiff_mc_samples,
                                    cov_penalty=segdiff_cov_penalty)
-        self.calib = CalibHead(conv_op)
+        self.calib = CalibHead(conv_op, num_classes=num_classes)
         #: region outputs (one sigmoid per channel, nnU-Net's region-based training) instead of one softmax;
         #: a buffer, so checkpoints carry it and a network built for prediction reads it from the weights
         self.register_buffer("region_outputs", torch.zeros(()))
@@ -190,7 +192,7 @@ class EnTrustUNet(nn.Module):
     #: case, and every case, draws the same seeded noise, so it is drawn once (docs/design.md, ProbeStep's cost)
     _probe_noise: tuple | None = None
     #: state-dict keys that checkpoints written before they existed may lack (they load as 0: label outputs)
-    optional_weights = ("region_outputs",)
+    optional_weights = ("region_outputs", "calib.conflict_bias")
 
     def use_regions(self, regions: bool) -> "EnTrustUNet":
         """Switch the output space: ``True`` for nnU-Net's regions (a sigmoid per channel; every EnTrust part
@@ -204,7 +206,7 @@ class EnTrustUNet(nn.Module):
                               error_msgs):
         # checkpoints from before region support hold label outputs (0) instead of failing
         for name in self.optional_weights:
-            state_dict.setdefault(prefix + name, torch.zeros_like(getattr(self, name)))
+            state_dict.setdefault(prefix + name, torch.zeros_like(self.get_buffer(name)))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         self.use_regions(bool(self.region_outputs))
@@ -226,13 +228,22 @@ class EnTrustUNet(nn.Module):
             experts = self._full_resolution_experts(parts, x.shape[2:]) if self.expert_alternatives > 0 else None
             mean = self._mean_probabilities(logits, self.segdiff.condition(parts["cond"]), experts,
                                             self.sampling.num_hypotheses, self.sampling.steps)
-            # labels: the fitted temperature (CalibHead's), so stock nnU-Net's probabilities are the calibrated ones
-            # too; regions keep their sigmoids (the temperature is a softmax's, docs/design.md)
+            # labels: CalibHead's fitted class calibration, so stock nnU-Net's probabilities and masks are the
+            # calibrated ones too; regions keep their sigmoids (the temperature is a softmax's, docs/design.md)
+            conflict = None if experts is None else experts["conflict"]
             return (as_logits(mean, True) if self.regions
-                    else tempered_log_probabilities(mean, self.calib.temperature)).to(logits.dtype)
+                    else self.calibrated_log_probabilities(mean, conflict)).to(logits.dtype)
         if self.cache_parts:
             self.last_parts = parts
         return parts if return_parts else logits
+
+    def calibrated_log_probabilities(self, mean: torch.Tensor, conflict: torch.Tensor | None = None, axis: int = 1
+                                     ) -> torch.Tensor:
+        """Logits of the calibrated class probabilities (labels): ``log mean / T + g b`` with CalibHead's fitted T
+        and conflict biases b, ``g`` the expert alternatives' gate of the experts' ``conflict`` (class axis kept
+        as size 1; None: g = 0). Their argmax is the mask."""
+        gate = None if conflict is None else alternatives_gate(conflict, self.expert_alternatives)
+        return calibrated_log_probabilities(mean, self.calib.temperature, gate, self.calib.conflict_bias, axis)
 
     def _mask(self, x: torch.Tensor, modality_mask=None) -> torch.Tensor:
         """The (B, M) float modality mask of this call: ``modality_mask``, else :attr:`modality_mask`."""
@@ -451,9 +462,9 @@ class EnTrustUNet(nn.Module):
         within one model the hypotheses' spread is aleatoric), ``epistemic`` (0 within one model; the
         predictor's fold pooling makes it the folds' disagreement), ``spread`` (the hypotheses' share of the
         entropy), ``probe``, ``conflict`` (the experts' normalised Jensen-Shannon divergence, upsampled),
-        ``fusion_conflict`` (EnFuse's F_cf), ``confidence`` (max of the mean), ``head_confidence`` (max
-        softmax of the deterministic head) and ``error`` (CalibHead's probability that argmax(mean) is
-        wrong). See :mod:`entrust_nnunet.model.trustmap`. ``modality_mask``: as in :meth:`forward`. ``maps``:
+        ``fusion_conflict`` (EnFuse's F_cf), ``confidence`` (max of the calibrated class probabilities,
+        :meth:`calibrated_log_probabilities`, whose argmax is the mask), ``head_confidence`` (max softmax of the
+        deterministic head) and ``error`` (CalibHead's probability that the mask is wrong). See :mod:`entrust_nnunet.model.trustmap`. ``modality_mask``: as in :meth:`forward`. ``maps``:
         the maps wanted beside ``mean`` (default: every one, and ``hypotheses``); the predictor asks for those it
         pools per patch, so ``error`` (CalibHead runs once per case on the pooled maps) and ``spread`` are then
         not computed, and for ``hypotheses`` only when it writes them: without them (and at S = 0, where the mean
@@ -489,7 +500,10 @@ class EnTrustUNet(nn.Module):
                                      self._probe_direction(parts["cond"], seed), conflict, hyps[:p],
                                      self.probe_strength, self.regions) if settings.probe
                           else torch.zeros_like(stats["entropy"]))
-        stats["confidence"] = decision_confidence(stats["mean"], self.regions)
+        # the confidence of the mask: the argmax of the calibrated class probabilities (labels), CalibHead's target
+        calibrated = (stats["mean"] if self.regions
+                      else torch.softmax(self.calibrated_log_probabilities(stats["mean"], conflict), 1))
+        stats["confidence"] = decision_confidence(calibrated, self.regions)
         stats["head_confidence"] = decision_confidence(probabilities(logits, self.regions), self.regions)
         if wanted("error"):
             stats["error"] = torch.maximum(self.calib(stats), alternatives_error_floor(

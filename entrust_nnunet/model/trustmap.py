@@ -8,7 +8,7 @@ between models (folds) is EPISTEMIC. For models f with hypotheses' means ``p_f``
 
 Per network and patch (:func:`hypothesis_statistics`, from hypotheses ``p_k`` (K, B, C, *s)):
 
-* ``mean``      = (1/K) sum_k p_k, the class probabilities (the mask is its argmax);
+* ``mean``      = (1/K) sum_k p_k, the class probabilities (the mask is the argmax of their calibration, below);
 * ``entropy``   = H(mean) in nats;
 * ``aleatoric`` = H(mean) as well: within one model all of it is aleatoric, including the hypotheses'
   spread. The predictor averages it over patches, mirrorings and folds, so that its
@@ -37,9 +37,11 @@ kept (``EnTrustUNet.expert_conflict``).
 
 CalibHead maps the statistics of :data:`STATISTICS` per voxel to the probability that the mask is wrong
 there (the exported ``total`` map). It is fitted on cases the network never trained on: the validation
-fold (``entrust_nnunet.nnunet.calibration``). On the same cases it holds the temperature of the class
-probabilities (:func:`tempered_log_probabilities`), which the network's inference output and
-``--save_probabilities`` carry.
+fold (``entrust_nnunet.nnunet.calibration``). On the same cases it holds the calibration of the class
+probabilities, a temperature and, where the modalities conflict, per-class biases
+(:func:`calibrated_log_probabilities`), which the network's inference output, the mask and
+``--save_probabilities`` carry. The mask is the argmax of these calibrated probabilities (the same as the
+mean's where the modalities agree), ``confidence`` its top probability and CalibHead's target its error.
 """
 from __future__ import annotations
 
@@ -192,6 +194,21 @@ def tempered_log_probabilities(probs: torch.Tensor, temperature) -> torch.Tensor
     return log_probabilities(probs.float()) / torch.as_tensor(temperature, dtype=torch.float32, device=probs.device)
 
 
+def calibrated_log_probabilities(probs: torch.Tensor, temperature, gate: torch.Tensor | None = None,
+                                 bias: torch.Tensor | None = None, axis: int = 1) -> torch.Tensor:
+    """``log(max(p, MIN_PROBABILITY)) / T + g b``: logits of the calibrated class probabilities, ``softmax`` of
+    which over the class ``axis`` of ``probs`` is the temperature-scaled mean moved, where the modalities conflict
+    (the gate ``g`` in [0, 1], one value per voxel, broadcastable without the class axis kept as size 1), by
+    per-class biases ``b`` (C,) fitted with T (:func:`~entrust_nnunet.evaluation.temperature.
+    fit_temperature_with_conflict`). ``g = 0`` or no ``b``: :func:`tempered_log_probabilities`."""
+    z = tempered_log_probabilities(probs, temperature)
+    if gate is None or bias is None or bias.numel() == 0 or not bool((bias != 0).any()):
+        return z
+    shape = [1] * z.dim()
+    shape[axis] = -1
+    return z + gate.float().to(z.device) * bias.float().to(z.device).view(shape)
+
+
 #: how far below the argmax-keeping bound ``1 / (1 + r)`` a calibrated P(error) is capped
 _TOP_LABEL_MARGIN = 1e-4
 
@@ -220,7 +237,7 @@ def top_label_calibrated(probs: torch.Tensor, p_error: torch.Tensor) -> torch.Te
 class CalibHead(nn.Module):
     """Per-voxel map (statistics -> probability of error): a two-layer 1x1-conv MLP with sigmoid output."""
 
-    def __init__(self, conv_op, hidden: int = 16):
+    def __init__(self, conv_op, hidden: int = 16, num_classes: int = 0):
         super().__init__()
         n = len(STATISTICS)
         self.net = nn.Sequential(conv_op(n, hidden, 1), nn.GELU(), conv_op(hidden, 1, 1))
@@ -229,6 +246,10 @@ class CalibHead(nn.Module):
         #: temperature T of the class probabilities (``softmax(log mean / T)``), NLL-fitted on the same cases as
         #: the head: the hypotheses' mean is not calibrated by itself (docs/design.md); T keeps every argmax
         self.register_buffer("temperature", torch.ones(()))
+        #: per-class biases b of the class probabilities where the modalities conflict (``log mean / T + g b``,
+        #: :func:`calibrated_log_probabilities`), fitted with T: there the hypotheses' mean follows the experts' vote,
+        #: which is not the chance of each class (docs/design.md, "A conflict term in the class calibration")
+        self.register_buffer("conflict_bias", torch.zeros(num_classes))
 
     @staticmethod
     def features(stats: dict[str, torch.Tensor]) -> torch.Tensor:

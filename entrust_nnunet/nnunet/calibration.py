@@ -18,9 +18,10 @@ from torch.nn import functional as F
 
 from entrust_nnunet.data.io import InputError, atomic_file
 from entrust_nnunet.evaluation.metrics import foreground_boundary_mask
-from entrust_nnunet.evaluation.temperature import fit_temperature, temperature_nll
+from entrust_nnunet.evaluation.temperature import (conflict_temperature_nll, fit_temperature,
+                                                   fit_temperature_with_conflict, temperature_nll)
 from entrust_nnunet.model.outputs import MIN_PROBABILITY
-from entrust_nnunet.model.trustmap import STATISTICS, CalibHead
+from entrust_nnunet.model.trustmap import STATISTICS, CalibHead, calibrated_log_probabilities
 
 #: Adam steps of a fit when no held-out cases choose the number
 CALIBRATION_STEPS = 1000
@@ -43,9 +44,11 @@ def case_voxels(stats: dict[str, torch.Tensor], seg: np.ndarray, key: str, max_v
     """CalibHead's inputs, ``fg_boundary`` (1 on foreground of label or mask plus a 2-voxel band around the
     label, where calibration is judged) and the error indicator (mask != label) of one case's voxels.
 
-    The mask is nnU-Net's: ``label_manager.convert_probabilities_to_segmentation`` of the mean (regions
-    converted with ``regions_class_order``; argmax for labels, also without a label manager), so the error
-    is that of the exported, converted mask. Voxels outside nnU-Net's crop mask (label < 0) and under its
+    The mask is nnU-Net's: ``label_manager.convert_probabilities_to_segmentation`` of the calibrated probabilities
+    (``stats["calibrated"]`` where given, else the mean; regions converted with ``regions_class_order``; argmax
+    for labels, also without a label manager), so the error is that of the exported, converted mask. For labels
+    the raw mean, the label and the conflict gate are kept too: a new class calibration re-derives the mask's
+    confidence and error from them (:func:`class_calibrated_voxels`). Voxels outside nnU-Net's crop mask (label < 0) and under its
     ignore label are skipped; at most ``max_voxels`` are kept, a subset seeded by the case name (the same
     voxels whenever the case is seen again).
     """
@@ -59,10 +62,11 @@ def case_voxels(stats: dict[str, torch.Tensor], seg: np.ndarray, key: str, max_v
     if valid.numel() > max_voxels:
         gen = torch.Generator().manual_seed(zlib.crc32(key.encode("utf-8")))
         valid = valid[torch.randperm(valid.numel(), generator=gen)[:max_voxels]]
+    decided = stats.get("calibrated", stats["mean"])
     if label_manager is None:
-        pred = stats["mean"].argmax(0)
+        pred = decided.argmax(0)
     else:
-        pred = torch.as_tensor(label_manager.convert_probabilities_to_segmentation(stats["mean"].cpu()))
+        pred = torch.as_tensor(label_manager.convert_probabilities_to_segmentation(decided.cpu()))
         pred = pred.to(seg.device).long()
     error = (pred != seg).flatten().cpu()[valid].float()
     fg = foreground_boundary_mask(seg.clamp_min(0).cpu().numpy(), pred.cpu().numpy())
@@ -72,7 +76,22 @@ def case_voxels(stats: dict[str, torch.Tensor], seg: np.ndarray, key: str, max_v
         # the class temperature's voxels (a softmax's temperature: region sigmoids keep T = 1)
         columns["label"] = seg.flatten().cpu()[valid].long()
         columns["probabilities"] = stats["mean"].flatten(1).float().cpu()[:, valid].T
+        gate = stats.get("gate", torch.zeros_like(stats["entropy"]))
+        columns["gate"] = gate.flatten().float().cpu()[valid]
     return columns, error
+
+
+def class_calibrated_voxels(voxels: Voxels, temperature, bias) -> Voxels:
+    """``voxels`` with the mask of the class calibration (T, b) (labels; regions are returned as they are): the
+    calibrated probabilities ``softmax(log mean / T + g b)``, their top probability as ``confidence`` and the
+    error of their argmax. CalibHead and the calibrator learn the error of the mask that is exported."""
+    columns, error = voxels
+    if "probabilities" not in columns:
+        return voxels
+    gate = columns["gate"] if "gate" in columns else torch.zeros(columns["label"].shape)
+    probs = torch.softmax(calibrated_log_probabilities(columns["probabilities"], torch.as_tensor(temperature),
+                                                       gate[:, None], torch.as_tensor(bias), axis=1), 1)
+    return {**columns, "confidence": probs.amax(1)}, (probs.argmax(1) != columns["label"]).float()
 
 
 def calibration_voxels(predictor, cases: Iterable, names, cache: dict, max_voxels_per_case: int) -> Voxels:
@@ -103,16 +122,38 @@ def fit_calib_head(calib: CalibHead, voxels_of: Callable[[list], Voxels], keys, 
             f"chosen on held-out cases, BCE {bce:.4f})")
 
 
-def fit_class_temperature(calib: CalibHead, voxels: Voxels) -> str:
-    """Fit ``calib.temperature``, the temperature of the class probabilities (the hypotheses' mean), by NLL on
-    the calibration voxels (every valid voxel, as the benchmark fits softmax nnU-Net's); returns a summary."""
-    columns, _ = voxels
-    probs, labels = columns["probabilities"].double().numpy().T, columns["label"].numpy()
+def fit_class_calibration(probs: np.ndarray, labels: np.ndarray, gate: np.ndarray, conflict_biases: bool
+                          ) -> tuple[float, np.ndarray]:
+    """T by NLL on every voxel (:func:`~entrust_nnunet.evaluation.temperature.fit_temperature`), then, with
+    ``conflict_biases``, the biases b with T kept (:func:`~entrust_nnunet.evaluation.temperature.
+    fit_temperature_with_conflict`): fitted jointly, T followed the few conflicting voxels (sharpened to 0.4-0.6
+    from 0.7-0.8 on the development seed) and every other voxel's calibration with it (docs/design.md)."""
     # the floor the network's output puts on probabilities: fit what inference applies
     t = fit_temperature(probs, labels, eps=MIN_PROBABILITY)
+    if not conflict_biases:
+        return t, np.zeros(probs.shape[0])
+    return fit_temperature_with_conflict(probs, labels, gate, eps=MIN_PROBABILITY, temperature=t)
+
+
+def fit_class_temperature(calib: CalibHead, voxels: Voxels) -> str:
+    """Fit ``calib.temperature``, the temperature of the class probabilities (the hypotheses' mean), by NLL on
+    the calibration voxels of one fold (every valid voxel, as the benchmark fits softmax nnU-Net's); its conflict
+    biases stay 0: one fold's calibration cases hold a handful of conflicting structures, too few to tell the
+    chance of a coin (docs/design.md, "A conflict term in the class calibration"; ``entrust calibrate`` fits them
+    on every fold's). Returns a summary."""
+    probs, labels, gate = _class_columns(voxels[0])
+    t, bias = fit_class_calibration(probs, labels, gate, conflict_biases=False)
     before, after = (temperature_nll(probs, labels, x, eps=MIN_PROBABILITY) for x in (1.0, t))
     calib.temperature.fill_(t)
+    calib.conflict_bias.copy_(torch.from_numpy(bias).to(calib.conflict_bias))
     return f"class-probability temperature {t:.3f} (NLL {before:.4f} -> {after:.4f} on {labels.size} voxels)"
+
+
+def _class_columns(columns: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(C, N) mean probabilities, (N,) labels and (N,) conflict gates (0 in files that predate it)."""
+    labels = np.asarray(columns["label"]).astype(np.int64)
+    gate = np.asarray(columns["gate"], dtype=np.float64) if "gate" in columns else np.zeros(labels.size)
+    return np.asarray(columns["probabilities"], dtype=np.float64).T, labels, gate
 
 
 # ------------------------------------------------------------------------------------------------
@@ -181,6 +222,8 @@ class Calibrator:
     weights: tuple[float, ...]  # w_1 ... w_n, b
     #: the class probabilities' temperature fitted on the same voxels (None: the folds' CalibHead temperatures)
     class_temperature: float | None = None
+    #: ... and their biases where the modalities conflict (with ``class_temperature``)
+    class_conflict_bias: tuple[float, ...] | None = None
 
     def logits(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
         w = torch.tensor(self.weights, dtype=torch.float32)
@@ -192,8 +235,9 @@ class Calibrator:
         return torch.sigmoid(self.logits(calibration_features(stats))).to(device)
 
 
-#: what the fold voxels file keeps beside the statistics: the class probabilities and labels (class temperature)
-CLASS_COLUMNS = ("probabilities", "label")
+#: what the fold voxels file keeps beside the statistics: class probabilities, labels and conflict gates (the
+#: class calibration)
+CLASS_COLUMNS = ("probabilities", "label", "gate")
 
 
 def save_fold_voxels(path: Path, voxels: Voxels) -> None:
@@ -204,34 +248,54 @@ def save_fold_voxels(path: Path, voxels: Voxels) -> None:
         np.savez_compressed(f, error=error.numpy(), **{k: columns[k].numpy() for k in keys})
 
 
-def load_fold_class_voxels(model_folder: Path, fold) -> tuple[np.ndarray, np.ndarray] | None:
-    """(C, N) class probabilities and (N,) labels of a fold's out-of-fold voxels; None for files without them."""
-    with np.load(Path(model_folder) / f"fold_{fold}" / FOLD_VOXELS_FILE, allow_pickle=False) as f:
-        if not all(k in f for k in CLASS_COLUMNS):
-            return None
-        return f["probabilities"].astype(np.float64).T, f["label"].astype(np.int64)
-
-
-def fit_pooled_temperature(model_folder: Path, folds: list) -> dict | None:
-    """One class-probability temperature NLL-fitted on every fold's out-of-fold voxels (None when a fold's file
-    predates them); with its NLL at T = 1 and at T."""
-    parts = [load_fold_class_voxels(model_folder, f) for f in folds]
-    if any(p is None for p in parts):
-        return None
-    probs, labels = np.concatenate([p[0] for p in parts], 1), np.concatenate([p[1] for p in parts])
-    t = fit_temperature(probs, labels, eps=MIN_PROBABILITY)
-    return {"temperature": t, "voxels": int(labels.size),
-            "nll": [temperature_nll(probs, labels, x, eps=MIN_PROBABILITY) for x in (1.0, t)]}
-
-
-def load_fold_voxels(model_folder: Path, fold) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+def fold_voxels_path(model_folder: Path, fold) -> Path:
+    """A fold's out-of-fold voxels file; one clear error when the fold has none."""
     path = Path(model_folder) / f"fold_{fold}" / FOLD_VOXELS_FILE
     if not path.is_file():
         raise InputError(f"{path}: fold {fold} has no out-of-fold calibration voxels (train it to the end with "
                          f"nnUNetTrainerEnTrust; its validation writes them)")
-    with np.load(path, allow_pickle=False) as f:
-        stats = {k: torch.from_numpy(f[k]) for k in STATISTICS}
-        return calibration_features(stats), torch.from_numpy(f["error"]).float(), torch.from_numpy(f["fg_boundary"]).bool()
+    return path
+
+
+def load_fold_class_voxels(model_folder: Path, fold) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """(C, N) class probabilities, (N,) labels and (N,) conflict gates of a fold's out-of-fold voxels (gates 0 in
+    files that predate them); None for files without classes."""
+    with np.load(fold_voxels_path(model_folder, fold), allow_pickle=False) as f:
+        if not all(k in f for k in CLASS_COLUMNS[:2]):
+            return None
+        return _class_columns({k: f[k] for k in CLASS_COLUMNS if k in f})
+
+
+def fit_pooled_temperature(model_folder: Path, folds: list, conflict_biases: bool | None = None) -> dict | None:
+    """One class calibration NLL-fitted on every fold's out-of-fold voxels (None when a fold's file predates
+    them): the temperature and, with ``conflict_biases`` (default: with two folds or more), the conflict biases
+    (:func:`fit_class_calibration`); with its NLL before (T = 1, b = 0) and after."""
+    if conflict_biases is None:
+        conflict_biases = len(folds) > 1
+    parts = [load_fold_class_voxels(model_folder, f) for f in folds]
+    if any(p is None for p in parts):
+        return None
+    probs, labels, gate = (np.concatenate([p[i] for p in parts], -1) for i in range(3))
+    t, bias = fit_class_calibration(probs, labels, gate, conflict_biases)
+    return {"temperature": t, "conflict_bias": bias.tolist(), "voxels": int(labels.size),
+            "conflict_voxels": int((gate >= 0.5).sum()),
+            "nll": [conflict_temperature_nll(probs, labels, gate, *x, eps=MIN_PROBABILITY)
+                    for x in ((1.0, np.zeros_like(bias)), (t, bias))]}
+
+
+def load_fold_voxels(model_folder: Path, fold, class_calibration: dict | None = None
+                     ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """A fold's out-of-fold calibration features, errors and foreground + boundary flags; with
+    ``class_calibration`` (:func:`fit_pooled_temperature`'s fit) the mask's confidence and error are those of
+    that class calibration (:func:`class_calibrated_voxels`)."""
+    with np.load(fold_voxels_path(model_folder, fold), allow_pickle=False) as f:
+        columns = {k: torch.from_numpy(f[k]) for k in (*STATISTICS, *CLASS_COLUMNS) if k in f}
+        error = torch.from_numpy(f["error"]).float()
+        fg = torch.from_numpy(f["fg_boundary"]).bool()
+    if class_calibration is not None:
+        columns, error = class_calibrated_voxels((columns, error), class_calibration["temperature"],
+                                                 class_calibration["conflict_bias"])
+    return calibration_features(columns), error, fg
 
 
 def _held_out_bce(names: tuple[str, ...], folds: list) -> float:
@@ -248,9 +312,12 @@ def _held_out_bce(names: tuple[str, ...], folds: list) -> float:
 
 def fit_calibrator(model_folder: Path, folds: list) -> tuple[Calibrator, dict]:
     """Choose and fit the calibrator on the out-of-fold voxels of ``folds`` (each training case is out of fold
-    once). With two folds or more the candidates of :data:`CALIBRATORS` are compared by leave-one-fold-out
-    BCE on foreground + boundary voxels; the winner is refitted on all of them."""
-    data = [load_fold_voxels(model_folder, f) for f in folds]
+    once), each fold's for the mask of the class calibration fitted on the other folds (:func:`load_fold_voxels`;
+    why cross-fitted: :func:`cross_fitted_class_voxels`). With two folds or more the candidates of
+    :data:`CALIBRATORS` are compared by leave-one-fold-out BCE on foreground + boundary voxels; the winner is
+    refitted on all of them."""
+    data = [load_fold_voxels(model_folder, f, fit_pooled_temperature(
+        model_folder, [o for o in folds if o != f] or [f], conflict_biases=len(folds) > 1)) for f in folds]
     scores = {name: _held_out_bce(names, data) for name, names in CALIBRATORS.items()} if len(data) > 1 else {}
     name = min(scores, key=scores.get) if scores else "platt_with_conflict"
     names = CALIBRATORS[name]
@@ -281,13 +348,14 @@ def calibrate_model(model_folder, folds=None) -> tuple[Path, dict]:
         folds = sorted(int(p.parent.name[5:]) for p in model_folder.glob(f"fold_[0-9]*/{FOLD_VOXELS_FILE}"))
         if not folds:
             raise InputError(f"{model_folder}: no fold has out-of-fold calibration voxels ({FOLD_VOXELS_FILE})")
-    calibrator, report = fit_calibrator(model_folder, list(folds))
     temperature = fit_pooled_temperature(model_folder, list(folds))
+    calibrator, report = fit_calibrator(model_folder, list(folds))
     plans = json.loads((model_folder / "plans.json").read_text())
     content = {"trainer_plans_configuration": model_folder.name, "plans_name": plans.get("plans_name"),
                "folds": list(folds), "calibrator": calibrator.name, "features": list(calibrator.features),
                "weights": list(calibrator.weights), "report": report,
-               "class_temperature": temperature and temperature["temperature"], "class_temperature_fit": temperature}
+               "class_temperature": temperature and temperature["temperature"],
+               "class_conflict_bias": temperature and temperature["conflict_bias"], "class_temperature_fit": temperature}
     path = model_folder / CALIBRATION_FILE
     with atomic_file(path) as f:
         json.dump(content, f, indent=2)
@@ -304,9 +372,10 @@ def load_calibrator(model_folder) -> Calibrator | None:
         return None
     try:
         content = json.loads(path.read_text())
-        t = content.get("class_temperature")
+        t, bias = content.get("class_temperature"), content.get("class_conflict_bias")
         calibrator = Calibrator(content["calibrator"], tuple(content["features"]),
-                                tuple(float(w) for w in content["weights"]), None if t is None else float(t))
+                                tuple(float(w) for w in content["weights"]), None if t is None else float(t),
+                                None if bias is None else tuple(float(b) for b in bias))
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise InputError(f"{path}: not a calibration file of entrust calibrate ({e})") from None
     if content.get("trainer_plans_configuration") != Path(model_folder).name:

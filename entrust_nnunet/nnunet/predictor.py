@@ -61,12 +61,11 @@ from entrust_nnunet.data.io import (HYPOTHESIS_FOLDER, MAP_FOLDER, MAP_NAMES, In
                                     map_path, temporary_path, write_image)
 from entrust_nnunet.data.modalities import modalities_path
 from entrust_nnunet.model.absence import resolve_mask, without_absent
-from entrust_nnunet.model.alternatives import alternatives_error_floor
+from entrust_nnunet.model.alternatives import alternatives_error_floor, alternatives_gate
 from entrust_nnunet.model.network import EnTrustUNet
 from entrust_nnunet.model.outputs import as_logits, decision_confidence, log_probabilities
 from entrust_nnunet.model.sampling import DEFAULT_SAMPLING, SamplingSettings
-from entrust_nnunet.model.trustmap import (CalibHead, entropy, output_entropy, tempered_log_probabilities,
-                                           top_label_calibrated)
+from entrust_nnunet.model.trustmap import CalibHead, calibrated_log_probabilities, entropy, output_entropy, top_label_calibrated
 from entrust_nnunet.nnunet.calibration import load_calibrator
 from entrust_nnunet.nnunet.checkpoints import build_network, check_weights_fit, find_trainer, load_checkpoint
 from entrust_nnunet.nnunet.distributed import unwrap
@@ -218,15 +217,19 @@ def export_prediction_with_maps(prediction: np.ndarray, properties: dict, config
 CASE_SLAB_VOXELS = 1 << 20
 
 
+#: the pooled statistics with a class axis first
+CLASS_AXIS = ("mean", "calibrated")
+
+
 def case_slabs(stats: dict[str, torch.Tensor], spatial: tuple[int, ...]):
     """``(part, where)`` over slabs of about :data:`CASE_SLAB_VOXELS` voxels along the first spatial axis longer
-    than 1 (2D cases are (1, H, W)): ``part`` the statistics of the slab (``mean`` keeps its class axis first),
+    than 1 (2D cases are (1, H, W)): ``part`` the statistics of the slab (those of :data:`CLASS_AXIS` keep their class axis first),
     ``where`` its spatial index."""
     axis = next((i for i, n in enumerate(spatial) if n > 1), 0)
     step = max(1, CASE_SLAB_VOXELS // max(1, math.prod(spatial[axis + 1:])))
     for start in range(0, spatial[axis], step):
         where = (slice(None),) * axis + (slice(start, start + step),)
-        yield {k: v[(slice(None), *where)] if k == "mean" else v[where] for k, v in stats.items()}, where
+        yield {k: v[(slice(None), *where)] if k in CLASS_AXIS else v[where] for k, v in stats.items()}, where
 
 
 class EnTrustPredictor(nnUNetPredictor):
@@ -287,8 +290,10 @@ class EnTrustPredictor(nnUNetPredictor):
         self.calib_heads = []
         if isinstance(net, EnTrustUNet):
             for p in self.list_of_parameters or [net.state_dict()]:
-                head = CalibHead(type(net.calib.net[0]))
-                head.load_state_dict({k[len("calib."):]: v for k, v in p.items() if k.startswith("calib.")})
+                head = CalibHead(type(net.calib.net[0]), num_classes=net.num_classes)
+                weights = {k[len("calib."):]: v for k, v in p.items() if k.startswith("calib.")}
+                weights.setdefault("conflict_bias", head.conflict_bias)  # checkpoints from before the biases: none
+                head.load_state_dict(weights)
                 self.calib_heads.append(head.eval())
 
     def probability_of_error(self, stats: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -317,14 +322,33 @@ class EnTrustPredictor(nnUNetPredictor):
             return 1.0
         return float(torch.stack([head.temperature for head in self.calib_heads]).mean())
 
-    def class_probabilities(self, mean: torch.Tensor, p_error: torch.Tensor) -> torch.Tensor:
-        """The class probabilities written (labels): the temperature-scaled mean (:meth:`class_temperature`) with
-        its top label's confidence set to ``1 - P(error)`` (:func:`top_label_calibrated`): the temperature alone
-        cannot follow the conflict, CalibHead's P(error) does (docs/design.md "Class probabilities")."""
-        tempered = torch.softmax(tempered_log_probabilities(mean, self.class_temperature()), 0)
+    def class_conflict_bias(self) -> torch.Tensor:
+        """Biases b (C,) of the class probabilities where the modalities conflict (``log mean / T + g b``): the
+        ones ``entrust calibrate`` fitted with its temperature when the model folder has them, else the folds'
+        CalibHead biases averaged; none (size 0) for networks without CalibHead."""
+        calibrator = getattr(self, "calibrator", None)
+        if calibrator is not None and calibrator.class_temperature is not None:
+            return torch.tensor(calibrator.class_conflict_bias or (), dtype=torch.float32)
+        if not self.calib_heads:
+            return torch.zeros(0)
+        return torch.stack([head.conflict_bias.float().cpu() for head in self.calib_heads]).mean(0)
+
+    def calibrated_probabilities(self, mean: torch.Tensor, conflict: torch.Tensor) -> torch.Tensor:
+        """The calibrated class probabilities (labels; C, *s) of the pooled ``mean``: ``softmax(log mean / T + g b)``
+        (:meth:`class_temperature`, :meth:`class_conflict_bias`), ``g`` the expert alternatives' gate of the pooled
+        ``conflict`` (*s). Their argmax is the mask."""
+        gate = alternatives_gate(conflict, getattr(self.network.net, "expert_alternatives", 0.0))[None]
+        return torch.softmax(calibrated_log_probabilities(mean, self.class_temperature(), gate,
+                                                          self.class_conflict_bias(), axis=0), 0)
+
+    def class_probabilities(self, calibrated: torch.Tensor, p_error: torch.Tensor) -> torch.Tensor:
+        """The class probabilities written (labels): the calibrated probabilities (:meth:`calibrated_probabilities`)
+        with their top label's confidence set to ``1 - P(error)`` (:func:`top_label_calibrated`): the class
+        calibration's few parameters cannot follow every voxel, CalibHead's P(error) does (docs/design.md "Class
+        probabilities")."""
         if getattr(self, "calibrator", None) is None and not self.calib_heads:
-            return tempered  # other methods: their own probabilities (their P(error) is 1 - max of them)
-        return top_label_calibrated(tempered, p_error)
+            return calibrated  # other methods: their own probabilities (their P(error) is 1 - max of them)
+        return top_label_calibrated(calibrated, p_error)
 
     # --------------------------------------------------------------- prediction
     def hypotheses_per_fold(self) -> int:
@@ -387,8 +411,14 @@ class EnTrustPredictor(nnUNetPredictor):
             mean = mean / mean.sum(0, keepdim=True).clamp_min(1e-8)
         maps = dict(zip(POOLED_MAPS, pooled[c:]))
         total = output_entropy(mean, 0, regions)
-        return {**maps, "mean": mean, "confidence": decision_confidence(mean, regions, axis=0), "entropy": total,
-                "epistemic": (total - maps["aleatoric"]).clamp_min(0), "conflict": maps["conflict"].clamp(0, 1),
+        conflict = maps["conflict"].clamp(0, 1)
+        # the mask's probabilities: calibrated (labels; regions keep their sigmoids); the other statistics, CalibHead's
+        # features, stay those of the hypotheses' pooled mean
+        calibrated = mean if regions else self.calibrated_probabilities(mean, conflict)
+        return {**maps, "mean": mean, "calibrated": calibrated, "gate": alternatives_gate(
+                    conflict, getattr(self.network.net, "expert_alternatives", 0.0)),
+                "confidence": decision_confidence(calibrated, regions, axis=0), "entropy": total,
+                "epistemic": (total - maps["aleatoric"]).clamp_min(0), "conflict": conflict,
                 **({"hypotheses": hypotheses} if hypotheses is not None else {})}
 
     @torch.inference_mode()
@@ -405,7 +435,7 @@ class EnTrustPredictor(nnUNetPredictor):
         for part, where in case_slabs(stats, spatial):
             p_error = self.probability_of_error(part)
             out[(slice(0, c), *where)] = (as_logits(part["mean"], True) if self.label_manager.has_regions
-                                          else log_probabilities(self.class_probabilities(part["mean"], p_error)))
+                                          else log_probabilities(self.class_probabilities(part["calibrated"], p_error)))
             out[(slice(c, None), *where)] = torch.stack([p_error, part["aleatoric"], part["epistemic"],
                                                          part["conflict"]])
         return out, hypotheses

@@ -46,8 +46,8 @@ from entrust_nnunet.model.network import LOSS_WEIGHTS, EnTrustUNet
 from entrust_nnunet.model.outputs import full_resolution
 from entrust_nnunet.nnunet.annotators import training_dataset
 from entrust_nnunet.nnunet.calibration import (CALIBRATION_STEPS, FOLD_VOXELS_FILE, calibration_subset,
-                                               calibration_voxels, fit_calib_head, fit_class_temperature,
-                                               save_fold_voxels)
+                                               calibration_voxels, class_calibrated_voxels, fit_calib_head,
+                                               fit_class_temperature, save_fold_voxels)
 from entrust_nnunet.nnunet.clipping import clipping_per_group
 from entrust_nnunet.nnunet.distributed import broadcast_state, freeze, thawed, unwrap
 from entrust_nnunet.nnunet.modality_dropout import ModalityDropout, calibration_subsets
@@ -333,11 +333,16 @@ class nnUNetTrainerEnTrust(ModalityDropout, nnUNetTrainer):
             self.set_deep_supervision_enabled(self.enable_deep_supervision)
 
     def _fit_calib_head(self, keys) -> str:
-        """Fit the network's CalibHead on the voxels of ``keys``; returns a one-line summary."""
+        """Fit the network's CalibHead on the voxels of ``keys``, for the mask and confidence of its class
+        calibration (fitted before it); returns a one-line summary."""
         calib = unwrap(self.network).calib.cpu()
+
+        def voxels_of(names):
+            return class_calibrated_voxels(self._calibration_voxels(names), calib.temperature, calib.conflict_bias)
+
         try:
             with thawed(calib):
-                return fit_calib_head(calib, self._calibration_voxels, keys, self.calibration_steps)
+                return fit_calib_head(calib, voxels_of, keys, self.calibration_steps)
         finally:
             calib.to(self.device)
 
@@ -353,12 +358,15 @@ class nnUNetTrainerEnTrust(ModalityDropout, nnUNetTrainer):
         if self.local_rank == 0:
             sets = len(self.calibration_modalities(self.calibration_keys[0]))
             subsets = f", each predicted with {sets} modality sets" if sets > 1 else ""
-            self.print_to_log_file(f"CalibHead fitted on {self._fit_calib_head(self.calibration_keys)}{subsets}")
             voxels = self._calibration_voxels(self.calibration_keys)
+            # the class calibration first: it decides the mask, whose error CalibHead learns
             if "probabilities" in voxels[0]:  # label outputs only: regions keep their sigmoids
                 self.print_to_log_file(fit_class_temperature(unwrap(self.network).calib, voxels))
+            self.print_to_log_file(f"CalibHead fitted on {self._fit_calib_head(self.calibration_keys)}{subsets}")
             # out-of-fold voxels for `entrust calibrate`, which fits one calibrator on every fold's
-            save_fold_voxels(Path(self.output_folder) / FOLD_VOXELS_FILE, voxels)
+            calib = unwrap(self.network).calib
+            save_fold_voxels(Path(self.output_folder) / FOLD_VOXELS_FILE,
+                             class_calibrated_voxels(voxels, calib.temperature, calib.conflict_bias))
         broadcast_state(unwrap(self.network).calib)
 
 

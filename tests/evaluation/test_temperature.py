@@ -2,7 +2,8 @@
 import numpy as np
 import pytest
 
-from entrust_nnunet.evaluation.temperature import fit_temperature, temperature_nll, temperature_scale
+from entrust_nnunet.evaluation.temperature import (conflict_temperature_nll, conflict_temperature_scale, fit_temperature,
+                                                   fit_temperature_with_conflict, temperature_nll, temperature_scale)
 
 
 def _overconfident(n=4000, c=3, sharpen=3.0, seed=0):
@@ -43,3 +44,46 @@ def test_calibrated_model_keeps_temperature_one_and_bad_input_fails():
         fit_temperature(probs, y[:-1])
     with pytest.raises(ValueError):
         temperature_scale(probs, 0.0)
+
+
+def _conflicting(n=20000, sharpen=3.0, bias=(0.0, 1.5, -1.0), seed=3):
+    """Labels drawn from softmax(logits + g b) with a conflict gate g on a third of the voxels; the model reports
+    softmax(sharpen * logits): it is overconfident everywhere and, where g > 0, blind to the conflict's shift."""
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(0, 1.5, (3, n))
+    gate = np.where(rng.random(n) < 0.3, rng.random(n), 0.0)
+    truth = conflict_temperature_scale(np.exp(logits) / np.exp(logits).sum(0), gate, 1.0, bias)
+    u = rng.random(n)
+    y = (u[None] > truth.cumsum(0)).sum(0)
+    reported = np.exp(sharpen * logits)
+    return reported / reported.sum(0), y, gate
+
+
+def test_conflict_fit_recovers_temperature_and_biases_and_lowers_nll():
+    probs, y, gate = _conflicting()
+    t, b = fit_temperature_with_conflict(probs, y, gate)
+    assert t == pytest.approx(3.0, rel=0.1) and b[0] == 0.0
+    np.testing.assert_allclose(b[1:], [1.5, -1.0], atol=0.25)
+    # a convex minimum: no step away from it lowers the NLL
+    best = conflict_temperature_nll(probs, y, gate, t, b)
+    for dt, db in ((1.05, 0.0), (0.95, 0.0), (1.0, 0.1), (1.0, -0.1)):
+        assert conflict_temperature_nll(probs, y, gate, t * dt, b + np.array([0, db, 0])) >= best - 1e-9
+    assert best < conflict_temperature_nll(probs, y, gate, fit_temperature(probs, y), np.zeros(3)) - 0.01
+
+
+def test_conflict_scale_formula_and_the_gate_zero_case():
+    probs, y, gate = _conflicting(n=60, seed=4)
+    bias = np.array([0.0, 2.0, -1.0])
+    scaled = conflict_temperature_scale(probs, gate, 2.0, bias)
+    direct = np.exp(np.log(probs) / 2.0 + gate[None] * bias[:, None])
+    np.testing.assert_allclose(scaled, direct / direct.sum(0), rtol=1e-10)
+    assert conflict_temperature_nll(probs, y, gate, 2.0, bias) == pytest.approx(
+        -np.log(scaled[y, np.arange(y.size)]).mean(), rel=1e-10)
+    # where g = 0 the biases do nothing: plain temperature scaling, argmax kept
+    free = gate == 0
+    np.testing.assert_allclose(scaled[:, free], temperature_scale(probs, 2.0)[:, free], rtol=1e-10)
+    # no conflicting voxel: the biases stay 0 and T is the plain fit
+    t, b = fit_temperature_with_conflict(probs, y, np.zeros_like(gate))
+    assert t == pytest.approx(fit_temperature(probs, y)) and not b.any()
+    with pytest.raises(ValueError, match="gate"):
+        fit_temperature_with_conflict(probs, y, gate[:-1])

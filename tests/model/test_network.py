@@ -253,3 +253,37 @@ def test_segdiff_losses_train_segdiff_alone():
     (losses["start"] + losses["generative"]).backward()
     reached = {n.split(".")[0] for n, p in net.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
     assert reached == {"segdiff"}
+
+
+def test_conflict_biases_move_the_mask_only_where_the_experts_conflict():
+    """CalibHead's class calibration: log mean / T + g b. Where the gate g = clamp(2 d) is 0 the argmax is the mean's;
+    where the experts conflict (g = 1) a bias for class 1 takes the voxel. forward(), the stock nnU-Net path, returns
+    exactly these calibrated logits, and sample()'s confidence is their top probability."""
+    torch.manual_seed(0)
+    net = EnTrustUNet(3, num_classes=3, **arch_kwargs(2)).eval()
+    mean = torch.tensor([0.6, 0.3, 0.1]).view(1, 3, 1, 1).expand(1, 3, 4, 4)
+    conflict = torch.zeros(1, 1, 4, 4)
+    conflict[..., :2] = 0.5  # gate 1 in the left half
+    net.calib.temperature.fill_(2.0)
+    net.calib.conflict_bias.copy_(torch.tensor([0.0, 1.0, -1.0]))
+    calibrated = torch.softmax(net.calibrated_log_probabilities(mean, conflict), 1)
+    expected_right = torch.softmax(torch.log(mean[:, :, 0, 0]) / 2.0, 1)
+    expected_left = torch.softmax(torch.log(mean[:, :, 0, 0]) / 2.0 + torch.tensor([0.0, 1.0, -1.0]), 1)
+    torch.testing.assert_close(calibrated[:, :, 0, 3], expected_right)
+    torch.testing.assert_close(calibrated[:, :, 0, 0], expected_left)
+    assert (calibrated.argmax(1)[..., :2] == 1).all() and (calibrated.argmax(1)[..., 2:] == 0).all()
+    net.expert_alternatives = 0.0  # no alternatives: no gate, the biases do nothing
+    torch.testing.assert_close(net.calibrated_log_probabilities(mean, conflict), torch.log(mean) / 2.0)
+    net.expert_alternatives = 2.0
+
+    x = torch.randn(1, 3, 32, 32)
+    net.calib.conflict_bias.copy_(torch.tensor([0.0, 3.0, 0.0]))
+    settings = SamplingSettings(num_hypotheses=2, probe=False)
+    net.sampling = settings
+    s = net.sample(x, settings)
+    assert float((s["conflict"] > 0.05).float().mean()) > 0.01  # an untrained net's experts conflict somewhere
+    logits = net.calibrated_log_probabilities(s["mean"], s["conflict"][:, None])
+    torch.testing.assert_close(net(x).float(), logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(s["confidence"], torch.softmax(logits, 1).amax(1))
+    moved = torch.softmax(logits, 1).argmax(1) != s["mean"].argmax(1)
+    assert moved.any() and (s["conflict"][moved] > 0).all()

@@ -87,8 +87,9 @@ def test_class_temperature_recovers_the_sharpening_of_overconfident_probabilitie
     q = torch.softmax(2 * torch.randn(20000, 3, generator=gen), 1)
     labels = torch.multinomial(q, 1, generator=gen)[:, 0]
     overconfident = torch.softmax(3 * q.log(), 1)
-    head = CalibHead(nn.Conv2d)
+    head = CalibHead(nn.Conv2d, num_classes=3)
     summary = fit_class_temperature(head, ({"probabilities": overconfident, "label": labels}, labels.float()))
+    assert torch.equal(head.conflict_bias, torch.zeros(3))  # no conflict gate: nothing to move
     before, after = (float(v) for v in summary.split("NLL ")[1].split(" on")[0].split(" -> "))
     assert float(head.temperature) == pytest.approx(3.0, rel=0.1) and after < before - 0.05
     tempered = torch.softmax(tempered_log_probabilities(overconfident.T, head.temperature), 0)
@@ -134,3 +135,49 @@ def test_case_voxels_score_the_region_converted_mask_and_skip_ignored_voxels():
     columns, error = case_voxels(stats, seg, "case", 100, lm)
     assert error.tolist() == [0.0, 1.0]
     torch.testing.assert_close(columns["confidence"], stats["confidence"].flatten()[:2])
+
+
+def test_calibrate_fits_conflict_biases_and_scores_the_mask_they_decide(tmp_path):
+    """Labels follow softmax(log q + g b): where the experts conflict (g > 0) the model's mean under-weights class 1.
+    `entrust calibrate` fits b with T on every fold's voxels, stores them, and its P(error) calibrator learns the
+    error of the mask they decide (argmax of the calibrated probabilities), not of the mean's argmax: each fold's
+    with the class calibration of the other folds (cross-fitted)."""
+    from entrust_nnunet.evaluation.temperature import conflict_temperature_scale
+    from entrust_nnunet.nnunet.calibration import class_calibrated_voxels, fit_pooled_temperature
+
+    model = tmp_path / "nnUNetTrainerEnTrust__nnUNetPlans__2d"
+    model.mkdir()
+    (model / "plans.json").write_text(json.dumps({"plans_name": "nnUNetPlans"}))
+    bias = torch.tensor([0.0, 2.0, -1.0])
+    folds = []
+    for f in (0, 1):
+        stats, _ = _fold_voxels(f)
+        n = stats["conflict"].numel()
+        g = torch.Generator().manual_seed(10 + f)
+        q = torch.softmax(2 * torch.randn(n, 3, generator=g), 1)
+        gate = (2 * stats["conflict"]).clamp(0, 1)
+        truth = torch.from_numpy(conflict_temperature_scale(q.T.double().numpy(), gate.numpy(), 1.0, bias.numpy())).T
+        labels = torch.multinomial(truth.float(), 1, generator=g)[:, 0]
+        stored_error = (q.argmax(1) != labels).float()  # the mean's mask, as an uncalibrated fold stored it
+        columns = {**stats, "probabilities": q, "label": labels, "gate": gate}
+        folds.append((columns, stored_error))
+        (model / f"fold_{f}").mkdir()
+        save_fold_voxels(model / f"fold_{f}" / FOLD_VOXELS_FILE, (columns, stored_error))
+    _, content = calibrate_model(model)
+    assert content["class_temperature"] == pytest.approx(1.0, abs=0.15)  # T first, alone: it absorbs a little
+    assert content["class_conflict_bias"][0] == 0.0
+    assert content["class_conflict_bias"][1:] == pytest.approx([2.0, -1.0], abs=0.35)
+    assert load_calibrator(model).class_conflict_bias == pytest.approx(tuple(content["class_conflict_bias"]))
+    # the calibrator's voxels are the calibrated mask's: confidence its top probability, error its argmax's
+    others = [fit_pooled_temperature(model, [1 - f], conflict_biases=True) for f in (0, 1)]
+    assert not any(fit_pooled_temperature(model, [0])["conflict_bias"])  # one fold: no biases by default
+    assert others[0]["conflict_bias"] != pytest.approx(content["class_conflict_bias"], abs=1e-6)
+    recomputed = [class_calibrated_voxels(v, o["temperature"], o["conflict_bias"]) for v, o in zip(folds, others)]
+    error = torch.cat([e for _, e in recomputed])
+    assert content["report"]["error_rate"] == pytest.approx(float(error.mean()))
+    assert float(error.mean()) < float(torch.cat([e for _, e in folds]).mean()) - 0.01  # the better mask
+    columns, e = recomputed[0]
+    calibrated = torch.softmax(torch.log(folds[0][0]["probabilities"].clamp_min(1e-4)) / others[0]["temperature"]
+                               + folds[0][0]["gate"][:, None] * torch.tensor(others[0]["conflict_bias"]), 1)
+    torch.testing.assert_close(columns["confidence"], calibrated.amax(1), atol=1e-5, rtol=1e-5)
+    assert torch.equal(e, (calibrated.argmax(1) != folds[0][0]["label"]).float())
