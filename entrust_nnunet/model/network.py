@@ -464,7 +464,8 @@ class EnTrustUNet(nn.Module):
         entropy), ``probe``, ``conflict`` (the experts' normalised Jensen-Shannon divergence, upsampled),
         ``fusion_conflict`` (EnFuse's F_cf), ``confidence`` (max of the calibrated class probabilities,
         :meth:`calibrated_log_probabilities`, whose argmax is the mask), ``head_confidence`` (max softmax of the
-        deterministic head) and ``error`` (CalibHead's probability that the mask is wrong). See :mod:`entrust_nnunet.model.trustmap`. ``modality_mask``: as in :meth:`forward`. ``maps``:
+        deterministic head) and ``error`` (CalibHead's probability that the mask is wrong). See
+        :mod:`entrust_nnunet.model.trustmap`. ``modality_mask``: as in :meth:`forward`. ``maps``:
         the maps wanted beside ``mean`` (default: every one, and ``hypotheses``); the predictor asks for those it
         pools per patch, so ``error`` (CalibHead runs once per case on the pooled maps) and ``spread`` are then
         not computed, and for ``hypotheses`` only when it writes them: without them (and at S = 0, where the mean

@@ -48,9 +48,9 @@ def case_voxels(stats: dict[str, torch.Tensor], seg: np.ndarray, key: str, max_v
     (``stats["calibrated"]`` where given, else the mean; regions converted with ``regions_class_order``; argmax
     for labels, also without a label manager), so the error is that of the exported, converted mask. For labels
     the raw mean, the label and the conflict gate are kept too: a new class calibration re-derives the mask's
-    confidence and error from them (:func:`class_calibrated_voxels`). Voxels outside nnU-Net's crop mask (label < 0) and under its
-    ignore label are skipped; at most ``max_voxels`` are kept, a subset seeded by the case name (the same
-    voxels whenever the case is seen again).
+    confidence and error from them (:func:`class_calibrated_voxels`). Voxels outside nnU-Net's crop mask
+    (label < 0) and under its ignore label are skipped; at most ``max_voxels`` are kept, a subset seeded by the
+    case name (the same voxels whenever the case is seen again).
     """
     seg = torch.from_numpy(np.asarray(seg)[0]).to(stats["entropy"].device)
     keep = seg >= 0
@@ -313,7 +313,8 @@ def _held_out_bce(names: tuple[str, ...], folds: list) -> float:
 def fit_calibrator(model_folder: Path, folds: list) -> tuple[Calibrator, dict]:
     """Choose and fit the calibrator on the out-of-fold voxels of ``folds`` (each training case is out of fold
     once), each fold's for the mask of the class calibration fitted on the other folds (:func:`load_fold_voxels`;
-    why cross-fitted: :func:`cross_fitted_class_voxels`). With two folds or more the candidates of
+    cross-fitted because a calibration fitted on the very cases it decides is right about their coin flips by
+    construction, docs/design.md). With two folds or more the candidates of
     :data:`CALIBRATORS` are compared by leave-one-fold-out BCE on foreground + boundary voxels; the winner is
     refitted on all of them."""
     data = [load_fold_voxels(model_folder, f, fit_pooled_temperature(
@@ -355,7 +356,8 @@ def calibrate_model(model_folder, folds=None) -> tuple[Path, dict]:
                "folds": list(folds), "calibrator": calibrator.name, "features": list(calibrator.features),
                "weights": list(calibrator.weights), "report": report,
                "class_temperature": temperature and temperature["temperature"],
-               "class_conflict_bias": temperature and temperature["conflict_bias"], "class_temperature_fit": temperature}
+               "class_conflict_bias": temperature and temperature["conflict_bias"],
+               "class_temperature_fit": temperature}
     path = model_folder / CALIBRATION_FILE
     with atomic_file(path) as f:
         json.dump(content, f, indent=2)

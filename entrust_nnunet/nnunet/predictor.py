@@ -65,7 +65,8 @@ from entrust_nnunet.model.alternatives import alternatives_error_floor, alternat
 from entrust_nnunet.model.network import EnTrustUNet
 from entrust_nnunet.model.outputs import as_logits, decision_confidence, log_probabilities
 from entrust_nnunet.model.sampling import DEFAULT_SAMPLING, SamplingSettings
-from entrust_nnunet.model.trustmap import CalibHead, calibrated_log_probabilities, entropy, output_entropy, top_label_calibrated
+from entrust_nnunet.model.trustmap import (CalibHead, calibrated_log_probabilities, entropy, output_entropy,
+                                           top_label_calibrated)
 from entrust_nnunet.nnunet.calibration import load_calibrator
 from entrust_nnunet.nnunet.checkpoints import build_network, check_weights_fit, find_trainer, load_checkpoint
 from entrust_nnunet.nnunet.distributed import unwrap
@@ -223,7 +224,8 @@ CLASS_AXIS = ("mean", "calibrated")
 
 def case_slabs(stats: dict[str, torch.Tensor], spatial: tuple[int, ...]):
     """``(part, where)`` over slabs of about :data:`CASE_SLAB_VOXELS` voxels along the first spatial axis longer
-    than 1 (2D cases are (1, H, W)): ``part`` the statistics of the slab (those of :data:`CLASS_AXIS` keep their class axis first),
+    than 1 (2D cases are (1, H, W)): ``part`` the statistics of the slab (those of :data:`CLASS_AXIS` keep their
+    class axis first),
     ``where`` its spatial index."""
     axis = next((i for i, n in enumerate(spatial) if n > 1), 0)
     step = max(1, CASE_SLAB_VOXELS // max(1, math.prod(spatial[axis + 1:])))
