@@ -169,7 +169,12 @@ def test_folds_are_pooled_epistemic_rises_when_folds_disagree(trained_entrust):
     # label and move that confidence between two classes: rare, and the only place a large difference may be
     same_label = three[:c].argmax(0) == two[:c].argmax(0)
     assert float((~same_label).float().mean()) < 1e-3
-    assert float((diff > 5e-3).float().mean()) < 1e-3 and float(diff[:, same_label].max()) < 0.3
+    # the class calibration sharpens the pooled mean (this tiny model: T ~ 0.2), which magnifies that rounding about
+    # 1/T times in the mask's confidence, a CalibHead input, and so in P(error) and the top label's probability
+    # (measured: up to 0.004-0.014 at <= 0.5 % of the voxels, against 5e-4 when CalibHead read the raw mean's max);
+    # the other maps stay within 1e-3
+    assert float((diff > 2e-2).float().mean()) < 1e-3 and float(diff[:, same_label].max()) < 0.3
+    assert float(diff.mean()) < 1e-3 and float(diff[c + 1:].max()) < 5e-3
     assert hyps.shape == (8, 1, 32, 32) and hyps.dtype == torch.uint8  # fold-major, (F*K, *s)
     assert (hyps[4:] == 2).float().mean() > (hyps[:4] == 2).float().mean()
 
