@@ -245,6 +245,13 @@ class EnTrustUNet(nn.Module):
         gate = None if conflict is None else alternatives_gate(conflict, self.expert_alternatives)
         return calibrated_log_probabilities(mean, self.calib.temperature, gate, self.calib.conflict_bias, axis)
 
+    def mask_confidence(self, mean: torch.Tensor, conflict: torch.Tensor) -> torch.Tensor:
+        """(B, *s) probability of the mask's decision, CalibHead's ``confidence``: the top calibrated class
+        probability (labels; the mask is their argmax), the regions' :func:`decision_confidence` of ``mean``."""
+        if self.regions:
+            return decision_confidence(mean, True)
+        return torch.softmax(self.calibrated_log_probabilities(mean, conflict), 1).amax(1)
+
     def _mask(self, x: torch.Tensor, modality_mask=None) -> torch.Tensor:
         """The (B, M) float modality mask of this call: ``modality_mask``, else :attr:`modality_mask`."""
         mask = self.modality_mask if modality_mask is None else modality_mask
@@ -501,10 +508,8 @@ class EnTrustUNet(nn.Module):
                                      self._probe_direction(parts["cond"], seed), conflict, hyps[:p],
                                      self.probe_strength, self.regions) if settings.probe
                           else torch.zeros_like(stats["entropy"]))
-        # the confidence of the mask: the argmax of the calibrated class probabilities (labels), CalibHead's target
-        calibrated = (stats["mean"] if self.regions
-                      else torch.softmax(self.calibrated_log_probabilities(stats["mean"], conflict), 1))
-        stats["confidence"] = decision_confidence(calibrated, self.regions)
+        if wanted("confidence") or wanted("error"):  # the predictor takes it from the pooled mean, once per case
+            stats["confidence"] = self.mask_confidence(stats["mean"], conflict)
         stats["head_confidence"] = decision_confidence(probabilities(logits, self.regions), self.regions)
         if wanted("error"):
             stats["error"] = torch.maximum(self.calib(stats), alternatives_error_floor(

@@ -272,7 +272,11 @@ def fit_pooled_temperature(model_folder: Path, folds: list, conflict_biases: boo
     (:func:`fit_class_calibration`); with its NLL before (T = 1, b = 0) and after."""
     if conflict_biases is None:
         conflict_biases = len(folds) > 1
-    parts = [load_fold_class_voxels(model_folder, f) for f in folds]
+    return _pooled_class_calibration([load_fold_class_voxels(model_folder, f) for f in folds], conflict_biases)
+
+
+def _pooled_class_calibration(parts: list, conflict_biases: bool) -> dict | None:
+    """:func:`fit_pooled_temperature` on folds' loaded class voxels (:func:`load_fold_class_voxels`)."""
     if any(p is None for p in parts):
         return None
     probs, labels, gate = (np.concatenate([p[i] for p in parts], -1) for i in range(3))
@@ -317,8 +321,9 @@ def fit_calibrator(model_folder: Path, folds: list) -> tuple[Calibrator, dict]:
     construction, docs/design.md). With two folds or more the candidates of
     :data:`CALIBRATORS` are compared by leave-one-fold-out BCE on foreground + boundary voxels; the winner is
     refitted on all of them."""
-    data = [load_fold_voxels(model_folder, f, fit_pooled_temperature(
-        model_folder, [o for o in folds if o != f] or [f], conflict_biases=len(folds) > 1)) for f in folds]
+    classes = {f: load_fold_class_voxels(model_folder, f) for f in folds}  # each fold's file read once
+    data = [load_fold_voxels(model_folder, f, _pooled_class_calibration(
+        [classes[o] for o in folds if o != f] or [classes[f]], conflict_biases=len(folds) > 1)) for f in folds]
     scores = {name: _held_out_bce(names, data) for name, names in CALIBRATORS.items()} if len(data) > 1 else {}
     name = min(scores, key=scores.get) if scores else "platt_with_conflict"
     names = CALIBRATORS[name]

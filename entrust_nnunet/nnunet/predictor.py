@@ -335,12 +335,11 @@ class EnTrustPredictor(nnUNetPredictor):
             return torch.zeros(0)
         return torch.stack([head.conflict_bias.float().cpu() for head in self.calib_heads]).mean(0)
 
-    def calibrated_probabilities(self, mean: torch.Tensor, conflict: torch.Tensor) -> torch.Tensor:
+    def calibrated_probabilities(self, mean: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         """The calibrated class probabilities (labels; C, *s) of the pooled ``mean``: ``softmax(log mean / T + g b)``
-        (:meth:`class_temperature`, :meth:`class_conflict_bias`), ``g`` the expert alternatives' gate of the pooled
-        ``conflict`` (*s). Their argmax is the mask."""
-        gate = alternatives_gate(conflict, getattr(self.network.net, "expert_alternatives", 0.0))[None]
-        return torch.softmax(calibrated_log_probabilities(mean, self.class_temperature(), gate,
+        (:meth:`class_temperature`, :meth:`class_conflict_bias`), ``gate`` g (*s) the expert alternatives' gate of the
+        pooled conflict. Their argmax is the mask."""
+        return torch.softmax(calibrated_log_probabilities(mean, self.class_temperature(), gate[None],
                                                           self.class_conflict_bias(), axis=0), 0)
 
     def class_probabilities(self, calibrated: torch.Tensor, p_error: torch.Tensor) -> torch.Tensor:
@@ -414,11 +413,11 @@ class EnTrustPredictor(nnUNetPredictor):
         maps = dict(zip(POOLED_MAPS, pooled[c:]))
         total = output_entropy(mean, 0, regions)
         conflict = maps["conflict"].clamp(0, 1)
+        gate = alternatives_gate(conflict, getattr(self.network.net, "expert_alternatives", 0.0))
         # the mask's probabilities: calibrated (labels; regions keep their sigmoids); the other statistics, CalibHead's
         # features, stay those of the hypotheses' pooled mean
-        calibrated = mean if regions else self.calibrated_probabilities(mean, conflict)
-        return {**maps, "mean": mean, "calibrated": calibrated, "gate": alternatives_gate(
-                    conflict, getattr(self.network.net, "expert_alternatives", 0.0)),
+        calibrated = mean if regions else self.calibrated_probabilities(mean, gate)
+        return {**maps, "mean": mean, "calibrated": calibrated, "gate": gate,
                 "confidence": decision_confidence(calibrated, regions, axis=0), "entropy": total,
                 "epistemic": (total - maps["aleatoric"]).clamp_min(0), "conflict": conflict,
                 **({"hypotheses": hypotheses} if hypotheses is not None else {})}
