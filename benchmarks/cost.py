@@ -10,6 +10,8 @@ every measurement runs in a fresh process (memory in a second one, with glibc re
 
     python benchmarks/cost.py                       # (a) + (b), 2 CPU threads
     python benchmarks/cost.py --whole-case          # + (c) (slow on CPU: minutes per pass)
+    python benchmarks/cost.py --plans 3d --whole-case --case-repeats 3 --case-methods plain entrust
+                                                    # (c) in 3 interleaved rounds, ratios paired by round
     python benchmarks/cost.py --compile 2d          # + the 2D patch jobs under torch.compile (CPU inductor)
     python benchmarks/cost.py --smoke               # tiny volumes, for a quick check of the harness
 
@@ -192,11 +194,12 @@ def job(cfg: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ orchestration
-def measure(cfg: dict) -> dict | None:
-    """Times (one process) and peak memory (a second process, glibc returning freed memory at once) of one job."""
+def measure(cfg: dict, memory: bool = True) -> dict | None:
+    """Times (one process) and peak memory (a second process, glibc returning freed memory at once; with
+    ``memory``) of one job."""
     memory_env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536"}
-    out = {}
-    for memory, env in ((False, os.environ), (True, memory_env)):
+    out = {"peak_bytes": None}
+    for memory, env in ((False, os.environ), (True, memory_env))[:2 if memory else 1]:
         r = subprocess.run([sys.executable, __file__, "--job", json.dumps({**cfg, "memory": memory})],
                            capture_output=True, encoding="utf-8", errors="replace", env=env)
         if r.returncode != 0:
@@ -226,6 +229,32 @@ def table(jobs, base_cfg: dict) -> dict:
     return rows
 
 
+def paired_table(jobs, base_cfg: dict, rounds: int) -> dict:
+    """:func:`table` for jobs timed in ``rounds`` interleaved rounds (plain, K = 1, K = 8, plain, ...), one pass
+    per job and round, each in a fresh process, peak memory in the first round. ``time_ratios`` are paired by
+    round (a pass over plain's pass of the same round) and ``time_ratio`` is their median: this machine's speed
+    drifts by several per cent between minutes (plain's whole case took 63.0 s in one run, 68.6 s in another), which
+    a ratio of medians timed minutes apart would count as the method's (docs/design.md, "Whole case")."""
+    rows: dict = {}
+    for r in range(rounds):
+        for label, method, k in jobs:
+            one = measure({**base_cfg, "method": method, "k": k, "repeats": 1}, memory=r == 0)
+            if one is None:
+                continue
+            row = rows.setdefault(label, {"times": [], "peak_bytes": one["peak_bytes"], "warmup_s": one["warmup_s"]})
+            row["times"] += one["times"]
+            print(f"  round {r + 1}/{rounds} {label}: {one['times'][0]:.2f} s", flush=True)
+    base = rows.get(jobs[0][0])
+    for row in rows.values():
+        t = row["times"]
+        row.update(median_s=statistics.median(t), min_s=min(t), max_s=max(t), n=len(t))
+        if base and len(base["times"]) == len(t):
+            row["time_ratios"] = [a / b for a, b in zip(t, base["times"])]
+            row["time_ratio"] = statistics.median(row["time_ratios"])
+            row["memory_ratio"] = row["peak_bytes"] / base["peak_bytes"] if base["peak_bytes"] else None
+    return rows
+
+
 def _fmt(v, digits=2) -> str:
     return f"{v:.{digits}f}" if isinstance(v, (int, float)) and v == v else "n/a"
 
@@ -240,7 +269,7 @@ def markdown(result: dict) -> str:
     if result.get("whole_case"):
         case = result["whole_case_settings"]
         lines += ["", f"| whole case {case['case_size']} (3D plan, mirroring {'on' if case['mirroring'] else 'off'}) | "
-                      f"median s | spread (min–max) | time ratio | peak memory MiB | memory ratio |", "|---|---|---|---|---|---|"]
+                      f"median s | spread (min–max) | time ratio (median of per-round ratios) | peak memory MiB | memory ratio |", "|---|---|---|---|---|---|"]
         lines += [_row(label, row) for label, row in result["whole_case"].items()]
     return "\n".join(lines) + "\n"
 
@@ -274,9 +303,9 @@ def run(args) -> dict:
             if key == "3d" and args.whole_case:
                 case = list(size)
                 result["whole_case_settings"] = {"case_size": case, "mirroring": args.mirroring, "tile_step_size": 0.5}
-                base.update(mode="case", case_size=case, mirroring=args.mirroring, warmup=0, repeats=args.case_repeats)
+                base.update(mode="case", case_size=case, mirroring=args.mirroring, warmup=0)
                 jobs = [job for job in CASE_JOBS if job[1] in args.case_methods]
-                result["whole_case"] = table(jobs, base)
+                result["whole_case"] = paired_table(jobs, base, args.case_repeats)
     result["wall_seconds"] = time.time() - started
     result["markdown"] = markdown(result)
     return result
@@ -291,7 +320,9 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cpu", choices=("cpu",), help="CPU only for now")
     parser.add_argument("--repeats", type=int, default=3, help="timed passes per patch measurement (default 3)")
     parser.add_argument("--whole-case", action="store_true", help="(c): whole-case sliding-window prediction")
-    parser.add_argument("--case-repeats", type=int, default=1, help="timed whole-case passes (default 1)")
+    parser.add_argument("--case-repeats", type=int, default=1,
+                        help="interleaved rounds of (c), one pass of every method each, ratios paired by round "
+                             "(default 1)")
     parser.add_argument("--case-methods", nargs="+", default=[m for _, m, _ in CASE_JOBS],
                         choices=[m for _, m, _ in CASE_JOBS], metavar="METHOD",
                         help="methods timed in (c) (default: all; plain is always the reference); the ensemble "
