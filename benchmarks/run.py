@@ -62,8 +62,13 @@ METHODS = {
     "MC dropout (T=8)": ("nnUNetTrainerMCDropout_demo", "nnUNetPlans", [0], 8),
     "CRNP": ("nnUNetTrainerCRNP_demo", "nnUNetPlans", [0], 1),
     "EnTrust (K=8)": ("nnUNetTrainerEnTrust_demo", "nnUNetEnTrustPlans", [0], 8),
+    "EnTrust 5 folds + entrust calibrate": ("nnUNetTrainerEnTrust_demo", "nnUNetEnTrustPlans", [0, 1, 2, 3, 4], 8),
 }
 OURS = "EnTrust (K=8)"
+#: EnTrust after the toolchain a user runs once 5-fold cross-validation is done: ``entrust calibrate`` on every fold's
+#: out-of-fold voxels (class temperature and conflict biases, P(error) calibrator), the five folds ensembled; on a
+#: copy of the model folder, so that OURS (fold 0) keeps its one-fold calibration
+CALIBRATED_ROW = "EnTrust 5 folds + entrust calibrate"
 #: ablation -> (trainer, plans, folds, K); "without CalibHead" is EnTrust's own model with CalibHead unfitted
 ABLATIONS = {
     "EnTrust without EnFuse (concatenation)": ("nnUNetTrainerEnTrustNoEnFuse_demo", "nnUNetEnTrustPlans", [0], 8),
@@ -263,6 +268,23 @@ def without_calib_head(src: Path, dst: Path, folds) -> Path:
         ckpt["network_weights"]["calib.fitted"] = torch.zeros(())
         (dst / f"fold_{fold}").mkdir(exist_ok=True)
         torch.save(ckpt, dst / f"fold_{fold}" / "checkpoint_final.pth")
+    return dst
+
+
+def calibrated_copy(src: Path, dst: Path, folds) -> Path:
+    """A copy of an EnTrust model folder (``dst`` keeps ``src``'s name: the calibration file is tied to it) with
+    ``entrust calibrate`` run on the out-of-fold voxels of ``folds``."""
+    from entrust_nnunet.nnunet.calibration import CALIBRATION_FILE, FOLD_VOXELS_FILE, calibrate_model
+
+    if not (dst / CALIBRATION_FILE).exists():
+        for f in ("plans.json", "dataset.json"):
+            dst.mkdir(parents=True, exist_ok=True)
+            shutil.copy(src / f, dst / f)
+        for fold in folds:
+            (dst / f"fold_{fold}").mkdir(exist_ok=True)
+            for f in ("checkpoint_final.pth", FOLD_VOXELS_FILE):
+                shutil.copy(src / f"fold_{fold}" / f, dst / f"fold_{fold}" / f)
+        calibrate_model(dst, list(folds))
     return dst
 
 
@@ -474,6 +496,8 @@ def run_seed(args, seed: int, dataset_id: int, name: str, config: str, raw: Path
         model = model_folder(name, trainer, plans, config)
         if method == TEMPERATURE_ROW or not trained(model, folds):
             continue
+        if method == CALIBRATED_ROW:
+            model = calibrated_copy(model, log_dir / "models" / "calibrated" / model.name, folds)
         models[method] = model
         pred = log_dir / "predictions" / method.split(" (")[0].replace(" ", "_")
         seconds = predict_method(args, raw, pred, model, folds, k)
@@ -753,7 +777,8 @@ def target_inputs(result: dict, kind: str, key: str, higher: bool, bound: float)
         return _derived(ours.get(key[0]), ours.get(key[1]), lambda a, b: a / b if b else float("inf")), bound, 1.0, None
     if kind != "rel":  # a named baseline row (no verdict when the run did not have it)
         return _values(ours.get(key)), _values(methods.get(kind, {}).get(key)), bound, kind
-    baselines = {m: r[key]["mean"] for m, r in methods.items() if m != OURS and key in r and r[key]["mean"] == r[key]["mean"]}
+    baselines = {m: r[key]["mean"] for m, r in methods.items()
+                 if m not in (OURS, CALIBRATED_ROW) and key in r and r[key]["mean"] == r[key]["mean"]}
     if not baselines:
         return _values(ours.get(key)), [], bound, None
     best = (max if higher else min)(baselines, key=baselines.get)

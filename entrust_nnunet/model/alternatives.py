@@ -177,4 +177,9 @@ def alternatives_error_floor(confidence: torch.Tensor, conflict: torch.Tensor, s
     ``strength`` 0 (no expert alternatives) gives 0 everywhere."""
     if strength <= 0:
         return torch.zeros_like(confidence, dtype=torch.float32)
-    return alternatives_gate(conflict, strength) * (1 - confidence.float()).clamp(0, 1)
+    return gated_error_floor(confidence, alternatives_gate(conflict, strength))
+
+
+def gated_error_floor(confidence: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """:func:`alternatives_error_floor` from the gate ``g`` itself: ``g (1 - confidence)``."""
+    return gate.float() * (1 - confidence.float()).clamp(0, 1)

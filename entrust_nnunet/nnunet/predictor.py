@@ -61,7 +61,7 @@ from entrust_nnunet.data.io import (HYPOTHESIS_FOLDER, MAP_FOLDER, MAP_NAMES, In
                                     map_path, temporary_path, write_image)
 from entrust_nnunet.data.modalities import modalities_path
 from entrust_nnunet.model.absence import resolve_mask, without_absent
-from entrust_nnunet.model.alternatives import alternatives_error_floor, alternatives_gate
+from entrust_nnunet.model.alternatives import alternatives_gate, gated_error_floor
 from entrust_nnunet.model.network import EnTrustUNet
 from entrust_nnunet.model.outputs import as_logits, decision_confidence, log_probabilities
 from entrust_nnunet.model.sampling import DEFAULT_SAMPLING, SamplingSettings
@@ -309,9 +309,7 @@ class EnTrustPredictor(nnUNetPredictor):
             return 1 - stats["confidence"]
         else:
             p = torch.stack([head.predict_voxels(stats) for head in self.calib_heads]).mean(0)
-        floor = alternatives_error_floor(stats["confidence"], stats["conflict"],
-                                         getattr(self.network.net, "expert_alternatives", 0.0))
-        return torch.maximum(p.clamp(0, 1), floor.to(p.device))
+        return torch.maximum(p.clamp(0, 1), gated_error_floor(stats["confidence"], stats["gate"]).to(p.device))
 
     def class_temperature(self) -> float:
         """T of the class probabilities written (``softmax(log mean / T)``): the one ``entrust calibrate`` fitted on
