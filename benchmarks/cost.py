@@ -234,7 +234,8 @@ def paired_table(jobs, base_cfg: dict, rounds: int) -> dict:
     per job and round, each in a fresh process, peak memory in the first round. ``time_ratios`` are paired by
     round (a pass over plain's pass of the same round) and ``time_ratio`` is their median: this machine's speed
     drifts by several per cent between minutes (plain's whole case took 63.0 s in one run, 68.6 s in another), which
-    a ratio of medians timed minutes apart would count as the method's (docs/design.md, "Whole case")."""
+    a ratio of medians timed minutes apart would count as the method's (docs/design.md, "Whole case in interleaved
+    rounds")."""
     rows: dict = {}
     for r in range(rounds):
         for label, method, k in jobs:

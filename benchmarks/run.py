@@ -1,5 +1,8 @@
 """EnTrust against softmax nnU-Net (raw and temperature-scaled), the 5-fold deep ensemble, MC dropout and CRNP.
 
+EnTrust is scored on fold 0 (the targets' row) and, beside it, after 5-fold cross-validation and ``entrust
+calibrate`` (:data:`CALIBRATED_ROW`, ours, never a baseline).
+
 Every method is trained by the stock ``nnUNetv2_train`` on the same data and folds, once per training
 seed (``--seeds``, one nnU-Net results root per seed), predicted by ``entrust predict`` (same sliding
 window, same four maps, class probabilities saved) and scored by ``entrust evaluate`` on test phantoms

@@ -1,4 +1,5 @@
 """benchmarks/run.py's verdicts and tables from a hand-made result (no training): the unseen-conflict rows."""
+import json
 import importlib.util
 from pathlib import Path
 
@@ -52,8 +53,6 @@ def test_unseen_conflict_absent_gives_no_verdict_and_no_table():
 
 def test_refresh_cost_embeds_the_newer_cost_run_and_recomputes_its_targets(tmp_path, monkeypatch):
     """--refresh-cost: the whole-case targets follow the cost JSON now on disk; the phantom numbers stay."""
-    import json
-
     result = _result({run.OURS: {"total_in_conflict": [0.40, 0.35, 0.45]}})
     result["cost_large"] = {"whole_case": {"EnTrust K=8": {"time_ratios": [1.5], "memory_ratio": 1.3}}}
     result["targets"] = run.check_targets(result)
@@ -68,3 +67,42 @@ def test_refresh_cost_embeds_the_newer_cost_run_and_recomputes_its_targets(tmp_p
     assert targets["K=8 whole-case inference <= 1.3x plain prediction (BraTS-like 3D)"]["verdict"] == "met"
     assert targets["K=8 whole-case peak memory <= 1.2x plain prediction (BraTS-like 3D)"]["verdict"] == "missed"
     assert after["cost_large"]["markdown"] == "new cost" and after["unseen_conflict"] == result["unseen_conflict"]
+
+
+def test_five_fold_calibrated_row_is_ours_not_the_best_baseline():
+    """The calibrated five-fold EnTrust row, however good, is never the reference of a 'best baseline' target."""
+    result = _result({})
+    result["methods"] = {run.OURS: _cell_row({"ece": [0.004, 0.004, 0.004]}),
+                         run.CALIBRATED_ROW: _cell_row({"ece": [0.001, 0.001, 0.001]}),
+                         "5-fold deep ensemble": _cell_row({"ece": [0.006, 0.006, 0.006]})}
+    target = next(t for t in run.check_targets(result) if t["target"] == "ECE of class probabilities <= 0.6x the best baseline")
+    assert target["reference"] == "5-fold deep ensemble"
+
+
+def _cell_row(values: dict) -> dict:
+    return {k: _cell(v) for k, v in values.items()}
+
+
+def test_calibrated_copy_calibrates_a_copy_and_leaves_the_model_folder_alone(tmp_path):
+    import torch
+
+    from entrust_nnunet.model.trustmap import STATISTICS
+    from entrust_nnunet.nnunet.calibration import CALIBRATION_FILE, FOLD_VOXELS_FILE, load_calibrator, save_fold_voxels
+
+    src = tmp_path / "results" / "nnUNetTrainerEnTrust_demo__nnUNetEnTrustPlans__2d"
+    src.mkdir(parents=True)
+    for f in ("plans.json", "dataset.json"):
+        (src / f).write_text(json.dumps({"plans_name": "nnUNetEnTrustPlans"}))
+    g = torch.Generator().manual_seed(0)
+    for fold in range(3):
+        (src / f"fold_{fold}").mkdir()
+        (src / f"fold_{fold}" / "checkpoint_final.pth").write_bytes(b"weights")
+        stats = {k: torch.rand(500, generator=g) for k in STATISTICS}
+        error = (torch.rand(500, generator=g) < 1 - stats["head_confidence"]).float()
+        save_fold_voxels(src / f"fold_{fold}" / FOLD_VOXELS_FILE, ({**stats, "fg_boundary": torch.ones(500)}, error))
+    dst = run.calibrated_copy(src, tmp_path / "copy" / src.name, [0, 1, 2])
+    assert not (src / CALIBRATION_FILE).exists() and load_calibrator(src) is None  # the one-fold row stays as trained
+    assert load_calibrator(dst) is not None and json.loads((dst / CALIBRATION_FILE).read_text())["folds"] == [0, 1, 2]
+    assert (dst / "fold_2" / "checkpoint_final.pth").read_bytes() == b"weights"
+    before = (dst / CALIBRATION_FILE).stat().st_mtime_ns
+    assert run.calibrated_copy(src, dst, [0, 1, 2]) == dst and (dst / CALIBRATION_FILE).stat().st_mtime_ns == before
