@@ -42,7 +42,7 @@ def calibration_subset(keys, fraction: float, seed: int) -> list:
 def case_voxels(stats: dict[str, torch.Tensor], seg: np.ndarray, key: str, max_voxels: int,
                 label_manager=None) -> Voxels:
     """CalibHead's inputs, ``fg_boundary`` (1 on foreground of label or mask plus a 2-voxel band around the
-    label, where calibration is judged) and the error indicator (mask != label) of one case's voxels.
+    label, where calibration is judged; ``label_region`` its label's part, so that another mask's can be derived) and the error indicator (mask != label) of one case's voxels.
 
     The mask is nnU-Net's: ``label_manager.convert_probabilities_to_segmentation`` of the calibrated probabilities
     (``stats["calibrated"]`` where given, else the mean; regions converted with ``regions_class_order``; argmax
@@ -69,9 +69,12 @@ def case_voxels(stats: dict[str, torch.Tensor], seg: np.ndarray, key: str, max_v
         pred = torch.as_tensor(label_manager.convert_probabilities_to_segmentation(decided.cpu()))
         pred = pred.to(seg.device).long()
     error = (pred != seg).flatten().cpu()[valid].float()
-    fg = foreground_boundary_mask(seg.clamp_min(0).cpu().numpy(), pred.cpu().numpy())
+    labels = seg.clamp_min(0).cpu().numpy()
+    label_region = foreground_boundary_mask(labels, np.zeros_like(labels))  # the label's part, whatever the mask
+    fg = label_region | (pred.cpu().numpy() > 0)
     columns = {k: stats[k].flatten().float().cpu()[valid] for k in STATISTICS}
     columns["fg_boundary"] = torch.from_numpy(fg).flatten()[valid].float()
+    columns["label_region"] = torch.from_numpy(label_region).flatten()[valid].float()
     if label_manager is None or not label_manager.has_regions:
         # the class temperature's voxels (a softmax's temperature: region sigmoids keep T = 1)
         columns["label"] = seg.flatten().cpu()[valid].long()
@@ -91,7 +94,10 @@ def class_calibrated_voxels(voxels: Voxels, temperature, bias) -> Voxels:
     gate = columns["gate"] if "gate" in columns else torch.zeros(columns["label"].shape)
     probs = torch.softmax(calibrated_log_probabilities(columns["probabilities"], torch.as_tensor(temperature),
                                                        gate[:, None], torch.as_tensor(bias), axis=1), 1)
-    return {**columns, "confidence": probs.amax(1)}, (probs.argmax(1) != columns["label"]).float()
+    columns = {**columns, "confidence": probs.amax(1)}
+    if "label_region" in columns:  # the foreground + boundary flags of this mask (files before them keep theirs)
+        columns["fg_boundary"] = ((columns["label_region"] > 0) | (probs.argmax(1) > 0)).float()
+    return columns, (probs.argmax(1) != columns["label"]).float()
 
 
 def calibration_voxels(predictor, cases: Iterable, names, cache: dict, max_voxels_per_case: int) -> Voxels:
@@ -243,7 +249,7 @@ CLASS_COLUMNS = ("probabilities", "label", "gate")
 def save_fold_voxels(path: Path, voxels: Voxels) -> None:
     """The out-of-fold voxels a trained fold was calibrated on (numpy arrays only: loads without pickle)."""
     columns, error = voxels
-    keys = (*STATISTICS, "fg_boundary", *(k for k in CLASS_COLUMNS if k in columns))
+    keys = (*STATISTICS, "fg_boundary", *(k for k in (*CLASS_COLUMNS, "label_region") if k in columns))
     with atomic_file(path, "wb") as f:
         np.savez_compressed(f, error=error.numpy(), **{k: columns[k].numpy() for k in keys})
 
@@ -290,16 +296,17 @@ def _pooled_class_calibration(parts: list, conflict_biases: bool) -> dict | None
 def load_fold_voxels(model_folder: Path, fold, class_calibration: dict | None = None
                      ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
     """A fold's out-of-fold calibration features, errors and foreground + boundary flags; with
-    ``class_calibration`` (:func:`fit_pooled_temperature`'s fit) the mask's confidence and error are those of
-    that class calibration (:func:`class_calibrated_voxels`)."""
+    ``class_calibration`` (:func:`fit_pooled_temperature`'s fit) the mask's confidence, error and foreground +
+    boundary flags are those of that class calibration (:func:`class_calibrated_voxels`; the flags only in files
+    that keep ``label_region``)."""
     with np.load(fold_voxels_path(model_folder, fold), allow_pickle=False) as f:
-        columns = {k: torch.from_numpy(f[k]) for k in (*STATISTICS, *CLASS_COLUMNS) if k in f}
+        columns = {k: torch.from_numpy(f[k]) for k in (*STATISTICS, *CLASS_COLUMNS, "fg_boundary", "label_region")
+                   if k in f}
         error = torch.from_numpy(f["error"]).float()
-        fg = torch.from_numpy(f["fg_boundary"]).bool()
     if class_calibration is not None:
         columns, error = class_calibrated_voxels((columns, error), class_calibration["temperature"],
                                                  class_calibration["conflict_bias"])
-    return calibration_features(columns), error, fg
+    return calibration_features(columns), error, columns["fg_boundary"].bool()
 
 
 def _held_out_bce(names: tuple[str, ...], folds: list) -> float:

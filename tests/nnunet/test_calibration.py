@@ -137,6 +137,30 @@ def test_case_voxels_score_the_region_converted_mask_and_skip_ignored_voxels():
     torch.testing.assert_close(columns["confidence"], stats["confidence"].flatten()[:2])
 
 
+def test_a_new_class_calibration_moves_the_foreground_boundary_flags_with_its_mask():
+    """fg+bnd = the label's region (foreground + band) | the mask's foreground: a voxel the conflict biases turn to
+    class 1 joins it, one they turn to background leaves it unless the label's region holds it."""
+    from entrust_nnunet.nnunet.calibration import case_voxels, class_calibrated_voxels
+
+    # a 1 x 12 row: label foreground at 0-1 (band 2 voxels: up to 3), far background beyond; mean says class 0
+    # everywhere except voxel 8 (class 1 at 0.6)
+    labels = torch.tensor([[[1, 1] + [0] * 10]])
+    p1 = torch.tensor([0.9, 0.9, 0.2, 0.2, 0.2, 0.2, 0.2, 0.2, 0.6, 0.4, 0.2, 0.2])
+    mean = torch.stack([1 - p1, p1]).view(2, 1, 12)
+    gate = torch.tensor([0.0] * 9 + [1.0, 0.0, 0.0]).view(1, 12)
+    stats = {k: torch.rand(1, 12) for k in STATISTICS} | {"mean": mean, "entropy": torch.zeros(1, 12), "gate": gate}
+    columns, _ = case_voxels(stats, labels.numpy(), "case", 100)
+    assert columns["fg_boundary"].tolist() == [1, 1, 1, 1, 0, 0, 0, 0, 1, 0, 0, 0]  # label region + the mask at 8
+    assert columns["label_region"].tolist() == [1, 1, 1, 1] + [0] * 8
+    # b = (0, 2) where the gate is 1 (voxel 9): its 0.4 becomes class 1; T = 1 keeps voxel 8's class 1
+    moved, error = class_calibrated_voxels((columns, torch.zeros(12)), 1.0, [0.0, 2.0])
+    assert moved["fg_boundary"].tolist() == [1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 0, 0]
+    assert error.tolist() == [0] * 8 + [1, 1, 0, 0]
+    # a negative bias keeps voxel 9 background: the flags stay the trainer's
+    kept, _ = class_calibrated_voxels((columns, torch.zeros(12)), 1.0, [0.0, -2.0])
+    assert kept["fg_boundary"].tolist() == columns["fg_boundary"].tolist()
+
+
 def test_calibrate_fits_conflict_biases_and_scores_the_mask_they_decide(tmp_path):
     """Labels follow softmax(log q + g b): where the experts conflict (g > 0) the model's mean under-weights class 1.
     `entrust calibrate` fits b with T on every fold's voxels, stores them, and its P(error) calibrator learns the
