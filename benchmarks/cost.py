@@ -194,12 +194,13 @@ def job(cfg: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ orchestration
-def measure(cfg: dict, memory: bool = True) -> dict | None:
-    """Times (one process) and peak memory (a second process, glibc returning freed memory at once; with
-    ``memory``) of one job."""
+def measure(cfg: dict, with_memory: bool = True) -> dict | None:
+    """Times (one process) and, ``with_memory``, peak memory (a second process, glibc returning freed memory at
+    once) of one job."""
     memory_env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536"}
     out = {"peak_bytes": None}
-    for memory, env in ((False, os.environ), (True, memory_env))[:2 if memory else 1]:
+    passes = [(False, os.environ)] + ([(True, memory_env)] if with_memory else [])
+    for memory, env in passes:
         r = subprocess.run([sys.executable, __file__, "--job", json.dumps({**cfg, "memory": memory})],
                            capture_output=True, encoding="utf-8", errors="replace", env=env)
         if r.returncode != 0:
@@ -232,14 +233,13 @@ def table(jobs, base_cfg: dict) -> dict:
 def paired_table(jobs, base_cfg: dict, rounds: int) -> dict:
     """:func:`table` for jobs timed in ``rounds`` interleaved rounds (plain, K = 1, K = 8, plain, ...), one pass
     per job and round, each in a fresh process, peak memory in the first round. ``time_ratios`` are paired by
-    round (a pass over plain's pass of the same round) and ``time_ratio`` is their median: this machine's speed
-    drifts by several per cent between minutes (plain's whole case took 63.0 s in one run, 68.6 s in another), which
-    a ratio of medians timed minutes apart would count as the method's (docs/design.md, "Whole case in interleaved
-    rounds")."""
+    round (a pass over plain's pass of the same round) and ``time_ratio`` is their median: the machine's speed
+    drifts between minutes, which a ratio of medians timed minutes apart would count as the method's
+    (docs/design.md, "Whole case in interleaved rounds")."""
     rows: dict = {}
     for r in range(rounds):
         for label, method, k in jobs:
-            one = measure({**base_cfg, "method": method, "k": k, "repeats": 1}, memory=r == 0)
+            one = measure({**base_cfg, "method": method, "k": k, "repeats": 1}, with_memory=r == 0)
             if one is None:
                 continue
             row = rows.setdefault(label, {"times": [], "peak_bytes": one["peak_bytes"], "warmup_s": one["warmup_s"]})

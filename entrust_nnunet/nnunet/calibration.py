@@ -42,7 +42,8 @@ def calibration_subset(keys, fraction: float, seed: int) -> list:
 def case_voxels(stats: dict[str, torch.Tensor], seg: np.ndarray, key: str, max_voxels: int,
                 label_manager=None) -> Voxels:
     """CalibHead's inputs, ``fg_boundary`` (1 on foreground of label or mask plus a 2-voxel band around the
-    label, where calibration is judged; ``label_region`` its label's part, so that another mask's can be derived) and the error indicator (mask != label) of one case's voxels.
+    label, where calibration is judged; ``label_region`` its label's part, so that another mask's flags can be
+    derived) and the error indicator (mask != label) of one case's voxels.
 
     The mask is nnU-Net's: ``label_manager.convert_probabilities_to_segmentation`` of the calibrated probabilities
     (``stats["calibrated"]`` where given, else the mean; regions converted with ``regions_class_order``; argmax
@@ -94,10 +95,11 @@ def class_calibrated_voxels(voxels: Voxels, temperature, bias) -> Voxels:
     gate = columns["gate"] if "gate" in columns else torch.zeros(columns["label"].shape)
     probs = torch.softmax(calibrated_log_probabilities(columns["probabilities"], torch.as_tensor(temperature),
                                                        gate[:, None], torch.as_tensor(bias), axis=1), 1)
+    mask = probs.argmax(1)
     columns = {**columns, "confidence": probs.amax(1)}
     if "label_region" in columns:  # the foreground + boundary flags of this mask (files before them keep theirs)
-        columns["fg_boundary"] = ((columns["label_region"] > 0) | (probs.argmax(1) > 0)).float()
-    return columns, (probs.argmax(1) != columns["label"]).float()
+        columns["fg_boundary"] = ((columns["label_region"] > 0) | (mask > 0)).float()
+    return columns, (mask != columns["label"]).float()
 
 
 def calibration_voxels(predictor, cases: Iterable, names, cache: dict, max_voxels_per_case: int) -> Voxels:

@@ -15,9 +15,9 @@ def test_rounds_interleave_the_methods_and_pair_each_pass_with_plains_of_its_rou
     order, speed = [], {0: 1.0, 1: 1.5, 2: 1.0}
     work = {"plain": 60.0, "entrust": 72.0}
 
-    def fake_measure(cfg, memory=True):
+    def fake_measure(cfg, with_memory=True):
         r = len(order) // 2
-        order.append((cfg["method"], memory))
+        order.append((cfg["method"], with_memory))
         assert cfg["repeats"] == 1
         return {"times": [work[cfg["method"]] * speed[r]], "peak_bytes": 100 if cfg["method"] == "plain" else 113,
                 "warmup_s": 0.0}
