@@ -263,15 +263,23 @@ def without_calib_head(src: Path, dst: Path, folds) -> Path:
     the predictor exports ``1 - max probability`` as ``total``: the "without CalibHead" inference switch."""
     import torch
 
-    for f in ("plans.json", "dataset.json"):
-        dst.mkdir(parents=True, exist_ok=True)
-        shutil.copy(src / f, dst / f)
+    copy_model_folder(src, dst, folds)
     for fold in folds:
         ckpt = torch.load(src / f"fold_{fold}" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
         ckpt["network_weights"]["calib.fitted"] = torch.zeros(())
-        (dst / f"fold_{fold}").mkdir(exist_ok=True)
         torch.save(ckpt, dst / f"fold_{fold}" / "checkpoint_final.pth")
     return dst
+
+
+def copy_model_folder(src: Path, dst: Path, folds, fold_files: tuple[str, ...] = ()) -> None:
+    """``src``'s plans.json and dataset.json into ``dst``, a ``fold_X`` folder per fold with ``fold_files``."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in ("plans.json", "dataset.json"):
+        shutil.copy(src / f, dst / f)
+    for fold in folds:
+        (dst / f"fold_{fold}").mkdir(exist_ok=True)
+        for f in fold_files:
+            shutil.copy(src / f"fold_{fold}" / f, dst / f"fold_{fold}" / f)
 
 
 def calibrated_copy(src: Path, dst: Path, folds) -> Path:
@@ -280,13 +288,7 @@ def calibrated_copy(src: Path, dst: Path, folds) -> Path:
     from entrust_nnunet.nnunet.calibration import CALIBRATION_FILE, FOLD_VOXELS_FILE, calibrate_model
 
     if not (dst / CALIBRATION_FILE).exists():
-        for f in ("plans.json", "dataset.json"):
-            dst.mkdir(parents=True, exist_ok=True)
-            shutil.copy(src / f, dst / f)
-        for fold in folds:
-            (dst / f"fold_{fold}").mkdir(exist_ok=True)
-            for f in ("checkpoint_final.pth", FOLD_VOXELS_FILE):
-                shutil.copy(src / f"fold_{fold}" / f, dst / f"fold_{fold}" / f)
+        copy_model_folder(src, dst, folds, ("checkpoint_final.pth", FOLD_VOXELS_FILE))
         calibrate_model(dst, list(folds))
     return dst
 

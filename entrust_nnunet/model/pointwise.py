@@ -19,11 +19,16 @@ def pointwise_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     1x1(x1) convolution (``weight`` (O, C / groups, 1, ...)) of ``x`` (B, C, *s) over every voxel v."""
     b, c = x.shape[:2]
     o = weight.shape[0]
-    w = weight.reshape(groups, o // groups, c // groups).repeat(b, 1, 1)  # (B * G, O / G, C / G)
+    w = weight.reshape(groups, o // groups, c // groups)
+    # one copy of the weights per sample; a batch of one (inference) uses them as they are: per-call copies
+    # are a large share of these layers' cost on small patches
+    w = w if b == 1 else w.repeat(b, 1, 1)  # (B * G, O / G, C / G)
     voxels = x.reshape(b * groups, c // groups, -1)
-    y = torch.bmm(w, voxels) if bias is None else torch.baddbmm(bias.reshape(groups, -1, 1).repeat(b, 1, 1), w,
-                                                                voxels)
-    return y.view(b, o, *x.shape[2:])
+    if bias is None:
+        return torch.bmm(w, voxels).view(b, o, *x.shape[2:])
+    shift = bias.reshape(groups, -1, 1)
+    shift = shift if b == 1 else shift.repeat(b, 1, 1)
+    return torch.baddbmm(shift, w, voxels).view(b, o, *x.shape[2:])
 
 
 def pointwise_conv(conv_op: type[nn.Module]) -> type[nn.Module]:

@@ -71,11 +71,11 @@ def case_voxels(stats: dict[str, torch.Tensor], seg: np.ndarray, key: str, max_v
         pred = pred.to(seg.device).long()
     error = (pred != seg).flatten().cpu()[valid].float()
     labels = seg.clamp_min(0).cpu().numpy()
-    label_region = foreground_boundary_mask(labels, np.zeros_like(labels))  # the label's part, whatever the mask
-    fg = label_region | (pred.cpu().numpy() > 0)
+    # the label's part of the foreground + boundary flags, whatever the mask
+    label_region = torch.from_numpy(foreground_boundary_mask(labels, np.zeros_like(labels))).flatten()[valid].float()
     columns = {k: stats[k].flatten().float().cpu()[valid] for k in STATISTICS}
-    columns["fg_boundary"] = torch.from_numpy(fg).flatten()[valid].float()
-    columns["label_region"] = torch.from_numpy(label_region).flatten()[valid].float()
+    columns["label_region"] = label_region
+    columns["fg_boundary"] = foreground_boundary_flags(label_region, pred.flatten().cpu()[valid])
     if label_manager is None or not label_manager.has_regions:
         # the class temperature's voxels (a softmax's temperature: region sigmoids keep T = 1)
         columns["label"] = seg.flatten().cpu()[valid].long()
@@ -83,6 +83,12 @@ def case_voxels(stats: dict[str, torch.Tensor], seg: np.ndarray, key: str, max_v
         gate = stats.get("gate", torch.zeros_like(stats["entropy"]))
         columns["gate"] = gate.flatten().float().cpu()[valid]
     return columns, error
+
+
+def foreground_boundary_flags(label_region: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """1 where calibration is judged (:func:`~entrust_nnunet.evaluation.metrics.foreground_boundary_mask`): the
+    label's foreground + boundary band (``label_region``) or the mask's foreground; else 0."""
+    return ((label_region > 0) | (mask > 0)).float()
 
 
 def class_calibrated_voxels(voxels: Voxels, temperature, bias) -> Voxels:
@@ -98,7 +104,7 @@ def class_calibrated_voxels(voxels: Voxels, temperature, bias) -> Voxels:
     mask = probs.argmax(1)
     columns = {**columns, "confidence": probs.amax(1)}
     if "label_region" in columns:  # the foreground + boundary flags of this mask (files before them keep theirs)
-        columns["fg_boundary"] = ((columns["label_region"] > 0) | (mask > 0)).float()
+        columns["fg_boundary"] = foreground_boundary_flags(columns["label_region"], mask)
     return columns, (mask != columns["label"]).float()
 
 

@@ -9,14 +9,15 @@ from entrust_nnunet.model.pointwise import pointwise_conv, pointwise_product
 @pytest.mark.parametrize("conv_op", [nn.Conv2d, nn.Conv3d])
 @pytest.mark.parametrize("groups", [1, 3])
 @pytest.mark.parametrize("bias", [True, False])
-def test_pointwise_conv_equals_the_convolution(conv_op, groups, bias):
+@pytest.mark.parametrize("batch", [1, 2])  # one sample (inference) uses the weights without copying them
+def test_pointwise_conv_equals_the_convolution(conv_op, groups, bias, batch):
     torch.manual_seed(0)
     size = (9, 10) if conv_op is nn.Conv2d else (5, 6, 7)
     ours, reference = pointwise_conv(conv_op)(6, 9, 1, groups=groups, bias=bias), conv_op(6, 9, 1, groups=groups,
                                                                                            bias=bias)
     assert issubclass(type(ours), conv_op) and ours.pointwise
     reference.load_state_dict(ours.state_dict())  # same parameters under the same names
-    x = torch.randn(2, 6, *size, requires_grad=True)
+    x = torch.randn(batch, 6, *size, requires_grad=True)
     y, y_ref = ours(x), reference(x)
     torch.testing.assert_close(y, y_ref)
     (g,) = torch.autograd.grad((y * y_ref.detach()).sum(), x)
