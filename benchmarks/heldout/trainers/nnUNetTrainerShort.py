@@ -1,0 +1,20 @@
+"""What a user writes for a short run: 12 epochs x 25 iterations, for plain nnU-Net and for EnTrust (as the
+issue's author trained on held-out phantoms). Found by nnU-Net through ``nnUNet_extTrainer``."""
+import torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+from entrust_nnunet.nnunet.trainers import nnUNetTrainerEnTrust
+
+
+class nnUNetTrainerShort(nnUNetTrainer):
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs, self.num_iterations_per_epoch, self.num_val_iterations_per_epoch = 12, 25, 5
+
+
+class nnUNetTrainerEnTrustShort(nnUNetTrainerEnTrust):
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs, self.num_iterations_per_epoch, self.num_val_iterations_per_epoch = 12, 25, 5
