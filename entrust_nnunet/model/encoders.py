@@ -78,13 +78,12 @@ class ModalityEncoders(nn.Module):
             raise ValueError(f"expected {self.num_modalities} input channels, got {x.shape[1]}")
         return [s.unflatten(1, (self.num_modalities, w)) for s, w in zip(self.encoder(x), self.widths)]
 
-    def decoder_spec(self, fused_channels: Sequence[int], first_stage: int = 0) -> SimpleNamespace:
+    def decoder_spec(self, fused_channels: Sequence[int]) -> SimpleNamespace:
         """The attributes dynamic-network-architectures' ``UNetDecoder`` reads of its encoder, for a decoder
-        of features with ``fused_channels`` per stage from ``first_stage`` on (its output at that stage's
-        resolution; a namespace, so the decoder does not register this encoder a second time as its sub-module)."""
-        return SimpleNamespace(output_channels=list(fused_channels), strides=self.strides[first_stage:],
-                               kernel_sizes=self.kernel_sizes[first_stage:], conv_op=self.conv_op,
-                               conv_bias=self.conv_bias,
+        of fused features with ``fused_channels`` per stage (a namespace, so the decoder does not register
+        this encoder a second time as its sub-module)."""
+        return SimpleNamespace(output_channels=list(fused_channels), strides=self.strides,
+                               kernel_sizes=self.kernel_sizes, conv_op=self.conv_op, conv_bias=self.conv_bias,
                                norm_op=self.norm_op, norm_op_kwargs=self.norm_op_kwargs, dropout_op=self.dropout_op,
                                dropout_op_kwargs=self.dropout_op_kwargs, nonlin=self.nonlin,
                                nonlin_kwargs=self.nonlin_kwargs)

@@ -19,9 +19,8 @@ EnFuse runs at every resolution below the full one (stages 1..n-1); at full reso
 streams are fused by a 1x1 convolution that also sees F_cf upsampled from stage 1 (conflict regions
 are several voxels wide and survive one 2x upsampling).
 
-Per-modality experts (CLoE's shared expert decoder): a light U-Net decoder, shared by the modalities, reads
-each modality's own encoder features (stage 1 to the bottleneck) and predicts the labels from that modality
-alone, at stage-1 resolution. Their conflict ``d`` is an input of D_cf at every EnFuse stage
+Per-modality experts (CLoE-style): each modality's own stage-1 features predict the labels on
+their own through a 1x1 head. Their conflict ``d`` is an input of D_cf at every EnFuse stage
 (area-pooled to that resolution) and, detached, its training target: F_cf says "the modalities say
 different things here" without ever using true conflict masks (real data has none). ``d`` is the
 experts' generalised Jensen-Shannon divergence ``H(mean_m p_m) - mean_m H(p_m)`` divided by
@@ -176,16 +175,10 @@ class EnTrustUNet(nn.Module):
         self.last_parts: dict | None = None
 
     def _build_experts(self, conv_op, width: int, num_classes: int) -> None:
-        """The per-modality experts and CLoE's parts: the region map r from the experts' averaged shallow features
-        and the consistency gate's reliability weights.
-
-        The experts are CLoE's shared expert decoder: one light ``UNetDecoder`` (one convolution per stage, the
-        modality encoders' widths) run on each modality's encoder features, stage 1 down to the bottleneck, with
-        the modalities folded into the batch; its output is at stage-1 resolution. A head on stage-1 features
-        alone sees ~14 voxels and, on phantoms we did not write, could not tell a lesion from its rim
-        (docs/design.md, "Experts with the whole encoder")."""
-        widths = self.encoders.widths
-        self.experts = UNetDecoder(self.encoders.decoder_spec(widths[1:], first_stage=1), num_classes, 1, False)
+        """The per-modality experts (one 1x1 head per modality's stage-1 features) and CLoE's parts: the region
+        map r from their averaged shallow features and the consistency gate's reliability weights."""
+        m = self.num_modalities
+        self.experts = conv_op(m * width, m * num_classes, 1, groups=m)
         self.region = RegionProjection(conv_op, width)
         self.reliability = ConsistencyGate()
         #: modality mask (M,) or (B, M), 1 = present, for the next forward passes; None = all present. An
@@ -327,9 +320,10 @@ class EnTrustUNet(nn.Module):
     def expert_probabilities(self, skips: list[torch.Tensor]) -> torch.Tensor:
         """(B, M, C, *s1) probabilities of the per-modality experts at stage-1 resolution (softmax over C, or a
         sigmoid per region channel)."""
-        b, m = skips[1].shape[:2]
-        logits = self.experts([s.flatten(0, 1) for s in skips[1:]])  # modalities folded into the batch
-        return probabilities(logits.unflatten(0, (b, m)), self.regions, axis=2)
+        s1 = skips[1]
+        b, m = s1.shape[:2]
+        return probabilities(self.experts(s1.flatten(1, 2)).reshape(b, m, self.num_classes, *s1.shape[3:]),
+                             self.regions, axis=2)
 
     def expert_conflict(self, experts: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """The experts' conflict ``d`` (B, 1, *s) in [0, 1] among the present ones (``mask`` (B, M)). For regions
@@ -374,10 +368,9 @@ class EnTrustUNet(nn.Module):
 
     def _expert_losses(self, parts: dict, target: torch.Tensor, valid: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """experts: cross-entropy (per region: binary) of the PRESENT experts on the valid voxels at their (stage-1)
-        resolution, averaged (no Dice: a proper score keeps them unsure on edges, docs/design.md); mec / rec: CLoE's
-        consistency of the present experts on their maps / on maps weighted by the region map r (detached: r learns
-        where the structure is from ``region``, not to hide disagreement); region: BCE of r's logit against the
-        foreground (any region), on the valid voxels."""
+        resolution, averaged; mec / rec: CLoE's consistency of the present experts on their maps / on maps weighted
+        by the region map r (detached: r learns where the structure is from ``region``, not to hide
+        disagreement); region: BCE of r's logit against the foreground (any region), on the valid voxels."""
         probs, mask = parts["experts"], parts["modality_mask"]
         size = probs.shape[3:]
         # nnU-Net's deep-supervision targets are nearest-downsampled the same way

@@ -63,7 +63,7 @@ def test_no_alternatives_hypotheses_are_segdiffs_alone():
     net = EnTrustNoAlternativesUNet(3, num_classes=3, **arch_kwargs(2)).eval()
     assert net.expert_alternatives == 0.0
     with torch.no_grad():
-        net.experts.seg_layers[-1].weight.mul_(50.0)  # experts that contradict each other: the full model's hypotheses would move
+        net.experts.weight.mul_(50.0)  # experts that contradict each other: the full model's hypotheses would move
     x = torch.randn(1, 3, 32, 32)
     settings = SamplingSettings(num_hypotheses=4, probe=False)
     s = net.sample(x, settings)

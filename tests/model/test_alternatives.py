@@ -180,7 +180,7 @@ def test_network_hypotheses_diverge_only_with_the_alternatives():
     torch.manual_seed(0)
     net = EnTrustUNet(3, num_classes=3, **arch_kwargs(2)).eval()
     with torch.no_grad():
-        net.experts.seg_layers[-1].weight.mul_(10.0)  # experts that contradict each other in places
+        net.experts.weight.mul_(3.0)  # experts that contradict each other in places
     x = torch.randn(1, 3, 32, 32)
     settings = SamplingSettings(num_hypotheses=6, steps=0, seed=0, probe=False)
     net.expert_alternatives = 0.0
@@ -201,7 +201,7 @@ def test_undrawn_hypotheses_are_the_expectations_the_mean_is_made_of():
     torch.manual_seed(0)
     net = EnTrustUNet(3, num_classes=3, **arch_kwargs(2)).eval()
     with torch.no_grad():
-        net.experts.seg_layers[-1].weight.mul_(3.0)
+        net.experts.weight.mul_(3.0)
     x = torch.randn(1, 3, 32, 32)
     drawn = net.sample(x, SamplingSettings(num_hypotheses=6, steps=0, probe=False))
     expected = net.sample(x, SamplingSettings(num_hypotheses=6, steps=0, probe=False, hypotheses=False))
@@ -219,7 +219,7 @@ def test_inference_forward_is_the_log_of_samples_mean():
     torch.manual_seed(0)
     net = EnTrustUNet(3, num_classes=3, **arch_kwargs(2)).eval()
     with torch.no_grad():
-        net.experts.seg_layers[-1].weight.mul_(50.0)
+        net.experts.weight.mul_(50.0)
         net.calib.temperature.fill_(0.7)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():

@@ -140,7 +140,7 @@ def test_probe_noise_is_drawn_once_per_patch_shape_and_seed():
     torch.manual_seed(0)
     net = EnTrustUNet(3, num_classes=3, **arch_kwargs(2)).eval()
     with torch.no_grad():
-        net.experts.seg_layers[-1].weight.mul_(50.0)  # experts that contradict each other: conflict, so something to probe
+        net.experts.weight.mul_(50.0)  # experts that contradict each other: conflict, so something to probe
     x = torch.randn(1, 3, 32, 32)
     first = net.sample(x, SamplingSettings(num_hypotheses=2))
     noise = net._probe_noise[1]

@@ -177,12 +177,7 @@ def test_cascade_stage_takes_the_previous_segmentation_as_a_prior(planned_phanto
     dataset = json.loads((Path(env["nnUNet_raw"]) / name / "dataset.json").read_text())
     m, n_fg = len(dataset["channel_names"]), len(dataset["labels"]) - 1
     assert weights["encoders.encoder.stages.0.0.convs.0.conv.weight"].shape[0] % m == 0
-    # the experts: one decoder shared by the modalities, on one modality's encoder stream each (none for the prior)
-    seg = sorted(k for k in weights if k.startswith("experts.seg_layers.") and k.endswith(".weight"))[-1]
-    assert weights[seg].shape[0] == n_fg + 1
-    last = max(int(k.split(".")[3]) for k in weights if k.startswith("encoders.encoder.stages."))
-    bottleneck = weights[f"encoders.encoder.stages.{last}.0.convs.0.conv.weight"].shape[0]  # M streams
-    assert weights["experts.transpconvs.0.weight"].shape[0] * m == bottleneck  # (in, out, ...): one stream
+    assert weights["experts.weight"].shape[0] == m * (n_fg + 1)  # one expert per modality, none for the prior
     assert weights["prior.0.weight"].shape[1] == n_fg
     assert float(weights["calib.fitted"]) == 1.0
     assert len(list((fold / "validation" / "uncertainty").glob("*"))) > 0
@@ -267,7 +262,7 @@ def test_cascade_network_counts_modalities_from_the_plans():
     (c_low, low), (c_cas, cas) = built["3d_lowres"], built["3d_cascade_fullres"]
     assert (c_low, low.num_modalities, low.prior_channels) == (4, 4, 0)
     assert (c_cas, cas.num_modalities, cas.prior_channels) == (7, 4, 3)
-    assert cas.experts.seg_layers[-1].out_channels == low.experts.seg_layers[-1].out_channels == 4  # shared by the 4
+    assert cas.experts.out_channels == low.experts.out_channels == 4 * 4
     x = torch.randn(1, 4, 16, 16, 16)
     with torch.no_grad():
         assert low(x).shape == (1, 4, 16, 16, 16)
