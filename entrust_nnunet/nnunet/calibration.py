@@ -69,16 +69,17 @@ def case_voxels(stats: dict[str, torch.Tensor], seg: np.ndarray, key: str, max_v
     else:
         pred = torch.as_tensor(label_manager.convert_probabilities_to_segmentation(decided.cpu()))
         pred = pred.to(seg.device).long()
-    error = (pred != seg).flatten().cpu()[valid].float()
+    mask_v, label_v = pred.flatten().cpu()[valid], seg.flatten().cpu()[valid]  # the kept voxels, selected once
+    error = (mask_v != label_v).float()
     labels = seg.clamp_min(0).cpu().numpy()
     # the label's part of the foreground + boundary flags, whatever the mask
     label_region = torch.from_numpy(foreground_boundary_mask(labels, np.zeros_like(labels))).flatten()[valid].float()
     columns = {k: stats[k].flatten().float().cpu()[valid] for k in STATISTICS}
     columns["label_region"] = label_region
-    columns["fg_boundary"] = foreground_boundary_flags(label_region, pred.flatten().cpu()[valid])
+    columns["fg_boundary"] = foreground_boundary_flags(label_region, mask_v)
     if label_manager is None or not label_manager.has_regions:
         # the class temperature's voxels (a softmax's temperature: region sigmoids keep T = 1)
-        columns["label"] = seg.flatten().cpu()[valid].long()
+        columns["label"] = label_v.long()
         columns["probabilities"] = stats["mean"].flatten(1).float().cpu()[:, valid].T
         gate = stats.get("gate", torch.zeros_like(stats["entropy"]))
         columns["gate"] = gate.flatten().float().cpu()[valid]
