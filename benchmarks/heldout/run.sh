@@ -2,10 +2,13 @@
 # Plain nnU-Net against EnTrust on phantoms of a generator the project did not write, trained with the stock
 # nnUNetv2_train and a user's short trainer subclass; scored the way issue 12's table is.
 #   bash benchmarks/heldout/run.sh OUT [REPEATS]      (~5 min per repeat and dataset on 2 CPU cores)
+#   FOLDS="0 1 2 3 4" bash benchmarks/heldout/run.sh OUT [REPEATS]   (nnU-Net's cross-validation: every fold
+#       trained, `entrust calibrate` on all of them, both methods predicted as fold ensembles; ~5x the time)
 # Datasets: 701 (conflict blobs in half of the training cases), 702 (conflict only in the test cases).
 # Prints one table per dataset (mean ± std over the repeats); OUT/metrics_ID_rR.json holds every number.
 set -e
 OUT=$(realpath -m "$1"); REPEATS=${2:-2}; HERE=$(cd "$(dirname "$0")" && pwd)
+FOLDS=${FOLDS:-0}; TAG=f${FOLDS// /}  # predictions and metrics per fold set (fold 0 alone: f0)
 export nnUNet_raw=$OUT/raw nnUNet_preprocessed=$OUT/pre nnUNet_extTrainer=$HERE/trainers
 export nnUNet_def_n_proc=${nnUNet_def_n_proc:-2} nnUNet_n_proc_DA=${nnUNet_n_proc_DA:-2}
 for SPEC in "701 Dataset701_Heldout 11 0.5" "702 Dataset702_HeldoutUnseen 12 0"; do
@@ -15,18 +18,22 @@ for SPEC in "701 Dataset701_Heldout 11 0.5" "702 Dataset702_HeldoutUnseen 12 0";
   [ -d "$nnUNet_preprocessed/$NAME/nnUNetPlans_2d" ] || nnUNetv2_plan_and_preprocess -d "$ID" -c 2d -np 2 \
       --verify_dataset_integrity > "$OUT/plan_$ID.log" 2>&1
   for ((R = 0; R < REPEATS; R++)); do
-    export nnUNet_results=$OUT/results_r$R; P=$OUT/pred_r$R/$NAME
-    for TR in nnUNetTrainerShort nnUNetTrainerEnTrustShort; do
-      [ -f "$nnUNet_results/$NAME/${TR}__nnUNetPlans__2d/fold_0/checkpoint_final.pth" ] || \
-        nnUNetv2_train "$ID" 2d 0 -tr "$TR" -device cpu > "$OUT/train_${ID}_${TR}_r$R.log" 2>&1
+    export nnUNet_results=$OUT/results_r$R; P=$OUT/pred_r$R/$NAME/$TAG
+    for F in $FOLDS; do
+      for TR in nnUNetTrainerShort nnUNetTrainerEnTrustShort; do
+        [ -f "$nnUNet_results/$NAME/${TR}__nnUNetPlans__2d/fold_$F/checkpoint_final.pth" ] || \
+          nnUNetv2_train "$ID" 2d "$F" -tr "$TR" -device cpu > "$OUT/train_${ID}_${TR}_f${F}_r$R.log" 2>&1
+      done
     done
-    [ -f "$P/plain/done" ] || { nnUNetv2_predict -i "$nnUNet_raw/$NAME/imagesTs" -o "$P/plain" -d "$ID" -c 2d -f 0 \
-        -tr nnUNetTrainerShort --save_probabilities -device cpu -npp 1 -nps 1 > "$OUT/predict_plain_${ID}_r$R.log" 2>&1 \
+    [ "$TAG" = f0 ] || entrust calibrate -d "$ID" -c 2d -tr nnUNetTrainerEnTrustShort -f $FOLDS \
+        > "$OUT/calibrate_${ID}_${TAG}_r$R.log" 2>&1
+    [ -f "$P/plain/done" ] || { nnUNetv2_predict -i "$nnUNet_raw/$NAME/imagesTs" -o "$P/plain" -d "$ID" -c 2d -f $FOLDS \
+        -tr nnUNetTrainerShort --save_probabilities -device cpu -npp 1 -nps 1 > "$OUT/predict_plain_${ID}_${TAG}_r$R.log" 2>&1 \
         && touch "$P/plain/done"; }
-    [ -f "$P/entrust/done" ] || { entrust predict -i "$nnUNet_raw/$NAME/imagesTs" -o "$P/entrust" -d "$ID" -c 2d -f 0 \
-        -tr nnUNetTrainerEnTrustShort --save_probabilities -device cpu > "$OUT/predict_entrust_${ID}_r$R.log" 2>&1 \
+    [ -f "$P/entrust/done" ] || { entrust predict -i "$nnUNet_raw/$NAME/imagesTs" -o "$P/entrust" -d "$ID" -c 2d -f $FOLDS \
+        -tr nnUNetTrainerEnTrustShort --save_probabilities -device cpu > "$OUT/predict_entrust_${ID}_${TAG}_r$R.log" 2>&1 \
         && touch "$P/entrust/done"; }
-    python "$HERE/score.py" case "$nnUNet_raw/$NAME" "$P/plain" "$P/entrust" "$OUT/metrics_${ID}_r$R.json" > /dev/null
+    python "$HERE/score.py" case "$nnUNet_raw/$NAME" "$P/plain" "$P/entrust" "$OUT/metrics_${ID}_${TAG}_r$R.json" > /dev/null
   done
 done
-python "$HERE/score.py" table "$OUT"
+python "$HERE/score.py" table "$OUT" "$TAG"

@@ -1,7 +1,7 @@
 """Issue 12's table on held-out phantoms: plain nnU-Net (its softmax) against EnTrust (its maps).
 
     python score.py case RAW_DATASET PLAIN_PRED ENTRUST_PRED OUT.json   # one training run
-    python score.py table OUT                                           # mean ± std over OUT/metrics_*.json
+    python score.py table OUT [TAG]      # mean ± std over OUT/metrics_ID_TAG_rR.json (TAG: the folds, default f0)
 
 Per method, over the voxels of every test case together (``conflictTs`` = the true conflict blobs):
 
@@ -79,14 +79,15 @@ def score(raw: Path, pred: Path, plain: bool) -> dict:
             "conflict_voxels": int(blob.sum())}
 
 
-def table(out: Path) -> str:
-    """Mean ± std over the repeats of every dataset in ``out`` (OUT/metrics_ID_rR.json)."""
+def table(out: Path, tag: str = "f0") -> str:
+    """Mean ± std over the repeats of every dataset in ``out`` predicted with the folds ``tag`` names
+    (OUT/metrics_ID_TAG_rR.json; ``f0``: fold 0 alone, ``f01234``: the five folds' ensemble)."""
     runs: dict[str, list[dict]] = {}
-    for f in sorted(out.glob("metrics_*_r*.json")):
-        runs.setdefault(re.match(r"metrics_(\d+)_r\d+\.json", f.name).group(1), []).append(json.loads(f.read_text()))
+    for f in sorted(out.glob(f"metrics_*_{tag}_r*.json")):
+        runs.setdefault(re.match(r"metrics_(\d+)_", f.name).group(1), []).append(json.loads(f.read_text()))
     lines = []
     for dataset, rows in runs.items():
-        lines += ["", f"dataset {dataset} ({len(rows)} training runs)", "",
+        lines += ["", f"dataset {dataset}, folds {tag[1:]} ({len(rows)} training runs)", "",
                   "| | plain nnU-Net | EnTrust |", "|---|---|---|"]
         for k in KEYS:
             cells = []
@@ -104,6 +105,6 @@ if __name__ == "__main__":
         dst.write_text(json.dumps(result, indent=1))
         print(json.dumps(result, indent=1))
     elif sys.argv[1:2] == ["table"]:
-        print(table(Path(sys.argv[2])))
+        print(table(Path(sys.argv[2]), *sys.argv[3:4]))
     else:
         sys.exit(__doc__)

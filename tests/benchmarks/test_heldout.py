@@ -54,3 +54,17 @@ def test_scores_of_a_perfect_prediction(tmp_path):
     assert result["dice_lesion"] == result["dice_rim"] == 1.0
     assert result["err_in_conflict"] == result["err_outside"] == 0.0 and result["perr_in_conflict"] == 0.0
     assert result["ece_class_all"] == result["ece_class_fg"] == 0.0 and result["conflict_voxels"] == 9
+
+
+def test_table_averages_the_runs_of_one_fold_set_only(tmp_path):
+    """``table`` reads the metrics of the fold set it is given (fold 0 alone by default) and gives mean ± std over
+    the training runs; the five-fold ensemble's files are a table of their own."""
+    row = {k: None for k in score.KEYS}
+    for tag, run, dice in (("f0", 0, 0.8), ("f0", 1, 0.6), ("f01234", 0, 0.1)):
+        metrics = {"plain": {**row, "dice_lesion": dice}, "entrust": {**row, "dice_lesion": dice + 0.1}}
+        (tmp_path / f"metrics_701_{tag}_r{run}.json").write_text(json.dumps(metrics))
+    single = score.table(tmp_path)
+    assert "dataset 701, folds 0 (2 training runs)" in single
+    assert "| dice_lesion | 0.700 ± 0.100 | 0.800 ± 0.100 |" in single
+    ensemble = score.table(tmp_path, "f01234")
+    assert "folds 01234 (1 training runs)" in ensemble and "| dice_lesion | 0.100 ± 0.000 | 0.200 ± 0.000 |" in ensemble
