@@ -5,7 +5,7 @@
 #   FOLDS="0 1 2 3 4" bash benchmarks/heldout/run.sh OUT [REPEATS]   (nnU-Net's cross-validation: every fold
 #       trained, `entrust calibrate` on all of them, both methods predicted as fold ensembles; ~5x the time)
 # Datasets: 701 (conflict blobs in half of the training cases), 702 (conflict only in the test cases).
-# Prints one table per dataset (mean ± std over the repeats); OUT/metrics_ID_rR.json holds every number.
+# Prints one table per dataset (mean ± std over the repeats); OUT/metrics_ID_fFOLDS_rR.json holds every number.
 set -e
 OUT=$(realpath -m "$1"); REPEATS=${2:-2}; HERE=$(cd "$(dirname "$0")" && pwd)
 FOLDS=${FOLDS:-0}; TAG=f${FOLDS// /}  # predictions and metrics per fold set (fold 0 alone: f0)
