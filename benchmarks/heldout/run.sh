@@ -8,7 +8,7 @@
 # Prints one table per dataset (mean ± std over the repeats); OUT/metrics_ID_fFOLDS_rR.json holds every number.
 set -e
 OUT=$(realpath -m "$1"); REPEATS=${2:-2}; HERE=$(cd "$(dirname "$0")" && pwd)
-FOLDS=${FOLDS:-0}; TAG=f${FOLDS// /}  # predictions and metrics per fold set (fold 0 alone: f0)
+FOLDS=${FOLDS:-0}; TAG=f${FOLDS// /}; NFOLDS=$(wc -w <<< "$FOLDS")  # predictions and metrics per fold set (f0: fold 0)
 export nnUNet_raw=$OUT/raw nnUNet_preprocessed=$OUT/pre nnUNet_extTrainer=$HERE/trainers
 export nnUNet_def_n_proc=${nnUNet_def_n_proc:-2} nnUNet_n_proc_DA=${nnUNet_n_proc_DA:-2}
 for SPEC in "701 Dataset701_Heldout 11 0.5" "702 Dataset702_HeldoutUnseen 12 0"; do
@@ -25,12 +25,21 @@ for SPEC in "701 Dataset701_Heldout 11 0.5" "702 Dataset702_HeldoutUnseen 12 0";
           nnUNetv2_train "$ID" 2d "$F" -tr "$TR" -device cpu > "$OUT/train_${ID}_${TR}_f${F}_r$R.log" 2>&1
       done
     done
-    [ "$TAG" = f0 ] || entrust calibrate -d "$ID" -c 2d -tr nnUNetTrainerEnTrustShort -f $FOLDS \
-        > "$OUT/calibrate_${ID}_${TAG}_r$R.log" 2>&1
+    # several folds: `entrust calibrate` on them in a view of EnTrust's model folder (its folds linked), so that the
+    # shared folder keeps no calibration file and a prediction with one fold still uses the trainer's own fit
+    MODEL=$NAME/nnUNetTrainerEnTrustShort__nnUNetPlans__2d; ENTRUST_RESULTS=$nnUNet_results
+    if [ "$NFOLDS" -gt 1 ] && [ ! -f "$P/entrust/done" ]; then
+      ENTRUST_RESULTS=$OUT/results_r${R}_$TAG; mkdir -p "$ENTRUST_RESULTS/$MODEL"
+      for X in "$nnUNet_results/$MODEL"/*; do
+        [ "$(basename "$X")" = entrust_calibration.json ] || ln -sfn "$X" "$ENTRUST_RESULTS/$MODEL/"
+      done
+      nnUNet_results=$ENTRUST_RESULTS entrust calibrate -d "$ID" -c 2d -tr nnUNetTrainerEnTrustShort -f $FOLDS \
+          > "$OUT/calibrate_${ID}_${TAG}_r$R.log" 2>&1
+    fi
     [ -f "$P/plain/done" ] || { nnUNetv2_predict -i "$nnUNet_raw/$NAME/imagesTs" -o "$P/plain" -d "$ID" -c 2d -f $FOLDS \
         -tr nnUNetTrainerShort --save_probabilities -device cpu -npp 1 -nps 1 > "$OUT/predict_plain_${ID}_${TAG}_r$R.log" 2>&1 \
         && touch "$P/plain/done"; }
-    [ -f "$P/entrust/done" ] || { entrust predict -i "$nnUNet_raw/$NAME/imagesTs" -o "$P/entrust" -d "$ID" -c 2d -f $FOLDS \
+    [ -f "$P/entrust/done" ] || { nnUNet_results=$ENTRUST_RESULTS entrust predict -i "$nnUNet_raw/$NAME/imagesTs" -o "$P/entrust" -d "$ID" -c 2d -f $FOLDS \
         -tr nnUNetTrainerEnTrustShort --save_probabilities -device cpu > "$OUT/predict_entrust_${ID}_${TAG}_r$R.log" 2>&1 \
         && touch "$P/entrust/done"; }
     python "$HERE/score.py" case "$nnUNet_raw/$NAME" "$P/plain" "$P/entrust" "$OUT/metrics_${ID}_${TAG}_r$R.json" > /dev/null
