@@ -1,7 +1,8 @@
 """Issue 12's table on held-out phantoms: plain nnU-Net (its softmax) against EnTrust (its maps).
 
     python score.py case RAW_DATASET PLAIN_PRED ENTRUST_PRED OUT.json   # one training run
-    python score.py table OUT [TAG]      # mean ± std over OUT/metrics_ID_TAG_rR.json (TAG: the folds, default f0)
+    python score.py table OUT [TAG]      # mean ± std over OUT/metrics_ID_TAG_rR.json (TAG: the folds, default f0,
+                                         # and the schedule when not the short one: f0_long)
 
 Per method, over the voxels of every test case together (``conflictTs`` = the true conflict blobs):
 
@@ -81,13 +82,15 @@ def score(raw: Path, pred: Path, plain: bool) -> dict:
 
 def table(out: Path, tag: str = "f0") -> str:
     """Mean ± std over the repeats of every dataset in ``out`` predicted with the folds ``tag`` names
-    (OUT/metrics_ID_TAG_rR.json; ``f0``: fold 0 alone, ``f01234``: the five folds' ensemble)."""
+    (OUT/metrics_ID_TAG_rR.json; ``f0``: fold 0 alone, ``f01234``: the five folds' ensemble; ``_long`` after them:
+    trained with run.sh's ``SCHEDULE=Long``)."""
     runs: dict[str, list[dict]] = {}
     for f in sorted(out.glob(f"metrics_*_{tag}_r*.json")):
         runs.setdefault(re.match(r"metrics_(\d+)_", f.name).group(1), []).append(json.loads(f.read_text()))
     lines = []
     for dataset, rows in runs.items():
-        lines += ["", f"dataset {dataset}, folds {tag[1:]} ({len(rows)} training runs)", "",
+        folds, _, schedule = tag[1:].partition("_")
+        lines += ["", f"dataset {dataset}, folds {folds}, {schedule or 'short'} schedule ({len(rows)} training runs)", "",
                   "| | plain nnU-Net | EnTrust |", "|---|---|---|"]
         for k in KEYS:
             cells = []
