@@ -12,6 +12,7 @@ set -e
 OUT=$(realpath -m "$1"); REPEATS=${2:-2}; HERE=$(cd "$(dirname "$0")" && pwd)
 FOLDS=${FOLDS:-0}; TAG=f${FOLDS// /}; NFOLDS=$(wc -w <<< "$FOLDS")  # predictions and metrics per fold set (f0: fold 0)
 SCHEDULE=${SCHEDULE:-Short}; PLAIN=nnUNetTrainer$SCHEDULE; OURS=nnUNetTrainerEnTrust$SCHEDULE  # trainers/ defines both
+case $SCHEDULE in Short|Long) ;; *) echo "run.sh: error: SCHEDULE=$SCHEDULE: must be Short or Long" >&2; exit 2;; esac
 [ "$SCHEDULE" = Short ] || TAG=${TAG}_${SCHEDULE,,}  # ... and per schedule (f0_long)
 export nnUNet_raw=$OUT/raw nnUNet_preprocessed=$OUT/pre nnUNet_extTrainer=$HERE/trainers
 export nnUNet_def_n_proc=${nnUNet_def_n_proc:-2} nnUNet_n_proc_DA=${nnUNet_n_proc_DA:-2}
