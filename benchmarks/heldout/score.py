@@ -87,9 +87,9 @@ def table(out: Path, tag: str = "f0") -> str:
     runs: dict[str, list[dict]] = {}
     for f in sorted(out.glob(f"metrics_*_{tag}_r*.json")):
         runs.setdefault(re.match(r"metrics_(\d+)_", f.name).group(1), []).append(json.loads(f.read_text()))
+    folds, _, schedule = tag[1:].partition("_")
     lines = []
     for dataset, rows in runs.items():
-        folds, _, schedule = tag[1:].partition("_")
         lines += ["", f"dataset {dataset}, folds {folds}, {schedule or 'short'} schedule ({len(rows)} training runs)", "",
                   "| | plain nnU-Net | EnTrust |", "|---|---|---|"]
         for k in KEYS:
