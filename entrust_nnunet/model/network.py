@@ -170,7 +170,8 @@ class EnTrustUNet(nn.Module):
         #: a buffer, so checkpoints carry it and a network built for prediction reads it from the weights
         self.register_buffer("region_outputs", torch.zeros(()))
         self.regions = False
-        #: when True, forward() keeps its intermediate parts in ``last_parts`` for :class:`EnTrustLoss`
+        #: when True, forward() keeps its intermediate parts in ``last_parts`` for :class:`EnTrustLoss` and returns
+        #: the head's logits; the trainer sets it around its train and validation steps only
         self.cache_parts = False
         self.last_parts: dict | None = None
 

@@ -60,8 +60,10 @@ class ModalityDropout:
     def train_step(self, batch: dict) -> dict:
         if not self.modality_dropout:
             return super().train_step(batch)
-        b, m = batch["data"].shape[:2]
-        batch = self.drop_modalities(batch, modality_dropout_masks(b, m, self.modality_dropout))
+        # the dataset's channels, not the batch's: a cascade stage appends the previous stage's one-hot prior,
+        # which is not a modality and is never dropped
+        m = len(self.dataset_json["channel_names"])
+        batch = self.drop_modalities(batch, modality_dropout_masks(batch["data"].shape[0], m, self.modality_dropout))
         try:
             return super().train_step(batch)
         finally:
@@ -80,5 +82,6 @@ class ModalityDropoutZeroFill(ModalityDropout):
 
     def drop_modalities(self, batch: dict, mask: torch.Tensor) -> dict:
         data = batch["data"]
+        m = mask.shape[1]  # the image channels come first; a cascade's prior channels after them stay as they are
         mask = mask.to(data.device, data.dtype).view(*mask.shape, *([1] * (data.dim() - 2)))
-        return {**batch, "data": data * mask}
+        return {**batch, "data": torch.cat([data[:, :m] * mask, data[:, m:]], 1)}

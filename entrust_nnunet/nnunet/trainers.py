@@ -31,9 +31,11 @@ checkpoint, so ``--c`` continues the curves).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from collections import defaultdict
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -100,6 +102,20 @@ class EnTrustLoss(nn.Module):
             if net.training:
                 self.history[k].append(float(v.detach()))
         return loss
+
+
+@contextlib.contextmanager
+def caching_parts(network: nn.Module) -> Iterator[None]:
+    """Within the context, the network's forward keeps its parts for :class:`EnTrustLoss` (and returns the head's
+    logits). Only around nnU-Net's train and validation steps: everywhere else (nnU-Net's end-of-training
+    validation, ``nnUNetv2_predict``, our calibration) an eval-mode forward without deep supervision must return
+    the calibrated class probabilities' logits, and a patch's parts must not be held."""
+    net = unwrap(network)
+    net.cache_parts = True
+    try:
+        yield
+    finally:
+        net.cache_parts, net.last_parts = False, None
 
 
 def cascade_kwargs(plans_manager, configuration_manager) -> dict:
@@ -173,15 +189,18 @@ class nnUNetTrainerEnTrust(ModalityDropout, nnUNetTrainer):
 
     def _build_loss(self):
         net = unwrap(self.network)
-        net.cache_parts = True
         lm = self.label_manager
         return EnTrustLoss(super()._build_loss(), net, self.loss_weights(), regions=lm.has_regions,
                            ignore_label=lm.ignore_label)
 
     def train_step(self, batch: dict) -> dict:
         # nnU-Net's step, with SegDiff's gradients clipped apart from the rest (nnunet/clipping.py)
-        with clipping_per_group(self.network, unwrap(self.network).segdiff):
+        with clipping_per_group(self.network, unwrap(self.network).segdiff), caching_parts(self.network):
             return super().train_step(batch)
+
+    def validation_step(self, batch: dict) -> dict:
+        with caching_parts(self.network):
+            return super().validation_step(batch)
 
     def loss_weights(self) -> dict[str, float]:
         """The weights of EnTrust's terms (LOSS_WEIGHTS; variants override this). CLoE's consistency terms (mec,

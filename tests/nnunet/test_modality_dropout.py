@@ -133,3 +133,24 @@ def test_calibration_also_sees_each_case_with_modalities_missing(planned_phantom
     plain = _trainer(variants.nnUNetTrainerEnTrust_tinyCPU, planned_phantoms, monkeypatch)
     assert plain.calibration_modalities(k) == [None]
     assert plain._calibration_voxels(keys)[1].numel() == n
+
+
+def test_dropout_counts_the_datasets_channels_and_leaves_a_cascade_prior_alone():
+    """A cascade stage's batch holds the previous stage's one-hot prior after the image channels: the masks have one
+    column per dataset channel, and zero-fill touches image channels only."""
+    from entrust_nnunet.nnunet.modality_dropout import ModalityDropoutZeroFill
+
+    class Step:
+        def train_step(self, batch):
+            return batch
+
+    class ZeroFill(ModalityDropoutZeroFill, Step):
+        modality_dropout = 1.0  # every sample drops a proper subset
+        dataset_json = {"channel_names": {str(c): f"m{c}" for c in range(4)}}
+
+    torch.manual_seed(0)
+    data = torch.ones(16, 7, 4, 4)
+    seen = ZeroFill().train_step({"data": data})["data"]
+    images, prior = seen[:, :4].flatten(2).amax(2), seen[:, 4:]
+    assert ((images == 0).any(1) & (images == 1).any(1)).all()  # each sample: some dropped, some kept
+    torch.testing.assert_close(prior, data[:, 4:])

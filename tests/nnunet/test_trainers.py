@@ -285,38 +285,95 @@ def test_missing_previous_stage_is_one_line_naming_the_folder(tmp_path):
     check_previous_stage(str(folder), ["a", "b"])
 
 
-def test_cascade_trainer_steps_on_image_plus_prior(tmp_path, monkeypatch):
-    """nnU-Net's own initialize and train_step of a 3d_cascade_fullres stage (no data loading: a random batch of
-    4 image channels + 3 one-hot prior channels): without the previous stage's predictions, one line naming the
-    folder; with them, 4 modality encoders + a 3-channel prior, and the loss falls on a repeated batch."""
+def _cascade_setup(tmp_path, monkeypatch, previous: str | None = "nnUNetTrainerEnTrust"):
+    """(make(cls) -> an uninitialised 3d_cascade_fullres trainer of ``cls``, a random batch of 4 image channels + 3
+    one-hot prior channels with deep-supervision targets), with the previous stage's predictions of trainer
+    ``previous`` (None: none). No data loading: the preprocessed folder holds one empty file (the trainer infers
+    nnU-Net's dataset class from its ending)."""
     from torch.nn import functional as F
-
-    from entrust_nnunet.nnunet.trainers import nnUNetTrainerEnTrust
 
     pm = _cascade_plans_manager(4)
     monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path / "pre"))  # nnU-Net reads its paths when used
     monkeypatch.setenv("nnUNet_results", str(tmp_path / "res"))
     data = tmp_path / "pre" / "Dataset999_X" / "nnUNetPlans_3d_fullres"
     data.mkdir(parents=True)
-    (data / "case.b2nd").write_bytes(b"")  # the trainer infers nnU-Net's dataset class from the file ending
+    (data / "case.b2nd").write_bytes(b"")
+    if previous:
+        _previous_stage(tmp_path, previous)
     plans = {**pm.plans, "continue_training": False}
     plans["configurations"]["3d_fullres"].update(batch_dice=False, normalization_schemes=["ZScoreNormalization"] * 4,
                                                  use_mask_for_norm=[False] * 4)
     dataset_json = {"channel_names": {str(c): f"m{c}" for c in range(4)},
                     "labels": {"background": 0, "a": 1, "b": 2, "c": 3}, "file_ending": ".nii.gz"}
-    make = lambda: nnUNetTrainerEnTrust(dict(plans), "3d_cascade_fullres", 0, dataset_json, torch.device("cpu"))  # noqa: E731
-    with pytest.raises(FileNotFoundError, match="predicted_next_stage/3d_cascade_fullres: the low-resolution stage"):
-        make().initialize()
-    prev = tmp_path / "res" / "Dataset999_X" / "nnUNetTrainerEnTrust__nnUNetPlans__3d_lowres" / "predicted_next_stage"
-    (prev / "3d_cascade_fullres").mkdir(parents=True)
-    (prev / "3d_cascade_fullres" / "case.b2nd").write_bytes(b"")
-    t = make()
-    t.initialize()
-    assert (t.num_input_channels, t.network.num_modalities, t.network.prior_channels) == (7, 4, 3)
     torch.manual_seed(0)
     seg = torch.randint(0, 4, (2, 1, 16, 16, 16)).float()
     prior = F.one_hot(seg[:, 0].long(), 4).movedim(-1, 1)[:, 1:].float()
     batch = {"data": torch.cat([torch.randn(2, 4, 16, 16, 16) + seg, prior], 1),
              "target": [F.interpolate(seg, scale_factor=1 / 2 ** i, mode="nearest").to(torch.int16) for i in range(2)]}
+    return (lambda cls: cls(dict(plans), "3d_cascade_fullres", 0, dataset_json, torch.device("cpu"))), batch
+
+
+def _previous_stage(tmp_path, trainer: str):
+    prev = tmp_path / "res" / "Dataset999_X" / f"{trainer}__nnUNetPlans__3d_lowres" / "predicted_next_stage"
+    (prev / "3d_cascade_fullres").mkdir(parents=True)
+    (prev / "3d_cascade_fullres" / "case.b2nd").write_bytes(b"")
+
+
+def test_cascade_trainer_steps_on_image_plus_prior(tmp_path, monkeypatch):
+    """nnU-Net's own initialize and train_step of a 3d_cascade_fullres stage: without the previous stage's
+    predictions, one line naming the folder; with them, 4 modality encoders + a 3-channel prior, and the loss
+    falls on a repeated batch."""
+    from entrust_nnunet.nnunet.trainers import nnUNetTrainerEnTrust
+
+    make, batch = _cascade_setup(tmp_path, monkeypatch, previous=None)
+    with pytest.raises(FileNotFoundError, match="predicted_next_stage/3d_cascade_fullres: the low-resolution stage"):
+        make(nnUNetTrainerEnTrust).initialize()
+    _previous_stage(tmp_path, "nnUNetTrainerEnTrust")
+    t = make(nnUNetTrainerEnTrust)
+    t.initialize()
+    assert (t.num_input_channels, t.network.num_modalities, t.network.prior_channels) == (7, 4, 3)
     losses = [float(t.train_step(batch)["loss"]) for _ in range(4)]
     assert losses[-1] < losses[0]
+
+
+def test_validation_after_training_steps_reads_the_calibrated_probabilities(tmp_path, monkeypatch):
+    """The parts EnTrust's loss needs are kept only inside nnU-Net's train and validation steps: afterwards the
+    network holds none, and nnU-Net's end-of-training validation (eval mode, deep supervision off) gets the logits of
+    the calibrated class probabilities, as a network that never trained returns them, not the head's logits."""
+    import copy
+
+    from entrust_nnunet.nnunet.trainers import nnUNetTrainerEnTrust
+
+    make, batch = _cascade_setup(tmp_path, monkeypatch)
+    t = make(nnUNetTrainerEnTrust)
+    t.initialize()
+    t.train_step(batch)
+    t.validation_step(batch)
+    net = t.network
+    assert not net.cache_parts and net.last_parts is None
+    t.set_deep_supervision_enabled(False)
+    net.eval()
+    fresh = copy.deepcopy(net)
+    fresh.cache_parts = False
+    x = batch["data"][:1]
+    with torch.no_grad():
+        out, expected = net(x), fresh(x)
+        head = net._trunk(x, keep_all=False, mask=net._mask(x))["logits"]
+    torch.testing.assert_close(out, expected)
+    assert (out - head).abs().max() > 1e-3
+    assert net.last_parts is None
+
+
+def test_modality_dropout_of_a_cascade_stage_masks_the_modalities_not_the_prior(tmp_path, monkeypatch):
+    """With the previous stage's prior after the 4 image channels, each step's modality mask has 4 columns (the
+    network keeps the prior whatever is dropped)."""
+    from entrust_nnunet.nnunet.trainers import nnUNetTrainerEnTrustModDrop
+
+    make, batch = _cascade_setup(tmp_path, monkeypatch, previous="nnUNetTrainerEnTrustModDrop")
+    t = make(nnUNetTrainerEnTrustModDrop)
+    t.initialize()
+    seen = []
+    t.network.register_forward_pre_hook(lambda mod, args: seen.append(mod.modality_mask))
+    losses = [float(t.train_step(batch)["loss"]) for _ in range(4)]
+    assert all(v == v for v in losses)
+    assert all(m.shape == (2, 4) and (m.sum(1) >= 1).all() for m in seen)
