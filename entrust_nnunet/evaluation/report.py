@@ -267,6 +267,29 @@ def _draw_curves(folder: Path, pooled: dict) -> list[str]:
     return curves
 
 
+#: what a report folder holds (index.html, summary.json and figures): only such a folder is replaced
+REPORT_SUFFIXES = {".html", ".json", ".png"}
+
+
+def check_report_folder(out_dir: Path, inputs) -> None:
+    """Refuse, with one line, a report folder that is or holds one of ``inputs`` (replacing it would delete them)
+    or that exists and is neither empty nor an earlier report (``index.html`` beside figures and JSON only)."""
+    out = out_dir.resolve()
+    for folder in inputs:
+        if folder is not None and (Path(folder).resolve() == out or out in Path(folder).resolve().parents):
+            raise InputError(f"{out_dir}: the report folder would replace {folder}, an input of the report; "
+                             f"choose another folder")
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise InputError(f"{out_dir}: exists and is not a folder; choose another report folder")
+    entries = list(out.iterdir())
+    if entries and not ((out / "index.html").is_file()
+                        and all(e.is_file() and e.suffix in REPORT_SUFFIXES for e in entries)):
+        raise InputError(f"{out_dir}: exists and is not an earlier report (it holds other files); choose another "
+                         f"folder or remove it")
+
+
 def write_report(pred_dir, summary, out_dir, images_dir=None, gt_dir=None, conflict_dir=None,
                  num_cases: int = 3) -> Path:
     """Write ``out_dir/index.html`` plus PNGs for the evaluation ``summary`` of ``pred_dir``.
@@ -274,7 +297,8 @@ def write_report(pred_dir, summary, out_dir, images_dir=None, gt_dir=None, confl
     Args:
         pred_dir: the prediction folder that was evaluated (masks + ``uncertainty/``).
         summary: the summary dict of :func:`evaluate_folder` or the path of its JSON file.
-        out_dir: report folder, replaced atomically if it exists.
+        out_dir: report folder, replaced atomically if it is an earlier report (or empty); any other existing
+            folder, and one that is or holds an input folder, is refused (:func:`check_report_folder`).
         images_dir: optional images ``CASE_XXXX<ending>`` to draw under the masks (else a blank canvas).
         gt_dir: reference labels (default: the summary's); needed for the error panel.
         conflict_dir: true conflict masks (default: the summary's, if it had one).
@@ -297,6 +321,7 @@ def write_report(pred_dir, summary, out_dir, images_dir=None, gt_dir=None, confl
            "conflict_dir": None if conflict_dir is None else Path(conflict_dir), "channels": channels,
            "label_values": label_values, "label_names": _label_names(dj), "num_hypotheses": NUM_HYPOTHESES_DRAWN}
     entries = summary["metric_per_case"]
+    check_report_folder(Path(out_dir), [pred_dir, gt_dir, images_dir, ctx["conflict_dir"]])
     with atomic_directory(out_dir, overwrite=True) as tmp:
         figures = []
         for i in _cases_to_draw(entries, ctx["conflict_dir"], ctx["ending"], num_cases):

@@ -335,6 +335,31 @@ def test_cli_evaluate_with_report_and_report_command(data, tmp_path, capsys):
     assert rc == 0 and (tmp_path / "rep3" / "case_test_000.png").is_file(), err
 
 
+def test_report_folder_never_replaces_an_input_or_a_foreign_folder(data, tmp_path, capsys):
+    """The report folder is built aside and renamed over the old one: the prediction folder itself, a folder above
+    it, and a folder holding other files are refused with one line (nothing deleted); an earlier report is
+    replaced."""
+    import shutil
+
+    ds = data["ds"]
+    pred = tmp_path / "pred"
+    shutil.copytree(data["folders"]["oracle"][0], pred)
+    summary = tmp_path / "summary.json"
+    summary.write_text(Path(data["oracle_file"]).read_text())
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    foreign = tmp_path / "notes"
+    foreign.mkdir()
+    (foreign / "mine.txt").write_text("keep")
+    for target in (pred, tmp_path, foreign):
+        rc, _, err = _cli(capsys, "report", pred, "-o", target, "--summary", summary, "--gt", ds / "labelsTs")
+        assert rc == 2 and len(err.strip().splitlines()) == 1 and str(target) in err, err
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if "notes" not in p.parts) == before
+    assert (foreign / "mine.txt").read_text() == "keep"
+    for _ in range(2):  # a new folder, then the earlier report replaced
+        rc, _, err = _cli(capsys, "report", pred, "-o", tmp_path / "rep", "--summary", summary, "--gt", ds / "labelsTs")
+        assert rc == 0 and (tmp_path / "rep" / "index.html").is_file(), err
+
+
 def test_3d_hd95_uses_physical_spacing_and_report_slices(tmp_path):
     """A block shifted by one slice along z (2.5 mm) and one voxel along x (0.9 mm): SimpleITK's (x, y, z)
     spacing must reach HD95 as numpy's (z, y, x)."""
