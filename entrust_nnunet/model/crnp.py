@@ -17,8 +17,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from entrust_nnunet.model.encoders import ModalityEncoders
-from entrust_nnunet.model.outputs import full_resolution
-from entrust_nnunet.model.trustmap import entropy
+from entrust_nnunet.model.outputs import full_resolution, probabilities
+from entrust_nnunet.model.trustmap import output_entropy
 
 #: the paper's RNP networks: LeakyReLU slope, output width, hidden layers of the random target / the predictor
 RNP_SLOPE, RNP_WIDTH, TARGET_HIDDEN_LAYERS, PREDICTOR_HIDDEN_LAYERS = 0.25, 256, 3, 2
@@ -203,12 +203,14 @@ class CRNPUNet(nn.Module):
         return F.interpolate(c, size=tuple(size), mode=mode, align_corners=False)[:, 0].clamp(0, 1)
 
     @torch.no_grad()
-    def sample_statistics(self, x: torch.Tensor, num_hypotheses: int = 1, seed: int = 0) -> dict[str, torch.Tensor]:
+    def sample_statistics(self, x: torch.Tensor, num_hypotheses: int = 1, seed: int = 0,
+                          regions: bool = False) -> dict[str, torch.Tensor]:
         """One deterministic forward (``num_hypotheses`` and ``seed`` are unused): ``mean`` = softmax of the logits
-        (B, C, *s), ``aleatoric`` = its entropy (nats), ``conflict`` = :meth:`conflict` of the modalities' errors."""
+        (B, C, *s; a sigmoid per channel with ``regions``), ``aleatoric`` = its entropy (nats; the regions' binary
+        entropies summed), ``conflict`` = :meth:`conflict` of the modalities' errors."""
         parts = self.forward(x, return_parts=True)
-        mean = torch.softmax(full_resolution(parts["logits"]).float(), 1)
-        return {"mean": mean, "aleatoric": entropy(mean, axis=1),
+        mean = probabilities(full_resolution(parts["logits"]), regions)
+        return {"mean": mean, "aleatoric": output_entropy(mean, 1, regions),
                 "conflict": self.conflict(self.normalised_errors(parts["errors"]).mean(2), x.shape[2:])}
 
     def compute_conv_feature_map_size(self, input_size) -> int:

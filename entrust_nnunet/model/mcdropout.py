@@ -13,9 +13,9 @@ from dynamic_network_architectures.building_blocks.helper import convert_conv_op
 from dynamic_network_architectures.building_blocks.unet_decoder import UNetDecoder
 from torch.nn.modules.dropout import _DropoutNd
 
-from entrust_nnunet.model.outputs import full_resolution
+from entrust_nnunet.model.outputs import full_resolution, probabilities
 from entrust_nnunet.model.sampling import DEFAULT_SAMPLING
-from entrust_nnunet.model.trustmap import entropy
+from entrust_nnunet.model.trustmap import output_entropy
 
 
 class MCDropoutUNet(PlainConvUNet):
@@ -56,10 +56,11 @@ class MCDropoutUNet(PlainConvUNet):
 
     @torch.no_grad()
     def sample_statistics(self, x: torch.Tensor, num_hypotheses: int = DEFAULT_SAMPLING.num_hypotheses,
-                          seed: int = 0) -> dict[str, torch.Tensor]:
+                          seed: int = 0, regions: bool = False) -> dict[str, torch.Tensor]:
         """T = ``num_hypotheses`` stochastic passes, dropout layers (only) in train mode.
 
-        ``p_t = softmax(f(x; dropout mask t))``; ``mean = (1/T) sum_t p_t`` (B, C, *s);
+        ``p_t = softmax(f(x; dropout mask t))`` (a sigmoid per channel with ``regions``; H then sums the regions'
+        binary entropies); ``mean = (1/T) sum_t p_t`` (B, C, *s);
         ``aleatoric = (1/T) sum_t H(p_t)`` (expected entropy, nats, B, *s); ``conflict = 0`` (one
         fused stream: no notion of modalities disagreeing). The T masks are drawn from
         ``torch.manual_seed(seed)`` inside ``torch.random.fork_rng``: the same seed gives the same
@@ -78,9 +79,9 @@ class MCDropoutUNet(PlainConvUNet):
             with torch.random.fork_rng(devices=devices):
                 torch.manual_seed(seed)
                 for _ in range(num_hypotheses):
-                    p = torch.softmax(full_resolution(self(x)).float(), 1)
+                    p = probabilities(full_resolution(self(x)), regions)
                     passes.append(p)
-                    h = entropy(p, axis=1)
+                    h = output_entropy(p, 1, regions)
                     mean = p if mean is None else mean + p
                     aleatoric = h if aleatoric is None else aleatoric + h
         finally:

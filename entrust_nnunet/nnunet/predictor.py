@@ -63,9 +63,9 @@ from entrust_nnunet.data.modalities import modalities_path
 from entrust_nnunet.model.absence import resolve_mask, without_absent
 from entrust_nnunet.model.alternatives import alternatives_gate, gated_error_floor
 from entrust_nnunet.model.network import EnTrustUNet
-from entrust_nnunet.model.outputs import as_logits, decision_confidence, log_probabilities
+from entrust_nnunet.model.outputs import as_logits, decision_confidence, log_probabilities, probabilities
 from entrust_nnunet.model.sampling import DEFAULT_SAMPLING, SamplingSettings
-from entrust_nnunet.model.trustmap import (CalibHead, calibrated_log_probabilities, entropy, output_entropy,
+from entrust_nnunet.model.trustmap import (CalibHead, calibrated_log_probabilities, output_entropy,
                                            top_label_calibrated)
 from entrust_nnunet.nnunet.calibration import load_calibrator
 from entrust_nnunet.nnunet.checkpoints import build_network, check_weights_fit, find_trainer, load_checkpoint
@@ -79,13 +79,15 @@ POOLED_MAPS = ("aleatoric", "probe", "conflict", "head_confidence")
 
 
 def uncertainty_statistics(net: nn.Module, x: torch.Tensor, sampling: SamplingSettings,
-                           modality_mask=None) -> dict[str, torch.Tensor]:
+                           modality_mask=None, regions: bool = False) -> dict[str, torch.Tensor]:
     """Per-patch ``mean`` (B, C, *s) class probabilities and the maps of :data:`POOLED_MAPS` (B, *s).
 
     EnTrustUNet samples its SegDiff hypotheses; a network with ``sample_statistics`` (the baselines in
     ``entrust_nnunet.model.mcdropout``, ``entrust_nnunet.model.crnp``) gives its own; any other nnU-Net
-    network is read as plain softmax (aleatoric = its entropy, no probe, no conflict). For networks
-    without a deterministic head of their own, ``head_confidence`` is the max of ``mean``. Also
+    network is read as plain softmax (aleatoric = its entropy, no probe, no conflict); with ``regions`` (the
+    dataset's outputs are nnU-Net regions) those networks are read with a sigmoid per region channel, as nnU-Net
+    reads them (EnTrust knows its own). For networks without a deterministic head of their own,
+    ``head_confidence`` is the probability of the mask's decision under ``mean``. Also
     ``hypotheses`` (K, B, C, *s): the network's samples, or its one prediction (K = 1); EnTrust's only with
     ``sampling.hypotheses`` (drawing K of them costs; nothing pooled reads them). ``modality_mask`` (M,):
     absent modalities, masked by EnTrust networks, zero-filled (after normalisation) for any other.
@@ -98,13 +100,14 @@ def uncertainty_statistics(net: nn.Module, x: torch.Tensor, sampling: SamplingSe
     if modality_mask is not None:
         x = without_absent(x, resolve_mask(modality_mask, x.shape[0], x.shape[1], x.device))
     if hasattr(net, "sample_statistics"):
-        s = net.sample_statistics(x, num_hypotheses=sampling.num_hypotheses, seed=sampling.seed)
+        s = net.sample_statistics(x, num_hypotheses=sampling.num_hypotheses, seed=sampling.seed, regions=regions)
     else:
-        mean = torch.softmax(net(x).float(), 1)
-        s = {"mean": mean, "aleatoric": entropy(mean, axis=1)}
+        mean = probabilities(net(x), regions)
+        s = {"mean": mean, "aleatoric": output_entropy(mean, 1, regions)}
     zeros = torch.zeros_like(s["aleatoric"])
     return {"mean": s["mean"], "aleatoric": s["aleatoric"], "probe": zeros, "conflict": s.get("conflict", zeros),
-            "head_confidence": s["mean"].amax(1), "hypotheses": s.get("hypotheses", s["mean"][None])}
+            "head_confidence": decision_confidence(s["mean"], regions),
+            "hypotheses": s.get("hypotheses", s["mean"][None])}
 
 
 class TrustStatistics(nn.Module):
@@ -115,10 +118,13 @@ class TrustStatistics(nn.Module):
     exactly. ``load_state_dict`` goes to the wrapped network, so nnU-Net's per-fold loading works.
     """
 
-    def __init__(self, network: nn.Module, sampling: SamplingSettings, with_hypotheses: bool = False):
+    def __init__(self, network: nn.Module, sampling: SamplingSettings, with_hypotheses: bool = False,
+                 regions: bool = False):
         super().__init__()
         self.net = network
         self.sampling = sampling
+        #: the dataset's outputs are nnU-Net regions (sigmoids): how a network other than EnTrust is read
+        self.regions = regions
         #: also return every hypothesis' class probabilities (K x C more channels; hypothesis k draws the
         #: same latent in every patch, so averaging it over patches and mirrorings keeps it one mask)
         self.with_hypotheses = with_hypotheses
@@ -128,7 +134,7 @@ class TrustStatistics(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # the hypotheses' drawn readings only when they are written
         sampling = self.sampling.with_(hypotheses=self.with_hypotheses)
-        s = uncertainty_statistics(self.net, x, sampling, self.modality_mask)
+        s = uncertainty_statistics(self.net, x, sampling, self.modality_mask, self.regions)
         hyps = [s["hypotheses"].movedim(0, 1).flatten(1, 2).to(s["mean"].dtype)] if self.with_hypotheses else []
         return torch.cat([s["mean"], *(s[k][:, None] for k in POOLED_MAPS), *hyps], 1)
 
@@ -288,7 +294,8 @@ class EnTrustPredictor(nnUNetPredictor):
         net = unwrap(self.network)
         if isinstance(net, TrustStatistics):
             net = net.net
-        self.network = TrustStatistics(net, self.sampling, with_hypotheses=self.save_hypotheses)
+        self.network = TrustStatistics(net, self.sampling, with_hypotheses=self.save_hypotheses,
+                                       regions=self.label_manager.has_regions)
         self.calib_heads = []
         if isinstance(net, EnTrustUNet):
             for p in self.list_of_parameters or [net.state_dict()]:

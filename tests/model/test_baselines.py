@@ -130,3 +130,28 @@ def test_crnp_predictor_training_lowers_its_error():
         net.modality_errors(h).mean().backward()
         opt.step()
     assert float(net.modality_errors(h).mean().detach()) < 0.5 * first
+
+
+def test_region_outputs_are_read_with_a_sigmoid_per_region():
+    """On a region dataset (BraTS' nested regions) every network other than EnTrust is read as nnU-Net reads it:
+    a sigmoid per region channel (a softmax across nested regions would split them), entropy = the regions'
+    binary entropies summed, head confidence = the probability of every region's decision."""
+    from entrust_nnunet.model.sampling import SamplingSettings
+    from entrust_nnunet.nnunet.predictor import uncertainty_statistics
+
+    torch.manual_seed(0)
+    x = torch.randn(1, 2, 32, 32)
+    plain = PlainConvUNet(2, num_classes=3, deep_supervision=False, **arch_kwargs(2)).eval()
+    # MC dropout with p = 1e-9: its passes are the eval forward
+    for net in (plain, MCDropoutUNet(2, num_classes=3, **arch_kwargs(2), decoder_dropout_p=1e-9).eval(),
+                CRNPUNet(2, num_classes=3, **arch_kwargs(2)).eval()):
+        with torch.no_grad():
+            logits = net(x)
+            s = uncertainty_statistics(net, x, SamplingSettings(num_hypotheses=2), regions=True)
+        p = torch.sigmoid(logits.float())
+        torch.testing.assert_close(s["mean"], p, msg=type(net).__name__)
+        h = -(p * p.log() + (1 - p) * (1 - p).log()).sum(1)
+        torch.testing.assert_close(s["aleatoric"], h, msg=type(net).__name__)
+        torch.testing.assert_close(s["head_confidence"], torch.maximum(p, 1 - p).prod(1))
+        labels = uncertainty_statistics(net, x, SamplingSettings(num_hypotheses=2))["mean"]
+        torch.testing.assert_close(labels, torch.softmax(logits.float(), 1))
