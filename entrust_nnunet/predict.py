@@ -15,8 +15,9 @@ from pathlib import Path
 
 import torch
 
-from entrust_nnunet.data.io import (MAP_FOLDER, InputError, atomic_file, check_same_geometry, check_writable_folder,
-                                    folder_lock, read_header, read_image, remove_stale_temporaries)
+from entrust_nnunet.data.io import (HYPOTHESIS_FOLDER, MAP_FOLDER, InputError, atomic_file, check_same_geometry,
+                                    check_writable_folder, folder_lock, read_header, read_image,
+                                    remove_stale_temporaries)
 from entrust_nnunet.data.modalities import CaseModalities, case_modalities, files_to_read, parse_drop_modalities
 from entrust_nnunet.model.sampling import DEFAULT_SAMPLING, SamplingSettings
 from entrust_nnunet.nnunet.predictor import EnTrustPredictor
@@ -156,7 +157,7 @@ def predict_folder(input_dir, output_dir, model_folder, folds=None, checkpoint: 
         raise InputError(f"{output_dir}: cannot create output folder ({e.strerror})") from None
     with folder_lock(output_dir, LOCK_NAME, "entrust predict"):
         try:
-            remove_stale_temporaries(output_dir, output_dir / MAP_FOLDER)  # left by a killed run
+            remove_stale_temporaries(output_dir, output_dir / MAP_FOLDER, output_dir / HYPOTHESIS_FOLDER)  # left by a killed run
             for name, content in (("dataset.json", predictor.dataset_json),
                                   ("plans.json", predictor.plans_manager.plans)):
                 with atomic_file(output_dir / name) as f:
@@ -169,5 +170,5 @@ def predict_folder(input_dir, output_dir, model_folder, folds=None, checkpoint: 
                                     num_processes_preprocessing, num_processes_export,
                                     [{**m.record(), "mask": m.present} for m in modalities.values()], previous)
         finally:  # export workers ended by Ctrl-C/SIGTERM cannot remove their own temporaries
-            remove_stale_temporaries(output_dir, output_dir / MAP_FOLDER)
+            remove_stale_temporaries(output_dir, output_dir / MAP_FOLDER, output_dir / HYPOTHESIS_FOLDER)
     return output_dir

@@ -74,6 +74,25 @@ def test_hypotheses_are_whole_masks_with_the_input_geometry(prediction):
             assert set(np.unique(sitk.GetArrayFromImage(img))) <= {0, 1, 2}
 
 
+def test_a_new_prediction_into_the_same_folder_leaves_nothing_of_the_old_one(prediction, tmp_path):
+    """Predicting again with fewer hypotheses and without --save_probabilities removes the old prediction's extra
+    hypotheses and its .npz/.pkl (evaluation, the report and nnU-Net's ensembling would read them as this one's),
+    and a killed run's temporaries in hypotheses/ (dead pid)."""
+    env, raw, old = prediction
+    out = tmp_path / "out"
+    shutil.copytree(old, out)
+    dead = out / "hypotheses" / ".tmp-999999999-0123abcd-test_000_h00.nii.gz"
+    dead.write_bytes(b"")
+    r = _entrust(env, "predict", "-i", str(raw / "imagesTs"), "-o", str(out), "-d", str(SESSION_DATASET_ID),
+                 "-c", "2d", "-tr", "nnUNetTrainerEnTrust_tinyCPU", "-p", "nnUNetPlans", "-f", "2", "-npp", "0",
+                 "-nps", "1", "--num-hypotheses", "2", "--save-hypotheses")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert sorted(f.name for f in (out / "hypotheses").iterdir()) == [
+        f"{c}_h{k:02d}.nii.gz" for c in ("test_000", "test_001") for k in range(2)]
+    assert not list(out.glob("*.npz")) and not list(out.glob("*.pkl"))
+    assert sorted(f.name for f in out.glob("*.nii.gz")) == ["test_000.nii.gz", "test_001.nii.gz"]
+
+
 def test_nnunet_evaluate_folder_still_works(prediction):
     env, raw, out = prediction
     r = subprocess.run([nnunet_bin("nnUNetv2_evaluate_folder"), str(raw / "labelsTs"), str(out), "-djfile",

@@ -58,7 +58,7 @@ from torch import nn
 from tqdm import tqdm
 
 from entrust_nnunet.data.io import (HYPOTHESIS_FOLDER, MAP_FOLDER, MAP_NAMES, InputError, atomic_file, hypothesis_path,
-                                    map_path, temporary_path, write_image)
+                                    map_path, numbered_files, temporary_path, write_image)
 from entrust_nnunet.data.modalities import modalities_path
 from entrust_nnunet.model.absence import resolve_mask, without_absent
 from entrust_nnunet.model.alternatives import alternatives_gate, gated_error_floor
@@ -174,6 +174,20 @@ def _write_hypotheses(hypotheses: np.ndarray, properties: dict, configuration_ma
         write_image(image, hypothesis_path(out_dir, case, k, dataset_json["file_ending"]))
 
 
+def remove_superseded_outputs(out_dir: str, case: str, ending: str, hypotheses_written: int,
+                              probabilities_written: bool) -> None:
+    """Files an earlier prediction of ``case`` left in ``out_dir`` that this one does not rewrite: hypotheses
+    numbered from ``hypotheses_written`` on and, without ``probabilities_written``, ``CASE.npz``/``CASE.pkl``.
+    Evaluation, the report and nnU-Net's ensembling read whatever is there; they must not mix two predictions."""
+    stale = [f for f in numbered_files(Path(out_dir) / HYPOTHESIS_FOLDER, case, "h", ending)
+             if int(f.name[len(case) + 2:-len(ending)]) >= hypotheses_written]
+    if not probabilities_written:
+        stale += [Path(out_dir) / f"{case}{e}" for e in (".npz", ".pkl")]
+    for f in stale:
+        with contextlib.suppress(FileNotFoundError):
+            f.unlink()
+
+
 def export_prediction_with_maps(prediction: np.ndarray, properties: dict, configuration_manager, plans_manager,
                                 dataset_json: dict, output_file_truncated: str, save_probabilities: bool = False,
                                 keep_mask: bool = True, hypotheses: np.ndarray | None = None,
@@ -212,6 +226,9 @@ def export_prediction_with_maps(prediction: np.ndarray, properties: dict, config
             os.makedirs(os.path.join(out_dir, HYPOTHESIS_FOLDER), exist_ok=True)
             _write_hypotheses(hypotheses, properties, configuration_manager, plans_manager, dataset_json, reference,
                               out_dir, case)
+        if keep_mask:
+            remove_superseded_outputs(out_dir, case, ending, 0 if hypotheses is None else len(hypotheses),
+                                      save_probabilities)
         for tmp in written if keep_mask else []:  # the mask last: a mask on disk means its maps are complete
             os.replace(tmp, output_file_truncated + tmp[len(tmp_trunc):])
     finally:
