@@ -148,6 +148,31 @@ def _add_pipeline(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_demo)
 
 
+def _fold(value: str) -> int | str:
+    """A fold as nnU-Net names them: a number >= 0 or ``all``."""
+    if value == "all":
+        return value
+    return _fold_number(value)
+
+
+def _fold_number(value: str) -> int:
+    """A fold number (>= 0)."""
+    if not value.isdigit():
+        raise argparse.ArgumentTypeError(f"a fold is a number (0, 1, ...) or 'all', got {value!r}")
+    return int(value)
+
+
+def _step_size(value: str) -> float:
+    """nnU-Net's sliding-window step, a fraction of the patch in (0, 1]."""
+    try:
+        step = float(value)
+    except ValueError:
+        step = float("nan")
+    if not 0 < step <= 1:
+        raise argparse.ArgumentTypeError(f"the step is a fraction of the patch in (0, 1], got {value!r}")
+    return step
+
+
 def _env_int(name: str, default: int) -> int:
     """nnUNetv2_predict's defaults for -npp/-nps: an integer environment variable, else ``default``."""
     import os
@@ -197,7 +222,7 @@ def _cmd_predict(args: argparse.Namespace) -> None:
 
     ensure_ext_trainer()
     model = _model_folder(args)
-    folds = None if args.f is None else [f if f == "all" else int(f) for f in args.f]
+    folds = args.f
     try:
         sampling = SamplingSettings(args.num_hypotheses, args.steps, args.seed, not args.no_probe)
     except ValueError as e:
@@ -224,14 +249,14 @@ def _add_prediction(sub: argparse._SubParsersAction) -> None:
                    help="plans identifier (default: nnUNetPlans, as nnUNetv2_predict; without -p, the only plans "
                         "with a trained model for -tr/-c if there is exactly one)")
     p.add_argument("-m", "--model-folder", default=None, help="trained model folder instead of -d/-c/-tr/-p")
-    p.add_argument("-f", nargs="+", default=None,
+    p.add_argument("-f", nargs="+", type=_fold, default=None,
                    help="folds to pool (default: every fold_X with the checkpoint; with all five trained that is "
                         "nnUNetv2_predict's default 0 1 2 3 4)")
     p.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint name (default: checkpoint_final.pth)")
     p.add_argument("-device", default="cuda", choices=("cuda", "cpu", "mps"),
                    help="cuda (GPU), cpu or mps (Apple GPU), as nnUNetv2_predict (default: cuda; without a usable GPU "
                         "it falls back to the CPU and says so)")
-    p.add_argument("-step_size", type=float, default=0.5, help="sliding-window step as a fraction of the patch (default: 0.5)")
+    p.add_argument("-step_size", type=_step_size, default=0.5, help="sliding-window step as a fraction of the patch (default: 0.5)")
     p.add_argument("--disable_tta", action="store_true", help="no mirroring test-time augmentation")
     p.add_argument("--save_probabilities", action="store_true", help="also write the calibrated class probabilities (.npz + .pkl)")
     p.add_argument("-npp", type=int, default=_env_int("nnUNet_npp", 3),
@@ -321,7 +346,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> None:
         model = get_output_folder(args.d, args.tr, args.p, args.c)
     except RuntimeError as e:
         raise InputError(str(e).splitlines()[0]) from None
-    folds = None if args.f is None else [int(f) for f in args.f]
+    folds = args.f
     path, content = calibrate_model(model, folds)
     report = content["report"]
     print(f"calibrator {content['calibrator']} on the out-of-fold voxels of folds {content['folds']} "
@@ -425,8 +450,16 @@ def _add_evaluation(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_report)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors (a bad or missing flag) on one line, exit status 2, as every other bad input;
+    ``-h`` shows the usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="entrust", description=__doc__.split("\n")[0])
+    parser = _Parser(prog="entrust", description=__doc__.split("\n")[0])
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -470,7 +503,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", required=True, help="configuration")
     p.add_argument("-tr", default="nnUNetTrainerEnTrust", help="trainer (default: nnUNetTrainerEnTrust)")
     p.add_argument("-p", default="nnUNetPlans", help="plans identifier (default: nnUNetPlans)")
-    p.add_argument("-f", nargs="+", default=None, help="folds (default: every fold with calibration voxels)")
+    p.add_argument("-f", nargs="+", type=_fold_number, default=None,
+                   help="folds (default: every fold with calibration voxels)")
     p.set_defaults(func=_cmd_calibrate)
     _add_prediction(sub)
     _add_toolchain(sub)

@@ -71,3 +71,22 @@ def test_cuda_falls_back_to_the_cpu_with_one_line(monkeypatch, capsys):
     assert capsys.readouterr().out.strip().splitlines() == [
         "entrust: CUDA is not available on this machine; predicting on the CPU"]
     assert resolve_device("cpu") == torch.device("cpu")
+
+
+def test_bad_flag_values_are_one_line_naming_the_flag(capsys):
+    """-f and -step_size are checked when parsed (a traceback before), and argparse's own errors are one line too."""
+    import pytest
+
+    for argv, words in ((["predict", "-i", "a", "-o", "b", "-f", "x"], ("argument -f", "'x'")),
+                        (["predict", "-i", "a", "-o", "b", "-f", "0", "-1"], ("argument -f", "'-1'")),
+                        (["predict", "-i", "a", "-o", "b", "-step_size", "0"], ("argument -step_size", "(0, 1]")),
+                        (["predict", "-i", "a", "-o", "b", "-step_size", "1.5"], ("argument -step_size", "'1.5'")),
+                        (["calibrate", "-d", "1", "-c", "2d", "-f", "all"], ("argument -f", "'all'")),
+                        (["predict", "-i", "a", "-o", "b", "-npp", "many"], ("argument -npp",))):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and all(w in err[0] for w in words), (argv, err)
+    args = build_parser().parse_args(["predict", "-i", "a", "-o", "b", "-f", "0", "all", "-step_size", "1"])
+    assert args.f == [0, "all"] and args.step_size == 1.0
+    assert build_parser().parse_args(["calibrate", "-d", "1", "-c", "2d", "-f", "0", "3"]).f == [0, 3]
