@@ -20,7 +20,7 @@ from typing import Iterator, Sequence
 
 from tqdm import tqdm
 
-from entrust_nnunet.data.io import MAP_FOLDER, InputError, dataset_prefix, nnunet_dataset_name
+from entrust_nnunet.data.io import MAP_FOLDER, TEMP_PREFIX, InputError, dataset_prefix, nnunet_dataset_name
 from entrust_nnunet.nnunet.env import ensure_ext_trainer, set_nnunet_roots
 from entrust_nnunet.nnunet.planner import ENTRUST_PLANS
 
@@ -211,6 +211,22 @@ def _demo_step(number: int, text: str) -> None:
     print(f"[{number}/6] {text}", flush=True)
 
 
+#: what the demo writes into its working folder (nnU-Net's three roots, then steps 4-6)
+DEMO_ENTRIES = {"nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "predictions", "summary.json", "report", "logs"}
+
+
+def remove_demo_folder(root: Path) -> None:
+    """``--fresh``: delete the demo's working folder, but only one that holds nothing the demo did not write
+    (a mistyped ``--dataset-dir`` must not delete a user's folder); else one line naming what is there."""
+    if not root.is_dir():
+        raise InputError(f"{root}: not a folder; give --dataset-dir a demo working folder")
+    foreign = sorted(e.name for e in root.iterdir() if e.name not in DEMO_ENTRIES and not e.name.startswith(TEMP_PREFIX))
+    if foreign:
+        raise InputError(f"{root}: not a demo working folder (it holds {', '.join(foreign[:3])}"
+                         f"{', ...' if len(foreign) > 3 else ''}); --fresh deletes only the demo's own folder")
+    shutil.rmtree(root)
+
+
 def run_demo(dataset_dir: str | os.PathLike = "entrust_demo", dim: int = 2, folds: Sequence[str] = ("0",),
              device: str = "cpu", num_train: int = 24, num_test: int = 20, size: int | None = None, seed: int = 0,
              trainer: str | None = None, fresh: bool = False, verbose: bool = False) -> dict:
@@ -222,7 +238,7 @@ def run_demo(dataset_dir: str | os.PathLike = "entrust_demo", dim: int = 2, fold
     trainer = trainer or DEMO_TRAINERS[dim]
     root = Path(dataset_dir).absolute()
     if fresh and root.exists():
-        shutil.rmtree(root)
+        remove_demo_folder(root)
     set_nnunet_roots(root)
     ensure_ext_trainer()
     config = "2d" if dim == 2 else "3d_fullres"

@@ -38,3 +38,24 @@ def test_failing_step_prints_the_tail_of_its_log(tmp_path, capfd):
     err = capfd.readouterr().err
     assert str(log) in err and f"line {39}" in err and f"line {39 - LOG_TAIL_LINES}\n" not in err
     assert "line 39" in log.read_text()
+
+
+def test_fresh_deletes_only_a_demo_working_folder(tmp_path):
+    """--fresh on a folder holding anything the demo did not write (a mistyped --dataset-dir, the home folder) is
+    refused with one line and deletes nothing; the demo's own folder (its roots, outputs, a killed run's
+    temporaries) is deleted."""
+    from entrust_nnunet.data.io import InputError
+    from entrust_nnunet.pipeline import DEMO_ENTRIES, remove_demo_folder, run_demo
+
+    mine = tmp_path / "mine"
+    (mine / "nnUNet_raw").mkdir(parents=True)
+    (mine / "thesis.tex").write_text("keep")
+    with pytest.raises(InputError, match="thesis.tex.*--fresh deletes only") as e:
+        run_demo(mine, fresh=True)
+    assert len(str(e.value).splitlines()) == 1 and (mine / "thesis.tex").read_text() == "keep"
+    demo = tmp_path / "demo"
+    for name in DEMO_ENTRIES:
+        (demo / name).mkdir(parents=True)
+    (demo / ".tmp-999999999-0123abcd-summary.json").write_text("{")
+    remove_demo_folder(demo)
+    assert not demo.exists()
