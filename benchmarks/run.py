@@ -263,11 +263,17 @@ def without_calib_head(src: Path, dst: Path, folds) -> Path:
     the predictor exports ``1 - max probability`` as ``total``: the "without CalibHead" inference switch."""
     import torch
 
+    from entrust_nnunet.data.io import temporary_path
+    from entrust_nnunet.nnunet.checkpoints import load_checkpoint
+
     copy_model_folder(src, dst, folds)
     for fold in folds:
-        ckpt = torch.load(src / f"fold_{fold}" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+        ckpt = load_checkpoint(src / f"fold_{fold}" / "checkpoint_final.pth")  # weights only, as predict loads it
         ckpt["network_weights"]["calib.fitted"] = torch.zeros(())
-        torch.save(ckpt, dst / f"fold_{fold}" / "checkpoint_final.pth")
+        final = dst / f"fold_{fold}" / "checkpoint_final.pth"
+        tmp = temporary_path(final)  # a killed run leaves no half-written checkpoint under the final name
+        torch.save(ckpt, tmp)
+        os.replace(tmp, final)
     return dst
 
 
