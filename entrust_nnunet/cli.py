@@ -326,8 +326,8 @@ def _add_toolchain(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("ensemble", help="nnUNetv2_ensemble with uncertainty maps (pools configurations like folds)",
                        description="Pool several `entrust predict --save_probabilities` folders (e.g. 2d and "
                                    "3d_fullres): class probabilities averaged as nnUNetv2_ensemble does; aleatoric and "
-                                   "conflict averaged; epistemic = entropy of the pooled probabilities minus the mean "
-                                   "aleatoric; P(error) = the members' calibrated P(error) for the ensemble's label, "
+                                   "conflict averaged; epistemic = the members' epistemic averaged plus the "
+                                   "Jensen-Shannon divergence of their class probabilities; P(error) = the members' calibrated P(error) for the ensemble's label, "
                                    "averaged.")
     p.add_argument("-i", nargs="+", required=True, help="prediction folders (two or more)")
     p.add_argument("-o", required=True, help="output folder")

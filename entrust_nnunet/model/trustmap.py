@@ -8,7 +8,8 @@ between models (folds) is EPISTEMIC. For models f with hypotheses' means ``p_f``
 
 Per network and patch (:func:`hypothesis_statistics`, from hypotheses ``p_k`` (K, B, C, *s)):
 
-* ``mean``      = (1/K) sum_k p_k, the class probabilities (the mask is the argmax of their calibration, below);
+* ``mean``      = the hypotheses' expectation, the class probabilities (the mask is the argmax of their calibration,
+  below): at S = 0 the start's in closed form (:meth:`SegDiffHead.start_mean`), after flow steps (1/K) sum_k p_k;
 * ``entropy``   = H(mean) in nats;
 * ``aleatoric`` = H(mean) as well: within one model all of it is aleatoric, including the hypotheses'
   spread. The predictor averages it over patches, mirrorings and folds, so that its

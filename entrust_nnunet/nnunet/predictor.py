@@ -446,7 +446,8 @@ class EnTrustPredictor(nnUNetPredictor):
 
     @torch.inference_mode()
     def predict_case(self, data: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(C + 4, *s): log pooled class probabilities over the fitted temperature (:meth:`class_temperature`),
+        """(C + 4, *s): the logs of the class probabilities written (labels: the calibrated ones of
+        :meth:`class_probabilities`, whose top label carries 1 - P(error); regions: the pooled sigmoids' logits),
         then the maps of MAP_NAMES: P(error) (exported as ``total``, see :meth:`probability_of_error`),
         aleatoric, epistemic, conflict; and the hypotheses' labels (F*K, *s) with ``save_hypotheses`` (else None)."""
         stats = self.pooled_statistics(data)
