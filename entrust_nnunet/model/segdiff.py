@@ -329,11 +329,6 @@ class SegDiffHead(nn.Module):
         return {"start": self.start_loss(cond_h, target, logits, generator, valid, start),
                 "generative": self.flow_loss(cond_h, target, logits, generator, valid, start)}
 
-    def loss(self, cond_h: torch.Tensor, target: torch.Tensor, logits: torch.Tensor | None = None,
-             generator: torch.Generator | None = None) -> torch.Tensor:
-        """Sum of :meth:`losses` (for training the head on its own)."""
-        return sum(self.losses(cond_h, target, logits, generator).values())
-
     @torch.no_grad()
     def sample(self, cond_h: torch.Tensor, num_hypotheses: int, steps: int, seed: int = 0,
                logits: torch.Tensor | None = None, chunk: int = 2, hidden: torch.Tensor | None = None

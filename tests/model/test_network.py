@@ -64,7 +64,7 @@ def test_hypotheses_diverge_only_where_labels_are_ambiguous():
         target = torch.ones(16, 1, 8, 16, dtype=torch.long)
         target[..., 8:] = torch.randint(0, 2, (16, 1, 1, 1)).expand(16, 1, 8, 8)
         opt.zero_grad()
-        loss = head.loss(head.condition(cond.expand(16, -1, -1, -1)), target)
+        loss = sum(head.losses(head.condition(cond.expand(16, -1, -1, -1)), target).values())
         loss.backward()
         opt.step()
     hyps = head.sample(head.condition(cond), num_hypotheses=32, steps=8, seed=0)  # (K, 1, 2, 8, 16)
