@@ -104,13 +104,21 @@ def test_nnunet_evaluate_folder_still_works(prediction):
 
 
 def test_validation_writes_maps_for_every_validation_case(trained_entrust):
+    """Every case of the fold's validation split gets every map, with the geometry of nnU-Net's validation mask
+    beside it, as float32 within the map's range."""
     env, name, model = trained_entrust
     validation = model / "fold_2" / "validation"
-    cases = [p.name[: -len(".nii.gz")] for p in validation.glob("*.nii.gz")]
-    assert cases
+    split = json.loads((Path(env["nnUNet_preprocessed"]) / name / "splits_final.json").read_text())[2]["val"]
+    cases = sorted(p.name[: -len(".nii.gz")] for p in validation.glob("*.nii.gz"))
+    assert cases == sorted(split)
     for case in cases:
+        mask = sitk.ReadImage(str(validation / f"{case}.nii.gz"))
         for map_name in MAP_NAMES:
-            assert (validation / "uncertainty" / f"{case}_{map_name}.nii.gz").exists()
+            img = sitk.ReadImage(str(validation / "uncertainty" / f"{case}_{map_name}.nii.gz"))
+            _same_geometry(mask, img)
+            arr = sitk.GetArrayFromImage(img)
+            lo, hi = RANGES[map_name]
+            assert img.GetPixelID() == sitk.sitkFloat32 and arr.min() >= lo - 1e-6 and arr.max() <= hi, map_name
 
 
 def test_calibration_uses_the_validation_fold_and_cross_fits_its_maps(trained_entrust, tmp_path):

@@ -92,17 +92,24 @@ def test_test_annotators_leave_the_cases_unchanged_and_flip_conflict_blobs(tmp_p
     assert not (scored / "labelsTr_annotators").exists()
     assert sorted(p.name for p in (scored / "labelsTs_annotators").iterdir()) == \
         [f"test_{j:03d}_a{k}.nii.gz" for j in range(4) for k in range(3)]
+    flips = blob_count = 0
     for j in range(4):
         for folder, suffix in (("imagesTs", "_0001"), ("labelsTs", "")):
             np.testing.assert_array_equal(_arr(plain / folder / f"test_{j:03d}{suffix}.nii.gz"),
                                           _arr(scored / folder / f"test_{j:03d}{suffix}.nii.gz"))
         conflict = _arr(scored / "conflictTs" / f"test_{j:03d}.nii.gz") > 0
         label = _arr(scored / "labelsTs" / f"test_{j:03d}.nii.gz")
+        blobs, n = ndimage.label(conflict)
         for k in range(3):
             variant = _arr(scored / "labelsTs_annotators" / f"test_{j:03d}_a{k}.nii.gz")
             # away from conflict an annotator moves the boundary by at most one voxel; nothing else changes
             far = ~ndimage.binary_dilation(label > 0, iterations=2) & ~conflict
             assert (variant[far] == label[far]).all()
+            for b in range(1, n + 1):  # each blob re-flipped whole: all lesion or all background
+                assert len(np.unique(variant[blobs == b] > 0)) == 1
+            flips += sum(bool((variant[blobs == b] > 0).any() != (label[blobs == b] > 0).any()) for b in range(1, n + 1))
+            blob_count += n
+    assert blob_count >= 3 and 0 < flips < blob_count  # annotators disagree with the reference on some blobs
     with pytest.raises(InputError, match="--test-annotators"):
         write_phantom_dataset(tmp_path / "c", num_cases=2, dim=2, size=32, progress=False, num_test_annotators=-1)
 

@@ -2,8 +2,8 @@
 import torch
 
 from conftest import arch_kwargs
-from entrust_nnunet.model.alternatives import (alternatives_error_floor, expert_alternatives, expert_reading,
-                                               EXTENT, STRUCTURE_GATE, STRUCTURE_SEED, SUPPORT,
+from entrust_nnunet.model.alternatives import (alternatives_error_floor, expected_alternative, expert_alternatives,
+                                               expert_reading, EXTENT, STRUCTURE_GATE, STRUCTURE_SEED, SUPPORT,
                                                foreground_mass, structure_peak,
                                                van_der_corput)
 from entrust_nnunet.model.network import EnTrustUNet
@@ -173,6 +173,25 @@ def test_absent_modalities_are_never_followed():
     assert (out[:, 1, 1] == 0).all()  # only experts 1 and 2 are followed: never the absent expert 0
 
 
+def test_expected_alternative_is_the_lerp_towards_the_present_experts_mean():
+    """``E_k p'_k = (1 - g) mean + g * (average of the PRESENT experts)``, ``g = clamp(strength d, 0, 1)``: an absent
+    expert's output never enters; with K a multiple of the present experts it is the undrawn hypotheses' average."""
+    g = torch.Generator().manual_seed(0)
+    experts = torch.softmax(torch.randn(1, 3, 3, 6, 6, generator=g) * 2, 2)
+    mean = torch.softmax(torch.randn(1, 3, 6, 6, generator=g), 1)
+    d = torch.rand(1, 1, 6, 6, generator=g)
+    mask = torch.tensor([[1.0, 0.0, 1.0]])
+    out = expected_alternative(mean, experts, d, mask, strength=2.0)
+    torch.testing.assert_close(out, torch.lerp(mean, (experts[:, 0] + experts[:, 2]) / 2, (2 * d).clamp(0, 1)))
+    poisoned = experts.clone()
+    poisoned[:, 1] = 1e6  # whatever the absent expert says
+    torch.testing.assert_close(expected_alternative(mean, poisoned, d, mask, 2.0), out)
+    torch.testing.assert_close(expected_alternative(mean, experts, d, mask, 0.0), mean)
+    hyps = mean[None].expand(4, -1, -1, -1, -1)
+    undrawn = expert_alternatives(hyps, experts, d, mask, 2.0, drawn=False)
+    torch.testing.assert_close(undrawn.mean(0), out)
+
+
 def test_network_hypotheses_diverge_only_with_the_alternatives():
     """Through the network: with strength 0 the hypotheses are SegDiff's (a start with no spread: all alike);
     with the alternatives they differ wherever the (untrained, hence disagreeing) experts conflict, and where
@@ -208,9 +227,9 @@ def test_undrawn_hypotheses_are_the_expectations_the_mean_is_made_of():
     # the mean is the start's expectation (SegDiffHead.start_mean); 6 draws of an untrained start average close to it
     torch.testing.assert_close(expected["hypotheses"].mean(0), expected["mean"], rtol=0, atol=0.02)
     assert not torch.allclose(drawn["hypotheses"], expected["hypotheses"])
-    for key in ("mean", "total", "conflict", "error"):
-        if key in drawn:
-            torch.testing.assert_close(drawn[key], expected[key])
+    assert set(drawn) == set(expected)
+    for key in set(drawn) - {"hypotheses"}:
+        torch.testing.assert_close(drawn[key], expected[key], msg=key)
 
 
 def test_inference_forward_is_the_log_of_samples_mean():

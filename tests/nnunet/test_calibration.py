@@ -73,6 +73,37 @@ def test_bad_inputs_are_one_clear_error(tmp_path):
     with pytest.raises(InputError, match="not a calibration file"):
         load_calibrator(other)
     assert load_calibrator(tmp_path) is None
+    # valid JSON that is not a calibrator of ours: no weights, an unknown feature, one weight too few
+    good = json.loads((model / CALIBRATION_FILE).read_text())
+    for broken, message in (({k: v for k, v in good.items() if k != "weights"}, "not a calibration file"),
+                            ({**good, "features": ["bogus"], "weights": [1.0, 0.0]}, r"unknown features \['bogus'\]"),
+                            ({**good, "weights": good["weights"][:-1]}, "wrong number of weights")):
+        (model / CALIBRATION_FILE).write_text(json.dumps(broken))
+        with pytest.raises(InputError, match=message):
+            load_calibrator(model)
+    empty = tmp_path / "nnUNetTrainerEnTrust__nnUNetPlans__3d_lowres"
+    empty.mkdir()
+    (empty / "plans.json").write_text("{}")
+    with pytest.raises(InputError, match="no fold has out-of-fold calibration voxels"):
+        calibrate_model(empty)
+
+
+def test_one_fold_keeps_the_calibrator_with_conflict_without_a_choice(tmp_path):
+    """With one fold there is no other fold to judge on: the Platt model with the conflict term, no scores."""
+    path, content = calibrate_model(_model_folder(tmp_path, folds=(0,)))
+    assert content["calibrator"] == "platt_with_conflict" and content["report"]["held_out_bce_fg_boundary"] == {}
+    assert load_calibrator(path.parent).features == tuple(content["features"])
+
+
+def test_calibration_subset_is_seeded_disjoint_from_training_and_never_everything():
+    from entrust_nnunet.nnunet.calibration import calibration_subset
+
+    keys = [f"case_{i}" for i in range(8)]
+    subset = calibration_subset(keys[::-1], 0.25, seed=1)
+    assert len(subset) == 2 and subset == sorted(subset) and set(subset) <= set(keys)
+    assert calibration_subset(keys, 0.25, seed=1) == subset and calibration_subset(keys, 0.25, seed=2) != subset
+    assert calibration_subset(keys[:1], 0.5, seed=1) == [] and calibration_subset(keys, 0, seed=1) == []
+    assert len(calibration_subset(keys[:2], 0.9, seed=1)) == 1  # at least one case is left for training
 
 
 def test_class_temperature_recovers_the_sharpening_of_overconfident_probabilities():
@@ -205,3 +236,28 @@ def test_calibrate_fits_conflict_biases_and_scores_the_mask_they_decide(tmp_path
                                + folds[0][0]["gate"][:, None] * torch.tensor(others[0]["conflict_bias"]), 1)
     torch.testing.assert_close(columns["confidence"], calibrated.amax(1), atol=1e-5, rtol=1e-5)
     assert torch.equal(e, (calibrated.argmax(1) != folds[0][0]["label"]).float())
+
+
+def test_case_voxels_subset_keeps_columns_and_errors_aligned_and_is_seeded_by_the_case():
+    """A case larger than max_voxels keeps a subset: every kept voxel's statistics, label and error are that voxel's
+    (confidence holds the voxel's index here), the same case name gives the same subset, another name another."""
+    from entrust_nnunet.nnunet.calibration import case_voxels
+
+    g = torch.Generator().manual_seed(0)
+    shape = (1, 40, 25)  # 1000 voxels
+    stats = {k: torch.rand(shape, generator=g) for k in STATISTICS}
+    stats["confidence"] = torch.arange(1000, dtype=torch.float32).view(shape)
+    stats["mean"] = torch.softmax(torch.randn(2, *shape, generator=g) * 3, 0)
+    seg = torch.randint(0, 2, (1, *shape), generator=g).numpy()
+    truth = (stats["mean"].argmax(0).flatten() != torch.from_numpy(seg).flatten()).float()
+    columns, error = case_voxels(stats, seg, "case_a", 50)
+    index = columns["confidence"].long()
+    assert len(index) == 50 == len(set(index.tolist())) and 0.2 < float(truth.mean()) < 0.8
+    torch.testing.assert_close(error, truth[index])
+    torch.testing.assert_close(columns["label"], torch.from_numpy(seg).flatten()[index].long())
+    for k in STATISTICS:
+        torch.testing.assert_close(columns[k], stats[k].flatten()[index])
+    again, _ = case_voxels(stats, seg, "case_a", 50)
+    other, _ = case_voxels(stats, seg, "case_b", 50)
+    assert torch.equal(again["confidence"], columns["confidence"])
+    assert not torch.equal(other["confidence"], columns["confidence"])

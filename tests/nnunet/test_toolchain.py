@@ -138,7 +138,26 @@ def test_entrust_calibrate_fits_on_every_fold_out_of_fold(five_folds):
         assert content["report"]["voxels"] == voxels > 0
         predictor = EnTrustPredictor(device=torch.device("cpu"), allow_tqdm=False)
         predictor.initialize_from_trained_model_folder(str(model), (0,))
-        assert predictor.calibrator is not None and predictor.calibrator.name == content["calibrator"]
+        calibrator = predictor.calibrator
+        assert calibrator is not None and calibrator.name == content["calibrator"]
+        # what predict writes follows the file: its P(error) (never below the alternatives' floor) and its class
+        # calibration, not the fold's CalibHead
+        assert predictor.class_temperature() == pytest.approx(content["class_temperature"])
+        torch.testing.assert_close(predictor.class_conflict_bias(), torch.tensor(content["class_conflict_bias"]))
+        torch.manual_seed(0)
+        data = torch.randn(3, 1, 32, 32)
+        stats = predictor.pooled_statistics(data)
+        floor = stats["gate"] * (1 - stats["confidence"])
+        c = stats["mean"].shape[0]
+        with_file = predictor.predict_case(data)[0][c]
+        torch.testing.assert_close(with_file, torch.maximum(calibrator.probability_of_error(stats), floor))
+        without = EnTrustPredictor(device=torch.device("cpu"), allow_tqdm=False)
+        (model / CALIBRATION_FILE).rename(model / "moved.json")
+        try:
+            without.initialize_from_trained_model_folder(str(model), (0,))
+        finally:
+            (model / "moved.json").rename(model / CALIBRATION_FILE)
+        assert without.calibrator is None and (without.predict_case(data)[0][c] - with_file).abs().max() > 1e-4
     finally:
         (model / CALIBRATION_FILE).unlink()
 
