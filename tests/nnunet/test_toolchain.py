@@ -302,10 +302,17 @@ def test_entrust_ensemble_pools_members_like_folds(members, tmp_path):
             written = sitk.ReadImage(str(out / "uncertainty" / f"{case}_{name}.nii.gz"))
             assert written.GetSize() == image.GetSize() and written.GetPixelID() == sitk.sitkFloat32
             np.testing.assert_allclose(written.GetDirection(), image.GetDirection(), atol=1e-6)
+        np.testing.assert_allclose(_map(out, case, "conflict"), np.mean([_map(f, case, "conflict") for f in folders],
+                                                                        0), atol=1e-6)
         total = _map(out, case, "total")
         agree = np.all([_array(f / f"{case}.nii.gz") == mask for f in folders], 0)
         np.testing.assert_allclose(total[agree], np.mean([_map(f, case, "total")[agree] for f in folders], 0),
                                    atol=1e-6)
+        # everywhere (also where a member's mask is not the ensemble's): each member's P(error) retargeted to the
+        # ensemble's label, averaged
+        retargeted = [member_error_probability(_map(f, case, "total"), _array(f / f"{case}.nii.gz"), p, mask)
+                      for f, p in zip(folders, member_probs)]
+        np.testing.assert_allclose(total, np.mean(retargeted, 0), atol=1e-5)
         assert total.min() >= 0 and total.max() <= 1
     _run(env, "nnUNetv2_evaluate_folder", str(raw / "labelsTs"), str(out), "-djfile", str(out / "dataset.json"),
          "-pfile", str(out / "plans.json"))
@@ -325,7 +332,8 @@ def test_member_error_probability_retargets_to_the_ensemble_label():
     np.testing.assert_allclose(binary, [0.7])
 
 
-@pytest.mark.parametrize("problem", ["one_member", "missing_case", "no_pkl_file"])
+@pytest.mark.parametrize("problem", ["one_member", "missing_case", "no_pkl_file", "member_without_npz",
+                                     "output_is_an_input", "labels_differ"])
 def test_bad_input_one_line_and_nothing_written(members, tmp_path, problem):
     import shutil
 
@@ -338,10 +346,31 @@ def test_bad_input_one_line_and_nothing_written(members, tmp_path, problem):
         shutil.copytree(folders[1], partial)
         (partial / "test_001.nii.gz").unlink()
         args, culprit = ["ensemble", "-i", str(folders[0]), str(partial), "-o", str(out)], str(partial)
+    elif problem == "member_without_npz":
+        partial = tmp_path / "partial"
+        shutil.copytree(folders[1], partial)
+        (partial / "test_000.npz").unlink()
+        args, culprit = ["ensemble", "-i", str(folders[0]), str(partial), "-o", str(out)], "--save_probabilities"
+    elif problem == "output_is_an_input":
+        out = tmp_path / "member"
+        shutil.copytree(folders[1], out)
+        before = sorted((p.name, p.stat().st_mtime_ns) for p in out.rglob("*"))
+        args, culprit = ["ensemble", "-i", str(folders[0]), str(out), "-o", str(out)], "input folder"
+    elif problem == "labels_differ":
+        partial = tmp_path / "partial"
+        shutil.copytree(folders[1], partial)
+        dj = json.loads((partial / "dataset.json").read_text())
+        dj["labels"] = {name: value for name, value in reversed(list(dj["labels"].items()))}
+        dj["labels"] = {**dj["labels"], "other": max(dj["labels"].values()) + 1}
+        (partial / "dataset.json").write_text(json.dumps(dj))
+        args, culprit = ["ensemble", "-i", str(folders[0]), str(partial), "-o", str(out)], "labels differ"
     else:
         args, culprit = ["postprocess", "-i", str(folders[0]), "-o", str(out), "-pp_pkl_file",
                          str(tmp_path / "nothing.pkl")], str(tmp_path / "nothing.pkl")
     r = subprocess.run([nnunet_bin("entrust"), *args], env=env, capture_output=True, encoding="utf-8", timeout=300)
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("entrust: error: ") and culprit in lines[0]
-    assert not out.exists()
+    if problem == "output_is_an_input":
+        assert sorted((p.name, p.stat().st_mtime_ns) for p in out.rglob("*")) == before
+    else:
+        assert not out.exists()
