@@ -70,9 +70,11 @@ def test_entrust_trains_on_default_plans(trained_entrust):
     assert any(k.startswith("encoders.encoder.stages.") for k in keys) and any(k.startswith("segdiff.") for k in keys)
     assert float(ckpt["network_weights"]["calib.fitted"]) == 1.0
     # the class probabilities' temperature, fitted beside CalibHead (on the validation fold) and logged
-    assert 0.01 <= float(ckpt["network_weights"]["calib.temperature"]) <= 100  # fit_temperature's range
+    t = float(ckpt["network_weights"]["calib.temperature"])
+    assert 0.01 <= t <= 100 and t != 1.0  # fitted within fit_temperature's range, not left at its default
     log = next(fold.glob("training_log_*.txt")).read_text(encoding="utf-8")
-    assert "class-probability temperature" in log
+    fit = re.search(r"class-probability temperature ([\d.]+) \(NLL ([\d.]+) -> ([\d.]+)", log)
+    assert fit and float(fit.group(1)) == pytest.approx(t, abs=1e-3) and float(fit.group(3)) <= float(fit.group(2))
     assert (fold / "progress.png").exists() and (fold / "progress_entrust.png").exists()
     assert json.loads((fold / "validation" / "summary.json").read_text())["foreground_mean"]["Dice"] >= 0
 
@@ -377,3 +379,27 @@ def test_modality_dropout_of_a_cascade_stage_masks_the_modalities_not_the_prior(
     losses = [float(t.train_step(batch)["loss"]) for _ in range(4)]
     assert all(v == v for v in losses)
     assert all(m.shape == (2, 4) and (m.sum(1) >= 1).all() for m in seen)
+
+
+def test_fold_all_holds_its_calibration_cases_out_of_training(planned_phantoms, monkeypatch):
+    """Fold 'all' validates on its training cases, so CalibHead gets a seeded subset held out of training instead:
+    disjoint from the training keys, together every case; a numbered fold calibrates on its validation fold."""
+    from entrust_nnunet.nnunet import variants
+
+    env, name = planned_phantoms
+    for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        monkeypatch.setenv(k, env[k])
+    pre = Path(env["nnUNet_preprocessed"]) / name
+    plans, dataset_json = (json.loads((pre / f).read_text()) for f in ("nnUNetPlans.json", "dataset.json"))
+    plans["continue_training"] = False
+    make = lambda fold: variants.nnUNetTrainerEnTrust_tinyCPU(dict(plans), "2d", fold, dataset_json,  # noqa: E731
+                                                              torch.device("cpu"))
+    t = make("all")
+    train, _ = t.do_split()
+    everything = set(t.dataset_class.get_identifiers(t.preprocessed_dataset_folder))
+    assert t.calibration_keys and not set(train) & set(t.calibration_keys)
+    assert set(train) | set(t.calibration_keys) == everything
+    assert make("all").do_split()[0] == train  # seeded: the same subset every time
+    numbered = make(0)
+    _, val = numbered.do_split()
+    assert numbered.calibration_keys == sorted(val)
