@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -240,19 +241,25 @@ def paired_table(jobs, base_cfg: dict, rounds: int) -> dict:
     for r in range(rounds):
         for label, method, k in jobs:
             one = measure({**base_cfg, "method": method, "k": k, "repeats": 1}, with_memory=r == 0)
-            if one is None:
+            if one is None:  # a failed pass leaves its round out of this job's pairs, not another round's
                 continue
-            row = rows.setdefault(label, {"times": [], "peak_bytes": one["peak_bytes"], "warmup_s": one["warmup_s"]})
-            row["times"] += one["times"]
+            row = rows.setdefault(label, {"by_round": {}, "peak_bytes": None, "warmup_s": one["warmup_s"]})
+            row["by_round"][r] = one["times"][0]
+            if one.get("peak_bytes") is not None and row["peak_bytes"] is None:
+                row["peak_bytes"] = one["peak_bytes"]
             print(f"  round {r + 1}/{rounds} {label}: {one['times'][0]:.2f} s", flush=True)
-    base = rows.get(jobs[0][0])
     for row in rows.values():
-        t = row["times"]
-        row.update(median_s=statistics.median(t), min_s=min(t), max_s=max(t), n=len(t))
-        if base and len(base["times"]) == len(t):
-            row["time_ratios"] = [a / b for a, b in zip(t, base["times"])]
+        by_round = row.pop("by_round")
+        t = row["times"] = list(by_round.values())
+        row.update(times_by_round=by_round, median_s=statistics.median(t), min_s=min(t), max_s=max(t), n=len(t))
+    base = rows.get(jobs[0][0])
+    for row in rows.values() if base else ():
+        paired = [r for r in row["times_by_round"] if r in base["times_by_round"]]
+        if paired:  # each pass over plain's pass of the same round
+            row["time_ratios"] = [row["times_by_round"][r] / base["times_by_round"][r] for r in paired]
             row["time_ratio"] = statistics.median(row["time_ratios"])
-            row["memory_ratio"] = row["peak_bytes"] / base["peak_bytes"] if base["peak_bytes"] else None
+        if row["peak_bytes"] and base["peak_bytes"]:
+            row["memory_ratio"] = row["peak_bytes"] / base["peak_bytes"]
     return rows
 
 
@@ -278,7 +285,7 @@ def markdown(result: dict) -> str:
 def _row(label: str, row: dict) -> str:
     first = f" (first call, compiling: {row['warmup_s']:.0f} s)" if "torch.compile" in label else ""
     return (f"| {label}{first} | {_fmt(row['median_s'], 3)} | {_fmt(row['min_s'], 3)}–{_fmt(row['max_s'], 3)} "
-            f"(n={row['n']}) | {_fmt(row.get('time_ratio'))} | {row['peak_bytes'] / 2 ** 20:.0f} | "
+            f"(n={row['n']}) | {_fmt(row.get('time_ratio'))} | {_fmt((row['peak_bytes'] or math.nan) / 2 ** 20, 0)} | "
             f"{_fmt(row.get('memory_ratio'))} |")
 
 

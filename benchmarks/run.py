@@ -819,10 +819,9 @@ def _fmt(v, digits=3) -> str:
 
 def _cell(cell: dict | None, digits: int = 3, scale: float = 1.0) -> str:
     """'mean ± std' (std only with two or more seeds)."""
-    if not cell or not _num(cell.get("mean")):
-        return "n/a"
-    m = cell["mean"] * scale
-    return f"{m:.{digits}f} ± {cell['std'] * scale:.{digits}f}" if _num(cell.get("std")) else f"{m:.{digits}f}"
+    from entrust_nnunet.evaluation.seeds import format_mean_std
+
+    return format_mean_std(*(cell.get("mean"), cell.get("std")) if cell else (None, None), digits, scale)
 
 
 QUALITY_COLS = [("dice", "Dice", 3, 1), ("ece", "ECE class prob.", 4, 1), ("ece_perror", "ECE P(error)", 4, 1),

@@ -78,10 +78,10 @@ def aggregate_seeds(per_seed: list[dict]) -> dict:
 
 
 def _cell(cell: dict | None, digits: int) -> str:
-    if not cell or cell.get("mean") is None:
-        return "n/a"
-    std = cell.get("std")
-    return f"{cell['mean']:.{digits}f}" + (f" ± {std:.{digits}f}" if std else "")
+    """'mean ± std' over the seeds (no ± with one seed), 'n/a' without a number."""
+    from entrust_nnunet.evaluation.seeds import format_mean_std
+
+    return format_mean_std(*(cell.get("mean"), cell.get("std")) if cell else (None, None), digits)
 
 
 def subsets_markdown(table: dict, labels: list[str]) -> str:

@@ -27,6 +27,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from entrust_nnunet.evaluation import metrics as M
+from entrust_nnunet.evaluation.seeds import format_mean_std, mean_std
 
 UNCERTAIN = 0.05
 KEYS = ("dice_lesion", "dice_rim", "perr_in_conflict", "err_in_conflict", "perr_outside", "err_outside",
@@ -95,8 +96,8 @@ def table(out: Path, tag: str = "f0") -> str:
         for k in KEYS:
             cells = []
             for method in ("plain", "entrust"):
-                x = [r[method][k] for r in rows if r[method][k] is not None]
-                cells.append(f"{np.mean(x):.3f} ± {np.std(x):.3f}" if x else "-")
+                # the sample standard deviation over training runs, as every other table of the project; none for one run
+                cells.append(format_mean_std(*mean_std([r[method][k] for r in rows]), 3))
             lines.append(f"| {k} | {cells[0]} | {cells[1]} |")
     return "\n".join(lines)
 

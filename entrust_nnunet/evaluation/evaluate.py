@@ -291,6 +291,16 @@ def _uncertainty(job: dict, pred_img: sitk.Image, pred: np.ndarray, gt: np.ndarr
     return out, pool
 
 
+def hd95_or_diagonal(pred: np.ndarray, ref: np.ndarray, spacing) -> float:
+    """:func:`~entrust_nnunet.evaluation.metrics.hd95`, with the image's physical diagonal where exactly one of the
+    masks is empty (the metric is undefined there): a structure missed or hallucinated whole counts as the largest
+    boundary error the image allows, as BraTS scores it, instead of leaving the case out of the mean."""
+    value = metrics.hd95(pred, ref, spacing)
+    if value != value:
+        return float(np.sqrt(np.sum((np.asarray(pred.shape) * np.asarray(spacing, dtype=np.float64)) ** 2)))
+    return value
+
+
 def _evaluate_case(job: dict) -> dict:
     """Segmentation metrics per label/region and uncertainty quality of one case (runs in a worker)."""
     from nnunetv2.evaluation.evaluate_predictions import (compute_tp_fp_fn_tn, label_or_region_to_key,
@@ -313,7 +323,7 @@ def _evaluate_case(job: dict) -> dict:
                 ref, prd = ref & valid, prd & valid
             tp, fp, fn, tn = compute_tp_fp_fn_tn(ref, prd, ignore)
             seg[label_or_region_to_key(key)] = {
-                "Dice": metrics.dice(prd, ref), "HD95": metrics.hd95(prd, ref, spacing),
+                "Dice": metrics.dice(prd, ref), "HD95": hd95_or_diagonal(prd, ref, spacing),
                 "TP": int(tp), "FP": int(fp), "FN": int(fn), "TN": int(tn), "n_pred": int(tp + fp),
                 "n_ref": int(tp + fn)}
         result = {"prediction_file": str(job["pred_file"]), "reference_file": str(job["gt_file"]), "metrics": seg}

@@ -459,14 +459,16 @@ def risk_coverage_curve(uncertainty: npt.ArrayLike, error_mask: npt.ArrayLike,
                         mask: npt.ArrayLike | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Selective-prediction risk-coverage curve of an uncertainty map.
 
-    Voxels are sorted by increasing uncertainty with a *stable* sort (ties keep their flattened
-    C-order, so the curve is deterministic; ties are not averaged). With ``e_(i)`` the error
-    indicator of the i-th most certain voxel and ``N`` voxels, for ``k = 1..N``::
+    Voxels are sorted by increasing uncertainty. With ``e_(i)`` the error indicator of the i-th most
+    certain voxel and ``N`` voxels, for ``k = 1..N``::
 
         coverage_k = k / N,    risk_k = (1 / k) sum_{i <= k} e_(i)
 
     i.e. ``risk_k`` is the error rate among the ``k`` most certain voxels. ``risk_N`` is the overall
-    error rate. Empty arrays (or masks) give empty curves.
+    error rate. Ties are averaged: a map cannot order voxels it gives the same value (softmax's
+    ``1 - max p`` is exactly 0 on many confident voxels), so inside a group of ``n`` tied voxels holding
+    ``m`` errors the j-th counts ``j m / n`` errors, the expectation over every order of the group
+    (without ties this is the sum above). Empty arrays (or masks) give empty curves.
 
     Args:
         uncertainty: uncertainty map, any shape.
@@ -478,16 +480,23 @@ def risk_coverage_curve(uncertainty: npt.ArrayLike, error_mask: npt.ArrayLike,
     """
     u, e = _score_and_target(uncertainty, error_mask, mask, "uncertainty", "error_mask")
     order = np.argsort(u, kind="stable")
+    u, errors = u[order], np.cumsum(e[order], dtype=np.float64)
     k = np.arange(1, u.size + 1, dtype=np.float64)
-    risk = np.cumsum(e[order], dtype=np.float64) / k
-    return k / max(u.size, 1), risk
+    if u.size:
+        first = np.flatnonzero(np.r_[True, u[1:] != u[:-1]])  # each tie group's first position
+        last = np.r_[first[1:], u.size] - 1
+        group = np.cumsum(np.r_[True, u[1:] != u[:-1]]) - 1
+        before = np.r_[0.0, errors[last[:-1]]]  # errors ranked before each group
+        within = (np.arange(u.size) - first[group] + 1) / (last - first + 1)[group]
+        errors = before[group] + (errors[last] - before)[group] * within
+    return k / max(u.size, 1), errors / k
 
 
 def aurc(uncertainty: npt.ArrayLike, error_mask: npt.ArrayLike, mask: npt.ArrayLike | None = None) -> float:
     """Area under the risk-coverage curve: ``AURC = (1 / N) sum_{k=1..N} risk_k``.
 
     ``risk_k`` as in :func:`risk_coverage_curve` (error rate among the ``k`` most certain voxels,
-    stable sort for ties): a right-Riemann sum of the curve over coverage steps of ``1 / N``. Lower is
+    ties averaged): a right-Riemann sum of the curve over coverage steps of ``1 / N``. Lower is
     better; the minimum for an error rate ``r`` is reached when all errors are ranked last (about
     ``r + (1 - r) log(1 - r)``), a random ranking gives about ``r``. ``nan`` for no voxels.
 

@@ -24,6 +24,18 @@ def mean_std(values: Sequence[float | None]) -> tuple[float, float]:
     return m, (math.sqrt(sum((v - m) ** 2 for v in x) / (len(x) - 1)) if len(x) > 1 else math.nan)
 
 
+def format_mean_std(mean, std, digits: int = 3, scale: float = 1.0) -> str:
+    """``"m ± s"`` of :func:`mean_std`'s pair (times ``scale``), ``"m"`` without a spread (one value: ``s`` is nan),
+    ``"n/a"`` without a mean."""
+    def number(v) -> bool:
+        return isinstance(v, (int, float)) and v == v
+
+    if not number(mean):
+        return "n/a"
+    text = f"{mean * scale:.{digits}f}"
+    return f"{text} ± {std * scale:.{digits}f}" if number(std) else text
+
+
 def verdict(ours: Sequence[float | None], reference: Sequence[float | None] | float, higher_is_better: bool,
             factor: float = 1.0) -> dict:
     """Is ``mean(ours)`` better than ``factor * mean(reference)`` by more than the spread?

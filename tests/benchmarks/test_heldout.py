@@ -58,17 +58,18 @@ def test_scores_of_a_perfect_prediction(tmp_path):
 
 def test_table_averages_the_runs_of_one_fold_set_only(tmp_path):
     """``table`` reads the metrics of the fold set and schedule it is given (fold 0 alone, short schedule by
-    default) and gives mean ± std over the training runs; the five-fold ensemble's and the long schedule's files
-    are tables of their own."""
+    default) and gives mean ± sample std over the training runs (no spread for one run); the five-fold ensemble's
+    and the long schedule's files are tables of their own."""
     row = {k: None for k in score.KEYS}
     for tag, run, dice in (("f0", 0, 0.8), ("f0", 1, 0.6), ("f01234", 0, 0.1), ("f0_long", 0, 0.3)):
         metrics = {"plain": {**row, "dice_lesion": dice}, "entrust": {**row, "dice_lesion": dice + 0.1}}
         (tmp_path / f"metrics_701_{tag}_r{run}.json").write_text(json.dumps(metrics))
     single = score.table(tmp_path)
     assert "dataset 701, folds 0, short schedule (2 training runs)" in single
-    assert "| dice_lesion | 0.700 ± 0.100 | 0.800 ± 0.100 |" in single
+    assert "| dice_lesion | 0.700 ± 0.141 | 0.800 ± 0.141 |" in single  # sqrt(0.02 / (2 - 1))
+    assert "| ece_class_fg | n/a | n/a |" in single
     ensemble = score.table(tmp_path, "f01234")
     assert "folds 01234, short schedule (1 training runs)" in ensemble
-    assert "| dice_lesion | 0.100 ± 0.000 | 0.200 ± 0.000 |" in ensemble
+    assert "| dice_lesion | 0.100 | 0.200 |" in ensemble
     longer = score.table(tmp_path, "f0_long")
-    assert "folds 0, long schedule (1 training runs)" in longer and "| dice_lesion | 0.300 ± 0.000 | 0.400 ± 0.000 |" in longer
+    assert "folds 0, long schedule (1 training runs)" in longer and "| dice_lesion | 0.300 | 0.400 |" in longer

@@ -374,11 +374,15 @@ def test_3d_hd95_uses_physical_spacing_and_report_slices(tmp_path):
     _write(gt, ref, tmp_path / "gt" / f"x{END}")
     _write(pred_z, ref, tmp_path / "pred" / f"z{END}")
     _write(pred_x, ref, tmp_path / "pred" / f"x{END}")
+    _write(gt, ref, tmp_path / "gt" / f"missed{END}")  # the block missed whole: HD95 = the image's diagonal
+    _write(np.zeros_like(gt), ref, tmp_path / "pred" / f"missed{END}")
     (tmp_path / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "block": 1}, "file_ending": END,
                                                        "channel_names": {"0": "CT"}}))
     s = evaluate_folder(tmp_path / "pred", tmp_path / "gt", num_processes=1, progress=False)  # ../dataset.json
     hd = {Path(e["prediction_file"]).name: e["metrics"]["1"]["HD95"] for e in s["metric_per_case"]}
-    assert hd == {f"x{END}": pytest.approx(0.9), f"z{END}": pytest.approx(2.5)}
+    diagonal = float(np.sqrt((8 * 2.5) ** 2 + 2 * (16 * 0.9) ** 2))
+    assert hd == {f"x{END}": pytest.approx(0.9), f"z{END}": pytest.approx(2.5), f"missed{END}": pytest.approx(diagonal)}
+    assert s["mean"]["1"]["HD95"] == pytest.approx((0.9 + 2.5 + diagonal) / 3)  # counted, not left out
     assert s["uncertainty_mean"]["note"].startswith("no uncertainty/")
     out = write_report(tmp_path / "pred", s, tmp_path / "report")
     for case in ("x", "z"):  # 3D: one axial slice per case, drawn on a blank canvas without --images

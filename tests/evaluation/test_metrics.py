@@ -231,13 +231,37 @@ def test_auroc_single_class_is_nan():
         M.auroc([0.0, 1.0], [0, 2])
 
 
+def _risk_over_every_tie_order(u: list, e: list) -> np.ndarray:
+    """The risk-coverage curve averaged over every order of the tied voxels (enumerated)."""
+    import itertools
+
+    groups = [[i for i in range(len(u)) if u[i] == v] for v in sorted(set(u))]
+    curves = []
+    for orders in itertools.product(*(itertools.permutations(g) for g in groups)):
+        order = [i for g in orders for i in g]
+        curves.append([sum(e[i] for i in order[:k]) / k for k in range(1, len(u) + 1)])
+    return np.mean(curves, 0)
+
+
+def test_tied_uncertainties_are_averaged_over_their_orders():
+    """A map cannot rank voxels it gives one value: the curve is the mean over every order of each tie group
+    (brute force: 3! x 2! x 3! = 72 orders), so it no longer depends on where the tied voxels lie."""
+    u = [0.0, 0.0, 0.0, 0.5, 0.5, 1.0, 1.0, 1.0]
+    e = [1, 0, 0, 0, 1, 1, 1, 0]
+    _, risk = M.risk_coverage_curve(np.array(u), np.array(e, bool))
+    np.testing.assert_allclose(risk, _risk_over_every_tie_order(u, e))
+    flipped = M.aurc(np.array(u[::-1]), np.array(e[::-1], bool))  # the same voxels in another order
+    assert flipped == pytest.approx(M.aurc(np.array(u), np.array(e, bool)))
+    # all tied: every coverage gets the overall error rate
+    np.testing.assert_allclose(M.risk_coverage_curve(np.zeros(8), np.array(e, bool))[1], np.full(8, np.mean(e)))
+
+
 def test_risk_coverage_and_aurc_brute_force():
     rng = np.random.default_rng(3)
-    unc = rng.integers(0, 6, size=(7, 9)).astype(float)  # integer values -> ties
+    unc = rng.permutation(63).reshape(7, 9).astype(float)  # no ties (ties: the test above)
     err = rng.random((7, 9)) < 0.35
     u, e = unc.ravel().tolist(), err.ravel().tolist()
-    # brute force: stable order = by (uncertainty, flat index)
-    order = sorted(range(len(u)), key=lambda i: (u[i], i))
+    order = sorted(range(len(u)), key=lambda i: u[i])
     risks = []
     for k in range(1, len(u) + 1):
         risks.append(sum(e[i] for i in order[:k]) / k)
@@ -261,7 +285,7 @@ def test_risk_coverage_and_aurc_brute_force():
     mask = rng.random((7, 9)) < 0.5
     _, risk_m = M.risk_coverage_curve(unc, err, mask=mask)
     um, em = unc[mask].tolist(), err[mask].tolist()
-    order_m = sorted(range(len(um)), key=lambda i: (um[i], i))
+    order_m = sorted(range(len(um)), key=lambda i: um[i])
     np.testing.assert_allclose(risk_m, [sum(em[i] for i in order_m[:k]) / k for k in range(1, len(um) + 1)])
     assert math.isnan(M.aurc(unc, err, mask=np.zeros((7, 9), bool)))
 

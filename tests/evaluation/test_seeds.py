@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from entrust_nnunet.evaluation.seeds import MET, MISSED, WITHIN_NOISE, mean_std, verdict
+from entrust_nnunet.evaluation.seeds import MET, MISSED, WITHIN_NOISE, format_mean_std, mean_std, verdict
 
 
 def test_mean_std_is_the_sample_std():
@@ -12,6 +12,13 @@ def test_mean_std_is_the_sample_std():
     assert m == pytest.approx(np.mean([0.927, 0.901, 0.924]))
     assert s == pytest.approx(np.std([0.927, 0.901, 0.924], ddof=1))
     assert math.isnan(mean_std([1.0])[1]) and all(math.isnan(v) for v in mean_std([]))
+
+
+def test_mean_std_is_written_without_a_spread_it_does_not_have():
+    assert format_mean_std(*mean_std([0.8, 0.6])) == "0.700 ± 0.141"
+    assert format_mean_std(*mean_std([0.8]), digits=2) == "0.80"  # one run: no "± 0.000", no "± nan"
+    assert format_mean_std(*mean_std([0.0012, 0.0014]), digits=2, scale=1000) == "1.30 ± 0.14"
+    assert format_mean_std(*mean_std([])) == format_mean_std(None, None) == "n/a"
 
 
 def test_verdict_against_pooled_std():
