@@ -256,7 +256,8 @@ def _add_prediction(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-device", default="cuda", choices=("cuda", "cpu", "mps"),
                    help="cuda (GPU), cpu or mps (Apple GPU), as nnUNetv2_predict (default: cuda; without a usable GPU "
                         "it falls back to the CPU and says so)")
-    p.add_argument("-step_size", type=_step_size, default=0.5, help="sliding-window step as a fraction of the patch (default: 0.5)")
+    p.add_argument("-step_size", type=_step_size, default=0.5,
+                   help="sliding-window step as a fraction of the patch, in (0, 1] (default: 0.5)")
     p.add_argument("--disable_tta", action="store_true", help="no mirroring test-time augmentation")
     p.add_argument("--save_probabilities", action="store_true", help="also write the calibrated class probabilities (.npz + .pkl)")
     p.add_argument("-npp", type=int, default=_env_int("nnUNet_npp", 3),
@@ -327,8 +328,8 @@ def _add_toolchain(sub: argparse._SubParsersAction) -> None:
                        description="Pool several `entrust predict --save_probabilities` folders (e.g. 2d and "
                                    "3d_fullres): class probabilities averaged as nnUNetv2_ensemble does; aleatoric and "
                                    "conflict averaged; epistemic = the members' epistemic averaged plus the "
-                                   "Jensen-Shannon divergence of their class probabilities; P(error) = the members' calibrated P(error) for the ensemble's label, "
-                                   "averaged.")
+                                   "Jensen-Shannon divergence of their class probabilities; P(error) = the members' "
+                                   "calibrated P(error) for the ensemble's label, averaged.")
     p.add_argument("-i", nargs="+", required=True, help="prediction folders (two or more)")
     p.add_argument("-o", required=True, help="output folder")
     p.add_argument("-np", type=int, default=2, help="processes (default: 2)")

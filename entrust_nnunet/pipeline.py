@@ -220,7 +220,8 @@ def remove_demo_folder(root: Path) -> None:
     (a mistyped ``--dataset-dir`` must not delete a user's folder); else one line naming what is there."""
     if not root.is_dir():
         raise InputError(f"{root}: not a folder; give --dataset-dir a demo working folder")
-    foreign = sorted(e.name for e in root.iterdir() if e.name not in DEMO_ENTRIES and not e.name.startswith(TEMP_PREFIX))
+    foreign = sorted(e.name for e in root.iterdir()
+                     if e.name not in DEMO_ENTRIES and not e.name.startswith(TEMP_PREFIX))
     if foreign:
         raise InputError(f"{root}: not a demo working folder (it holds {', '.join(foreign[:3])}"
                          f"{', ...' if len(foreign) > 3 else ''}); --fresh deletes only the demo's own folder")

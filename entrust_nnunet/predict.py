@@ -157,7 +157,8 @@ def predict_folder(input_dir, output_dir, model_folder, folds=None, checkpoint: 
         raise InputError(f"{output_dir}: cannot create output folder ({e.strerror})") from None
     with folder_lock(output_dir, LOCK_NAME, "entrust predict"):
         try:
-            remove_stale_temporaries(output_dir, output_dir / MAP_FOLDER, output_dir / HYPOTHESIS_FOLDER)  # left by a killed run
+            # left by a killed run
+            remove_stale_temporaries(output_dir, output_dir / MAP_FOLDER, output_dir / HYPOTHESIS_FOLDER)
             for name, content in (("dataset.json", predictor.dataset_json),
                                   ("plans.json", predictor.plans_manager.plans)):
                 with atomic_file(output_dir / name) as f:

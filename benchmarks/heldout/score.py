@@ -96,7 +96,7 @@ def table(out: Path, tag: str = "f0") -> str:
         for k in KEYS:
             cells = []
             for method in ("plain", "entrust"):
-                # the sample standard deviation over training runs, as every other table of the project; none for one run
+                # the sample std over training runs, as every other table of the project; none for one run
                 cells.append(format_mean_std(*mean_std([r[method][k] for r in rows]), 3))
             lines.append(f"| {k} | {cells[0]} | {cells[1]} |")
     return "\n".join(lines)

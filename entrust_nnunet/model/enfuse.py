@@ -199,8 +199,8 @@ class EnFuse(nn.Module):
         return gate_logits.float() + log_w.view(*log_w.shape, *([1] * (gate_logits.dim() - 2)))
 
     def independence_penalty(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Mean of the 1 + 2M pairwise penalties between F_c, each F_u,m and F_cf. With ``xcov`` a pair with F_u,m counts
-        only the samples where modality m is present (an absent stream is 0 and has nothing to decorrelate)."""
+        """Mean of the 1 + 2M pairwise penalties between F_c, each F_u,m and F_cf. With ``xcov`` a pair with F_u,m
+        counts only the samples where modality m is present (an absent stream is 0 and has nothing to decorrelate)."""
         f_c, f_u, f_cf = parts["F_c"], parts["F_u"], parts["F_cf"]
         m = f_u.shape[1]
         present = parts.get("mask")

@@ -107,7 +107,8 @@ def test_test_annotators_leave_the_cases_unchanged_and_flip_conflict_blobs(tmp_p
             assert (variant[far] == label[far]).all()
             for b in range(1, n + 1):  # each blob re-flipped whole: all lesion or all background
                 assert len(np.unique(variant[blobs == b] > 0)) == 1
-            flips += sum(bool((variant[blobs == b] > 0).any() != (label[blobs == b] > 0).any()) for b in range(1, n + 1))
+            flips += sum(bool((variant[blobs == b] > 0).any() != (label[blobs == b] > 0).any())
+                         for b in range(1, n + 1))
             blob_count += n
     assert blob_count >= 3 and 0 < flips < blob_count  # annotators disagree with the reference on some blobs
     with pytest.raises(InputError, match="--test-annotators"):
