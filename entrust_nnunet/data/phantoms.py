@@ -218,6 +218,20 @@ def _checked_sizes(num_cases: int, num_modalities: int, dim: int, num_annotators
     return size, num_test
 
 
+def check_replaceable(out: Path) -> None:
+    """``--overwrite`` replaces a file, an empty folder or a phantom dataset (its dataset.json says so); any other
+    folder (``$nnUNet_raw`` itself, a real dataset, a typo) is refused with one line instead of deleted."""
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    try:
+        kind = json.loads((out / "dataset.json").read_text()).get("entrust", {}).get("kind")
+    except (OSError, ValueError, AttributeError):
+        kind = None
+    if kind != "phantoms":
+        raise InputError(f"{out}: not a phantom dataset of entrust phantoms (no such dataset.json); --overwrite "
+                         f"replaces only those, choose another folder")
+
+
 def write_phantom_dataset(out: str | os.PathLike, num_cases: int = 20, num_modalities: int = 3, dim: int = 2,
                           seed: int = 0, num_annotators: int = 0, num_test: int | None = None,
                           size: int | None = None, overwrite: bool = False, progress: bool = True,
@@ -239,6 +253,8 @@ def write_phantom_dataset(out: str | os.PathLike, num_cases: int = 20, num_modal
     test_seed = seed if test_seed is None else test_seed
     out = Path(out)
     names = modality_names(num_modalities)
+    if overwrite:
+        check_replaceable(out)
 
     with atomic_directory(out, overwrite=overwrite) as tmp:
         splits = [("Tr", [f"case_{i:03d}" for i in range(num_cases)], 0, seed),

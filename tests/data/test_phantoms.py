@@ -174,3 +174,22 @@ def test_stock_plan_and_preprocess_verifies_phantoms(planned_phantoms):
     pre = Path(env["nnUNet_preprocessed"]) / name
     assert (pre / "nnUNetPlans.json").exists() and (pre / "nnUNetPlans_2d").is_dir()
     assert "verify_dataset_integrity Done" in (pre.parent.parent / "stock_plan_output.txt").read_text()
+
+
+def test_overwrite_replaces_only_a_phantom_dataset(tmp_path):
+    """--overwrite on a folder that is not a phantom dataset (nnUNet_raw itself, a real dataset) is refused with
+    one line and deletes nothing; an earlier phantom dataset and an empty folder are replaced."""
+    raw = tmp_path / "nnUNet_raw"
+    (raw / "Dataset001_Real").mkdir(parents=True)
+    (raw / "Dataset001_Real" / "dataset.json").write_text('{"labels": {"background": 0}}')
+    for target in (raw, raw / "Dataset001_Real"):
+        with pytest.raises(InputError, match="not a phantom dataset") as e:
+            write_phantom_dataset(target, num_cases=2, size=16, progress=False, overwrite=True)
+        assert len(str(e.value).splitlines()) == 1
+    assert (raw / "Dataset001_Real" / "dataset.json").is_file()
+    out = raw / "Dataset902_P"
+    write_phantom_dataset(out, num_cases=2, size=16, progress=False)
+    write_phantom_dataset(out, num_cases=3, size=16, progress=False, overwrite=True)
+    assert len(list((out / "labelsTr").iterdir())) == 3
+    (tmp_path / "empty").mkdir()
+    write_phantom_dataset(tmp_path / "empty", num_cases=2, size=16, progress=False, overwrite=True)
