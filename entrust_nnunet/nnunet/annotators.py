@@ -31,7 +31,7 @@ from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_datas
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
 
-from entrust_nnunet.data.io import InputError, atomic_directory, numbered_files
+from entrust_nnunet.data.io import InputError, atomic_directory, check_same_geometry, numbered_files, read_header
 
 #: raw annotator labels ``CASE_aN<ending>`` (as ``entrust phantoms --annotators`` writes them)
 RAW_FOLDER = "labelsTr_annotators"
@@ -77,10 +77,19 @@ def training_dataset(dataset, log=print):
     return AnnotatorDataset(dataset.source_folder, list(dataset.identifiers))
 
 
-def _read_checked(rw, path: Path, shape: tuple, labels: set[int]) -> np.ndarray:
+def annotator_label_values(label_manager) -> set[int]:
+    """The values an annotator label may hold: dataset.json's labels, the ignore label included (nnU-Net's
+    ``all_labels`` leaves it out; labelsTr may hold it, so may an annotator's label)."""
+    return set(label_manager.all_labels) | ({label_manager.ignore_label} if label_manager.has_ignore_label else set())
+
+
+def _read_checked(rw, path: Path, shape: tuple, labels: set[int], image: str) -> np.ndarray:
+    """An annotator label, refused with one line when its shape, geometry (spacing, origin, direction against the
+    case's first ``image``) or label values do not fit: a flipped or shifted file would train misaligned."""
     seg, _ = rw.read_seg(str(path))
     if seg.shape[1:] != shape:
         raise InputError(f"{path}: annotator label has shape {seg.shape[1:]}, the case's images {shape}")
+    check_same_geometry(read_header(image), image, read_header(path), path)
     bad = sorted(set(np.unique(seg).astype(int).tolist()) - labels)
     if bad:
         raise InputError(f"{path}: label value(s) {', '.join(map(str, bad))} not declared in dataset.json")
@@ -95,9 +104,9 @@ def _preprocess_case(case: str, images: list[str], label_files: list[Path], out_
     preprocessor = cm.preprocessor_class(verbose=False)
     rw = plans_manager.image_reader_writer_class()
     data, properties = rw.read_images(images)
-    labels = set(plans_manager.get_label_manager(dataset_json).all_labels)
+    labels = annotator_label_values(plans_manager.get_label_manager(dataset_json))
     for k, path in enumerate(label_files):
-        seg = _read_checked(rw, path, data.shape[1:], labels)
+        seg = _read_checked(rw, path, data.shape[1:], labels, images[0])
         _, seg, _ = preprocessor.run_case_npy(data, seg, deepcopy(properties), plans_manager, cm, dataset_json)
         seg = seg.astype(np.int16, copy=False)  # as nnU-Net's run_case_save stores segs
         blocks, chunks = comp_blosc2_params(seg.shape, tuple(cm.patch_size), seg.itemsize)

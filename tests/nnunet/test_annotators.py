@@ -127,3 +127,30 @@ def test_without_annotator_files_the_dataset_is_nnunets(annotator_phantoms, tmp_
     shutil.copytree(folder, plain, ignore=shutil.ignore_patterns(PREPROCESSED_FOLDER))
     dataset = nnUNetDatasetBlosc2(str(plain))
     assert training_dataset(dataset, log=lambda *a: None) is dataset
+
+
+def test_an_annotator_label_in_another_geometry_or_with_the_ignore_label(tmp_path):
+    """An annotator file flipped or shifted against the case's images (same shape) is refused with one line naming
+    it, instead of training misaligned; the dataset's ignore label is an allowed value (as in labelsTr)."""
+    import SimpleITK as sitk
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+    from nnunetv2.utilities.label_handling.label_handling import LabelManager
+
+    from entrust_nnunet.data.io import InputError
+    from entrust_nnunet.nnunet.annotators import _read_checked, annotator_label_values
+
+    manager = LabelManager({"background": 0, "lesion": 1, "ignore": 2}, None)
+    assert annotator_label_values(manager) == {0, 1, 2} and set(manager.all_labels) == {0, 1}
+    image = sitk.GetImageFromArray(np.zeros((1, 8, 8), np.float32))
+    image.SetSpacing((0.8, 0.8, 1.0))
+    sitk.WriteImage(image, str(tmp_path / "case_0000.nii.gz"))
+    label = sitk.GetImageFromArray(np.array([[[0, 1, 2, 0, 0, 0, 0, 0]] * 8], np.uint8))
+    label.CopyInformation(image)
+    sitk.WriteImage(label, str(tmp_path / "good.nii.gz"))
+    seg = _read_checked(SimpleITKIO(), tmp_path / "good.nii.gz", (1, 8, 8), annotator_label_values(manager),
+                        str(tmp_path / "case_0000.nii.gz"))
+    assert set(np.unique(seg)) == {0, 1, 2}
+    label.SetDirection((-1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))  # flipped along x, same shape
+    sitk.WriteImage(label, str(tmp_path / "flipped.nii.gz"))
+    with pytest.raises(InputError, match=r"flipped.nii.gz: geometry differs from .*case_0000.nii.gz \(direction"):
+        _read_checked(SimpleITKIO(), tmp_path / "flipped.nii.gz", (1, 8, 8), {0, 1, 2}, str(tmp_path / "case_0000.nii.gz"))
