@@ -387,7 +387,11 @@ def _read_channel(path: Path) -> sitk.Image:
 
 
 def _convert_case(case: SourceCase, out: Path, relabel: Relabel) -> set[int] | None:
-    """Check and write one case; return the label values written, or ``None`` for an unlabelled case."""
+    """Check and write one case; return the label values written, or ``None`` for an unlabelled case.
+
+    Channels and label whose geometry agrees with the first channel's within our tolerance are written with
+    exactly the first channel's: nnU-Net compares them with ``np.allclose`` (about 1e-5) and would refuse the
+    dataset for spacings that differ in the fifth digit, as DICOM series of one session often do."""
     split = "Tr" if case.label is not None else "Ts"
     outputs = case_files(out / f"images{split}", case.name, len(case.images), FILE_ENDING)
     reference = None
@@ -398,6 +402,7 @@ def _convert_case(case: SourceCase, out: Path, relabel: Relabel) -> set[int] | N
         else:
             check_same_geometry(reference, case.images[0], image, path,
                                 f"{case.images[0].name}, the first channel of case {case.name}")
+            image.CopyInformation(reference)
         sitk.WriteImage(image, str(dest), useCompression=True)
     if case.label is None:
         return None
@@ -405,6 +410,7 @@ def _convert_case(case: SourceCase, out: Path, relabel: Relabel) -> set[int] | N
     check_same_geometry(reference, case.images[0], label, case.label,
                         f"{case.images[0].name}, the first channel of case {case.name}")
     label, values = relabel(label, case.label)
+    label.CopyInformation(reference)
     sitk.WriteImage(label, str(out / "labelsTr" / f"{case.name}{FILE_ENDING}"), useCompression=True)
     return values
 

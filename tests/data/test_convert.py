@@ -252,6 +252,26 @@ def test_folder_layout_with_dicom_nrrd_and_mha(tmp_path):
     verify_with_nnunet(out)
 
 
+def test_geometry_within_tolerance_is_written_as_the_first_channels(tmp_path):
+    """A second channel and a label whose spacing and origin differ from the first channel's in the fifth digit
+    (DICOM series of one session) pass our check and are written with the first channel's geometry exactly, so
+    that nnU-Net's stricter check (np.allclose) accepts the dataset."""
+    src = tmp_path / "src"
+    (src / "case0").mkdir(parents=True)
+    near = {"spacing": tuple(v * (1 + 5e-5) for v in SPACING), "origin": tuple(v + 2e-5 for v in ORIGIN)}
+    _write(_channel(0, 0), src / "case0" / "T1.nii.gz")
+    _write(_channel(0, 1), src / "case0" / "T2.nii.gz", **near)
+    _write(_seg((0, 1, 2)), src / "case0" / "label.nii.gz", **near)
+    out = convert_folder(src, 13, ("T1", "T2"), raw_root=tmp_path / "raw", name="Near")
+    first = sitk.ReadImage(str(out / "imagesTr" / "case0_0000.nii.gz"))
+    for f in (out / "imagesTr" / "case0_0001.nii.gz", out / "labelsTr" / "case0.nii.gz"):
+        img = sitk.ReadImage(str(f))
+        assert img.GetSpacing() == first.GetSpacing() and img.GetOrigin() == first.GetOrigin()
+        assert img.GetDirection() == first.GetDirection()
+    assert np.all(sitk.GetArrayFromImage(sitk.ReadImage(str(out / "imagesTr" / "case0_0001.nii.gz"))) == _value(0, 1))
+    verify_with_nnunet(out)
+
+
 # ------------------------------------------------------------------------------------------------ MSD
 
 
