@@ -366,7 +366,12 @@ def atomic_directory(final: str | os.PathLike, overwrite: bool = False) -> Itera
         if final.exists() or final.is_symlink():
             with temporary_sibling(final) as trash:  # removed on exit, file or folder
                 os.replace(final, trash)
-                os.replace(tmp, final)
+                try:
+                    os.replace(tmp, final)
+                except BaseException:  # Ctrl-C / SIGTERM between the renames, or the rename failed: old one back
+                    if not (final.exists() or final.is_symlink()):
+                        os.replace(trash, final)
+                    raise
         else:
             os.replace(tmp, final)
 

@@ -37,3 +37,30 @@ def test_writes_are_atomic_and_leave_no_temporary(tmp_path):
             f.write("{")
             raise ValueError("interrupted")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["img.nii.gz"]
+
+
+def test_replacing_a_folder_keeps_the_old_one_when_the_final_rename_fails(tmp_path, monkeypatch):
+    """Between moving the old folder aside and renaming the new one into place, an interrupt (or a failed rename)
+    puts the old folder back: the caller keeps its data, as the docstring promises."""
+    import os
+
+    from entrust_nnunet.data import io
+
+    final = tmp_path / "dataset"
+    final.mkdir()
+    (final / "keep.txt").write_text("old")
+    real_replace, calls = os.replace, []
+
+    def interrupted(src, dst):
+        calls.append((src, dst))
+        if len(calls) == 2:  # the new folder's rename
+            raise KeyboardInterrupt
+        return real_replace(src, dst)
+
+    with pytest.raises(KeyboardInterrupt):
+        with io.atomic_directory(final, overwrite=True) as tmp:
+            (tmp / "new.txt").write_text("new")
+            monkeypatch.setattr(io.os, "replace", interrupted)
+    monkeypatch.undo()
+    assert (final / "keep.txt").read_text() == "old" and not (final / "new.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dataset"]  # no temporary or trash left
