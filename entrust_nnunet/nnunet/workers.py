@@ -69,7 +69,10 @@ def workers_ended_first_on_signals(ours: set):
         yield
     finally:
         for s, h in previous.items():
-            signal.signal(s, h)
+            # only where ours is still installed: the previous handler may have replaced itself while handling a
+            # signal (raise_on_sigterm ignores a second SIGTERM during the cleanup that follows)
+            if signal.getsignal(s) is handler:
+                signal.signal(s, h)
 
 
 def workers_started(iterator):

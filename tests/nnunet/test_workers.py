@@ -45,3 +45,18 @@ def test_ignored_sigint_stays_ignored_and_workers_live(sigint_restored):
     finally:
         worker.terminate()
         worker.join()
+
+
+def test_a_second_sigterm_during_the_cleanup_stays_ignored():
+    """raise_on_sigterm ignores SIGTERM once it has raised (the cleanup must not be cut short); leaving the block
+    must not put its raising handler back over that."""
+    from entrust_nnunet.data.io import Terminated, raise_on_sigterm
+
+    before = raise_on_sigterm()
+    try:
+        with pytest.raises(Terminated), workers_ended_first_on_signals(set()):
+            os.kill(os.getpid(), signal.SIGTERM)
+            signal.sigtimedwait([], 0.5)
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN  # a second SIGTERM now would not interrupt
+    finally:
+        signal.signal(signal.SIGTERM, before)
