@@ -11,8 +11,9 @@ Table numbers are mean ± standard deviation over the training seeds; a target i
 holds beyond the spread (``entrust_nnunet.evaluation.seeds.verdict``). Speed and memory are RATIOS to
 one plain nnU-Net forward measured in the same run, on one preprocessed patch, after warm-up, over
 several repetitions (median and spread reported). Beside the main phantoms, softmax nnU-Net and EnTrust are
-trained on the same training phantoms drawn without any conflict blob and scored on the same test phantoms
-(:data:`UNSEEN_ID`): a conflict never seen in training.
+trained on training phantoms of the same seed drawn without any conflict blob (the same labels outside the
+blobs; intensities, bias and noise are drawn anew) and scored on the same test phantoms (:data:`UNSEEN_ID`): a
+conflict never seen in training.
 
     python benchmarks/run.py                      # 2D phantoms, CPU, three training seeds
     python benchmarks/run.py --ablations          # + EnTrust without EnFuse / SegDiff steps / ProbeStep / CalibHead
@@ -81,8 +82,9 @@ ABLATIONS = {
     "EnTrust without CalibHead (1 - max prob.)": ("nnUNetTrainerEnTrust_demo", "nnUNetEnTrustPlans", [0], 8),
 }
 NO_CALIB = "EnTrust without CalibHead (1 - max prob.)"
-#: the unseen-conflict dataset (issue 12): the same training phantoms drawn without any conflict blob, the same test
-#: phantoms (with them); a conflict no training case showed, so CalibHead never saw one either
+#: the unseen-conflict dataset (issue 12): training phantoms of the same seed without any conflict blob (same labels
+#: outside the blobs, intensities drawn anew), the same test phantoms (with them); a conflict no training case
+#: showed, so CalibHead never saw one either
 UNSEEN_ID, UNSEEN_METHODS = 612, ("softmax nnU-Net", OURS)
 SMOKE_TRAINERS = {"nnUNetTrainer_demo": "nnUNetTrainer_tinyCPU",
                   "nnUNetTrainerMCDropout_demo": "nnUNetTrainerMCDropout_tinyCPU",
@@ -904,8 +906,9 @@ UNSEEN_COLS = [("dice", "Dice", 3, 1), ("total_in_conflict", "mean P(error) in c
 def unseen_markdown(result: dict) -> list[str]:
     if not result.get("unseen_conflict"):
         return []
-    return ["", f"Unseen conflict (Dataset{UNSEEN_ID}: the same training phantoms drawn without any conflict blob, the "
-                "same test phantoms; every method trained anew on it, per seed):"] + \
+    return ["", f"Unseen conflict (Dataset{UNSEEN_ID}: training phantoms of the same seed without any conflict blob (the "
+                "same labels outside the blobs, intensities drawn anew), the same test phantoms; every method trained "
+                "anew on it, per seed):"] + \
         _table("method", UNSEEN_COLS, result["unseen_conflict"])
 
 

@@ -238,10 +238,12 @@ def write_phantom_dataset(out: str | os.PathLike, num_cases: int = 20, num_modal
                           test_seed: int | None = None, conflict_in: str = "all", num_test_annotators: int = 0) -> Path:
     """Write an nnU-Net v2 raw dataset of phantoms to ``out`` (built in a temporary folder, then renamed).
 
-    Case ``i`` of the training set depends only on ``(seed, i)``; test case ``j`` on ``(test_seed, 100000 + j)``
-    (``test_seed`` defaults to ``seed``), so a benchmark can draw fresh test cases beside the same training cases.
-    ``conflict_in="test"``: the training cases hold no conflict blob, the test cases do (a conflict no
-    training case showed: what the model meets must then come from the modalities, not from memory).
+    Case ``i`` of the training set depends only on ``(seed, i)`` and ``conflict_in``; test case ``j`` on
+    ``(test_seed, 100000 + j)`` (``test_seed`` defaults to ``seed``), so a benchmark can draw fresh test cases beside
+    the same training cases. ``conflict_in="test"``: the training cases hold no conflict blob, the test cases do (a
+    conflict no training case showed: what the model meets must then come from the modalities, not from memory);
+    their labels outside the blobs are those of ``conflict_in="all"``, their intensities, bias and noise are drawn
+    anew (the blobs' draws are skipped).
     ``num_test_annotators``: label variants of the TEST cases in ``labelsTs_annotators`` (for GED^2 / HM-IoU;
     drawn after each case's images and label, so the cases themselves are the same with or without them).
     """
