@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from entrust_nnunet.data.io import MAP_FOLDER, TEMP_PREFIX, InputError, dataset_prefix, nnunet_dataset_name
 from entrust_nnunet.nnunet.env import ensure_ext_trainer, set_nnunet_roots
-from entrust_nnunet.nnunet.planner import ENTRUST_PLANS
+from entrust_nnunet.nnunet.planner import ENTRUST_PLANS, SHARED_DATA
 
 #: lines of a failing step's log shown on the terminal
 LOG_TAIL_LINES = 15
@@ -138,12 +138,14 @@ def plan_and_preprocess(dataset_ids, configurations=("2d",), planner: str = "EnT
         for cls in dict.fromkeys([ExperimentPlanner, planner_cls]):
             _, ident = plan_experiment_dataset(d, cls)
             identifiers.append(ident)
-    # EnTrustPlanner shares nnUNetPlans' preprocessed data (same data identifier): preprocess once
-    for ident in dict.fromkeys(i for i in identifiers if i != ENTRUST_PLANS):
-        preprocess(dataset_ids, ident, configurations=tuple(configurations),
-                   num_processes=[num_processes] * len(configurations))
+    for ident in dict.fromkeys(identifiers):
+        # EnTrustPlanner shares nnUNetPlans' preprocessed data of 2d/3d_fullres (same data identifier): those once
+        todo = tuple(c for c in configurations if ident != ENTRUST_PLANS or c not in SHARED_DATA)
+        if not todo:
+            continue
+        preprocess(dataset_ids, ident, configurations=todo, num_processes=[num_processes] * len(todo))
         for d in dataset_ids:  # labelsTr_annotators/ through the same preprocessing, for multi-annotator training
-            preprocess_annotators(d, ident, configurations, num_processes)
+            preprocess_annotators(d, ident, todo, num_processes)
     return list(dict.fromkeys(identifiers))
 
 

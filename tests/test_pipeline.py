@@ -59,3 +59,32 @@ def test_fresh_deletes_only_a_demo_working_folder(tmp_path):
     (demo / ".tmp-999999999-0123abcd-summary.json").write_text("{")
     remove_demo_folder(demo)
     assert not demo.exists()
+
+
+def test_entrust_plans_preprocess_the_configurations_they_do_not_share(monkeypatch, tmp_path):
+    """EnTrustPlanner shares nnUNetPlans' 2d/3d_fullres data (one preprocessing), but its 3d_lowres has a spacing
+    of its own (the network's memory estimate): that one is preprocessed for nnUNetEnTrustPlans too."""
+    import nnunetv2.experiment_planning.plan_and_preprocess_api as api
+
+    from entrust_nnunet import pipeline
+    from entrust_nnunet.nnunet import annotators
+
+    for var in ("nnUNet_raw", "nnUNet_preprocessed"):
+        monkeypatch.setenv(var, str(tmp_path / var))
+    calls = []
+    monkeypatch.setattr(pipeline, "check_labels", lambda d: None)
+    monkeypatch.setattr(api, "extract_fingerprints", lambda *a, **k: None)
+    names = {"EnTrustPlanner": "nnUNetEnTrustPlans", "ExperimentPlanner": "nnUNetPlans"}
+    monkeypatch.setattr(api, "plan_experiment_dataset", lambda d, cls: (None, names[cls.__name__]))
+    monkeypatch.setattr(api, "preprocess", lambda ids, ident, configurations, num_processes: calls.append(
+        ("preprocess", ident, tuple(configurations))))
+    monkeypatch.setattr(annotators, "preprocess_annotators", lambda d, ident, configurations, n: calls.append(
+        ("annotators", ident, tuple(configurations))))
+    pipeline.plan_and_preprocess([5], configurations=("2d", "3d_fullres", "3d_lowres"))
+    assert calls == [("preprocess", "nnUNetPlans", ("2d", "3d_fullres", "3d_lowres")),
+                     ("annotators", "nnUNetPlans", ("2d", "3d_fullres", "3d_lowres")),
+                     ("preprocess", "nnUNetEnTrustPlans", ("3d_lowres",)),
+                     ("annotators", "nnUNetEnTrustPlans", ("3d_lowres",))]
+    calls.clear()
+    pipeline.plan_and_preprocess([5], configurations=("2d",))
+    assert [c[1] for c in calls] == ["nnUNetPlans", "nnUNetPlans"]  # 2d alone: EnTrust's plans share it

@@ -126,6 +126,8 @@ def preprocess_annotators(dataset_name_or_id, plans_identifier: str, configurati
     files = {c: f for c, f in files.items() if f}
     plans = load_json(os.path.join(nnUNet_preprocessed, name, plans_identifier + ".json"))
     for configuration in configurations:
+        if configuration not in plans["configurations"]:  # as nnU-Net's preprocess: a configuration these plans lack
+            continue
         data_folder = Path(nnUNet_preprocessed) / name / PlansManager(plans).get_configuration(configuration).data_identifier
         with atomic_directory(data_folder / PREPROCESSED_FOLDER, overwrite=True) as tmp:
             jobs = [(c, cases[c]["images"], f, tmp, plans, configuration, dataset_json) for c, f in files.items()]

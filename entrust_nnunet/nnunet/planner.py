@@ -22,6 +22,9 @@ from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner
 from entrust_nnunet.model.network import EnTrustUNet
 
 ENTRUST_PLANS = "nnUNetEnTrustPlans"
+#: configurations whose preprocessed data EnTrustPlanner shares with nnUNetPlans (their data identifier); the others
+#: (3d_lowres: its spacing follows the network's memory estimate) are preprocessed for EnTrust's plans themselves
+SHARED_DATA = ("2d", "3d_fullres")
 
 
 class EnTrustPlanner(ExperimentPlanner):
@@ -34,6 +37,6 @@ class EnTrustPlanner(ExperimentPlanner):
         self.UNet_class = EnTrustUNet
 
     def generate_data_identifier(self, configuration_name: str) -> str:
-        if configuration_name in ("2d", "3d_fullres"):
+        if configuration_name in SHARED_DATA:
             return "nnUNetPlans_" + configuration_name
         return super().generate_data_identifier(configuration_name)
