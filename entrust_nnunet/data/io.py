@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import uuid
 import zlib
 from pathlib import Path
@@ -217,9 +218,13 @@ def copy_geometry(array: np.ndarray, reference: sitk.Image) -> sitk.Image:
     return image
 
 
-#: prefix of every temporary file or folder; the pid after it names the process that writes it
+#: prefix of every temporary file or folder; the pid and host after it name the process that writes it
 TEMP_PREFIX = ".tmp-"
-_TEMP_NAME = re.compile(r"^\.tmp-(\d+)-")
+#: this machine (container) as 8 hex digits: on a folder shared between machines (NFS, a volume of several
+#: containers) a pid says nothing about another machine's processes, so their files and locks are left alone
+HOST_TAG = f"{zlib.crc32(socket.gethostname().encode('utf-8')):08x}"
+#: ``.tmp-<pid>-h<host>-<random>-<name>``; names without the host (written before it) count as this machine's
+_TEMP_NAME = re.compile(r"^\.tmp-(\d+)-(?:h([0-9a-f]{8})-)?")
 
 
 class Terminated(KeyboardInterrupt):
@@ -277,7 +282,7 @@ def temporary_path(path: str | os.PathLike) -> Path:
     """``.tmp-<pid>-<random>-<name>`` beside ``path``; the full suffix (.nii.gz) stays, so writers that
     pick the format by ending still do."""
     path = Path(path)
-    return path.with_name(f"{TEMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}-{path.name}")
+    return path.with_name(f"{TEMP_PREFIX}{os.getpid()}-h{HOST_TAG}-{uuid.uuid4().hex[:8]}-{path.name}")
 
 
 def _remove(path: Path) -> None:
@@ -299,13 +304,14 @@ def temporary_sibling(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def remove_stale_temporaries(*folders: str | os.PathLike) -> list[Path]:
-    """Remove the temporaries in ``folders`` whose writing process is dead (left by SIGKILL); return them."""
+    """Remove the temporaries in ``folders`` whose writing process is dead (left by SIGKILL); return them. Those of
+    another machine are left: whether their process lives cannot be known from here."""
     removed = []
     for folder in map(Path, folders):
         with contextlib.suppress(OSError):
             for entry in list(folder.iterdir()):
                 match = _TEMP_NAME.match(entry.name)
-                if match and not pid_alive(int(match.group(1))):
+                if match and match.group(2) in (None, HOST_TAG) and not pid_alive(int(match.group(1))):
                     _remove(entry)
                     removed.append(entry)
     return removed
@@ -378,10 +384,10 @@ def atomic_directory(final: str | os.PathLike, overwrite: bool = False) -> Itera
 
 @contextlib.contextmanager
 def folder_lock(folder: Path, name: str, what: str) -> Iterator[Path]:
-    """Hold ``folder/name`` (created with O_EXCL, holding our pid) while writing into ``folder``.
+    """Hold ``folder/name`` (created with O_EXCL, holding our pid and :data:`HOST_TAG`) while writing into ``folder``.
 
-    Another live holder is refused with an :class:`InputError`; a lock whose pid is dead is stale
-    (SIGKILL) and taken over.
+    Another live holder is refused with an :class:`InputError`; a lock whose pid is dead on this machine is stale
+    (SIGKILL) and taken over; another machine's lock is always refused (its process cannot be seen from here).
     """
     lock = folder / name
     for _ in range(2):
@@ -389,7 +395,10 @@ def folder_lock(folder: Path, name: str, what: str) -> Iterator[Path]:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             break
         except FileExistsError:
-            holder = _lock_holder(lock)
+            holder, host = _lock_holder(lock)
+            if host not in (None, HOST_TAG):
+                raise InputError(f"{lock}: another {what} (pid {holder} on another machine, host {host}) is writing "
+                                 f"into {folder}; wait for it, or remove the lock if that run has ended") from None
             if holder != os.getpid() and (pid_alive(holder) if holder else _age(lock) < 10):
                 raise InputError(f"{lock}: another {what} (pid {holder}) is writing into {folder}; "
                                  f"wait for it or choose another output folder") from None
@@ -397,18 +406,20 @@ def folder_lock(folder: Path, name: str, what: str) -> Iterator[Path]:
     else:
         raise InputError(f"{lock}: cannot take the lock")
     with os.fdopen(fd, "w") as f:
-        f.write(f"{os.getpid()}\n")
+        f.write(f"{os.getpid()} {HOST_TAG}\n")
     try:
         yield lock
     finally:
         _remove(lock)
 
 
-def _lock_holder(lock: Path) -> int | None:
+def _lock_holder(lock: Path) -> tuple[int | None, str | None]:
+    """(pid, host tag) of a lock's holder; host None for locks written before it, (None, None) for an empty lock."""
     try:
-        return int(lock.read_text().split()[0])
+        words = lock.read_text().split()
+        return int(words[0]), (words[1] if len(words) > 1 else None)
     except (OSError, ValueError, IndexError):  # empty: its writer is between open and write, or died there
-        return None
+        return None, None
 
 
 def _age(path: Path) -> float:

@@ -1,4 +1,6 @@
 """IO helpers: one geometry check naming the file, dataset folder names, atomic writes."""
+import os
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -64,3 +66,29 @@ def test_replacing_a_folder_keeps_the_old_one_when_the_final_rename_fails(tmp_pa
     monkeypatch.undo()
     assert (final / "keep.txt").read_text() == "old" and not (final / "new.txt").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dataset"]  # no temporary or trash left
+
+
+def test_another_machines_temporaries_and_locks_are_left_alone(tmp_path):
+    """On a folder shared between machines a pid says nothing about another machine's process: its temporaries
+    stay and its lock is refused (with how to proceed); this machine's dead ones (and names without a host, written
+    before it) are cleaned up as before."""
+    from entrust_nnunet.data import io
+
+    dead = 999999999  # no such pid here
+    other = "0badf00d" if io.HOST_TAG != "0badf00d" else "0badf00e"
+    mine, legacy = tmp_path / f".tmp-{dead}-h{io.HOST_TAG}-01234567-a", tmp_path / f".tmp-{dead}-01234567-b"
+    theirs = tmp_path / f".tmp-{dead}-h{other}-01234567-c"
+    for p in (mine, legacy, theirs):
+        p.write_text("x")
+    assert sorted(p.name for p in io.remove_stale_temporaries(tmp_path)) == sorted([mine.name, legacy.name])
+    assert theirs.exists()
+    assert io.temporary_path(tmp_path / "f.nii.gz").name.startswith(f".tmp-{os.getpid()}-h{io.HOST_TAG}-")
+    lock = tmp_path / ".lock"
+    lock.write_text(f"{dead} {other}\n")
+    with pytest.raises(InputError, match=f"pid {dead} on another machine.*remove the lock"):
+        with io.folder_lock(tmp_path, ".lock", "entrust predict"):
+            pass
+    lock.write_text(f"{dead}\n")  # a lock written before the host tag, by a dead process of this machine: taken over
+    with io.folder_lock(tmp_path, ".lock", "entrust predict"):
+        assert lock.read_text().split() == [str(os.getpid()), io.HOST_TAG]
+    assert not lock.exists()
