@@ -232,6 +232,16 @@ def check_replaceable(out: Path) -> None:
                          f"replaces only those, choose another folder")
 
 
+def _write_case(folder: Path, suffix: str, name: str, case: PhantomCase) -> None:
+    """One case's images, label, conflict mask and annotator labels into the split ``suffix`` (Tr / Ts)."""
+    for m, img in enumerate(case.images):
+        sitk.WriteImage(_to_sitk(img, case), str(folder / f"images{suffix}" / f"{name}_{m:04d}{FILE_ENDING}"))
+    sitk.WriteImage(_to_sitk(case.label, case), str(folder / f"labels{suffix}" / f"{name}{FILE_ENDING}"))
+    sitk.WriteImage(_to_sitk(case.conflict, case), str(folder / f"conflict{suffix}" / f"{name}{FILE_ENDING}"))
+    for k, variant in enumerate(case.annotators):
+        sitk.WriteImage(_to_sitk(variant, case), str(folder / f"labels{suffix}_annotators" / f"{name}_a{k}{FILE_ENDING}"))
+
+
 def write_phantom_dataset(out: str | os.PathLike, num_cases: int = 20, num_modalities: int = 3, dim: int = 2,
                           seed: int = 0, num_annotators: int = 0, num_test: int | None = None,
                           size: int | None = None, overwrite: bool = False, progress: bool = True,
@@ -274,13 +284,7 @@ def write_phantom_dataset(out: str | os.PathLike, num_cases: int = 20, num_modal
             case = make_case(rng, size, num_modalities, dim,
                              num_annotators=annotators[suffix],
                              allow_conflict=(idx % 4 != 3) and (suffix == "Ts" or conflict_in == "all"))
-            for m, img in enumerate(case.images):
-                sitk.WriteImage(_to_sitk(img, case), str(tmp / f"images{suffix}" / f"{name}_{m:04d}{FILE_ENDING}"))
-            sitk.WriteImage(_to_sitk(case.label, case), str(tmp / f"labels{suffix}" / f"{name}{FILE_ENDING}"))
-            sitk.WriteImage(_to_sitk(case.conflict, case), str(tmp / f"conflict{suffix}" / f"{name}{FILE_ENDING}"))
-            for k, variant in enumerate(case.annotators):
-                sitk.WriteImage(_to_sitk(variant, case),
-                                str(tmp / f"labels{suffix}_annotators" / f"{name}_a{k}{FILE_ENDING}"))
+            _write_case(tmp, suffix, name, case)
 
         dataset_json = {
             "channel_names": {str(m): n for m, n in enumerate(names)},
