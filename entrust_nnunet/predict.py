@@ -155,10 +155,10 @@ def predict_folder(input_dir, output_dir, model_folder, folds=None, checkpoint: 
         output_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise InputError(f"{output_dir}: cannot create output folder ({e.strerror})") from None
+    written = (output_dir, output_dir / MAP_FOLDER, output_dir / HYPOTHESIS_FOLDER)  # the folders predict writes
     with folder_lock(output_dir, LOCK_NAME, "entrust predict"):
         try:
-            # left by a killed run
-            remove_stale_temporaries(output_dir, output_dir / MAP_FOLDER, output_dir / HYPOTHESIS_FOLDER)
+            remove_stale_temporaries(*written)  # left by a killed run
             for name, content in (("dataset.json", predictor.dataset_json),
                                   ("plans.json", predictor.plans_manager.plans)):
                 with atomic_file(output_dir / name) as f:
@@ -171,5 +171,5 @@ def predict_folder(input_dir, output_dir, model_folder, folds=None, checkpoint: 
                                     num_processes_preprocessing, num_processes_export,
                                     [{**m.record(), "mask": m.present} for m in modalities.values()], previous)
         finally:  # export workers ended by Ctrl-C/SIGTERM cannot remove their own temporaries
-            remove_stale_temporaries(output_dir, output_dir / MAP_FOLDER, output_dir / HYPOTHESIS_FOLDER)
+            remove_stale_temporaries(*written)
     return output_dir

@@ -83,13 +83,14 @@ def annotator_label_values(label_manager) -> set[int]:
     return set(label_manager.all_labels) | ({label_manager.ignore_label} if label_manager.has_ignore_label else set())
 
 
-def _read_checked(rw, path: Path, shape: tuple, labels: set[int], image: str) -> np.ndarray:
+def _read_checked(rw, path: Path, shape: tuple, labels: set[int], image: str, header) -> np.ndarray:
     """An annotator label, refused with one line when its shape, geometry (spacing, origin, direction against the
-    case's first ``image``) or label values do not fit: a flipped or shifted file would train misaligned."""
+    case's first ``image``, whose ``header`` is :func:`read_header`'s) or label values do not fit: a flipped or
+    shifted file would train misaligned."""
     seg, _ = rw.read_seg(str(path))
     if seg.shape[1:] != shape:
         raise InputError(f"{path}: annotator label has shape {seg.shape[1:]}, the case's images {shape}")
-    check_same_geometry(read_header(image), image, read_header(path), path)
+    check_same_geometry(header, image, read_header(path), path)
     bad = sorted(set(np.unique(seg).astype(int).tolist()) - labels)
     if bad:
         raise InputError(f"{path}: label value(s) {', '.join(map(str, bad))} not declared in dataset.json")
@@ -105,8 +106,9 @@ def _preprocess_case(case: str, images: list[str], label_files: list[Path], out_
     rw = plans_manager.image_reader_writer_class()
     data, properties = rw.read_images(images)
     labels = annotator_label_values(plans_manager.get_label_manager(dataset_json))
+    header = read_header(images[0])  # once per case, for every annotator's label
     for k, path in enumerate(label_files):
-        seg = _read_checked(rw, path, data.shape[1:], labels, images[0])
+        seg = _read_checked(rw, path, data.shape[1:], labels, images[0], header)
         _, seg, _ = preprocessor.run_case_npy(data, seg, deepcopy(properties), plans_manager, cm, dataset_json)
         seg = seg.astype(np.int16, copy=False)  # as nnU-Net's run_case_save stores segs
         blocks, chunks = comp_blosc2_params(seg.shape, tuple(cm.patch_size), seg.itemsize)

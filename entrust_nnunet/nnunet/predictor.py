@@ -178,9 +178,9 @@ def remove_superseded_outputs(out_dir: str, case: str, ending: str, hypotheses_w
                               probabilities_written: bool) -> None:
     """Files an earlier prediction of ``case`` left in ``out_dir`` that this one does not rewrite: hypotheses
     numbered from ``hypotheses_written`` on and, without ``probabilities_written``, ``CASE.npz``/``CASE.pkl``.
-    Evaluation, the report and nnU-Net's ensembling read whatever is there; they must not mix two predictions."""
-    stale = [f for f in numbered_files(Path(out_dir) / HYPOTHESIS_FOLDER, case, "h", ending)
-             if int(f.name[len(case) + 2:-len(ending)]) >= hypotheses_written]
+    Evaluation, the report and nnU-Net's ensembling read whatever is there; they must not mix two predictions.
+    This prediction's hypotheses 0 .. n-1 are written already, so they are the first n in numbered order."""
+    stale = numbered_files(Path(out_dir) / HYPOTHESIS_FOLDER, case, "h", ending)[hypotheses_written:]
     if not probabilities_written:
         stale += [Path(out_dir) / f"{case}{e}" for e in (".npz", ".pkl")]
     for f in stale:

@@ -136,7 +136,7 @@ def test_an_annotator_label_in_another_geometry_or_with_the_ignore_label(tmp_pat
     from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
     from nnunetv2.utilities.label_handling.label_handling import LabelManager
 
-    from entrust_nnunet.data.io import InputError
+    from entrust_nnunet.data.io import InputError, read_header
     from entrust_nnunet.nnunet.annotators import _read_checked, annotator_label_values
 
     manager = LabelManager({"background": 0, "lesion": 1, "ignore": 2}, None)
@@ -147,10 +147,12 @@ def test_an_annotator_label_in_another_geometry_or_with_the_ignore_label(tmp_pat
     label = sitk.GetImageFromArray(np.array([[[0, 1, 2, 0, 0, 0, 0, 0]] * 8], np.uint8))
     label.CopyInformation(image)
     sitk.WriteImage(label, str(tmp_path / "good.nii.gz"))
+    image_file = str(tmp_path / "case_0000.nii.gz")
     seg = _read_checked(SimpleITKIO(), tmp_path / "good.nii.gz", (1, 8, 8), annotator_label_values(manager),
-                        str(tmp_path / "case_0000.nii.gz"))
+                        image_file, read_header(image_file))
     assert set(np.unique(seg)) == {0, 1, 2}
     label.SetDirection((-1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))  # flipped along x, same shape
     sitk.WriteImage(label, str(tmp_path / "flipped.nii.gz"))
     with pytest.raises(InputError, match=r"flipped.nii.gz: geometry differs from .*case_0000.nii.gz \(direction"):
-        _read_checked(SimpleITKIO(), tmp_path / "flipped.nii.gz", (1, 8, 8), {0, 1, 2}, str(tmp_path / "case_0000.nii.gz"))
+        _read_checked(SimpleITKIO(), tmp_path / "flipped.nii.gz", (1, 8, 8), {0, 1, 2}, image_file,
+                      read_header(image_file))
