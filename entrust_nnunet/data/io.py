@@ -384,33 +384,50 @@ def atomic_directory(final: str | os.PathLike, overwrite: bool = False) -> Itera
 
 @contextlib.contextmanager
 def folder_lock(folder: Path, name: str, what: str) -> Iterator[Path]:
-    """Hold ``folder/name`` (created with O_EXCL, holding our pid and :data:`HOST_TAG`) while writing into ``folder``.
+    """Hold ``folder/name`` while writing into ``folder``: an exclusive ``flock`` on the file, which holds our pid
+    and :data:`HOST_TAG` for the messages.
 
-    Another live holder is refused with an :class:`InputError`; a lock whose pid is dead on this machine is stale
-    (SIGKILL) and taken over; another machine's lock is always refused (its process cannot be seen from here).
+    The kernel drops an flock when its holder dies (SIGKILL too), so a lock file nobody holds is stale whatever
+    pid it names (pids are reused) and is taken over, by one process only when several try at once. A held lock
+    is refused with an :class:`InputError`; so is a file naming another machine, even when unheld (a file system
+    without shared locks cannot show us that machine's holder).
     """
     lock = folder / name
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            break
-        except FileExistsError:
-            holder, host = _lock_holder(lock)
-            if host not in (None, HOST_TAG):
-                raise InputError(f"{lock}: another {what} (pid {holder} on another machine, host {host}) is writing "
-                                 f"into {folder}; wait for it, or remove the lock if that run has ended") from None
-            if holder != os.getpid() and (pid_alive(holder) if holder else _age(lock) < 10):
-                raise InputError(f"{lock}: another {what} (pid {holder}) is writing into {folder}; "
-                                 f"wait for it or choose another output folder") from None
-            _remove(lock)
-    else:
-        raise InputError(f"{lock}: cannot take the lock")
-    with os.fdopen(fd, "w") as f:
-        f.write(f"{os.getpid()} {HOST_TAG}\n")
+    fd = _take_lock(lock, folder, what)
     try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()} {HOST_TAG}\n".encode())
         yield lock
     finally:
-        _remove(lock)
+        _remove(lock)  # while still held: whoever opened this file before the unlink sees it gone and retries
+        os.close(fd)
+
+
+def _take_lock(lock: Path, folder: Path, what: str) -> int:
+    import fcntl
+
+    for _ in range(5):
+        fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            held = False
+        except BlockingIOError:
+            held = True
+        holder, host = _lock_holder(lock)
+        foreign = host not in (None, HOST_TAG)
+        if held or foreign:
+            os.close(fd)
+            who = f"pid {holder} on another machine, host {host}" if foreign else f"pid {holder or 'unknown'}"
+            advice = ("wait for it, or remove the lock if that run has ended" if foreign
+                      else "wait for it or choose another output folder")
+            raise InputError(f"{lock}: another {what} ({who}) is writing into {folder}; {advice}")
+        try:
+            if os.path.samestat(os.fstat(fd), os.stat(lock)):
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # its holder removed the file between our open and flock: take the current one
+    raise InputError(f"{lock}: cannot take the lock")
 
 
 def _lock_holder(lock: Path) -> tuple[int | None, str | None]:
@@ -418,17 +435,8 @@ def _lock_holder(lock: Path) -> tuple[int | None, str | None]:
     try:
         words = lock.read_text().split()
         return int(words[0]), (words[1] if len(words) > 1 else None)
-    except (OSError, ValueError, IndexError):  # empty: its writer is between open and write, or died there
+    except (OSError, ValueError, IndexError):  # empty: its writer is between flock and write
         return None, None
-
-
-def _age(path: Path) -> float:
-    import time
-
-    try:
-        return time.time() - path.stat().st_mtime
-    except OSError:
-        return float("inf")
 
 
 def dataset_prefix(dataset_id: int) -> str:

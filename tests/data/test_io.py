@@ -92,3 +92,70 @@ def test_another_machines_temporaries_and_locks_are_left_alone(tmp_path):
     with io.folder_lock(tmp_path, ".lock", "entrust predict"):
         assert lock.read_text().split() == [str(os.getpid()), io.HOST_TAG]
     assert not lock.exists()
+
+
+def _hold_lock(folder, seconds):
+    """A separate process holding ``folder/.lock`` for ``seconds`` (printing "held" once it does)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, time; from pathlib import Path; from entrust_nnunet.data import io\n"
+            "with io.folder_lock(Path(sys.argv[1]), '.lock', 'entrust predict'):\n"
+            "    print('held', flush=True); time.sleep(float(sys.argv[2]))\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(folder), str(seconds)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_a_lock_is_held_by_a_live_process_not_by_the_pid_in_its_file(tmp_path):
+    """The lock is an flock: a live holder is refused (naming its pid); one killed with SIGKILL leaves a file that
+    the next run takes over; a file naming a live pid that holds nothing (a reused pid) is stale too."""
+    import signal
+
+    from entrust_nnunet.data import io
+
+    holder = _hold_lock(tmp_path, 60)
+    try:
+        with pytest.raises(InputError, match=f"another entrust predict \\(pid {holder.pid}\\) is writing into"):
+            with io.folder_lock(tmp_path, ".lock", "entrust predict"):
+                pass
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    lock = tmp_path / ".lock"
+    assert lock.read_text().split() == [str(holder.pid), io.HOST_TAG]  # SIGKILL: no cleanup ran
+    with io.folder_lock(tmp_path, ".lock", "entrust predict"):
+        assert lock.read_text().split() == [str(os.getpid()), io.HOST_TAG]
+    assert not lock.exists()
+    lock.write_text(f"{os.getppid()} {io.HOST_TAG}\n")  # alive, but not holding the lock
+    with io.folder_lock(tmp_path, ".lock", "entrust predict"):
+        assert lock.read_text().split() == [str(os.getpid()), io.HOST_TAG]
+
+
+def _try_stale_lock(folder, barrier, results):
+    from entrust_nnunet.data import io
+
+    barrier.wait()
+    try:
+        with io.folder_lock(folder, ".lock", "entrust predict"):
+            results.put("took")
+            import time
+
+            time.sleep(2.0)  # longer than the others' attempts, which all start at the barrier
+    except InputError:
+        results.put("refused")
+
+
+def test_a_stale_lock_is_taken_over_by_one_of_several_processes_at_once(tmp_path):
+    import multiprocessing as mp
+
+    (tmp_path / ".lock").write_text("999999999\n")  # a dead pid of this machine
+    ctx = mp.get_context("fork")
+    barrier, results = ctx.Barrier(6), ctx.Queue()
+    procs = [ctx.Process(target=_try_stale_lock, args=(tmp_path, barrier, results)) for _ in range(6)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(30)
+    assert sorted(results.get(timeout=5) for _ in procs) == ["refused"] * 5 + ["took"]
+    assert not (tmp_path / ".lock").exists()
