@@ -339,16 +339,9 @@ def _add_toolchain(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> None:
-    from nnunetv2.utilities.file_path_utilities import get_output_folder
-
     from entrust_nnunet.nnunet.calibration import calibrate_model
 
-    try:
-        model = get_output_folder(args.d, args.tr, args.p, args.c)
-    except RuntimeError as e:
-        raise InputError(str(e).splitlines()[0]) from None
-    folds = args.f
-    path, content = calibrate_model(model, folds)
+    path, content = calibrate_model(_model_folder(args), args.f)
     report = content["report"]
     print(f"calibrator {content['calibrator']} on the out-of-fold voxels of folds {content['folds']} "
           f"({report['voxels']} voxels, error rate {report['error_rate']:.4f})")
@@ -440,7 +433,8 @@ def _add_evaluation(sub: argparse._SubParsersAction) -> None:
                                    "conflict maps, true conflict), reliability diagram, risk-coverage curve and metric "
                                    "tables. Uses --summary, or evaluates first when --gt is given.")
     p.add_argument("pred", help="prediction folder (masks + uncertainty/)")
-    p.add_argument("-o", required=True, help="report folder to write (replaced if it exists)")
+    p.add_argument("-o", required=True, help="report folder to write (an earlier report there is replaced; any other "
+                                              "non-empty folder is refused)")
     p.add_argument("--summary", default=None, help="summary.json written by `entrust evaluate`")
     p.add_argument("--images", default=None, help="images (CASE_XXXX<ending>) to draw under the masks")
     p.add_argument("--gt", default=None, help="reference labels (default: the summary's)")
@@ -503,10 +497,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-d", required=True, help="dataset name or id")
     p.add_argument("-c", required=True, help="configuration")
     p.add_argument("-tr", default="nnUNetTrainerEnTrust", help="trainer (default: nnUNetTrainerEnTrust)")
-    p.add_argument("-p", default="nnUNetPlans", help="plans identifier (default: nnUNetPlans)")
+    p.add_argument("-p", default=None, help="plans identifier (default: nnUNetPlans; without -p, the only plans "
+                                            "with a trained model for -tr and -c if there is exactly one, as predict)")
     p.add_argument("-f", nargs="+", type=_fold_number, default=None,
                    help="folds (default: every fold with calibration voxels)")
-    p.set_defaults(func=_cmd_calibrate)
+    p.set_defaults(func=_cmd_calibrate, model_folder=None, chk="checkpoint_final.pth")
     _add_prediction(sub)
     _add_toolchain(sub)
     return parser

@@ -15,9 +15,8 @@ from pathlib import Path
 
 import torch
 
-from entrust_nnunet.data.io import (HYPOTHESIS_FOLDER, MAP_FOLDER, InputError, atomic_file, check_same_geometry,
-                                    check_writable_folder, folder_lock, read_header, read_image,
-                                    remove_stale_temporaries)
+from entrust_nnunet.data.io import (HYPOTHESIS_FOLDER, MAP_FOLDER, InputError, check_same_geometry,
+                                    check_writable_folder, read_header, read_image, writing_prediction_folder)
 from entrust_nnunet.data.modalities import CaseModalities, case_modalities, files_to_read, parse_drop_modalities
 from entrust_nnunet.model.sampling import DEFAULT_SAMPLING, SamplingSettings
 from entrust_nnunet.nnunet.predictor import EnTrustPredictor
@@ -64,10 +63,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "mps" and not torch.backends.mps.is_available():
         raise InputError("-device mps: MPS (Apple GPU) is not available on this machine")
     return torch.device(name)
-
-
-#: taken in OUT while ``entrust predict`` writes there, so that two runs cannot interleave their files
-LOCK_NAME = ".entrust-predict.lock"
 
 
 def check_output_folder(output_dir: Path, input_dir: Path) -> None:
@@ -155,21 +150,13 @@ def predict_folder(input_dir, output_dir, model_folder, folds=None, checkpoint: 
         output_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise InputError(f"{output_dir}: cannot create output folder ({e.strerror})") from None
-    written = (output_dir, output_dir / MAP_FOLDER, output_dir / HYPOTHESIS_FOLDER)  # the folders predict writes
-    with folder_lock(output_dir, LOCK_NAME, "entrust predict"):
-        try:
-            remove_stale_temporaries(*written)  # left by a killed run
-            for name, content in (("dataset.json", predictor.dataset_json),
-                                  ("plans.json", predictor.plans_manager.plans)):
-                with atomic_file(output_dir / name) as f:
-                    json.dump(content, f, indent=2)
-            for m in modalities.values():
-                if not m.complete:
-                    print(m.warning(), file=sys.stderr)
-            predictor.predict_cases([files_to_read(cases[c], m.present) for c, m in modalities.items()],
-                                    [str(output_dir / c) for c in cases], save_probabilities,
-                                    num_processes_preprocessing, num_processes_export,
-                                    [{**m.record(), "mask": m.present} for m in modalities.values()], previous)
-        finally:  # export workers ended by Ctrl-C/SIGTERM cannot remove their own temporaries
-            remove_stale_temporaries(*written)
+    with writing_prediction_folder(output_dir, (MAP_FOLDER, HYPOTHESIS_FOLDER), predictor.dataset_json,
+                                   predictor.plans_manager.plans, "entrust predict"):
+        for m in modalities.values():
+            if not m.complete:
+                print(m.warning(), file=sys.stderr)
+        predictor.predict_cases([files_to_read(cases[c], m.present) for c, m in modalities.items()],
+                                [str(output_dir / c) for c in cases], save_probabilities,
+                                num_processes_preprocessing, num_processes_export,
+                                [{**m.record(), "mask": m.present} for m in modalities.values()], previous)
     return output_dir

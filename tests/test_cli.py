@@ -90,3 +90,35 @@ def test_bad_flag_values_are_one_line_naming_the_flag(capsys):
     args = build_parser().parse_args(["predict", "-i", "a", "-o", "b", "-f", "0", "all", "-step_size", "1"])
     assert args.f == [0, "all"] and args.step_size == 1.0
     assert build_parser().parse_args(["calibrate", "-d", "1", "-c", "2d", "-f", "0", "3"]).f == [0, 3]
+
+
+def test_calibrate_without_p_finds_the_only_trained_plans_as_predict_does(tmp_path, monkeypatch, capsys):
+    """The demo trains with nnUNetEnTrustPlans: `entrust calibrate -d ID -c 2d` without -p must calibrate that
+    model (as `entrust predict` picks it), not look into nnUNetPlans' empty folder."""
+    import pytest
+
+    from entrust_nnunet.nnunet import calibration
+
+    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        (tmp_path / var / "Dataset997_Cli").mkdir(parents=True)
+        monkeypatch.setenv(var, str(tmp_path / var))
+    trainer = "nnUNetTrainerEnTrust"
+    model = tmp_path / "nnUNet_results" / "Dataset997_Cli" / f"{trainer}__nnUNetEnTrustPlans__2d"
+    (model / "fold_0").mkdir(parents=True)
+    (model / "fold_0" / "checkpoint_final.pth").write_bytes(b"")
+    (tmp_path / "nnUNet_results" / "Dataset997_Cli" / f"{trainer}__nnUNetPlans__2d" / "fold_0").mkdir(parents=True)
+    seen = []
+
+    def fake_calibrate(folder, folds):
+        seen.append((str(folder), folds))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(calibration, "calibrate_model", fake_calibrate)
+    assert main(["calibrate", "-d", "997", "-c", "2d", "-f", "0"]) == 130
+    assert seen == [(str(model), [0])]
+    assert "using plans nnUNetEnTrustPlans, the only one with a trained" in capsys.readouterr().out
+    with pytest.raises(KeyboardInterrupt):  # -p still names the plans
+        from entrust_nnunet.cli import _cmd_calibrate, build_parser
+
+        _cmd_calibrate(build_parser().parse_args(["calibrate", "-d", "997", "-c", "2d", "-p", "nnUNetPlans"]))
+    assert seen[1][0].endswith(f"{trainer}__nnUNetPlans__2d")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import json
 import os
 import re
 import shutil
@@ -54,12 +55,16 @@ def map_path(pred_dir: str | os.PathLike, case: str, name: str, file_ending: str
     return Path(pred_dir) / MAP_FOLDER / f"{case}_{name}{map_ending(file_ending)}"
 
 
+#: taken in an output folder while ``entrust predict``, ``postprocess`` or ``ensemble`` write there, so that two runs
+#: cannot interleave their files
+OUTPUT_LOCK = ".entrust-predict.lock"
+
 #: ``entrust predict --save-hypotheses`` writes one mask per hypothesis into this sub-folder
 HYPOTHESIS_FOLDER = "hypotheses"
 
 
 def hypothesis_path(pred_dir: str | os.PathLike, case: str, index: int, file_ending: str) -> Path:
-    """``PRED/hypotheses/CASE_hNN<ending>`` (NN = 00 ... K-1; with several folds, fold-major)."""
+    """``PRED/hypotheses/CASE_hNN<ending>`` (NN = 00 ... F*K-1 for F folds of K hypotheses each, fold-major)."""
     return Path(pred_dir) / HYPOTHESIS_FOLDER / f"{case}_h{index:02d}{file_ending}"
 
 
@@ -303,13 +308,16 @@ def temporary_sibling(path: str | os.PathLike) -> Iterator[Path]:
         _remove(tmp)
 
 
-def remove_stale_temporaries(*folders: str | os.PathLike) -> list[Path]:
-    """Remove the temporaries in ``folders`` whose writing process is dead (left by SIGKILL); return them. Those of
-    another machine are left: whether their process lives cannot be known from here."""
+def remove_stale_temporaries(*folders: str | os.PathLike, of: str | None = None) -> list[Path]:
+    """Remove the temporaries in ``folders`` (only those of the file named ``of``, if given) whose writing process is
+    dead (left by SIGKILL); return them. Those of another machine are left: whether their process lives cannot be
+    known from here."""
     removed = []
     for folder in map(Path, folders):
         with contextlib.suppress(OSError):
             for entry in list(folder.iterdir()):
+                if of is not None and not entry.name.endswith(f"-{of}"):
+                    continue
                 match = _TEMP_NAME.match(entry.name)
                 if match and match.group(2) in (None, HOST_TAG) and not pid_alive(int(match.group(1))):
                     _remove(entry)
@@ -326,7 +334,9 @@ def write_image(image: sitk.Image, path: str | os.PathLike, compress: bool = Tru
 
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike, mode: str = "w") -> Iterator:
-    """Open a temporary sibling of ``path`` for writing; rename it onto ``path`` on success."""
+    """Open a temporary sibling of ``path`` for writing; rename it onto ``path`` on success. A SIGKILLed earlier
+    writer's temporary of the same file goes first (single files such as summary.json have no folder-wide cleanup)."""
+    remove_stale_temporaries(Path(path).parent, of=Path(path).name)
     with temporary_sibling(path) as tmp:
         with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
             yield f
@@ -401,6 +411,24 @@ def folder_lock(folder: Path, name: str, what: str) -> Iterator[Path]:
     finally:
         _remove(lock)  # while still held: whoever opened this file before the unlink sees it gone and retries
         os.close(fd)
+
+
+@contextlib.contextmanager
+def writing_prediction_folder(out: Path, subfolders: tuple[str, ...], dataset_json: dict, plans: dict,
+                              what: str) -> Iterator[Path]:
+    """Hold OUT's :data:`OUTPUT_LOCK` while a prediction folder is written, dataset.json and plans.json first; a
+    killed run's temporaries in OUT and its ``subfolders`` are removed before, and after (workers ended by
+    Ctrl-C/SIGTERM cannot remove their own)."""
+    written = (out, *(out / s for s in subfolders))
+    with folder_lock(out, OUTPUT_LOCK, what):
+        try:
+            remove_stale_temporaries(*written)
+            for name, content in (("dataset.json", dataset_json), ("plans.json", plans)):
+                with atomic_file(out / name) as f:
+                    json.dump(content, f, indent=2)
+            yield out
+        finally:
+            remove_stale_temporaries(*written)
 
 
 def _take_lock(lock: Path, folder: Path, what: str) -> int:

@@ -23,12 +23,14 @@ maps before the mask, so a mask on disk means its maps are complete.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import multiprocessing
 import os
 import pickle
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import SimpleITK as sitk
@@ -39,8 +41,9 @@ from nnunetv2.postprocessing.remove_connected_components import apply_postproces
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from scipy import ndimage
 
-from entrust_nnunet.data.io import (CONFLICT_MARK, MAP_NAMES, POSTPROCESSING_RECORD, InputError, atomic_file, map_path,
-                                    read_image, temporary_path, write_image)
+from entrust_nnunet.data.io import (CONFLICT_MARK, MAP_FOLDER, MAP_NAMES, POSTPROCESSING_RECORD, InputError,
+                                    atomic_file, map_path, read_image, temporary_path, write_image,
+                                    writing_prediction_folder)
 from entrust_nnunet.model.trustmap import jensen_shannon
 
 
@@ -141,18 +144,18 @@ def _npz_pkl(probabilities: np.ndarray, properties: dict) -> tuple[bytes, bytes]
     return buffer.getvalue(), pickle.dumps(properties)
 
 
-def _start_output(out, inputs: list[Path], dataset_json: dict, plans: dict) -> Path:
+@contextlib.contextmanager
+def _output_folder(out, inputs: list[Path], dataset_json: dict, plans: dict, what: str) -> Iterator[Path]:
+    """OUT, not an input, created and written under :func:`writing_prediction_folder`."""
     out = Path(out).absolute()
     if any(out.resolve() == i.resolve() for i in inputs):
         raise InputError(f"{out}: output folder is an input folder; choose another so inputs stay untouched")
     try:
-        (out / "uncertainty").mkdir(parents=True, exist_ok=True)
+        (out / MAP_FOLDER).mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise InputError(f"{out}: cannot create output folder ({e.strerror})") from None
-    for name, content in (("dataset.json", dataset_json), ("plans.json", plans)):
-        with atomic_file(out / name) as f:
-            json.dump(content, f, indent=2)
-    return out
+    with writing_prediction_folder(out, (MAP_FOLDER,), dataset_json, plans, what):
+        yield out
 
 
 def _run(fn, jobs: list[dict], num_processes: int) -> list:
@@ -212,15 +215,16 @@ def postprocess_folder(input_dir, output_dir, pp_pkl_file, num_processes: int = 
     pp_fns, pp_kwargs = load_postprocessing(pp_pkl_file)
     for case in pred["cases"]:
         check_case_files(pred, case, need_probabilities=False)
-    out = _start_output(output_dir, [pred["folder"]], pred["dataset_json"], pred["plans"])
-    jobs = [{"pred": pred, "case": c, "out": out, "pp_fns": pp_fns, "pp_kwargs": pp_kwargs} for c in pred["cases"]]
-    removed = _run(_postprocess_case, jobs, num_processes)
-    record = {"input": str(pred["folder"]), "pp_pkl_file": str(Path(pp_pkl_file).absolute()),
-              "postprocessing_fns": [getattr(f, "__name__", str(f)) for f in pp_fns],
-              "postprocessing_kwargs": [{k: str(v) for k, v in kw.items()} for kw in pp_kwargs],
-              "conflict_mark": CONFLICT_MARK, "cases": {r.pop("case"): r for r in removed}}
-    with atomic_file(out / POSTPROCESSING_RECORD) as f:
-        json.dump(record, f, indent=2)
+    with _output_folder(output_dir, [pred["folder"]], pred["dataset_json"], pred["plans"],
+                        "entrust postprocess") as out:
+        jobs = [{"pred": pred, "case": c, "out": out, "pp_fns": pp_fns, "pp_kwargs": pp_kwargs} for c in pred["cases"]]
+        removed = _run(_postprocess_case, jobs, num_processes)
+        record = {"input": str(pred["folder"]), "pp_pkl_file": str(Path(pp_pkl_file).absolute()),
+                  "postprocessing_fns": [getattr(f, "__name__", str(f)) for f in pp_fns],
+                  "postprocessing_kwargs": [{k: str(v) for k, v in kw.items()} for kw in pp_kwargs],
+                  "conflict_mark": CONFLICT_MARK, "cases": {r.pop("case"): r for r in removed}}
+        with atomic_file(out / POSTPROCESSING_RECORD) as f:
+            json.dump(record, f, indent=2)
     return record
 
 
@@ -283,11 +287,11 @@ def ensemble_folders(input_dirs, output_dir, save_probabilities: bool = False, n
         raise InputError("-i: give at least two prediction folders to ensemble")
     members = [prediction_folder(d) for d in input_dirs]
     _check_members(members)
-    out = _start_output(output_dir, [m["folder"] for m in members], members[0]["dataset_json"],
-                        members[0]["plans"])
-    jobs = [{"members": members, "case": c, "out": out, "save_probabilities": save_probabilities}
-            for c in members[0]["cases"]]
-    _run(_ensemble_case, jobs, num_processes)
-    with atomic_file(out / "ensemble_members.json") as f:
-        json.dump([str(m["folder"]) for m in members], f, indent=2)
+    with _output_folder(output_dir, [m["folder"] for m in members], members[0]["dataset_json"], members[0]["plans"],
+                        "entrust ensemble") as out:
+        jobs = [{"members": members, "case": c, "out": out, "save_probabilities": save_probabilities}
+                for c in members[0]["cases"]]
+        _run(_ensemble_case, jobs, num_processes)
+        with atomic_file(out / "ensemble_members.json") as f:
+            json.dump([str(m["folder"]) for m in members], f, indent=2)
     return out

@@ -1,4 +1,5 @@
 """IO helpers: one geometry check naming the file, dataset folder names, atomic writes."""
+import json
 import os
 
 import numpy as np
@@ -159,3 +160,42 @@ def test_a_stale_lock_is_taken_over_by_one_of_several_processes_at_once(tmp_path
         p.join(30)
     assert sorted(results.get(timeout=5) for _ in procs) == ["refused"] * 5 + ["took"]
     assert not (tmp_path / ".lock").exists()
+
+
+def test_a_prediction_folder_is_written_under_its_lock_and_cleaned_of_a_killed_runs_temporaries(tmp_path):
+    """predict, postprocess and ensemble write OUT through one function: OUT is locked while they write, and the
+    temporaries of a dead process (SIGKILL) in OUT and its sub-folders are gone before and after."""
+    from entrust_nnunet.data import io
+
+    dead = 999999999
+    (tmp_path / "uncertainty").mkdir()
+    before = [tmp_path / f".tmp-{dead}-h{io.HOST_TAG}-01234567-a.nii.gz",
+              tmp_path / "uncertainty" / f".tmp-{dead}-h{io.HOST_TAG}-01234567-b.nii.gz"]
+    for p in before:
+        p.write_text("partial")
+    with io.writing_prediction_folder(tmp_path, ("uncertainty",), {"labels": {}}, {"plans": 1}, "entrust ensemble"):
+        assert not any(p.exists() for p in before)
+        assert json.loads((tmp_path / "plans.json").read_text()) == {"plans": 1}
+        with pytest.raises(InputError, match=f"another entrust postprocess \\(pid {os.getpid()}\\)"):
+            with io.folder_lock(tmp_path, io.OUTPUT_LOCK, "entrust postprocess"):
+                pass
+        during = tmp_path / "uncertainty" / f".tmp-{dead}-h{io.HOST_TAG}-01234567-c.nii.gz"  # a worker killed now
+        during.write_text("partial")
+    assert not during.exists() and not (tmp_path / io.OUTPUT_LOCK).exists()
+
+
+def test_an_atomic_write_removes_a_killed_writers_temporary_of_the_same_file(tmp_path):
+    """A SIGKILLed `entrust evaluate` or `calibrate` leaves `.tmp-PID-...-summary.json`; the next write of that file
+    removes it; another file's temporary, or one of a live process, stays."""
+    from entrust_nnunet.data import io
+
+    dead = 999999999
+    same = tmp_path / f".tmp-{dead}-h{io.HOST_TAG}-01234567-summary.json"
+    other = tmp_path / f".tmp-{dead}-h{io.HOST_TAG}-01234567-plans.json"
+    live = tmp_path / f".tmp-{os.getpid()}-h{io.HOST_TAG}-01234567-summary.json"
+    for p in (same, other, live):
+        p.write_text("partial")
+    with io.atomic_file(tmp_path / "summary.json") as f:
+        f.write("{}")
+    assert not same.exists() and other.exists() and live.exists()
+    assert (tmp_path / "summary.json").read_text() == "{}"

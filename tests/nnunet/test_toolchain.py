@@ -229,6 +229,11 @@ def test_postprocess_gives_removed_regions_the_foreground_probability(members, t
     pred = _with_a_stray_component(pred, tmp_path / "pred")
     pkl = _largest_component_pkl(tmp_path / "postprocessing.pkl")
     out, nnunet_out = tmp_path / "pp", tmp_path / "nnunet_pp"
+    (out / "uncertainty").mkdir(parents=True)
+    killed = [out / ".tmp-999999999-0badc0de-test_000.nii.gz",  # what a SIGKILLed postprocess leaves
+              out / "uncertainty" / ".tmp-999999999-0badc0de-test_000_total.nii.gz"]
+    for p in killed:
+        p.write_bytes(b"partial")
     r = _run(env, "entrust", "postprocess", "-i", str(pred), "-o", str(out), "-pp_pkl_file", str(pkl), "-np", "1")
     _run(env, "nnUNetv2_apply_postprocessing", "-i", str(pred), "-o", str(nnunet_out), "-pp_pkl_file", str(pkl),
          "-np", "1")
@@ -249,7 +254,7 @@ def test_postprocess_gives_removed_regions_the_foreground_probability(members, t
         assert (out / f"{case}.npz").read_bytes() == (pred / f"{case}.npz").read_bytes()
         if marked.any():
             assert f"{case}: post-processing removed" in r.stdout
-    assert removed_any
+    assert removed_any and not any(p.exists() for p in killed)
     _run(env, "nnUNetv2_evaluate_folder", str(raw / "labelsTs"), str(out), "-djfile", str(out / "dataset.json"),
          "-pfile", str(out / "plans.json"))
     assert len(json.loads((out / "summary.json").read_text())["metric_per_case"]) == 2

@@ -403,3 +403,27 @@ def test_fold_all_holds_its_calibration_cases_out_of_training(planned_phantoms, 
     numbered = make(0)
     _, val = numbered.do_split()
     assert numbered.calibration_keys == sorted(val)
+
+
+def test_every_trainer_class_of_the_package_is_found_by_nnunets_search():
+    """nnU-Net looks for ``-tr NAME`` only in the plug-in folder's modules (nnUNet_extTrainer): a trainer class
+    that no plug-in module re-exports cannot be trained with the stock commands nor loaded for prediction."""
+    import importlib
+    import inspect
+
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    from nnunetv2.utilities.find_class_by_name import recursive_find_python_class
+
+    from entrust_nnunet.nnunet.env import trainer_plugin_dir
+
+    ours = {}
+    for module in ("variants", "trainers", "baseline_trainers", "ablation_trainers"):
+        mod = importlib.import_module(f"entrust_nnunet.nnunet.{module}")
+        ours.update({name: cls for name, cls in inspect.getmembers(mod, inspect.isclass)
+                     if issubclass(cls, nnUNetTrainer) and cls.__module__ == mod.__name__})
+    assert "nnUNetTrainer_demo3d" in ours and len(ours) > 25
+    folder = str(trainer_plugin_dir())
+    missing = [name for name, cls in sorted(ours.items())
+               if recursive_find_python_class(folder, name, None, base_folder=folder,
+                                              cleanup_imports_from_base_folder=True) is not cls]
+    assert missing == []
