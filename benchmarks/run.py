@@ -210,11 +210,14 @@ def validation_probabilities(args, dataset_id: int, config: str, trainer: str, p
 
 def fit_softmax_temperature(npz_files: list[Path], labels_dir: Path, ending: str, max_voxels: int = 2_000_000) -> float:
     """One temperature, NLL-fitted on the validation fold's out-of-fold probabilities (the cases EnTrust's
-    CalibHead is fitted on); voxels subsampled uniformly (seeded) above ``max_voxels``."""
+    CalibHead is fitted on); voxels subsampled uniformly (seeded) above ``max_voxels``. nnU-Net's validation
+    probabilities are a plain softmax (down to 1e-15), the test probabilities it is applied to come through our
+    predictor with its floor (``MIN_PROBABILITY``): fitted with that floor, on what it is applied to."""
     import numpy as np
     import SimpleITK as sitk
 
     from entrust_nnunet.evaluation.temperature import fit_temperature
+    from entrust_nnunet.model.outputs import MIN_PROBABILITY
 
     probs, labels = [], []
     for f in npz_files:
@@ -226,7 +229,7 @@ def fit_softmax_temperature(npz_files: list[Path], labels_dir: Path, ending: str
     if y.size > max_voxels:
         keep = np.random.default_rng(0).choice(y.size, max_voxels, replace=False)
         p, y = p[:, keep], y[keep]
-    return fit_temperature(p, y)
+    return fit_temperature(p, y, eps=MIN_PROBABILITY)
 
 
 def temperature_folder(src: Path, dst: Path, temperature: float, ending: str) -> Path:

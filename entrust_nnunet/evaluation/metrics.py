@@ -665,7 +665,7 @@ def hypothesis_coherence(hypotheses: npt.ArrayLike, conflict: npt.ArrayLike, who
     f = _blob_fractions(hypotheses, conflict)
     if f.size == 0:
         return float("nan")
-    return float(((f >= whole) | (f <= 1 - whole)).mean())
+    return float(((f >= whole) | (1 - f >= whole)).mean())  # not f <= 1 - whole: 1 - 0.8 is 0.19999999999999996
 
 
 def hypothesis_diversity(hypotheses: npt.ArrayLike, conflict: npt.ArrayLike, whole: float = 0.8) -> float:
@@ -675,4 +675,4 @@ def hypothesis_diversity(hypotheses: npt.ArrayLike, conflict: npt.ArrayLike, who
     f = _blob_fractions(hypotheses, conflict)
     if f.size == 0:
         return float("nan")
-    return float(((f >= whole).any(0) & (f <= 1 - whole).any(0)).all())
+    return float(((f >= whole).any(0) & (1 - f >= whole).any(0)).all())

@@ -52,7 +52,8 @@ DEFINITIONS = {
                        "of the per-label means, as nnU-Net",
     "foreground_names": "the name in dataset.json's labels of each evaluated foreground label or region (BraTS: "
                         "whole tumor, tumor core, enhancing tumor), keyed as mean",
-    "HD95": "95th-percentile symmetric Hausdorff distance in mm (0 if both masks are empty, null if one is)",
+    "HD95": ("95th-percentile symmetric Hausdorff distance in mm (0 if both masks are empty; the image's "
+             "diagonal if one is: a structure missed or hallucinated whole)"),
     "coherence": "share of (conflict blob, hypothesis) pairs where the hypothesis marks >= 80 % or <= 20 % of the "
                  "blob as foreground (metrics.hypothesis_coherence)",
     "diversity": "per conflict case 1 if every conflict blob is taken whole by one hypothesis and left whole by "

@@ -90,7 +90,7 @@ def _gaussian_gram(x: torch.Tensor) -> torch.Tensor:
 
 
 def hsic_penalty(a: torch.Tensor, b: torch.Tensor, num_voxels: int = 256,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+                 generator: torch.Generator | None = None, weight: torch.Tensor | None = None) -> torch.Tensor:
     r"""Normalised HSIC with Gaussian kernels on a random subset of voxels (a nonlinear dependence measure).
 
     With n sampled voxels, Gram matrices K (of ``a``'s channel vectors) and L (of ``b``'s), and the
@@ -100,14 +100,19 @@ def hsic_penalty(a: torch.Tensor, b: torch.Tensor, num_voxels: int = 256,
               \mathrm{nHSIC} = \frac{\mathrm{HSIC}(a,b)}{\sqrt{\mathrm{HSIC}(a,a)\,\mathrm{HSIC}(b,b)}} \in [0, 1]
 
     Bandwidths follow the median heuristic. Near 0 for independent inputs, large for any
-    dependence, including nonlinear (``b = a**2``) where :func:`cross_covariance_penalty` is blind.
+    dependence, including nonlinear (``b = a**2``) where :func:`cross_covariance_penalty` is blind. A constant
+    input (an absent modality's stream) has a zero centred Gram matrix and gives 0, with finite gradients;
+    ``weight`` (B,) as in :func:`cross_covariance_penalty`'s pairs: a weighted mean over the batch.
     """
     a, b = _subsample_voxels([_flatten_voxels(a.float()), _flatten_voxels(b.float())], num_voxels, generator)
     k, l = _gaussian_gram(a.transpose(1, 2)), _gaussian_gram(b.transpose(1, 2))
     k = k - k.mean(1, keepdim=True) - k.mean(2, keepdim=True) + k.mean((1, 2), keepdim=True)  # H K H
     l = l - l.mean(1, keepdim=True) - l.mean(2, keepdim=True) + l.mean((1, 2), keepdim=True)
     kl, kk, ll = (k * l).sum((1, 2)), (k * k).sum((1, 2)), (l * l).sum((1, 2))
-    return (kl / (kk * ll).sqrt().clamp_min(1e-12)).mean()
+    per_sample = kl / (kk * ll).clamp_min(1e-24).sqrt()  # clamped before the root: its gradient at 0 is infinite
+    if weight is None:
+        return per_sample.mean()
+    return (per_sample * weight).sum() / weight.sum().clamp_min(1)
 
 
 INDEPENDENCE_PENALTIES = {"xcov": cross_covariance_penalty, "hsic": hsic_penalty}
@@ -199,25 +204,25 @@ class EnFuse(nn.Module):
         return gate_logits.float() + log_w.view(*log_w.shape, *([1] * (gate_logits.dim() - 2)))
 
     def independence_penalty(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Mean of the 1 + 2M pairwise penalties between F_c, each F_u,m and F_cf. With ``xcov`` a pair with F_u,m
-        counts only the samples where modality m is present (an absent stream is 0 and has nothing to decorrelate)."""
+        """Mean of the 1 + 2M pairwise penalties between F_c, each F_u,m and F_cf. A pair with F_u,m counts only the
+        samples where modality m is present (an absent stream is 0 and has nothing to decorrelate)."""
         f_c, f_u, f_cf = parts["F_c"], parts["F_u"], parts["F_cf"]
         m = f_u.shape[1]
         present = parts.get("mask")
+        weights = [None if present is None else present[:, i].float() for i in range(m)]
         if self.independence == "xcov":
             # cross_covariance_penalty of every pair, with each part standardised once (one voxel subset)
             flat = _subsample_voxels([_flatten_voxels(t.float()) for t in (f_c, f_u.flatten(1, 2), f_cf)],
                                      MAX_VOXELS)
             c, u, cf = (_standardize(t) for t in flat)
             u = u.unflatten(1, (m, -1))
-            weights = [None if present is None else present[:, i].float() for i in range(m)]
             total = _mean_squared_correlation(c, cf)
             for i in range(m):
                 total = (total + _mean_squared_correlation(c, u[:, i], weights[i])
                          + _mean_squared_correlation(u[:, i], cf, weights[i]))
             return total / (1 + 2 * m)
-        pair = INDEPENDENCE_PENALTIES[self.independence]
-        total = pair(f_c, f_cf)
+        total = hsic_penalty(f_c, f_cf)
         for i in range(m):
-            total = total + pair(f_c, f_u[:, i]) + pair(f_u[:, i], f_cf)
+            total = total + hsic_penalty(f_c, f_u[:, i], weight=weights[i]) + hsic_penalty(f_u[:, i], f_cf,
+                                                                                           weight=weights[i])
         return total / (1 + 2 * m)

@@ -427,8 +427,10 @@ class EnTrustUNet(nn.Module):
         shape = (cond.shape[0], weight.shape[0], *cond.shape[2:])
         key = (shape, cond.dtype, cond.device, int(seed))
         if self._probe_noise is None or self._probe_noise[0] != key:
-            gen = torch.Generator(device=cond.device).manual_seed(int(seed) + 1)
-            self._probe_noise = (key, torch.randn(shape, device=cond.device, dtype=cond.dtype, generator=gen))
+            # drawn on the CPU, as the latents: the same seed gives the same probe on every device
+            gen = torch.Generator().manual_seed(int(seed) + 1)
+            noise = torch.randn(shape, generator=gen).to(device=cond.device, dtype=cond.dtype)
+            self._probe_noise = (key, noise)
         return projected_perturbation(weight, channel_std(cond), self._probe_noise[1])
 
     def _full_resolution_experts(self, parts: dict, size) -> dict[str, torch.Tensor]:

@@ -78,6 +78,23 @@ from entrust_nnunet.nnunet.workers import (end_processes, sigint_blocked_in_chil
 POOLED_MAPS = ("aleatoric", "probe", "conflict", "head_confidence")
 
 
+def pooling_channels(stats: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    """The maps of :data:`POOLED_MAPS` as nnU-Net pools them, each (B, 1, *s): ``head_confidence`` as ``1 - c``.
+
+    nnU-Net's sliding-window accumulator is float16, whose step near 1 is 4.9e-4: every confidence above 0.9995
+    would come back as 1 (CalibHead reads ``log(1 - c)``), while ``1 - c`` keeps three digits far below that.
+    Averaging is linear, so the pooled ``1 - c`` is 1 - the pooled ``c``. :func:`pooled_maps` reads them back."""
+    return [(1 - stats[k] if k == "head_confidence" else stats[k])[:, None] for k in POOLED_MAPS]
+
+
+def pooled_maps(channels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The maps of :data:`POOLED_MAPS` from nnU-Net's pooled channels (len(POOLED_MAPS), *s) of
+    :func:`pooling_channels`."""
+    maps = dict(zip(POOLED_MAPS, channels.float()))
+    maps["head_confidence"] = 1 - maps["head_confidence"]
+    return maps
+
+
 def uncertainty_statistics(net: nn.Module, x: torch.Tensor, sampling: SamplingSettings,
                            modality_mask=None, regions: bool = False) -> dict[str, torch.Tensor]:
     """Per-patch ``mean`` (B, C, *s) class probabilities and the maps of :data:`POOLED_MAPS` (B, *s).
@@ -136,7 +153,7 @@ class TrustStatistics(nn.Module):
         sampling = self.sampling.with_(hypotheses=self.with_hypotheses)
         s = uncertainty_statistics(self.net, x, sampling, self.modality_mask, self.regions)
         hyps = [s["hypotheses"].movedim(0, 1).flatten(1, 2).to(s["mean"].dtype)] if self.with_hypotheses else []
-        return torch.cat([s["mean"], *(s[k][:, None] for k in POOLED_MAPS), *hyps], 1)
+        return torch.cat([s["mean"], *pooling_channels(s), *hyps], 1)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         return self.net.load_state_dict(state_dict, strict=strict, assign=assign)
@@ -432,7 +449,7 @@ class EnTrustPredictor(nnUNetPredictor):
         mean = pooled[:c].clamp(0, 1)
         if not regions:
             mean = mean / mean.sum(0, keepdim=True).clamp_min(1e-8)
-        maps = dict(zip(POOLED_MAPS, pooled[c:]))
+        maps = pooled_maps(pooled[c:])
         total = output_entropy(mean, 0, regions)
         conflict = maps["conflict"].clamp(0, 1)
         gate = alternatives_gate(conflict, getattr(self.network.net, "expert_alternatives", 0.0))

@@ -88,7 +88,7 @@ class EnTrustLoss(nn.Module):
         self.network = [network]  # a list: keep the network out of this module's parameters/state_dict
         self.weights = dict(LOSS_WEIGHTS if weights is None else weights)
         self.regions, self.ignore_label = regions, ignore_label
-        self.history: dict[str, list[float]] = defaultdict(list)
+        self.history: dict[str, list[torch.Tensor]] = defaultdict(list)
 
     def forward(self, output, target):
         loss = self.base(output, target)
@@ -100,7 +100,7 @@ class EnTrustLoss(nn.Module):
         for k, v in aux.items():
             loss = loss + self.weights[k] * v
             if net.training:
-                self.history[k].append(float(v.detach()))
+                self.history[k].append(v.detach())  # read at the epoch's end: no device sync per step
         return loss
 
 
@@ -210,12 +210,11 @@ class nnUNetTrainerEnTrust(ModalityDropout, nnUNetTrainer):
 
     def on_train_epoch_end(self, train_outputs):
         super().on_train_epoch_end(train_outputs)
-        history = self.loss.history
+        means = {k: float(torch.stack(v).float().mean()) for k, v in self.loss.history.items() if v}
         for key, name in zip(AUX_LOG_KEYS, LOSS_WEIGHTS):
-            value = float(np.mean(history[name])) if history[name] else float("nan")
-            self.logger.log(key, value, self.current_epoch)
-        self.print_to_log_file("entrust losses", {k: round(float(np.mean(v)), 4) for k, v in history.items()})
-        history.clear()
+            self.logger.log(key, means.get(name, float("nan")), self.current_epoch)
+        self.print_to_log_file("entrust losses", {k: round(v, 4) for k, v in means.items()})
+        self.loss.history.clear()
 
     def on_epoch_end(self):
         super().on_epoch_end()

@@ -389,6 +389,17 @@ def test_coherence_and_diversity_by_hand():
         M.hypothesis_coherence(h[0], conflict)
 
 
+def test_coherence_counts_exactly_a_fifth_as_leaving_the_blob():
+    """The documented bounds are inclusive: 1 of 5 voxels marked is "<= 20 %" (``f <= 1 - 0.8`` read 0.2 as above
+    0.19999999999999996 and did not count it); 4 of 5 is ">= 80 %"."""
+    conflict = np.zeros((1, 5), bool)
+    conflict[0, :] = True
+    h = np.zeros((2, 1, 5), np.uint8)
+    h[0, 0, :1] = 1  # a fifth
+    h[1, 0, :4] = 1  # four fifths
+    assert M.hypothesis_coherence(h, conflict) == 1.0 and M.hypothesis_diversity(h, conflict) == 1.0
+
+
 def test_coherence_against_a_loop():
     rng = np.random.default_rng(3)
     conflict = _two_blobs()

@@ -46,6 +46,24 @@ def test_hsic_sees_nonlinear_dependence_that_xcov_misses():
     assert h_dep > 0.2 and h_ind < 0.05 and h_dep > 5 * h_ind
 
 
+def test_hsic_option_with_an_absent_modality_has_finite_gradients_and_weights_the_stream_out():
+    """An absent stream is exactly 0: its centred Gram matrix is 0, and the square root's gradient at 0 made every
+    gradient NaN (under AMP each such step was skipped). Its pairs now count only where the modality is present."""
+    torch.manual_seed(0)
+    net = EnTrustUNet(3, num_classes=2, independence="hsic", **arch_kwargs(2))
+    x = torch.randn(2, 3, 32, 32, requires_grad=True)
+    parts = net(x, return_parts=True, modality_mask=torch.tensor([[1.0, 0.0, 1.0], [1.0, 1.0, 1.0]]))
+    net.auxiliary_losses(parts, torch.randint(0, 2, (2, 1, 32, 32)))["independence"].backward()
+    assert torch.isfinite(x.grad).all()
+    assert all(torch.isfinite(p.grad).all() for p in net.parameters() if p.grad is not None)
+    a, b = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    b[0] = 0  # absent in sample 0
+    gen = torch.Generator
+    weighted = hsic_penalty(a, b, generator=gen().manual_seed(0), weight=torch.tensor([0.0, 1.0]))
+    alone = hsic_penalty(a, b, generator=gen().manual_seed(0))  # the mean over both samples, the absent one 0
+    assert float(hsic_penalty(a[:1], b[:1])) == 0.0 and float(weighted) == pytest.approx(2 * float(alone))
+
+
 @pytest.mark.parametrize("dim", [2, 3])
 def test_enfuse_without_a_mask_equals_the_all_present_mask(dim):
     """The trunk hands EnFuse no mask when every modality is present (it skips the masking, which is then the

@@ -1,0 +1,38 @@
+"""The channels EnTrustPredictor hands to nnU-Net's sliding window (cheap: no trained model)."""
+import torch
+from torch import nn
+
+from entrust_nnunet.model.sampling import SamplingSettings
+from entrust_nnunet.nnunet.predictor import POOLED_MAPS, TrustStatistics, pooled_maps, pooling_channels
+
+
+def test_head_confidence_survives_nnunets_float16_accumulator():
+    """nnU-Net pools every channel in float16 (step 4.9e-4 near 1): a confidence of 0.99999 must come back as
+    0.99999, not 1 (CalibHead reads log(1 - c)); the other maps pass unchanged."""
+    c = torch.tensor([0.9, 0.999, 0.9999, 0.99999, 0.5]).view(1, 5, 1)
+    stats = {k: torch.full_like(c, 0.25) for k in POOLED_MAPS} | {"head_confidence": c}
+    channels = torch.cat(pooling_channels(stats), 1)[0]  # (maps, 5, 1) as nnU-Net sees them
+    back = pooled_maps(channels.half())  # what nnU-Net's accumulator keeps
+    torch.testing.assert_close(1 - back["head_confidence"], 1 - c[0], rtol=1e-3, atol=0)
+    assert float(c[0, 3].half()) == 1.0  # the plain channel would have lost it
+    for k in POOLED_MAPS[:-1]:
+        torch.testing.assert_close(back[k], torch.full_like(c[0], 0.25))
+
+
+def test_the_wrapped_network_hands_nnunet_the_pooling_channels():
+    """A plain network's patch output through TrustStatistics: mean probabilities, then pooling_channels."""
+    torch.manual_seed(0)
+    net = nn.Conv2d(2, 3, 1)
+    with torch.no_grad():
+        net.weight.mul_(40)  # near one-hot: confidences within 1e-4 of 1
+    wrapped = TrustStatistics(net, SamplingSettings(num_hypotheses=1, probe=False))
+    x = torch.randn(1, 2, 8, 8)
+    out = wrapped(x)
+    p = torch.softmax(net(x), 1)
+    torch.testing.assert_close(out[:, :3], p)
+    head_doubt = out[:, 3 + POOLED_MAPS.index("head_confidence")]
+    torch.testing.assert_close(head_doubt, 1 - p.amax(1))
+    doubt, back = 1 - p.amax(1)[0], 1 - pooled_maps(out[0, 3:].half())["head_confidence"]
+    sel = (doubt > 1e-5) & (doubt < 5e-4)  # what a float16 confidence channel would have rounded to 0
+    assert sel.sum() >= 3
+    torch.testing.assert_close(back[sel], doubt[sel], rtol=1e-2, atol=0)
