@@ -179,6 +179,14 @@ def test_folds_are_pooled_epistemic_rises_when_folds_disagree(trained_entrust):
     c = 3
     epistemic_one, epistemic_two = one[c + 2], two[c + 2]
     assert float(epistemic_two.mean()) > float(epistemic_one.mean()) + 0.1
+    # one fold with mirroring: its mirrored passes are averaged into its p_f first, never counted as disagreement
+    # (the issue's definition); before, the pooled per-pass entropies left their Jensen gap in the epistemic map
+    mirrored = EnTrustPredictor(device=torch.device("cpu"), allow_tqdm=False, use_mirroring=True,
+                                sampling=SamplingSettings(num_hypotheses=4))
+    mirrored.initialize_from_trained_model_folder(str(model), [2])
+    assert mirrored.allowed_mirroring_axes
+    out = mirrored.predict_logits_from_preprocessed_data(data)
+    assert float(out[c + 2].abs().max()) == 0.0 and float(out[c + 1].mean()) > 0.05  # epistemic 0, aleatoric not
     # the mask is the argmax of the pooled mean, which now leans to the disagreeing fold's class
     assert (two[:c].argmax(0) == 2).float().mean() > (one[:c].argmax(0) == 2).float().mean()
     # with hypotheses: fold-major, K per fold; the same pooled maps; fold 1's hypotheses lean to class 2

@@ -75,7 +75,13 @@ from entrust_nnunet.nnunet.workers import (end_processes, sigint_blocked_in_chil
 
 
 #: per-voxel statistics pooled beside the mean probabilities (by averaging, like nnU-Net pools logits)
-POOLED_MAPS = ("aleatoric", "probe", "conflict", "head_confidence")
+#: ``model_spread``: the disagreement among a network's own models within a patch (MC dropout's passes: the mutual
+#: information ``H(mean) - mean_t H(p_t)``; 0 for EnTrust, whose hypotheses are one generative model's, and for a
+#: plain network). The aleatoric and epistemic maps are made after pooling (:func:`fold_aleatoric`), so that
+#: patch overlap and mirroring are averaged, never counted as disagreement.
+POOLED_MAPS = ("model_spread", "probe", "conflict", "head_confidence")
+#: what :meth:`EnTrustUNet.sample` is asked for per patch (its model spread is 0)
+SAMPLED_MAPS = POOLED_MAPS[1:]
 
 
 def pooling_channels(stats: dict[str, torch.Tensor]) -> list[torch.Tensor]:
@@ -95,13 +101,31 @@ def pooled_maps(channels: torch.Tensor) -> dict[str, torch.Tensor]:
     return maps
 
 
+def pooled_probabilities(pooled: torch.Tensor, regions: bool) -> torch.Tensor:
+    """Class probabilities (C, *s) from nnU-Net's pooled (float16-accumulated) channels: within [0, 1], and for
+    labels summing to one."""
+    p = pooled.clamp(0, 1)
+    return p if regions else p / p.sum(0, keepdim=True).clamp_min(1e-8)
+
+
+def fold_aleatoric(pooled: torch.Tensor, model_spread: torch.Tensor, regions: bool) -> torch.Tensor:
+    """One model's (fold's) aleatoric map ``H(p_f) - s_f`` (*s): the entropy of its pooled class probabilities
+    ``p_f`` (C, *s; patches and mirrorings averaged first, so their differences count as nothing) less its own
+    models' spread ``s_f`` (MC dropout's passes; 0 for EnTrust and plain networks).
+
+    Over F folds (the UQ study's definition): aleatoric = mean_f [H(p_f) - s_f], epistemic = H(mean_f p_f) -
+    aleatoric = the folds' Jensen-Shannon divergence + mean_f s_f. One EnTrust fold: aleatoric = H(p), epistemic 0.
+    """
+    return (output_entropy(pooled_probabilities(pooled, regions), 0, regions) - model_spread).clamp_min(0)
+
+
 def uncertainty_statistics(net: nn.Module, x: torch.Tensor, sampling: SamplingSettings,
                            modality_mask=None, regions: bool = False) -> dict[str, torch.Tensor]:
     """Per-patch ``mean`` (B, C, *s) class probabilities and the maps of :data:`POOLED_MAPS` (B, *s).
 
     EnTrustUNet samples its SegDiff hypotheses; a network with ``sample_statistics`` (the baselines in
     ``entrust_nnunet.model.mcdropout``, ``entrust_nnunet.model.crnp``) gives its own; any other nnU-Net
-    network is read as plain softmax (aleatoric = its entropy, no probe, no conflict); with ``regions`` (the
+    network is read as plain softmax (no model spread, no probe, no conflict); with ``regions`` (the
     dataset's outputs are nnU-Net regions) those networks are read with a sigmoid per region channel, as nnU-Net
     reads them (EnTrust knows its own). For networks without a deterministic head of their own,
     ``head_confidence`` is the probability of the mask's decision under ``mean``. Also
@@ -111,9 +135,9 @@ def uncertainty_statistics(net: nn.Module, x: torch.Tensor, sampling: SamplingSe
     """
     if isinstance(net, EnTrustUNet):
         # the K hypotheses only when they are written (``sampling.hypotheses``): the pooled maps do not read them
-        wanted = (*POOLED_MAPS, "hypotheses") if sampling.hypotheses else POOLED_MAPS
+        wanted = (*SAMPLED_MAPS, "hypotheses") if sampling.hypotheses else SAMPLED_MAPS
         s = net.sample(x, sampling, modality_mask=modality_mask, maps=wanted)
-        return {k: s[k] for k in ("mean", *wanted)}
+        return {k: s[k] for k in ("mean", *wanted)} | {"model_spread": torch.zeros_like(s["conflict"])}
     if modality_mask is not None:
         x = without_absent(x, resolve_mask(modality_mask, x.shape[0], x.shape[1], x.device))
     if hasattr(net, "sample_statistics"):
@@ -122,7 +146,8 @@ def uncertainty_statistics(net: nn.Module, x: torch.Tensor, sampling: SamplingSe
         mean = probabilities(net(x), regions)
         s = {"mean": mean, "aleatoric": output_entropy(mean, 1, regions)}
     zeros = torch.zeros_like(s["aleatoric"])
-    return {"mean": s["mean"], "aleatoric": s["aleatoric"], "probe": zeros, "conflict": s.get("conflict", zeros),
+    spread = (output_entropy(s["mean"], 1, regions) - s["aleatoric"]).clamp_min(0)
+    return {"mean": s["mean"], "model_spread": spread, "probe": zeros, "conflict": s.get("conflict", zeros),
             "head_confidence": decision_confidence(s["mean"], regions),
             "hypotheses": s.get("hypotheses", s["mean"][None])}
 
@@ -407,11 +432,12 @@ class EnTrustPredictor(nnUNetPredictor):
         finally:
             self.label_manager = labels
 
-    def _pooled_with_hypotheses(self, data: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """nnU-Net's loop over folds (pooled channels averaged), keeping each fold's hypotheses apart:
-        returns the pooled (C + maps, *s) and the hypotheses' labels (F*K, *s), fold-major."""
-        c = self.label_manager.num_segmentation_heads
-        pooled, labels = None, []
+    def _pooled_over_folds(self, data: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """nnU-Net's loop over folds (each fold's sliding window averages its patches and mirrorings), keeping per
+        fold what the maps need: returns the pooled (C + maps, *s) averaged over folds, the aleatoric map of
+        :func:`fold_aleatoric` and, with hypotheses, their labels (F*K, *s), fold-major (else None)."""
+        c, regions = self.label_manager.num_segmentation_heads, self.label_manager.has_regions
+        pooled, aleatoric, labels = None, None, []
         threads = torch.get_num_threads()
         torch.set_num_threads(min(default_num_processes, threads))  # as nnU-Net's own loop
         try:
@@ -420,11 +446,15 @@ class EnTrustPredictor(nnUNetPredictor):
                 out = self.predict_sliding_window_return_logits(data).to("cpu").float()
                 head = out[:c + len(POOLED_MAPS)]
                 pooled = head if pooled is None else pooled + head
-                hyps = out[c + len(POOLED_MAPS):].unflatten(0, (-1, c))
-                labels.append(torch.stack([self.segmentation(h) for h in hyps]).to(torch.uint8))
+                part = fold_aleatoric(head[:c], pooled_maps(head[c:])["model_spread"], regions)
+                aleatoric = part if aleatoric is None else aleatoric + part
+                if self.network.with_hypotheses:
+                    hyps = out[c + len(POOLED_MAPS):].unflatten(0, (-1, c))
+                    labels.append(torch.stack([self.segmentation(h) for h in hyps]).to(torch.uint8))
         finally:
             torch.set_num_threads(threads)
-        return pooled / len(self.list_of_parameters), torch.cat(labels)
+        n = len(self.list_of_parameters)
+        return pooled / n, aleatoric / n, torch.cat(labels) if labels else None
 
     @contextlib.contextmanager
     def modalities_present(self, present):
@@ -439,16 +469,10 @@ class EnTrustPredictor(nnUNetPredictor):
     def pooled_statistics(self, data: torch.Tensor) -> dict[str, torch.Tensor]:
         """Hypotheses pooled over patches, mirrorings and folds -> ``mean`` (C, *s) and CalibHead's inputs (*s);
         with ``save_hypotheses`` also ``hypotheses`` (F*K, *s): every hypothesis' labels, fold-major."""
-        hypotheses = None
-        if self.network.with_hypotheses:
-            pooled, hypotheses = self._pooled_with_hypotheses(data)
-        else:
-            pooled = super().predict_logits_from_preprocessed_data(data).float()
+        pooled, aleatoric, hypotheses = self._pooled_over_folds(data)
         c = self.label_manager.num_segmentation_heads
         regions = self.label_manager.has_regions
-        mean = pooled[:c].clamp(0, 1)
-        if not regions:
-            mean = mean / mean.sum(0, keepdim=True).clamp_min(1e-8)
+        mean = pooled_probabilities(pooled[:c], regions)
         maps = pooled_maps(pooled[c:])
         total = output_entropy(mean, 0, regions)
         conflict = maps["conflict"].clamp(0, 1)
@@ -458,7 +482,7 @@ class EnTrustPredictor(nnUNetPredictor):
         calibrated = mean if regions else self.calibrated_probabilities(mean, gate)
         return {**maps, "mean": mean, "calibrated": calibrated, "gate": gate,
                 "confidence": decision_confidence(calibrated, regions, axis=0), "entropy": total,
-                "epistemic": (total - maps["aleatoric"]).clamp_min(0), "conflict": conflict,
+                "aleatoric": aleatoric, "epistemic": (total - aleatoric).clamp_min(0), "conflict": conflict,
                 **({"hypotheses": hypotheses} if hypotheses is not None else {})}
 
     @torch.inference_mode()
