@@ -75,13 +75,15 @@ from entrust_nnunet.nnunet.workers import (end_processes, sigint_blocked_in_chil
 
 
 #: per-voxel statistics pooled beside the mean probabilities (by averaging, like nnU-Net pools logits)
-#: ``model_spread``: the disagreement among a network's own models within a patch (MC dropout's passes: the mutual
-#: information ``H(mean) - mean_t H(p_t)``; 0 for EnTrust, whose hypotheses are one generative model's, and for a
-#: plain network). The aleatoric and epistemic maps are made after pooling (:func:`fold_aleatoric`), so that
+#: ``aleatoric``: the entropy of a patch's (pass's) mean, pooled as CalibHead was fitted to read it (below the entropy
+#: of the pooled mean by the mirrorings' and patches' disagreement, an error signal). ``model_spread``: the
+#: disagreement among a network's own models within a patch (MC dropout's passes: the mutual information
+#: ``H(mean) - mean_t H(p_t)``; 0 for EnTrust, whose hypotheses are one generative model's, and for a plain
+#: network). The EXPORTED aleatoric and epistemic maps are made after pooling (:func:`fold_aleatoric`), so that
 #: patch overlap and mirroring are averaged, never counted as disagreement.
-POOLED_MAPS = ("model_spread", "probe", "conflict", "head_confidence")
+POOLED_MAPS = ("aleatoric", "model_spread", "probe", "conflict", "head_confidence")
 #: what :meth:`EnTrustUNet.sample` is asked for per patch (its model spread is 0)
-SAMPLED_MAPS = POOLED_MAPS[1:]
+SAMPLED_MAPS = tuple(k for k in POOLED_MAPS if k != "model_spread")
 
 
 def pooling_channels(stats: dict[str, torch.Tensor]) -> list[torch.Tensor]:
@@ -147,7 +149,8 @@ def uncertainty_statistics(net: nn.Module, x: torch.Tensor, sampling: SamplingSe
         s = {"mean": mean, "aleatoric": output_entropy(mean, 1, regions)}
     zeros = torch.zeros_like(s["aleatoric"])
     spread = (output_entropy(s["mean"], 1, regions) - s["aleatoric"]).clamp_min(0)
-    return {"mean": s["mean"], "model_spread": spread, "probe": zeros, "conflict": s.get("conflict", zeros),
+    return {"mean": s["mean"], "aleatoric": s["aleatoric"], "model_spread": spread, "probe": zeros,
+            "conflict": s.get("conflict", zeros),
             "head_confidence": decision_confidence(s["mean"], regions),
             "hypotheses": s.get("hypotheses", s["mean"][None])}
 
@@ -480,9 +483,12 @@ class EnTrustPredictor(nnUNetPredictor):
         # the mask's probabilities: calibrated (labels; regions keep their sigmoids); the other statistics, CalibHead's
         # features, stay those of the hypotheses' pooled mean
         calibrated = mean if regions else self.calibrated_probabilities(mean, gate)
+        # CalibHead's aleatoric / epistemic inputs as it was fitted on them (pooled per-pass entropies, the rest of the
+        # entropy); the exported maps as the issue defines them (docs/design.md, "Aleatoric and epistemic after pooling")
         return {**maps, "mean": mean, "calibrated": calibrated, "gate": gate,
                 "confidence": decision_confidence(calibrated, regions, axis=0), "entropy": total,
-                "aleatoric": aleatoric, "epistemic": (total - aleatoric).clamp_min(0), "conflict": conflict,
+                "epistemic": (total - maps["aleatoric"]).clamp_min(0), "conflict": conflict,
+                "aleatoric_map": aleatoric, "epistemic_map": (total - aleatoric).clamp_min(0),
                 **({"hypotheses": hypotheses} if hypotheses is not None else {})}
 
     @torch.inference_mode()
@@ -501,7 +507,7 @@ class EnTrustPredictor(nnUNetPredictor):
             p_error = self.probability_of_error(part)
             out[(slice(0, c), *where)] = (as_logits(part["mean"], True) if self.label_manager.has_regions
                                           else log_probabilities(self.class_probabilities(part["calibrated"], p_error)))
-            out[(slice(c, None), *where)] = torch.stack([p_error, part["aleatoric"], part["epistemic"],
+            out[(slice(c, None), *where)] = torch.stack([p_error, part["aleatoric_map"], part["epistemic_map"],
                                                          part["conflict"]])
         return out, hypotheses
 
