@@ -187,15 +187,20 @@ def test_folds_are_pooled_epistemic_rises_when_folds_disagree(trained_entrust):
     assert mirrored.allowed_mirroring_axes
     out = mirrored.predict_logits_from_preprocessed_data(data)
     assert float(out[c + 2].abs().max()) == 0.0 and float(out[c + 1].mean()) > 0.05  # epistemic 0, aleatoric not
+    # CalibHead keeps the inputs it was fitted on: the pooled per-pass entropies, and the rest of the entropy (the
+    # mirrorings' disagreement, a signal of error), which the exported epistemic map no longer counts
+    stats = mirrored.pooled_statistics(data)
+    assert float(stats["epistemic"].max()) > 1e-3 and float(stats["epistemic_map"].abs().max()) == 0.0
+    torch.testing.assert_close(stats["aleatoric"] + stats["epistemic"], stats["entropy"], atol=1e-5, rtol=0)
     # the mask is the argmax of the pooled mean, which now leans to the disagreeing fold's class
     assert (two[:c].argmax(0) == 2).float().mean() > (one[:c].argmax(0) == 2).float().mean()
     # with hypotheses: fold-major, K per fold; the same pooled maps; fold 1's hypotheses lean to class 2
     pooled.save_hypotheses = True
     pooled._wrap_network()
     three, hyps = pooled.predict_case(data)
-    # same maps; our per-fold loop runs with torch's thread count, nnU-Net's with its own and accumulates patches in
-    # half precision (steps of ~1e-3 near 1): rounding, which can flip one hypothesis' reading of an expert exactly
-    # at its threshold (one voxel in thousands). Compared as probabilities: the first C channels are LOG
+    # same maps (the tolerances below date from when the run without hypotheses went through nnU-Net's fold loop,
+    # whose half-precision sum could flip one hypothesis' reading of an expert exactly at its threshold, one voxel in
+    # thousands; both runs use our loop now). Compared as probabilities: the first C channels are LOG
     # probabilities, where such a flip of a small probability (1e-3 -> 6e-3) reads as 1.8
     as_probs = lambda out: torch.cat([out[:c].exp(), out[c:]])  # noqa: E731
     diff = (as_probs(three) - as_probs(two)).abs()

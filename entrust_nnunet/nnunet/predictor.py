@@ -4,14 +4,13 @@ nnU-Net's predictor is reused for everything it already does (preprocessing, sli
 Gaussian weighting, mirroring, fold averaging, resampling, crop/transpose back). Two hooks change:
 
 * the network it runs is wrapped in :class:`TrustStatistics`, which returns per patch the
-  quantities that pool by averaging: the hypotheses' mean class probabilities (C channels), the
-  entropy of that mean (aleatoric: the spread of one model's hypotheses is aleatoric), ProbeStep's
-  map and the conflict map. nnU-Net's Gaussian-weighted sliding window, its mirroring and its average
-  over folds therefore pool the hypotheses of all patches, mirrorings and folds exactly;
-  :meth:`EnTrustPredictor.predict_logits_from_preprocessed_data` then derives from the pooled numbers
-  ``entropy``/``epistemic`` (entropy of the pooled mean minus the pooled aleatoric part: the folds'
-  disagreement, and with one fold only what overlapping patches and mirrorings of that model disagree
-  on) and the calibrated probability of error (the folds' CalibHeads averaged);
+  quantities that pool by averaging (:data:`POOLED_MAPS`): the hypotheses' mean class probabilities (C channels),
+  the entropy of that mean, the network's own models' spread, ProbeStep's map, the conflict map and the head's
+  confidence. nnU-Net's Gaussian-weighted sliding window and its mirroring pool them per fold; our loop over the
+  folds (:meth:`EnTrustPredictor._pooled_over_folds`) keeps each fold's pooled probabilities p_f, from which the
+  exported maps follow the UQ study: aleatoric = mean_f H(p_f) (less MC dropout's spread), epistemic =
+  H(mean_f p_f) - aleatoric (the folds' disagreement; 0 with one EnTrust fold). CalibHead reads the pooled
+  per-pass entropies and the rest of the entropy, as it was fitted, and the folds' CalibHeads are averaged;
 * export: the mask (and, with ``--save_probabilities``, the pooled class probabilities as ``.npz``/``.pkl``:
   temperature-scaled by the fitted temperature, their top label's confidence the calibrated ``1 - P(error)``,
   :meth:`EnTrustPredictor.class_probabilities`) is written by nnU-Net's own ``export_prediction_from_logits``;
@@ -117,6 +116,8 @@ def fold_aleatoric(pooled: torch.Tensor, model_spread: torch.Tensor, regions: bo
 
     Over F folds (the UQ study's definition): aleatoric = mean_f [H(p_f) - s_f], epistemic = H(mean_f p_f) -
     aleatoric = the folds' Jensen-Shannon divergence + mean_f s_f. One EnTrust fold: aleatoric = H(p), epistemic 0.
+    MC dropout's ``s_f`` is its passes' divergence per patch, pooled: an upper bound of their divergence after
+    pooling (which is convex), exact without mirroring and overlap.
     """
     return (output_entropy(pooled_probabilities(pooled, regions), 0, regions) - model_spread).clamp_min(0)
 
