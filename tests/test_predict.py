@@ -179,15 +179,30 @@ def test_folds_are_pooled_epistemic_rises_when_folds_disagree(trained_entrust):
     c = 3
     epistemic_one, epistemic_two = one[c + 2], two[c + 2]
     assert float(epistemic_two.mean()) > float(epistemic_one.mean()) + 0.1
+    # one fold with mirroring: its mirrored passes are averaged into its p_f first, never counted as disagreement
+    # (the issue's definition); before, the pooled per-pass entropies left their Jensen gap in the epistemic map
+    mirrored = EnTrustPredictor(device=torch.device("cpu"), allow_tqdm=False, use_mirroring=True,
+                                sampling=SamplingSettings(num_hypotheses=4))
+    mirrored.initialize_from_trained_model_folder(str(model), [2])
+    assert mirrored.allowed_mirroring_axes
+    out = mirrored.predict_logits_from_preprocessed_data(data)
+    assert float(out[c + 2].abs().max()) == 0.0 and float(out[c + 1].mean()) > 0.05  # epistemic 0, aleatoric not
+    # CalibHead keeps the inputs it was fitted on: the pooled per-pass entropies, and the rest of the entropy (the
+    # mirrorings' disagreement, a signal of error), which the exported epistemic map no longer counts
+    stats = mirrored.pooled_statistics(data)
+    assert float(stats["epistemic"].max()) > 1e-3 and float(stats["epistemic_map"].abs().max()) == 0.0
+    # the two add up to the entropy, but where float16 rounding put the pooled per-pass entropy above it (the image's
+    # corners, where the Gaussian weights are tiny) and the rest is clamped at 0
+    assert float((stats["aleatoric"] + stats["epistemic"] - stats["entropy"]).abs().max()) < 1e-2
     # the mask is the argmax of the pooled mean, which now leans to the disagreeing fold's class
     assert (two[:c].argmax(0) == 2).float().mean() > (one[:c].argmax(0) == 2).float().mean()
     # with hypotheses: fold-major, K per fold; the same pooled maps; fold 1's hypotheses lean to class 2
     pooled.save_hypotheses = True
     pooled._wrap_network()
     three, hyps = pooled.predict_case(data)
-    # same maps; our per-fold loop runs with torch's thread count, nnU-Net's with its own and accumulates patches in
-    # half precision (steps of ~1e-3 near 1): rounding, which can flip one hypothesis' reading of an expert exactly
-    # at its threshold (one voxel in thousands). Compared as probabilities: the first C channels are LOG
+    # same maps (the tolerances below date from when the run without hypotheses went through nnU-Net's fold loop,
+    # whose half-precision sum could flip one hypothesis' reading of an expert exactly at its threshold, one voxel in
+    # thousands; both runs use our loop now). Compared as probabilities: the first C channels are LOG
     # probabilities, where such a flip of a small probability (1e-3 -> 6e-3) reads as 1.8
     as_probs = lambda out: torch.cat([out[:c].exp(), out[c:]])  # noqa: E731
     diff = (as_probs(three) - as_probs(two)).abs()

@@ -16,8 +16,8 @@ class SamplingSettings:
     """
 
     num_hypotheses: int = 8
-    #: 0: the start's draws; a flow step changed no calibration, Dice or hypothesis metric measurably, lowers the
-    #: AU/EU entanglement of one model's maps and costs a head per hypothesis (docs/design.md, "S = 0 by default")
+    #: 0: the start's draws; a flow step changed no calibration, Dice or hypothesis metric measurably and costs a
+    #: head per hypothesis (docs/design.md, "S = 0 by default")
     steps: int = 0
     seed: int = 0
     probe: bool = True

@@ -4,14 +4,13 @@ nnU-Net's predictor is reused for everything it already does (preprocessing, sli
 Gaussian weighting, mirroring, fold averaging, resampling, crop/transpose back). Two hooks change:
 
 * the network it runs is wrapped in :class:`TrustStatistics`, which returns per patch the
-  quantities that pool by averaging: the hypotheses' mean class probabilities (C channels), the
-  entropy of that mean (aleatoric: the spread of one model's hypotheses is aleatoric), ProbeStep's
-  map and the conflict map. nnU-Net's Gaussian-weighted sliding window, its mirroring and its average
-  over folds therefore pool the hypotheses of all patches, mirrorings and folds exactly;
-  :meth:`EnTrustPredictor.predict_logits_from_preprocessed_data` then derives from the pooled numbers
-  ``entropy``/``epistemic`` (entropy of the pooled mean minus the pooled aleatoric part: the folds'
-  disagreement, and with one fold only what overlapping patches and mirrorings of that model disagree
-  on) and the calibrated probability of error (the folds' CalibHeads averaged);
+  quantities that pool by averaging (:data:`POOLED_MAPS`): the hypotheses' mean class probabilities (C channels),
+  the entropy of that mean, the network's own models' spread, ProbeStep's map, the conflict map and the head's
+  confidence. nnU-Net's Gaussian-weighted sliding window and its mirroring pool them per fold; our loop over the
+  folds (:meth:`EnTrustPredictor._pooled_over_folds`) keeps each fold's pooled probabilities p_f, from which the
+  exported maps follow the UQ study: aleatoric = mean_f H(p_f) (less MC dropout's spread), epistemic =
+  H(mean_f p_f) - aleatoric (the folds' disagreement; 0 with one EnTrust fold). CalibHead reads the pooled
+  per-pass entropies and the rest of the entropy, as it was fitted, and the folds' CalibHeads are averaged;
 * export: the mask (and, with ``--save_probabilities``, the pooled class probabilities as ``.npz``/``.pkl``:
   temperature-scaled by the fitted temperature, their top label's confidence the calibrated ``1 - P(error)``,
   :meth:`EnTrustPredictor.class_probabilities`) is written by nnU-Net's own ``export_prediction_from_logits``;
@@ -75,7 +74,15 @@ from entrust_nnunet.nnunet.workers import (end_processes, sigint_blocked_in_chil
 
 
 #: per-voxel statistics pooled beside the mean probabilities (by averaging, like nnU-Net pools logits)
-POOLED_MAPS = ("aleatoric", "probe", "conflict", "head_confidence")
+#: ``aleatoric``: the entropy of a patch's (pass's) mean, pooled as CalibHead was fitted to read it (below the entropy
+#: of the pooled mean by the mirrorings' and patches' disagreement, an error signal). ``model_spread``: the
+#: disagreement among a network's own models within a patch (MC dropout's passes: the mutual information
+#: ``H(mean) - mean_t H(p_t)``; 0 for EnTrust, whose hypotheses are one generative model's, and for a plain
+#: network). The EXPORTED aleatoric and epistemic maps are made after pooling (:func:`fold_aleatoric`), so that
+#: patch overlap and mirroring are averaged, never counted as disagreement.
+POOLED_MAPS = ("aleatoric", "model_spread", "probe", "conflict", "head_confidence")
+#: what :meth:`EnTrustUNet.sample` is asked for per patch (its model spread is 0)
+SAMPLED_MAPS = tuple(k for k in POOLED_MAPS if k != "model_spread")
 
 
 def pooling_channels(stats: dict[str, torch.Tensor]) -> list[torch.Tensor]:
@@ -95,13 +102,33 @@ def pooled_maps(channels: torch.Tensor) -> dict[str, torch.Tensor]:
     return maps
 
 
+def pooled_probabilities(pooled: torch.Tensor, regions: bool) -> torch.Tensor:
+    """Class probabilities (C, *s) from nnU-Net's pooled (float16-accumulated) channels: within [0, 1], and for
+    labels summing to one."""
+    p = pooled.clamp(0, 1)
+    return p if regions else p / p.sum(0, keepdim=True).clamp_min(1e-8)
+
+
+def fold_aleatoric(pooled: torch.Tensor, model_spread: torch.Tensor, regions: bool) -> torch.Tensor:
+    """One model's (fold's) aleatoric map ``H(p_f) - s_f`` (*s): the entropy of its pooled class probabilities
+    ``p_f`` (C, *s; patches and mirrorings averaged first, so their differences count as nothing) less its own
+    models' spread ``s_f`` (MC dropout's passes; 0 for EnTrust and plain networks).
+
+    Over F folds (the UQ study's definition): aleatoric = mean_f [H(p_f) - s_f], epistemic = H(mean_f p_f) -
+    aleatoric = the folds' Jensen-Shannon divergence + mean_f s_f. One EnTrust fold: aleatoric = H(p), epistemic 0.
+    MC dropout's ``s_f`` is its passes' divergence per patch, pooled: an upper bound of their divergence after
+    pooling (which is convex), exact without mirroring and overlap.
+    """
+    return (output_entropy(pooled_probabilities(pooled, regions), 0, regions) - model_spread).clamp_min(0)
+
+
 def uncertainty_statistics(net: nn.Module, x: torch.Tensor, sampling: SamplingSettings,
                            modality_mask=None, regions: bool = False) -> dict[str, torch.Tensor]:
     """Per-patch ``mean`` (B, C, *s) class probabilities and the maps of :data:`POOLED_MAPS` (B, *s).
 
     EnTrustUNet samples its SegDiff hypotheses; a network with ``sample_statistics`` (the baselines in
     ``entrust_nnunet.model.mcdropout``, ``entrust_nnunet.model.crnp``) gives its own; any other nnU-Net
-    network is read as plain softmax (aleatoric = its entropy, no probe, no conflict); with ``regions`` (the
+    network is read as plain softmax (no model spread, no probe, no conflict); with ``regions`` (the
     dataset's outputs are nnU-Net regions) those networks are read with a sigmoid per region channel, as nnU-Net
     reads them (EnTrust knows its own). For networks without a deterministic head of their own,
     ``head_confidence`` is the probability of the mask's decision under ``mean``. Also
@@ -111,9 +138,9 @@ def uncertainty_statistics(net: nn.Module, x: torch.Tensor, sampling: SamplingSe
     """
     if isinstance(net, EnTrustUNet):
         # the K hypotheses only when they are written (``sampling.hypotheses``): the pooled maps do not read them
-        wanted = (*POOLED_MAPS, "hypotheses") if sampling.hypotheses else POOLED_MAPS
+        wanted = (*SAMPLED_MAPS, "hypotheses") if sampling.hypotheses else SAMPLED_MAPS
         s = net.sample(x, sampling, modality_mask=modality_mask, maps=wanted)
-        return {k: s[k] for k in ("mean", *wanted)}
+        return {k: s[k] for k in ("mean", *wanted)} | {"model_spread": torch.zeros_like(s["conflict"])}
     if modality_mask is not None:
         x = without_absent(x, resolve_mask(modality_mask, x.shape[0], x.shape[1], x.device))
     if hasattr(net, "sample_statistics"):
@@ -122,7 +149,9 @@ def uncertainty_statistics(net: nn.Module, x: torch.Tensor, sampling: SamplingSe
         mean = probabilities(net(x), regions)
         s = {"mean": mean, "aleatoric": output_entropy(mean, 1, regions)}
     zeros = torch.zeros_like(s["aleatoric"])
-    return {"mean": s["mean"], "aleatoric": s["aleatoric"], "probe": zeros, "conflict": s.get("conflict", zeros),
+    spread = (output_entropy(s["mean"], 1, regions) - s["aleatoric"]).clamp_min(0)
+    return {"mean": s["mean"], "aleatoric": s["aleatoric"], "model_spread": spread, "probe": zeros,
+            "conflict": s.get("conflict", zeros),
             "head_confidence": decision_confidence(s["mean"], regions),
             "hypotheses": s.get("hypotheses", s["mean"][None])}
 
@@ -407,11 +436,12 @@ class EnTrustPredictor(nnUNetPredictor):
         finally:
             self.label_manager = labels
 
-    def _pooled_with_hypotheses(self, data: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """nnU-Net's loop over folds (pooled channels averaged), keeping each fold's hypotheses apart:
-        returns the pooled (C + maps, *s) and the hypotheses' labels (F*K, *s), fold-major."""
-        c = self.label_manager.num_segmentation_heads
-        pooled, labels = None, []
+    def _pooled_over_folds(self, data: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """nnU-Net's loop over folds (each fold's sliding window averages its patches and mirrorings), keeping per
+        fold what the maps need: returns the pooled (C + maps, *s) averaged over folds, the aleatoric map of
+        :func:`fold_aleatoric` and, with hypotheses, their labels (F*K, *s), fold-major (else None)."""
+        c, regions = self.label_manager.num_segmentation_heads, self.label_manager.has_regions
+        pooled, aleatoric, labels = None, None, []
         threads = torch.get_num_threads()
         torch.set_num_threads(min(default_num_processes, threads))  # as nnU-Net's own loop
         try:
@@ -420,11 +450,15 @@ class EnTrustPredictor(nnUNetPredictor):
                 out = self.predict_sliding_window_return_logits(data).to("cpu").float()
                 head = out[:c + len(POOLED_MAPS)]
                 pooled = head if pooled is None else pooled + head
-                hyps = out[c + len(POOLED_MAPS):].unflatten(0, (-1, c))
-                labels.append(torch.stack([self.segmentation(h) for h in hyps]).to(torch.uint8))
+                part = fold_aleatoric(head[:c], pooled_maps(head[c:])["model_spread"], regions)
+                aleatoric = part if aleatoric is None else aleatoric + part
+                if self.network.with_hypotheses:
+                    hyps = out[c + len(POOLED_MAPS):].unflatten(0, (-1, c))
+                    labels.append(torch.stack([self.segmentation(h) for h in hyps]).to(torch.uint8))
         finally:
             torch.set_num_threads(threads)
-        return pooled / len(self.list_of_parameters), torch.cat(labels)
+        n = len(self.list_of_parameters)
+        return pooled / n, aleatoric / n, torch.cat(labels) if labels else None
 
     @contextlib.contextmanager
     def modalities_present(self, present):
@@ -439,16 +473,10 @@ class EnTrustPredictor(nnUNetPredictor):
     def pooled_statistics(self, data: torch.Tensor) -> dict[str, torch.Tensor]:
         """Hypotheses pooled over patches, mirrorings and folds -> ``mean`` (C, *s) and CalibHead's inputs (*s);
         with ``save_hypotheses`` also ``hypotheses`` (F*K, *s): every hypothesis' labels, fold-major."""
-        hypotheses = None
-        if self.network.with_hypotheses:
-            pooled, hypotheses = self._pooled_with_hypotheses(data)
-        else:
-            pooled = super().predict_logits_from_preprocessed_data(data).float()
+        pooled, aleatoric, hypotheses = self._pooled_over_folds(data)
         c = self.label_manager.num_segmentation_heads
         regions = self.label_manager.has_regions
-        mean = pooled[:c].clamp(0, 1)
-        if not regions:
-            mean = mean / mean.sum(0, keepdim=True).clamp_min(1e-8)
+        mean = pooled_probabilities(pooled[:c], regions)
         maps = pooled_maps(pooled[c:])
         total = output_entropy(mean, 0, regions)
         conflict = maps["conflict"].clamp(0, 1)
@@ -456,9 +484,12 @@ class EnTrustPredictor(nnUNetPredictor):
         # the mask's probabilities: calibrated (labels; regions keep their sigmoids); the other statistics, CalibHead's
         # features, stay those of the hypotheses' pooled mean
         calibrated = mean if regions else self.calibrated_probabilities(mean, gate)
+        # CalibHead's aleatoric / epistemic inputs as it was fitted on them (pooled per-pass entropies, the rest of the
+        # entropy); the exported maps as the issue defines them (docs/design.md, "Aleatoric and epistemic after pooling")
         return {**maps, "mean": mean, "calibrated": calibrated, "gate": gate,
                 "confidence": decision_confidence(calibrated, regions, axis=0), "entropy": total,
                 "epistemic": (total - maps["aleatoric"]).clamp_min(0), "conflict": conflict,
+                "aleatoric_map": aleatoric, "epistemic_map": (total - aleatoric).clamp_min(0),
                 **({"hypotheses": hypotheses} if hypotheses is not None else {})}
 
     @torch.inference_mode()
@@ -477,7 +508,7 @@ class EnTrustPredictor(nnUNetPredictor):
             p_error = self.probability_of_error(part)
             out[(slice(0, c), *where)] = (as_logits(part["mean"], True) if self.label_manager.has_regions
                                           else log_probabilities(self.class_probabilities(part["calibrated"], p_error)))
-            out[(slice(c, None), *where)] = torch.stack([p_error, part["aleatoric"], part["epistemic"],
+            out[(slice(c, None), *where)] = torch.stack([p_error, part["aleatoric_map"], part["epistemic_map"],
                                                          part["conflict"]])
         return out, hypotheses
 

@@ -158,16 +158,16 @@ def test_probe_noise_is_drawn_once_per_patch_shape_and_seed():
 def test_sample_computes_only_the_maps_asked_for():
     """The predictor asks for the maps it pools per patch: the same values as a full sample, and neither
     CalibHead's ``error`` (computed once per case on the pooled maps) nor the hypotheses' ``spread``."""
-    from entrust_nnunet.nnunet.predictor import POOLED_MAPS
+    from entrust_nnunet.nnunet.predictor import SAMPLED_MAPS
 
     torch.manual_seed(0)
     net = EnTrustUNet(3, num_classes=3, **arch_kwargs(2)).eval()
     net.calib.fitted.fill_(1.0)
     x = torch.randn(1, 3, 32, 32)
     full = net.sample(x, SamplingSettings(num_hypotheses=3))
-    some = net.sample(x, SamplingSettings(num_hypotheses=3), maps=(*POOLED_MAPS, "hypotheses"))
+    some = net.sample(x, SamplingSettings(num_hypotheses=3), maps=(*SAMPLED_MAPS, "hypotheses"))
     assert "error" not in some and "spread" not in some and {"error", "spread"} <= set(full)
-    for key in ("mean", "hypotheses", *POOLED_MAPS):
+    for key in ("mean", "hypotheses", *SAMPLED_MAPS):
         torch.testing.assert_close(some[key], full[key])
 
 
@@ -175,7 +175,7 @@ def test_sample_draws_only_what_is_read():
     """Without the hypotheses (the predictor's pooled maps at S = 0) only ProbeStep's first hypotheses are drawn,
     not K, and the maps are the same as with all K drawn; the K are drawn when asked for, or after flow steps
     (their average is the mean there)."""
-    from entrust_nnunet.nnunet.predictor import POOLED_MAPS
+    from entrust_nnunet.nnunet.predictor import SAMPLED_MAPS
 
     torch.manual_seed(0)
     net = EnTrustUNet(3, num_classes=3, **arch_kwargs(2)).eval()
@@ -184,21 +184,21 @@ def test_sample_draws_only_what_is_read():
     net.segdiff.sample = lambda cond_h, k, *a, **kw: drawn.append(k) or sample(cond_h, k, *a, **kw)
     x = torch.randn(1, 3, 32, 32)
     settings = SamplingSettings(num_hypotheses=8, hypotheses=False)
-    lean = net.sample(x, settings, maps=POOLED_MAPS)
+    lean = net.sample(x, settings, maps=SAMPLED_MAPS)
     assert "hypotheses" not in lean and drawn == [net.probe_hypotheses] * 2  # the hypotheses and the probe's
     drawn.clear()
-    every = net.sample(x, settings, maps=(*POOLED_MAPS, "hypotheses"))
+    every = net.sample(x, settings, maps=(*SAMPLED_MAPS, "hypotheses"))
     assert every["hypotheses"].shape[0] == 8 and drawn == [8, net.probe_hypotheses]
-    for key in ("mean", *POOLED_MAPS):
+    for key in ("mean", *SAMPLED_MAPS):
         torch.testing.assert_close(lean[key], every[key])
     drawn.clear()
-    net.sample(x, settings.with_(steps=1, probe=False), maps=POOLED_MAPS)
+    net.sample(x, settings.with_(steps=1, probe=False), maps=SAMPLED_MAPS)
     assert drawn == [8]  # after a flow step the mean is their average
     drawn.clear()
-    assert "hypotheses" not in net.sample(x, settings.with_(probe=False), maps=POOLED_MAPS) and drawn == []
+    assert "hypotheses" not in net.sample(x, settings.with_(probe=False), maps=SAMPLED_MAPS) and drawn == []
     # K no larger than ProbeStep's share: drawn all the same, yet not returned (nor read whole) unless asked for
     drawn.clear()
-    few = net.sample(x, SamplingSettings(num_hypotheses=1), maps=POOLED_MAPS)
+    few = net.sample(x, SamplingSettings(num_hypotheses=1), maps=SAMPLED_MAPS)
     assert "hypotheses" not in few and drawn == [1, 1]
 
 
