@@ -483,9 +483,10 @@ def risk_coverage_curve(uncertainty: npt.ArrayLike, error_mask: npt.ArrayLike,
     u, errors = u[order], np.cumsum(e[order], dtype=np.float64)
     k = np.arange(1, u.size + 1, dtype=np.float64)
     if u.size:
-        first = np.flatnonzero(np.r_[True, u[1:] != u[:-1]])  # each tie group's first position
+        starts = np.r_[True, u[1:] != u[:-1]]  # where a tie group begins
+        first = np.flatnonzero(starts)
         last = np.r_[first[1:], u.size] - 1
-        group = np.cumsum(np.r_[True, u[1:] != u[:-1]]) - 1
+        group = np.cumsum(starts) - 1
         before = np.r_[0.0, errors[last[:-1]]]  # errors ranked before each group
         within = (np.arange(u.size) - first[group] + 1) / (last - first + 1)[group]
         errors = before[group] + (errors[last] - before)[group] * within

@@ -115,7 +115,8 @@ def hsic_penalty(a: torch.Tensor, b: torch.Tensor, num_voxels: int = 256,
     return (per_sample * weight).sum() / weight.sum().clamp_min(1)
 
 
-INDEPENDENCE_PENALTIES = {"xcov": cross_covariance_penalty, "hsic": hsic_penalty}
+#: EnFuse's pairwise penalty: cross_covariance_penalty (one voxel subset for every pair) or hsic_penalty
+INDEPENDENCE_OPTIONS = ("xcov", "hsic")
 
 
 class PointwiseMLP(nn.Module):
@@ -145,8 +146,8 @@ class EnFuse(nn.Module):
                  norm_op_kwargs: dict | None, nonlin, nonlin_kwargs: dict | None, independence: str = "xcov",
                  conflict_hidden: int = 8):
         super().__init__()
-        if independence not in INDEPENDENCE_PENALTIES:
-            raise ValueError(f"independence must be one of {sorted(INDEPENDENCE_PENALTIES)}, got {independence!r}")
+        if independence not in INDEPENDENCE_OPTIONS:
+            raise ValueError(f"independence must be one of {sorted(INDEPENDENCE_OPTIONS)}, got {independence!r}")
         m = num_modalities
         self.num_modalities = m
         self.independence = independence

@@ -450,7 +450,7 @@ class EnTrustPredictor(nnUNetPredictor):
                 out = self.predict_sliding_window_return_logits(data).to("cpu").float()
                 head = out[:c + len(POOLED_MAPS)]
                 pooled = head if pooled is None else pooled + head
-                part = fold_aleatoric(head[:c], pooled_maps(head[c:])["model_spread"], regions)
+                part = fold_aleatoric(head[:c], head[c + POOLED_MAPS.index("model_spread")], regions)
                 aleatoric = part if aleatoric is None else aleatoric + part
                 if self.network.with_hypotheses:
                     hyps = out[c + len(POOLED_MAPS):].unflatten(0, (-1, c))
