@@ -109,7 +109,8 @@ def _read_label_stack(paths: list[Path], reference: sitk.Image, ref_path: Path, 
     return np.stack(arrays)
 
 
-def _hypothesis_metrics(job: dict, pred_img: sitk.Image, pred: np.ndarray, truth: np.ndarray | None) -> dict:
+def _hypothesis_metrics(job: dict, pred_img: sitk.Image, pred: np.ndarray, truth: np.ndarray | None,
+                        annotators: np.ndarray | None) -> dict:
     """Hypotheses as whole alternatives (coherence, diversity: with a conflict mask) and against the
     annotators (GED^2, HM-IoU; and GED^2 of K copies of the mask, the reference a sampler must beat)."""
     out: dict[str, Any] = {}
@@ -120,8 +121,7 @@ def _hypothesis_metrics(job: dict, pred_img: sitk.Image, pred: np.ndarray, truth
         if truth is not None and truth.any():
             out["coherence"] = metrics.hypothesis_coherence(hyps, truth)
             out["diversity"] = metrics.hypothesis_diversity(hyps, truth)
-    if job["annotators"]:
-        annotators = _read_label_stack(job["annotators"], pred_img, job["pred_file"], job["allowed_gt"])
+    if annotators is not None:
         samples = hyps if hyps is not None else pred[None]
         out["ged2"] = metrics.generalized_energy_distance(samples, annotators)
         out["ged2_mask_copies"] = metrics.generalized_energy_distance(np.repeat(pred[None], len(samples), 0),
@@ -208,10 +208,12 @@ def _calibration(out: dict, pool: dict, probs, labels, source: str, valid, fg_ma
     pool["brier_sum"], pool["nll_sum"] = out["brier"] * n_valid, out["nll"] * n_valid
 
 
-def _conflict(out: dict, pool: dict, job: dict, gt_img, gt, maps: dict, error, valid, sample, n_valid: int) -> None:
+def _conflict(out: dict, pool: dict, job: dict, gt_img, gt, maps: dict, errors: dict, valid, sample,
+              n_valid: int) -> None:
     """Conflict detection by the maps, every map's mean inside / outside the true conflict mask and on lesion
     edges away from it, and how well the maps tell conflict from those edges (AUROC among conflict + edge
-    voxels: the two causes of doubt the conflict map must keep apart)."""
+    voxels: the two causes of doubt the conflict map must keep apart). ``errors``: ``error`` (mask != reference)
+    and, with annotators, ``error_all_labels`` (its mean over the reference and every annotator label)."""
     image = read_image(job["conflict_file"])
     check_same_geometry(gt_img, job["gt_file"], image, job["conflict_file"])
     truth = sitk.GetArrayFromImage(image)
@@ -236,7 +238,7 @@ def _conflict(out: dict, pool: dict, job: dict, gt_img, gt, maps: dict, error, v
     # conflict blobs the truth is a coin flip that only several modalities together reveal)
     clear_lesion = (gt > 0) & outside
     # the realized error rate beside the maps, so "P(error) in conflict" can be checked against it
-    for name, arr in {**maps, "error": error}.items():
+    for name, arr in {**maps, **errors}.items():
         out[f"{name}_on_lesion_outside_conflict"] = float(arr[clear_lesion].mean()) if clear_lesion.any() else math.nan
         out[f"{name}_on_edges"] = float(arr[edges].mean()) if edges.any() else math.nan
         pool["edges"][name] = (float(arr[edges].sum()), int(edges.sum()))
@@ -248,7 +250,7 @@ def _conflict(out: dict, pool: dict, job: dict, gt_img, gt, maps: dict, error, v
 
 
 def _uncertainty(job: dict, pred_img: sitk.Image, pred: np.ndarray, gt: np.ndarray, valid: np.ndarray | None,
-                 gt_img: sitk.Image) -> tuple[dict, dict]:
+                 gt_img: sitk.Image, annotators: np.ndarray | None) -> tuple[dict, dict]:
     """Per-case uncertainty metrics and the pieces the pooled metrics are built from."""
     out: dict[str, Any] = {}
     maps, missing = _read_maps(job, pred_img)
@@ -287,7 +289,10 @@ def _uncertainty(job: dict, pred_img: sitk.Image, pred: np.ndarray, gt: np.ndarr
     for name, arr in maps.items():
         pool["sample"][name] = arr[sample].astype(np.float32)
     if job["conflict_file"] is not None:
-        _conflict(out, pool, job, gt_img, gt, maps, error, valid, sample, n_valid)
+        errors = {"error": error}
+        if annotators is not None:  # where the truth is a coin flip, one reference is one draw of each coin
+            errors["error_all_labels"] = (pred[None] != np.concatenate([gt[None], annotators])).mean(0)
+        _conflict(out, pool, job, gt_img, gt, maps, errors, valid, sample, n_valid)
     return out, pool
 
 
@@ -327,13 +332,15 @@ def _evaluate_case(job: dict) -> dict:
                 "TP": int(tp), "FP": int(fp), "FN": int(fn), "TN": int(tn), "n_pred": int(tp + fp),
                 "n_ref": int(tp + fn)}
         result = {"prediction_file": str(job["pred_file"]), "reference_file": str(job["gt_file"]), "metrics": seg}
+        annotators = (_read_label_stack(job["annotators"], pred_img, job["pred_file"], job["allowed_gt"])
+                      if job["annotators"] else None)
         if job["maps_folder"]:
-            result["uncertainty"], result["_pool"] = _uncertainty(job, pred_img, pred, gt, valid, gt_img)
+            result["uncertainty"], result["_pool"] = _uncertainty(job, pred_img, pred, gt, valid, gt_img, annotators)
         else:
             result["uncertainty"] = {"note": f"no {MAP_FOLDER}/ folder in {job['pred_dir']}: uncertainty not evaluated"}
         if job["hypotheses"] or job["annotators"]:
             truth = sitk.GetArrayFromImage(read_image(job["conflict_file"])) > 0 if job["conflict_file"] else None
-            result["hypotheses"] = _hypothesis_metrics(job, pred_img, pred, truth)
+            result["hypotheses"] = _hypothesis_metrics(job, pred_img, pred, truth, annotators)
     return result
 
 

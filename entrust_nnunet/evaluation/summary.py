@@ -48,6 +48,9 @@ DEFINITIONS = {
     "conflict_vs_edge_auroc_<total, conflict>": "AUROC of the map for telling true conflict voxels from lesion-edge "
                                                 "voxels (among those two only): conflict vs ordinary boundary doubt",
     "error_in_conflict / error_outside_conflict": "fraction of wrong voxels inside / outside the true conflict mask",
+    "error_all_labels_in_conflict / ..._outside_conflict": "the same against the reference and every annotator label, "
+                                                           "averaged (with --annotators): where the truth is a coin "
+                                                           "flip, 1 + A draws of each coin instead of one",
     "foreground_mean": "mean over the evaluated foreground labels (regions, if dataset.json declares regions) "
                        "of the per-label means, as nnU-Net",
     "foreground_names": "the name in dataset.json's labels of each evaluated foreground label or region (BraTS: "
@@ -134,7 +137,7 @@ def _pooled(pools: list[dict], num_voxels: int, fraction: float) -> dict:
                 truth = cat("truth", among)
                 either = truth | cat("edge", among)
                 out[f"conflict_vs_edge_auroc_{name}"] = metrics.auroc(cat(name, among)[either], truth[either])
-    for name in (*MAP_NAMES, "error"):
+    for name in (*MAP_NAMES, "error", "error_all_labels"):
         parts = [p["in_out"][name] for p in with_truth if name in p.get("in_out", {})]
         if parts:
             s_in, n_in, s_out, n_out = (sum(x[i] for x in parts) for i in range(4))

@@ -106,3 +106,22 @@ def test_calibrated_copy_calibrates_a_copy_and_leaves_the_model_folder_alone(tmp
     assert (dst / "fold_2" / "checkpoint_final.pth").read_bytes() == b"weights"
     before = (dst / CALIBRATION_FILE).stat().st_mtime_ns
     assert run.calibrated_copy(src, dst, [0, 1, 2]) == dst and (dst / CALIBRATION_FILE).stat().st_mtime_ns == before
+
+
+def test_inside_conflict_gap_against_every_label_and_the_coins_share_of_it():
+    """The inside-conflict gap is checked against the test label (the issue's row) and against the test label
+    with its annotators; the chance line gives |0.5 - error rate| per seed, only for coin-flip phantoms."""
+    per_seed = [{"seed": s, "methods": {run.OURS: {"total_in_conflict": p, "error_in_conflict": e,
+                                                   "error_all_labels_in_conflict": a}}}
+                for s, p, e, a in ((0, 0.47, 0.61, 0.55), (1, 0.50, 0.63, 0.56), (2, 0.49, 0.60, 0.54))]
+    result = {"methods": run.aggregate(per_seed, "methods"), "ablations": {}, "speed": {}, "train": {},
+              "per_seed": per_seed, "coin_flip_conflict": True}
+    targets = {t["target"]: t for t in run.check_targets(result)}
+    one = targets["|mean P(error) - error rate| inside conflict <= 0.10"]
+    every = next(t for k, t in targets.items() if k.startswith("|mean P(error) - error rate| inside conflict <= 0.10, "))
+    assert one["verdict"] == "missed" and abs(one["value"] - (0.14 + 0.13 + 0.11) / 3) < 1e-9
+    assert every["verdict"] == "met" and abs(every["value"] - (0.08 + 0.06 + 0.05) / 3) < 1e-9
+    line = run.chance_markdown(result)[-1]
+    assert f"{run.OURS} against the test label 0.113 ± " in line  # |0.5 - e|: 0.11, 0.13, 0.10
+    assert f"{run.OURS} against the test label and its annotators 0.050 ± " in line
+    assert run.chance_markdown({**result, "coin_flip_conflict": False}) == []

@@ -419,6 +419,19 @@ def test_hypotheses_coherence_diversity_and_ged_against_annotators(data, tmp_pat
         assert c["ged2"] == pytest.approx(0.0, abs=1e-9) and c["hm_iou"] == pytest.approx(1.0)
         assert c["ged2_mask_copies"] > 0.05
     assert s["hypotheses_mean"]["coherence"] == 1.0
+    # the error rate against every label: outside conflict the annotators agree with the reference, so it is the
+    # reference's; inside, two annotators say lesion and two background, so a mask voxel of either class is wrong
+    # for exactly two of them (four if it says ring)
+    pooled = s["uncertainty_pooled"]
+    assert pooled["error_all_labels_outside_conflict"] == pytest.approx(pooled["error_outside_conflict"])
+    n_in = wrong = 0
+    for case in CASES:
+        pred, gt = _read(pred_dir / f"{case}{END}"), _read(ds / "labelsTs" / f"{case}{END}")
+        truth = _read(ds / "conflictTs" / f"{case}{END}") > 0
+        n_in += truth.sum()
+        wrong += (pred != gt)[truth].sum() + np.where(np.isin(pred[truth], (0, CONFLICT_LABEL)), 2, 4).sum()
+    assert pooled["error_all_labels_in_conflict"] == pytest.approx(wrong / (5 * n_in))
+    assert pooled["error_all_labels_in_conflict"] > pooled["error_in_conflict"] + 0.3
     # the report draws the first hypotheses beside the mask: three more panels than without them
     with_h = write_report(pred_dir, s, tmp_path / "report_h", gt_dir=ds / "labelsTs", conflict_dir=ds / "conflictTs")
     without = write_report(data["folders"]["oracle"][0], data["oracle"], tmp_path / "report",
