@@ -154,7 +154,8 @@ def predict_folder(input_dir, output_dir, model_folder, folds=None, checkpoint: 
                                    predictor.plans_manager.plans, "entrust predict"):
         for m in modalities.values():
             if not m.complete:
-                print(m.warning(), file=sys.stderr)
+                print(m.warning("masked" if predictor.masks_absent_modalities else "zero-filled after normalisation"),
+                      file=sys.stderr)
         predictor.predict_cases([files_to_read(cases[c], m.present) for c, m in modalities.items()],
                                 [str(output_dir / c) for c in cases], save_probabilities,
                                 num_processes_preprocessing, num_processes_export,

@@ -108,3 +108,21 @@ def trained_entrust(planned_phantoms):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     model = Path(env["nnUNet_results"]) / name / "nnUNetTrainerEnTrust_tinyCPU__nnUNetPlans__2d"
     return env, name, model
+
+
+def initialized_trainer(cls, planned_phantoms, monkeypatch):
+    """An initialized ``cls`` (a trainer class) for fold 0 of the session's planned phantoms, on the CPU."""
+    import json
+
+    import torch
+
+    env, name = planned_phantoms
+    for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        monkeypatch.setenv(k, env[k])
+    monkeypatch.setenv("nnUNet_compile", "false")
+    pre = Path(env["nnUNet_preprocessed"]) / name
+    plans = json.loads((pre / "nnUNetPlans.json").read_text())
+    plans["continue_training"] = False
+    t = cls(plans, "2d", 0, json.loads((pre / "dataset.json").read_text()), torch.device("cpu"))
+    t.initialize()
+    return t

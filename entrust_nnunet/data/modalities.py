@@ -60,13 +60,13 @@ class CaseModalities:
                 "missing_file": [self.names[c] for c in self.missing],
                 "dropped": [self.names[c] for c in self.dropped if c not in self.missing]}
 
-    def warning(self) -> str:
-        """One line: the case, its absent modalities and why."""
+    def warning(self, how: str = "masked") -> str:
+        """One line: the case, its absent modalities, why, and ``how`` the network treats them."""
         why = [f"{', '.join(self.names[c] for c in self.missing)}: no file" if self.missing else "",
                f"{', '.join(self.names[c] for c in self.dropped if c not in self.missing)}: --drop-modalities"
                if set(self.dropped) - set(self.missing) else ""]
         return (f"entrust: warning: case {self.case}: predicting without {', '.join(self.record()['absent'])} "
-                f"({'; '.join(w for w in why if w)}); absent modalities are masked")
+                f"({'; '.join(w for w in why if w)}); absent modalities are {how}")
 
 
 def case_modalities(cases: dict[str, list[str | None]], channel_names: dict, dropped: list[int],

@@ -17,8 +17,10 @@ per-voxel threshold takes a different part of the blob in every hypothesis (meas
 The reading takes the blob (``f > EXTENT q``: an expert's blob is more peaked than the structure, docs/design.md)
 with probability ``q`` and leaves it otherwise, ``q`` being the largest ``f`` over the connected conflicting
 region that holds a strong conflict (:func:`structure_peak`; constants chosen on the development seed). The written
-hypotheses carry the draws; the network's mean and maps take their expectation ``e`` (a few draws per expert
-would only add Monte-Carlo noise to the mean: measured, docs/design.md).
+hypotheses carry the draws; the network's mean and maps take the expert's probability ``e`` itself, the per-voxel
+draws' expectation (a few draws per expert would only add Monte-Carlo noise to the mean: measured,
+docs/design.md). It is not the whole-structure reading's expectation (``q`` over the structure's extent, 0
+outside), which the written hypotheses average to: the mean keeps the expert's grading from centre to rim.
 
 with ``d`` the experts' normalised Jensen-Shannon divergence among the present modalities (high only where
 confident experts contradict each other: not on blurred edges, where each is unsure alike) and ``m_k`` the

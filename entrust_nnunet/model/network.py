@@ -9,8 +9,10 @@ inference use it unchanged: deep-supervision logits while training; at inference
 deep supervision off) the logits of the calibrated class probabilities: ``log`` of the mean of K SegDiff
 hypotheses divided by CalibHead's fitted temperature, plus its fitted biases where the modalities
 conflict (:meth:`calibrated_log_probabilities`), so that masks from the stock ``nnUNetv2_predict`` and
-from nnU-Net's end-of-training validation are the argmax of the calibrated probabilities, exactly as
-``entrust predict`` writes them.
+from nnU-Net's end-of-training validation follow the fold's calibrated probabilities. They can differ from
+``entrust predict``'s where patches, mirrorings or folds disagree: nnU-Net averages these log-probabilities,
+``entrust predict`` averages the probabilities and then applies ``entrust calibrate``'s class calibration when
+the model folder has one.
 ``forward(x, return_parts=True)`` additionally returns the fusion parts the trainer needs for the
 EnTrust losses (:meth:`auxiliary_losses`). :meth:`sample` runs encoders and EnFuse ONCE and
 draws K hypotheses through the light SegDiff head only.

@@ -28,9 +28,9 @@ leaves an ambiguous structure whole.
   batch element and every sliding-window patch, so hypothesis k is ONE coherent mask over the case and
   hypotheses are nested across K. The diagonal part is not drawn: per-voxel noise would make every
   mask salt-and-pepper, and overlapping patches would draw it differently. It is marginalised in
-  closed form instead (mean-field probit approximation of E[softmax], Lu et al. 2020)::
+  closed form instead (pairwise mean-field approximation of E[softmax], :func:`expected_softmax` with P = 0)::
 
-      p_k = softmax( (mu + P eps_k) / sqrt(1 + pi D / 8) )
+      p_k,c = 1 / (1 + sum_{j != c} exp(-(l_c - l_j) / sqrt(1 + pi (D_c + D_j) / 8))),   l = mu + P eps_k
 
   so D makes hypothesis k soft where voxel-wise doubt is (e.g. edges) without speckling it.
 

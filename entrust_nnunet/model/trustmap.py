@@ -252,6 +252,13 @@ class CalibHead(nn.Module):
         #: which is not the chance of each class (docs/design.md, "A conflict term in the class calibration")
         self.register_buffer("conflict_bias", torch.zeros(num_classes))
 
+    def unfit(self) -> "CalibHead":
+        """Back to the unfitted head (1 - confidence) and an identity class calibration (T = 1, no biases)."""
+        self.fitted.zero_()
+        self.temperature.fill_(1.0)
+        self.conflict_bias.zero_()
+        return self
+
     @staticmethod
     def features(stats: dict[str, torch.Tensor]) -> torch.Tensor:
         """The statistics on a log scale: ``log(1 - c)`` for confidences, ``log(x + 1e-4)`` for the others,

@@ -268,7 +268,7 @@ def fold_voxels_path(model_folder: Path, fold) -> Path:
     path = Path(model_folder) / f"fold_{fold}" / FOLD_VOXELS_FILE
     if not path.is_file():
         raise InputError(f"{path}: fold {fold} has no out-of-fold calibration voxels (train it to the end with "
-                         f"nnUNetTrainerEnTrust; its validation writes them)")
+                         f"nnUNetTrainerEnTrust, or rerun its validation with nnUNetv2_train ... --val: it writes them)")
     return path
 
 
@@ -358,22 +358,27 @@ def fit_calibrator(model_folder: Path, folds: list) -> tuple[Calibrator, dict]:
 
 
 def calibrate_model(model_folder, folds=None) -> tuple[Path, dict]:
-    """``entrust calibrate``: fit the calibrator on the out-of-fold voxels of ``folds`` (default: every
-    ``fold_N`` with its voxels file) and store it as ``model_folder/entrust_calibration.json`` (plain JSON:
-    loading it runs no code). Returns the file and the fit report."""
+    """``entrust calibrate``: fit the calibrator on the out-of-fold voxels of ``folds`` (default: every trained
+    ``fold_N``, i.e. with its final checkpoint or its voxels file; one without voxels is an error naming it, never
+    left out quietly) and store it as ``model_folder/entrust_calibration.json`` (plain JSON: loading it runs no
+    code). Returns the file and the fit report."""
     import json
 
-    model_folder = Path(model_folder)
+    model_folder = Path(model_folder).absolute()
     if not (model_folder / "plans.json").is_file():
         raise InputError(f"{model_folder}: no trained model here (plans.json missing)")
     if folds is None:
-        folds = sorted(int(p.parent.name[5:]) for p in model_folder.glob(f"fold_[0-9]*/{FOLD_VOXELS_FILE}"))
+        folds = sorted({int(p.parent.name[5:]) for name in ("checkpoint_final.pth", FOLD_VOXELS_FILE)
+                        for p in model_folder.glob(f"fold_[0-9]*/{name}")})
         if not folds:
             raise InputError(f"{model_folder}: no fold has out-of-fold calibration voxels ({FOLD_VOXELS_FILE})")
+        for fold in folds:
+            fold_voxels_path(model_folder, fold)
     temperature = fit_pooled_temperature(model_folder, list(folds))
     calibrator, report = fit_calibrator(model_folder, list(folds))
     plans = json.loads((model_folder / "plans.json").read_text())
     content = {"trainer_plans_configuration": model_folder.name, "plans_name": plans.get("plans_name"),
+               "dataset_name": plans.get("dataset_name"),
                "folds": list(folds), "calibrator": calibrator.name, "features": list(calibrator.features),
                "weights": list(calibrator.weights), "report": report,
                "class_temperature": temperature and temperature["temperature"],
@@ -385,12 +390,22 @@ def calibrate_model(model_folder, folds=None) -> tuple[Path, dict]:
     return path, content
 
 
-def load_calibrator(model_folder) -> Calibrator | None:
-    """The calibrator ``entrust calibrate`` stored for this model folder, or None; a file written for another
-    trainer, plans or configuration is refused."""
+def _plans_dataset_name(model_folder: Path) -> str | None:
     import json
 
-    path = Path(model_folder) / CALIBRATION_FILE
+    try:
+        return json.loads((model_folder / "plans.json").read_text()).get("dataset_name")
+    except (OSError, ValueError, AttributeError):
+        return None  # the predictor reports a broken plans.json itself
+
+
+def load_calibrator(model_folder) -> Calibrator | None:
+    """The calibrator ``entrust calibrate`` stored for this model folder, or None; a file written for another
+    trainer, plans, configuration or dataset is refused."""
+    import json
+
+    model_folder = Path(model_folder).absolute()  # "-m ." has no name of its own
+    path = model_folder / CALIBRATION_FILE
     if not path.is_file():
         return None
     try:
@@ -401,9 +416,13 @@ def load_calibrator(model_folder) -> Calibrator | None:
                                 None if bias is None else tuple(float(b) for b in bias))
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise InputError(f"{path}: not a calibration file of entrust calibrate ({e})") from None
-    if content.get("trainer_plans_configuration") != Path(model_folder).name:
+    if content.get("trainer_plans_configuration") != model_folder.name:
         raise InputError(f"{path}: written for {content.get('trainer_plans_configuration')}, not for "
-                         f"{Path(model_folder).name}; run entrust calibrate for this model")
+                         f"{model_folder.name}; run entrust calibrate for this model")
+    dataset = _plans_dataset_name(model_folder)
+    if content.get("dataset_name") and dataset and content["dataset_name"] != dataset:
+        raise InputError(f"{path}: written for dataset {content['dataset_name']}, not for {dataset}; run entrust "
+                         f"calibrate for this model")
     unknown = set(calibrator.features) - set(CALIBRATORS["platt_with_conflict"])
     if unknown or len(calibrator.weights) != len(calibrator.features) + 1:
         raise InputError(f"{path}: unknown features {sorted(unknown)} or wrong number of weights")

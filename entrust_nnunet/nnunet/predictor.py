@@ -141,8 +141,9 @@ def uncertainty_statistics(net: nn.Module, x: torch.Tensor, sampling: SamplingSe
         wanted = (*SAMPLED_MAPS, "hypotheses") if sampling.hypotheses else SAMPLED_MAPS
         s = net.sample(x, sampling, modality_mask=modality_mask, maps=wanted)
         return {k: s[k] for k in ("mean", *wanted)} | {"model_spread": torch.zeros_like(s["conflict"])}
-    if modality_mask is not None:
-        x = without_absent(x, resolve_mask(modality_mask, x.shape[0], x.shape[1], x.device))
+    if modality_mask is not None:  # the image channels first; a cascade stage's prior after them stays as it is
+        m = torch.as_tensor(modality_mask).shape[-1]
+        x = torch.cat([without_absent(x[:, :m], resolve_mask(modality_mask, x.shape[0], m, x.device)), x[:, m:]], 1)
     if hasattr(net, "sample_statistics"):
         s = net.sample_statistics(x, num_hypotheses=sampling.num_hypotheses, seed=sampling.seed, regions=regions)
     else:
@@ -460,6 +461,11 @@ class EnTrustPredictor(nnUNetPredictor):
         n = len(self.list_of_parameters)
         return pooled / n, aleatoric / n, torch.cat(labels) if labels else None
 
+    @property
+    def masks_absent_modalities(self) -> bool:
+        """EnTrust networks mask an absent modality's stream; any other network sees it zero-filled."""
+        return isinstance(self.network.net, EnTrustUNet)
+
     @contextlib.contextmanager
     def modalities_present(self, present):
         """Predict with only the modalities flagged in ``present`` (M bools; None or all True: every one)."""
@@ -527,8 +533,9 @@ class EnTrustPredictor(nnUNetPredictor):
         """Preprocess (nnU-Net's iterator; ``num_processes_preprocessing`` 0: in this process), predict with maps,
         export in a spawn pool (``num_processes_export``
         1: in this process, after each case: a spawned worker costs seconds of imports, more than a small case's
-        export); progress bar per case. ``modalities``: per case a record with ``present`` (M bools; absent
-        channels are masked) that is written beside the maps. ``previous_stage``: per case the previous stage's
+        export); progress bar per case. ``modalities``: per case a record whose ``mask`` (M bools) flags the
+        modalities present (absent channels are masked); the rest of it (``present``: the names) is written beside
+        the maps. ``previous_stage``: per case the previous stage's
         mask (a cascade stage; nnU-Net's preprocessor appends it one-hot, the network takes it as its prior)."""
         records = dict(zip(output_truncated, modalities or [None] * len(output_truncated)))
         iterator = self._internal_get_data_iterator_from_lists_of_filenames(
@@ -572,7 +579,7 @@ class EnTrustPredictor(nnUNetPredictor):
 
     def _predicted(self, item: dict, save_probabilities: bool, record: dict | None = None) -> tuple:
         """The arguments of :func:`export_prediction_with_maps` for one preprocessed case of nnU-Net's iterator,
-        predicted with the modalities ``record["present"]`` (all when None)."""
+        predicted with the modalities flagged in ``record["mask"]`` (all when None)."""
         data = item["data"]
         if isinstance(data, str):  # nnU-Net hands large cases over as a temporary .npy file
             path, data = data, torch.from_numpy(np.load(data))

@@ -44,6 +44,7 @@ from scipy import ndimage
 from entrust_nnunet.data.io import (CONFLICT_MARK, MAP_FOLDER, MAP_NAMES, POSTPROCESSING_RECORD, InputError,
                                     atomic_file, map_path, read_image, temporary_path, write_image,
                                     writing_prediction_folder)
+from entrust_nnunet.data.modalities import modalities_path
 from entrust_nnunet.model.trustmap import jensen_shannon
 
 
@@ -115,10 +116,21 @@ def _maps(pred: dict, case: str, shape: tuple) -> dict[str, np.ndarray]:
     return maps
 
 
+def modality_record(folders: list[Path], case: str) -> dict | None:
+    """The case's modality record (which modalities were present) for an output made from ``folders``: theirs
+    when they agree (a post-processed folder: its one input's), every folder's otherwise (None: none has one)."""
+    records = [json.loads(f.read_text()) if f.is_file() else None for f in (modalities_path(d, case) for d in folders)]
+    if all(r is None for r in records):
+        return None
+    if all(r == records[0] for r in records):
+        return records[0]
+    return {"case": case, "members": {str(d): r for d, r in zip(folders, records)}}
+
+
 def write_case(out: Path, case: str, ending: str, rw, seg: np.ndarray, properties: dict, maps: dict,
-               npz_pkl: tuple[bytes, bytes] | None = None) -> None:
-    """Mask (nnU-Net's writer), maps (mask's geometry), optional .npz/.pkl contents: temporary names first, the
-    mask renamed last."""
+               npz_pkl: tuple[bytes, bytes] | None = None, record: dict | None = None) -> None:
+    """Mask (nnU-Net's writer), maps (mask's geometry), optional .npz/.pkl contents and modality record: temporary
+    names first, the mask renamed last."""
     mask, tmp_mask = out / f"{case}{ending}", temporary_path(out / f"{case}{ending}")
     try:
         rw.write_seg(seg, str(tmp_mask), properties)
@@ -128,6 +140,9 @@ def write_case(out: Path, case: str, ending: str, rw, seg: np.ndarray, propertie
             image = sitk.GetImageFromArray(np.asarray(maps[name], dtype=np.float32).reshape(shape))
             image.CopyInformation(reference)
             write_image(image, map_path(out, case, name, ending))
+        if record is not None:
+            with atomic_file(modalities_path(out, case)) as f:
+                json.dump(record, f, indent=2)
         for suffix, content in zip((".npz", ".pkl"), npz_pkl or ()):
             with atomic_file(out / f"{case}{suffix}", "wb") as f:
                 f.write(content)
@@ -200,7 +215,8 @@ def _postprocess_case(job: dict) -> dict:
     # the class probabilities stay the network's (the mask is no longer their argmax where a region was removed)
     kept = [pred["folder"] / f"{case}{e}" for e in (".npz", ".pkl")]
     npz_pkl = tuple(f.read_bytes() for f in kept) if all(f.is_file() for f in kept) else None
-    write_case(out, case, pred["ending"], pred["rw"], after, properties, maps, npz_pkl)
+    write_case(out, case, pred["ending"], pred["rw"], after, properties, maps, npz_pkl,
+               modality_record([pred["folder"]], case))
     return {"case": case, "removed_voxels": int(changed.sum()), "removed_regions": int(n),
             "removed_conflict_voxels": int(marked.sum()), "removed_conflict_regions": marked_regions,
             "p_error_source": "probabilities" if npz.is_file() else "total"}
@@ -263,7 +279,8 @@ def _ensemble_case(job: dict) -> dict:
     between = jensen_shannon(torch.from_numpy(np.stack(member_probs)), member_axis=0, class_axis=1)
     maps["epistemic"] = maps["epistemic"] + between.numpy()
     write_case(out, case, first["ending"], first["rw"], label, properties, maps,
-               _npz_pkl(probs, properties) if job["save_probabilities"] else None)
+               _npz_pkl(probs, properties) if job["save_probabilities"] else None,
+               modality_record([m["folder"] for m in members], case))
     return {"case": case}
 
 

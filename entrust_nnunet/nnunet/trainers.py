@@ -51,7 +51,7 @@ from entrust_nnunet.nnunet.calibration import (CALIBRATION_STEPS, FOLD_VOXELS_FI
                                                calibration_voxels, class_calibrated_voxels, fit_calib_head,
                                                fit_class_temperature, save_fold_voxels)
 from entrust_nnunet.nnunet.clipping import clipping_per_group
-from entrust_nnunet.nnunet.distributed import broadcast_state, freeze, thawed, unwrap
+from entrust_nnunet.nnunet.distributed import broadcast_state, freeze, thawed, unwrap, waiting_group
 from entrust_nnunet.nnunet.modality_dropout import ModalityDropout, calibration_subsets
 
 AUX_LOG_KEYS = tuple(f"entrust_{k}" for k in LOSS_WEIGHTS)
@@ -179,6 +179,19 @@ class nnUNetTrainerEnTrust(ModalityDropout, nnUNetTrainer):
         if self.is_cascaded:
             check_previous_stage(self.folder_with_segs_from_previous_stage,
                                  self.dataset_class.get_identifiers(self.preprocessed_dataset_folder))
+
+    def on_train_start(self):
+        super().on_train_start()
+        self.own_output_space_unfitted()
+
+    def own_output_space_unfitted(self) -> None:
+        """This dataset's output space (labels or regions) and an unfitted calibration until :meth:`fit_calibration`:
+        ``-pretrained_weights`` loads another model's ``region_outputs`` flag and fitted CalibHead with its
+        weights (nnU-Net transfers every matching key), and a checkpoint's fit belongs to the weights it was
+        fitted for."""
+        net = unwrap(self.network)
+        net.use_regions(self.label_manager.has_regions)
+        net.calib.unfit()
 
     def drop_modalities(self, batch: dict, mask: torch.Tensor) -> dict:
         unwrap(self.network).modality_mask = mask.to(self.device)  # the network masks; nnU-Net calls network(x)
@@ -345,14 +358,17 @@ class nnUNetTrainerEnTrust(ModalityDropout, nnUNetTrainer):
             todo = [k for k in keys if any(n not in cache for n in names[k])]
             cases = ((n, data, seg, present) for key, data, seg, _ in self._preprocessed_cases(todo)
                      for n, present in names[key].items() if n not in cache)
-            return calibration_voxels(self._predictor(), cases, [n for k in keys for n in names[k]], cache,
-                                      self.calibration_voxels_per_case)
+            return calibration_voxels(self._predictor() if todo else None, cases, [n for k in keys for n in names[k]],
+                                      cache, self.calibration_voxels_per_case)
         finally:
             self.set_deep_supervision_enabled(self.enable_deep_supervision)
 
     def _fit_calib_head(self, keys) -> str:
         """Fit the network's CalibHead on the voxels of ``keys``, for the mask and confidence of its class
         calibration (fitted before it); returns a one-line summary."""
+        # predicted before CalibHead moves to the CPU: the predictor moves the whole network to the trainer's device,
+        # CalibHead included, which would leave it on CUDA under CPU voxels (--val and --val_best start uncached)
+        self._calibration_voxels(keys)
         calib = unwrap(self.network).calib.cpu()
 
         def voxels_of(names):
@@ -373,6 +389,7 @@ class nnUNetTrainerEnTrust(ModalityDropout, nnUNetTrainer):
             self.print_to_log_file("CalibHead not fitted: no cases to fit it on; total falls back to "
                                    "1 - max probability")
             return
+        group = waiting_group()  # the other ranks wait for rank 0's fit longer than NCCL's timeout allows
         if self.local_rank == 0:
             sets = len(self.calibration_modalities(self.calibration_keys[0]))
             subsets = f", each predicted with {sets} modality sets" if sets > 1 else ""
@@ -385,7 +402,7 @@ class nnUNetTrainerEnTrust(ModalityDropout, nnUNetTrainer):
             calib = unwrap(self.network).calib
             save_fold_voxels(Path(self.output_folder) / FOLD_VOXELS_FILE,
                              class_calibrated_voxels(voxels, calib.temperature, calib.conflict_bias))
-        broadcast_state(unwrap(self.network).calib)
+        broadcast_state(unwrap(self.network).calib, group=group)
 
 
 class nnUNetTrainerEnTrustModDrop(nnUNetTrainerEnTrust):

@@ -34,7 +34,7 @@ def _fold_voxels(seed: int, n: int = 6000):
 def _model_folder(tmp_path, folds=(0, 1, 2)):
     model = tmp_path / "nnUNetTrainerEnTrust__nnUNetPlans__2d"
     model.mkdir()
-    (model / "plans.json").write_text(json.dumps({"plans_name": "nnUNetPlans"}))
+    (model / "plans.json").write_text(json.dumps({"plans_name": "nnUNetPlans", "dataset_name": "Dataset001_A"}))
     for f in folds:
         (model / f"fold_{f}").mkdir()
         save_fold_voxels(model / f"fold_{f}" / FOLD_VOXELS_FILE, _fold_voxels(f))
@@ -81,6 +81,19 @@ def test_bad_inputs_are_one_clear_error(tmp_path):
         (model / CALIBRATION_FILE).write_text(json.dumps(broken))
         with pytest.raises(InputError, match=message):
             load_calibrator(model)
+    # the same trainer, plans and configuration of another dataset: refused
+    calibrate_model(model)
+    twin = tmp_path / "other_dataset" / model.name
+    twin.mkdir(parents=True)
+    (twin / "plans.json").write_text(json.dumps({"plans_name": "nnUNetPlans", "dataset_name": "Dataset002_B"}))
+    (twin / CALIBRATION_FILE).write_text((model / CALIBRATION_FILE).read_text())
+    with pytest.raises(InputError, match="written for dataset Dataset001_A, not for Dataset002_B"):
+        load_calibrator(twin)
+    # a trained fold without voxels is named, not left out of the default folds
+    (model / "fold_2").mkdir()
+    (model / "fold_2" / "checkpoint_final.pth").write_bytes(b"")
+    with pytest.raises(InputError, match="fold 2 has no out-of-fold calibration voxels"):
+        calibrate_model(model)
     empty = tmp_path / "nnUNetTrainerEnTrust__nnUNetPlans__3d_lowres"
     empty.mkdir()
     (empty / "plans.json").write_text("{}")
@@ -88,11 +101,13 @@ def test_bad_inputs_are_one_clear_error(tmp_path):
         calibrate_model(empty)
 
 
-def test_one_fold_keeps_the_calibrator_with_conflict_without_a_choice(tmp_path):
+def test_one_fold_keeps_the_calibrator_with_conflict_without_a_choice(tmp_path, monkeypatch):
     """With one fold there is no other fold to judge on: the Platt model with the conflict term, no scores."""
     path, content = calibrate_model(_model_folder(tmp_path, folds=(0,)))
     assert content["calibrator"] == "platt_with_conflict" and content["report"]["held_out_bce_fg_boundary"] == {}
     assert load_calibrator(path.parent).features == tuple(content["features"])
+    monkeypatch.chdir(path.parent)  # entrust predict -m . (the folder's name from its absolute path)
+    assert load_calibrator(".").features == tuple(content["features"])
 
 
 def test_calibration_subset_is_seeded_disjoint_from_training_and_never_everything():

@@ -69,3 +69,38 @@ def test_entrust_loss_and_calibration_under_ddp(tmp_path):
     assert c0 == c1 == 0.5 and f0 == f1 == 1.0  # rank 0's fit reached rank 1
     assert not grad0 and not grad1  # frozen again after the fit
     assert n0 == n1 == 2  # the EnTrust terms were computed from the wrapped network's parts
+
+
+def _slow_fit_worker(rank: int, init_file: str, results):
+    import time
+    from datetime import timedelta
+
+    from entrust_nnunet.nnunet.distributed import waiting_group
+
+    # the default group's timeout stands for NCCL's 10 minutes; rank 0's fit takes longer than it
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=2))
+    module = nn.Linear(2, 2)
+    group = waiting_group(timedelta(seconds=60))
+    if rank == 0:
+        time.sleep(5)
+        with torch.no_grad():
+            module.weight.fill_(0.25)
+    try:
+        broadcast_state(module, group=group)
+        results.put((rank, float(module.weight.mean())))
+    except RuntimeError as e:
+        results.put((rank, str(e).splitlines()[0][:200]))
+    dist.destroy_process_group()
+
+
+def test_other_ranks_wait_for_a_fit_longer_than_the_default_timeout(tmp_path):
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_slow_fit_worker, args=(r, str(tmp_path / "init"), results)) for r in range(2)]
+    for p in procs:
+        p.start()
+    out = dict(results.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+    assert out == {0: 0.25, 1: 0.25}

@@ -1,10 +1,9 @@
 """Modality dropout: masks keep a non-empty subset, all modalities with the documented probability; the
 trainers apply them around nnU-Net's train_step (EnTrust by masking, the nnU-Net baseline by zero-filling)."""
-import json
-from pathlib import Path
 
 import torch
 
+from conftest import initialized_trainer
 from entrust_nnunet.nnunet import variants
 from entrust_nnunet.nnunet.modality_dropout import calibration_subsets, modality_dropout_masks, subsets
 
@@ -38,19 +37,6 @@ def test_calibration_subsets_are_proper_and_seeded_by_the_case():
     assert len({tuple(v) for v in drawn.values()}) > 1  # different cases see different subsets
 
 
-def _trainer(cls, planned_phantoms, monkeypatch):
-    env, name = planned_phantoms
-    for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-        monkeypatch.setenv(k, env[k])
-    monkeypatch.setenv("nnUNet_compile", "false")
-    pre = Path(env["nnUNet_preprocessed"]) / name
-    plans = json.loads((pre / "nnUNetPlans.json").read_text())
-    plans["continue_training"] = False
-    t = cls(plans, "2d", 0, json.loads((pre / "dataset.json").read_text()), torch.device("cpu"))
-    t.initialize()
-    return t
-
-
 def _batch(trainer, b=4):
     """A random batch shaped like nnU-Net's data loader's (deep-supervision targets at every scale)."""
     patch = list(trainer.configuration_manager.patch_size)
@@ -62,7 +48,7 @@ def _batch(trainer, b=4):
 
 def test_entrust_training_steps_mask_every_sample(planned_phantoms, monkeypatch):
     torch.manual_seed(0)
-    t = _trainer(variants.nnUNetTrainerEnTrustModDrop_tinyCPU, planned_phantoms, monkeypatch)
+    t = initialized_trainer(variants.nnUNetTrainerEnTrustModDrop_tinyCPU, planned_phantoms, monkeypatch)
     assert t.modality_dropout == 0.5 and variants.nnUNetTrainerEnTrust_tinyCPU.modality_dropout == 0.0
     seen = []
     t.network.register_forward_pre_hook(lambda mod, args: seen.append(mod.modality_mask))
@@ -77,7 +63,7 @@ def test_entrust_training_steps_mask_every_sample(planned_phantoms, monkeypatch)
 
 def test_nnunet_baseline_zero_fills_dropped_channels(planned_phantoms, monkeypatch):
     torch.manual_seed(1)
-    t = _trainer(variants.nnUNetTrainerModDrop_tinyCPU, planned_phantoms, monkeypatch)
+    t = initialized_trainer(variants.nnUNetTrainerModDrop_tinyCPU, planned_phantoms, monkeypatch)
     seen = []
     t.network.register_forward_pre_hook(lambda mod, args: seen.append(args[0].detach().clone()))
     batch = _batch(t)
@@ -107,13 +93,21 @@ def test_prediction_zero_fills_absent_channels_for_plain_networks():
         masked = uncertainty_statistics(net, x, SamplingSettings(), torch.tensor([True, True, False]))
         torch.testing.assert_close(masked["mean"], torch.softmax(net(zeroed), 1))
         assert (masked["mean"] - uncertainty_statistics(net, x, SamplingSettings())["mean"]).abs().max() > 1e-4
+    # a cascade stage: two prior channels after the three modalities, left as they are
+    cascade = PlainConvUNet(5, num_classes=2, deep_supervision=False, **arch_kwargs(2)).eval()
+    x = torch.randn(1, 5, 32, 32)
+    zeroed = x.clone()
+    zeroed[:, 1] = 0
+    with torch.no_grad():
+        masked = uncertainty_statistics(cascade, x, SamplingSettings(), torch.tensor([True, False, True]))
+        torch.testing.assert_close(masked["mean"], torch.softmax(cascade(zeroed), 1))
 
 
 def test_calibration_also_sees_each_case_with_modalities_missing(planned_phantoms, monkeypatch):
     """A dropout-trained EnTrust fits CalibHead and the class temperature on every calibration case predicted with
     every modality and with each proper subset (masked, as at inference); without dropout only with every one."""
     torch.manual_seed(2)
-    t = _trainer(variants.nnUNetTrainerEnTrustModDrop_tinyCPU, planned_phantoms, monkeypatch)
+    t = initialized_trainer(variants.nnUNetTrainerEnTrustModDrop_tinyCPU, planned_phantoms, monkeypatch)
     from entrust_nnunet.nnunet.predictor import EnTrustPredictor
 
     seen, pooled = [], EnTrustPredictor.pooled_statistics
@@ -130,9 +124,25 @@ def test_calibration_also_sees_each_case_with_modalities_missing(planned_phantom
     # a case without T2 is not the case with every modality: the statistics differ
     k = keys[0]
     assert not torch.equal(t._calibration_cache[k][0]["probabilities"], t._calibration_cache[k + "~101"][0]["probabilities"])
-    plain = _trainer(variants.nnUNetTrainerEnTrust_tinyCPU, planned_phantoms, monkeypatch)
+    plain = initialized_trainer(variants.nnUNetTrainerEnTrust_tinyCPU, planned_phantoms, monkeypatch)
     assert plain.calibration_modalities(k) == [None]
     assert plain._calibration_voxels(keys)[1].numel() == n
+
+
+def test_calib_head_fit_predicts_nothing_while_calib_head_is_moved_for_it(planned_phantoms, monkeypatch):
+    """--val / --val_best fit CalibHead with nothing cached. Every case must be predicted before CalibHead moves to
+    the CPU for its fit: the predictor moves the whole network to the trainer's device, and on CUDA that left
+    CalibHead there under CPU voxels (a device mismatch after nnU-Net's masks were written, no maps)."""
+    from entrust_nnunet.nnunet.distributed import unwrap
+
+    torch.manual_seed(3)
+    t = initialized_trainer(variants.nnUNetTrainerEnTrust_tinyCPU, planned_phantoms, monkeypatch)
+    t.calibration_steps = 5
+    calib, predictor, during_fit = unwrap(t.network).calib, t._predictor, []
+    monkeypatch.setattr(t, "_predictor", lambda: during_fit.append(any(p.requires_grad for p in calib.parameters()))
+                        or predictor())
+    t._fit_calib_head(sorted(t.do_split()[1])[:2])
+    assert during_fit and not any(during_fit)
 
 
 def test_dropout_counts_the_datasets_channels_and_leaves_a_cascade_prior_alone():

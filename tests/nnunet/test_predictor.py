@@ -79,3 +79,22 @@ def test_a_plain_network_has_no_model_spread_and_mc_dropout_its_passes_mutual_in
 
     s = uncertainty_statistics(Passes(), torch.randn(1, 2, 4, 4), SamplingSettings(num_hypotheses=2, probe=False))
     torch.testing.assert_close(s["model_spread"], output_entropy(torch.full((1, 2, 4, 4), 0.5), 1, False))
+
+
+def test_the_absence_warning_says_how_the_network_treats_an_absent_modality():
+    """EnTrust masks an absent modality's stream; any other network (the zero-filled baselines) sees zeros: the
+    warning line says which."""
+    from types import SimpleNamespace
+
+    from entrust_nnunet.data.modalities import case_modalities
+    from entrust_nnunet.model.network import EnTrustUNet
+    from entrust_nnunet.nnunet.predictor import EnTrustPredictor
+
+    info = case_modalities({"c1": ["a.nii.gz", None]}, {"0": "T1", "1": "FLAIR"}, [])["c1"]
+    plain = SimpleNamespace(network=SimpleNamespace(net=nn.Conv2d(2, 3, 1)))
+    entrust = SimpleNamespace(network=SimpleNamespace(net=EnTrustUNet.__new__(EnTrustUNet)))
+    how = [("masked" if EnTrustPredictor.masks_absent_modalities.fget(p) else "zero-filled after normalisation")
+           for p in (entrust, plain)]
+    assert [info.warning(h) for h in how] == [
+        f"entrust: warning: case c1: predicting without FLAIR (FLAIR: no file); absent modalities are {h}"
+        for h in ("masked", "zero-filled after normalisation")]

@@ -252,6 +252,8 @@ def test_postprocess_gives_removed_regions_the_foreground_probability(members, t
         assert record["cases"][case]["removed_conflict_voxels"] == int(marked.sum())
         assert record["cases"][case]["p_error_source"] == "probabilities"
         assert (out / f"{case}.npz").read_bytes() == (pred / f"{case}.npz").read_bytes()
+        record = "uncertainty/" + f"{case}_modalities.json"  # which modalities were present: carried over
+        assert json.loads((out / record).read_text()) == json.loads((pred / record).read_text())
         if marked.any():
             assert f"{case}: post-processing removed" in r.stdout
     assert removed_any and not any(p.exists() for p in killed)
@@ -319,6 +321,8 @@ def test_entrust_ensemble_pools_members_like_folds(members, tmp_path):
                       for f, p in zip(folders, member_probs)]
         np.testing.assert_allclose(total, np.mean(retargeted, 0), atol=1e-5)
         assert total.min() >= 0 and total.max() <= 1
+        record = json.loads((out / "uncertainty" / f"{case}_modalities.json").read_text())
+        assert record["case"] == case and record["absent"] == []  # the members agree: their record
     _run(env, "nnUNetv2_evaluate_folder", str(raw / "labelsTs"), str(out), "-djfile", str(out / "dataset.json"),
          "-pfile", str(out / "plans.json"))
     _run(env, "entrust", "evaluate", "--pred", str(out), "--gt", str(raw / "labelsTs"), "-o",
@@ -379,3 +383,20 @@ def test_bad_input_one_line_and_nothing_written(members, tmp_path, problem):
         assert sorted((p.name, p.stat().st_mtime_ns) for p in out.rglob("*")) == before
     else:
         assert not out.exists()
+
+
+def test_modality_record_of_an_output_made_from_several_folders(tmp_path):
+    """Post-processing and ensembling keep the record of which modalities were present: the inputs' record when
+    they agree, every input's when they differ, none when no input has one."""
+    from entrust_nnunet.nnunet.toolchain import modality_record
+
+    a, b, c = (tmp_path / n for n in "abc")
+    for folder, absent in ((a, []), (b, ["FLAIR"])):
+        (folder / "uncertainty").mkdir(parents=True)
+        (folder / "uncertainty" / "x_modalities.json").write_text(json.dumps({"case": "x", "absent": absent}))
+    c.mkdir()
+    assert modality_record([a], "x") == {"case": "x", "absent": []}
+    assert modality_record([a, a], "x") == {"case": "x", "absent": []}
+    assert modality_record([a, b, c], "x") == {"case": "x", "members": {
+        str(a): {"case": "x", "absent": []}, str(b): {"case": "x", "absent": ["FLAIR"]}, str(c): None}}
+    assert modality_record([c], "x") is None

@@ -427,3 +427,28 @@ def test_every_trainer_class_of_the_package_is_found_by_nnunets_search():
                if recursive_find_python_class(folder, name, None, base_folder=folder,
                                               cleanup_imports_from_base_folder=True) is not cls]
     assert missing == []
+
+
+def test_pretrained_weights_keep_this_datasets_output_space_and_no_foreign_calibration(planned_phantoms, monkeypatch,
+                                                                                       tmp_path):
+    """nnU-Net's -pretrained_weights copies every matching key: another model's region flag and its fitted
+    CalibHead come along. Training starts in this dataset's output space with an unfitted calibration."""
+    from conftest import initialized_trainer
+    from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
+
+    from entrust_nnunet.nnunet import variants
+    from entrust_nnunet.nnunet.distributed import unwrap
+
+    t = initialized_trainer(variants.nnUNetTrainerEnTrust_tinyCPU, planned_phantoms, monkeypatch)
+    net = unwrap(t.network)
+    source = {k: v.clone() for k, v in net.state_dict().items()}
+    source["region_outputs"].fill_(1.0)  # a region dataset's model (same number of outputs)
+    source["calib.fitted"].fill_(1.0)
+    source["calib.temperature"].fill_(2.0)
+    torch.save({"network_weights": source}, tmp_path / "pretrained.pth")
+    load_pretrained_weights(t.network, str(tmp_path / "pretrained.pth"))
+    assert net.regions and float(net.calib.fitted) == 1.0  # what nnU-Net's loader leaves
+    t.own_output_space_unfitted()  # on_train_start
+    assert not net.regions and not net.segdiff.regions
+    assert float(net.calib.fitted) == 0.0 and float(net.calib.temperature) == 1.0
+    assert not net.calib.conflict_bias.any()
