@@ -152,6 +152,27 @@ def test_calibration_uses_the_validation_fold_and_cross_fits_its_maps(trained_en
     assert all(totals_differ)
 
 
+def test_a_checkpoint_without_a_fitted_calib_head_is_named_in_one_warning(trained_entrust, tmp_path, capsys):
+    """checkpoint_best.pth is saved while training, before CalibHead is fitted (at the end, into
+    checkpoint_final.pth): predicting with it says so; with the final checkpoint nothing is said."""
+    from entrust_nnunet.nnunet.checkpoints import load_checkpoint
+
+    env, name, model = trained_entrust
+    copy = tmp_path / model.name
+    shutil.copytree(model, copy, ignore=shutil.ignore_patterns("validation", "*.png", "*.txt", "*.npz"))
+    ckpt = load_checkpoint(copy / "fold_2" / "checkpoint_final.pth")
+    assert float(ckpt["network_weights"]["calib.fitted"]) == 1.0
+    ckpt["network_weights"]["calib.fitted"].zero_()
+    torch.save(ckpt, copy / "fold_2" / "checkpoint_unfitted.pth")
+    EnTrustPredictor(device=torch.device("cpu")).initialize_from_trained_model_folder(str(copy), [2])
+    assert "warning" not in capsys.readouterr().err
+    EnTrustPredictor(device=torch.device("cpu")).initialize_from_trained_model_folder(str(copy), [2],
+                                                                                      "checkpoint_unfitted.pth")
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"entrust: warning: {copy / 'fold_2' / 'checkpoint_unfitted.pth'}: "
+                                                   "CalibHead not fitted")
+
+
 def test_folds_are_pooled_epistemic_rises_when_folds_disagree(trained_entrust):
     env, name, model = trained_entrust
     import os

@@ -39,6 +39,7 @@ import json
 import math
 import multiprocessing
 import os
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -347,6 +348,11 @@ class EnTrustPredictor(nnUNetPredictor):
         self.manual_initialization(network, plans_manager, configuration_manager, parameters, dataset_json,
                                    first["trainer_name"], first.get("inference_allowed_mirroring_axes"))
         self.calibrator = load_calibrator(folder)
+        unfitted = [f for f, p in zip(files, parameters) if "calib.fitted" in p and not float(p["calib.fitted"])]
+        if unfitted and self.calibrator is None:
+            print(f"entrust: warning: {unfitted[0]}: CalibHead not fitted (training fits it at the end, into "
+                  f"checkpoint_final.pth); P(error) falls back to 1 - confidence and the class probabilities are "
+                  f"not temperature-scaled", file=sys.stderr)
 
     def manual_initialization(self, network, plans_manager, configuration_manager, parameters, dataset_json,
                               trainer_name, inference_allowed_mirroring_axes):
