@@ -53,17 +53,23 @@ def _worker(rank: int, init_file: str, results):
     dist.destroy_process_group()
 
 
-def test_entrust_loss_and_calibration_under_ddp(tmp_path):
+def _two_ranks(worker, tmp_path, timeout: int = 180) -> dict:
+    """Run ``worker(rank, init_file, results)`` on two spawned processes; rank -> what it put after its rank."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(r, str(tmp_path / "init"), results)) for r in range(2)]
+    procs = [ctx.Process(target=worker, args=(r, str(tmp_path / "init"), results)) for r in range(2)]
     for p in procs:
         p.start()
-    # without freeze(calib) DDP stops at the second step: CalibHead gets no gradient from the training loss
-    out = dict((r[0], r[1:]) for r in (results.get(timeout=180) for _ in procs))
+    out = dict((r[0], r[1:]) for r in (results.get(timeout=timeout) for _ in procs))
     for p in procs:
         p.join(timeout=60)
         assert p.exitcode == 0
+    return out
+
+
+def test_entrust_loss_and_calibration_under_ddp(tmp_path):
+    # without freeze(calib) DDP stops at the second step: CalibHead gets no gradient from the training loss
+    out = _two_ranks(_worker, tmp_path)
     (w0, c0, f0, grad0, n0), (w1, c1, f1, grad1, n1) = out[0], out[1]
     assert w0 == w1  # gradients were averaged: the replicas stayed identical
     assert c0 == c1 == 0.5 and f0 == f1 == 1.0  # rank 0's fit reached rank 1
@@ -95,12 +101,4 @@ def _slow_fit_worker(rank: int, init_file: str, results):
 
 
 def test_other_ranks_wait_for_a_fit_longer_than_the_default_timeout(tmp_path):
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    procs = [ctx.Process(target=_slow_fit_worker, args=(r, str(tmp_path / "init"), results)) for r in range(2)]
-    for p in procs:
-        p.start()
-    out = dict(results.get(timeout=120) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
-    assert out == {0: 0.25, 1: 0.25}
+    assert _two_ranks(_slow_fit_worker, tmp_path, timeout=120) == {0: (0.25,), 1: (0.25,)}

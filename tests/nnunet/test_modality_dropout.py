@@ -77,30 +77,32 @@ def test_nnunet_baseline_zero_fills_dropped_channels(planned_phantoms, monkeypat
     assert any((x.flatten(2).abs().amax(2) == 0).any() for x in seen)
 
 
+def _zero_filled_like(net, channels: int, present: list[bool]) -> torch.Tensor:
+    """The mean probabilities of a plain ``net`` with ``present``'s absent modalities zero-filled by prediction,
+    checked against the network on the input zeroed by hand; returns them."""
+    from entrust_nnunet.model.sampling import SamplingSettings
+    from entrust_nnunet.nnunet.predictor import uncertainty_statistics
+
+    x = torch.randn(1, channels, 32, 32)
+    zeroed = x.clone()
+    zeroed[:, [c for c, p in enumerate(present) if not p]] = 0
+    with torch.no_grad():
+        masked = uncertainty_statistics(net, x, SamplingSettings(), torch.tensor(present))
+        torch.testing.assert_close(masked["mean"], torch.softmax(net(zeroed), 1))
+        assert (masked["mean"] - uncertainty_statistics(net, x, SamplingSettings())["mean"]).abs().max() > 1e-4
+    return masked["mean"]
+
+
 def test_prediction_zero_fills_absent_channels_for_plain_networks():
     from conftest import arch_kwargs
     from dynamic_network_architectures.architectures.unet import PlainConvUNet
 
-    from entrust_nnunet.model.sampling import SamplingSettings
-    from entrust_nnunet.nnunet.predictor import uncertainty_statistics
-
     torch.manual_seed(0)
     net = PlainConvUNet(3, num_classes=2, deep_supervision=False, **arch_kwargs(2)).eval()
-    x = torch.randn(1, 3, 32, 32)
-    zeroed = x.clone()
-    zeroed[:, 2] = 0
-    with torch.no_grad():
-        masked = uncertainty_statistics(net, x, SamplingSettings(), torch.tensor([True, True, False]))
-        torch.testing.assert_close(masked["mean"], torch.softmax(net(zeroed), 1))
-        assert (masked["mean"] - uncertainty_statistics(net, x, SamplingSettings())["mean"]).abs().max() > 1e-4
+    _zero_filled_like(net, 3, [True, True, False])
     # a cascade stage: two prior channels after the three modalities, left as they are
     cascade = PlainConvUNet(5, num_classes=2, deep_supervision=False, **arch_kwargs(2)).eval()
-    x = torch.randn(1, 5, 32, 32)
-    zeroed = x.clone()
-    zeroed[:, 1] = 0
-    with torch.no_grad():
-        masked = uncertainty_statistics(cascade, x, SamplingSettings(), torch.tensor([True, False, True]))
-        torch.testing.assert_close(masked["mean"], torch.softmax(cascade(zeroed), 1))
+    _zero_filled_like(cascade, 5, [True, False, True])
 
 
 def test_calibration_also_sees_each_case_with_modalities_missing(planned_phantoms, monkeypatch):

@@ -252,8 +252,8 @@ def test_postprocess_gives_removed_regions_the_foreground_probability(members, t
         assert record["cases"][case]["removed_conflict_voxels"] == int(marked.sum())
         assert record["cases"][case]["p_error_source"] == "probabilities"
         assert (out / f"{case}.npz").read_bytes() == (pred / f"{case}.npz").read_bytes()
-        record = "uncertainty/" + f"{case}_modalities.json"  # which modalities were present: carried over
-        assert json.loads((out / record).read_text()) == json.loads((pred / record).read_text())
+        present = f"uncertainty/{case}_modalities.json"  # which modalities were present: carried over
+        assert json.loads((out / present).read_text()) == json.loads((pred / present).read_text())
         if marked.any():
             assert f"{case}: post-processing removed" in r.stdout
     assert removed_any and not any(p.exists() for p in killed)
@@ -321,8 +321,8 @@ def test_entrust_ensemble_pools_members_like_folds(members, tmp_path):
                       for f, p in zip(folders, member_probs)]
         np.testing.assert_allclose(total, np.mean(retargeted, 0), atol=1e-5)
         assert total.min() >= 0 and total.max() <= 1
-        record = json.loads((out / "uncertainty" / f"{case}_modalities.json").read_text())
-        assert record["case"] == case and record["absent"] == []  # the members agree: their record
+        present = json.loads((out / "uncertainty" / f"{case}_modalities.json").read_text())
+        assert present["case"] == case and present["absent"] == []  # the members agree: their record
     _run(env, "nnUNetv2_evaluate_folder", str(raw / "labelsTs"), str(out), "-djfile", str(out / "dataset.json"),
          "-pfile", str(out / "plans.json"))
     _run(env, "entrust", "evaluate", "--pred", str(out), "--gt", str(raw / "labelsTs"), "-o",
