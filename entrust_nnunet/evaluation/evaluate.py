@@ -122,9 +122,12 @@ def _hypothesis_metrics(job: dict, pred_img: sitk.Image, pred: np.ndarray, truth
             out["coherence"] = metrics.hypothesis_coherence(hyps, truth)
             out["diversity"] = metrics.hypothesis_diversity(hyps, truth)
     if annotators is not None:
-        samples = hyps if hyps is not None else pred[None]
+        samples, mask = hyps if hyps is not None else pred[None], pred
+        if job["ignore_label"] is not None:  # a voxel the reference or an annotator ignores is no label to compare
+            ignored = (annotators == job["ignore_label"]).any(0) | (job["reference"] == job["ignore_label"])
+            samples, mask, annotators = (np.where(ignored, 0, a) for a in (samples, mask, annotators))
         out["ged2"] = metrics.generalized_energy_distance(samples, annotators)
-        out["ged2_mask_copies"] = metrics.generalized_energy_distance(np.repeat(pred[None], len(samples), 0),
+        out["ged2_mask_copies"] = metrics.generalized_energy_distance(np.repeat(mask[None], len(samples), 0),
                                                                       annotators)
         out["hm_iou"] = metrics.hungarian_matched_iou(samples, annotators)
     return out
@@ -249,6 +252,13 @@ def _conflict(out: dict, pool: dict, job: dict, gt_img, gt, maps: dict, errors: 
         pool["in_out"][name] = (s_in, n_in, s_out, n_out)
 
 
+def error_against_labels(pred: np.ndarray, labels: np.ndarray, ignore_label: int | None) -> np.ndarray:
+    """Per voxel the share of ``labels`` (N, *s) that ``pred`` disagrees with, among those that do not ignore it
+    (0 where all do)."""
+    counted = np.ones(labels.shape, bool) if ignore_label is None else labels != ignore_label
+    return ((pred[None] != labels) & counted).sum(0) / np.maximum(counted.sum(0), 1)
+
+
 def _uncertainty(job: dict, pred_img: sitk.Image, pred: np.ndarray, gt: np.ndarray, valid: np.ndarray | None,
                  gt_img: sitk.Image, annotators: np.ndarray | None) -> tuple[dict, dict]:
     """Per-case uncertainty metrics and the pieces the pooled metrics are built from."""
@@ -291,7 +301,8 @@ def _uncertainty(job: dict, pred_img: sitk.Image, pred: np.ndarray, gt: np.ndarr
     if job["conflict_file"] is not None:
         errors = {"error": error}
         if annotators is not None:  # where the truth is a coin flip, one reference is one draw of each coin
-            errors["error_all_labels"] = (pred[None] != np.concatenate([gt[None], annotators])).mean(0)
+            errors["error_all_labels"] = error_against_labels(pred, np.concatenate([gt[None], annotators]),
+                                                              job["ignore_label"])
         _conflict(out, pool, job, gt_img, gt, maps, errors, valid, sample, n_valid)
     return out, pool
 
@@ -340,7 +351,7 @@ def _evaluate_case(job: dict) -> dict:
             result["uncertainty"] = {"note": f"no {MAP_FOLDER}/ folder in {job['pred_dir']}: uncertainty not evaluated"}
         if job["hypotheses"] or job["annotators"]:
             truth = sitk.GetArrayFromImage(read_image(job["conflict_file"])) > 0 if job["conflict_file"] else None
-            result["hypotheses"] = _hypothesis_metrics(job, pred_img, pred, truth, annotators)
+            result["hypotheses"] = _hypothesis_metrics({**job, "reference": gt}, pred_img, pred, truth, annotators)
     return result
 
 

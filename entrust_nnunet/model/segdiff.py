@@ -30,7 +30,9 @@ leaves an ambiguous structure whole.
   mask salt-and-pepper, and overlapping patches would draw it differently. It is marginalised in
   closed form instead (pairwise mean-field approximation of E[softmax], :func:`expected_softmax` with P = 0)::
 
-      p_k,c = 1 / (1 + sum_{j != c} exp(-(l_c - l_j) / sqrt(1 + pi (D_c + D_j) / 8))),   l = mu + P eps_k
+      p_k,c ~ 1 / (1 + sum_{j != c} exp(-(l_c - l_j) / sqrt(1 + pi (D_c + D_j) / 8))),   l = mu + P eps_k
+
+  renormalised to sum to one over the classes.
 
   so D makes hypothesis k soft where voxel-wise doubt is (e.g. edges) without speckling it.
 

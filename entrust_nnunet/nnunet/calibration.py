@@ -268,7 +268,7 @@ def fold_voxels_path(model_folder: Path, fold) -> Path:
     path = Path(model_folder) / f"fold_{fold}" / FOLD_VOXELS_FILE
     if not path.is_file():
         raise InputError(f"{path}: fold {fold} has no out-of-fold calibration voxels (train it to the end with "
-                         f"nnUNetTrainerEnTrust, or rerun its validation with nnUNetv2_train ... --val: it writes them)")
+                         f"nnUNetTrainerEnTrust; a finished fold writes them again with nnUNetv2_train ... --c)")
     return path
 
 
@@ -364,12 +364,12 @@ def calibrate_model(model_folder, folds=None) -> tuple[Path, dict]:
     code). Returns the file and the fit report."""
     import json
 
-    model_folder = Path(model_folder).absolute()
+    model_folder = Path(model_folder).resolve()
     if not (model_folder / "plans.json").is_file():
         raise InputError(f"{model_folder}: no trained model here (plans.json missing)")
     if folds is None:
         folds = sorted({int(p.parent.name[5:]) for name in ("checkpoint_final.pth", FOLD_VOXELS_FILE)
-                        for p in model_folder.glob(f"fold_[0-9]*/{name}")})
+                        for p in model_folder.glob(f"fold_*/{name}") if p.parent.name[5:].isdigit()})
         if not folds:
             raise InputError(f"{model_folder}: no fold has out-of-fold calibration voxels ({FOLD_VOXELS_FILE})")
         for fold in folds:
@@ -404,7 +404,7 @@ def load_calibrator(model_folder) -> Calibrator | None:
     trainer, plans, configuration or dataset is refused."""
     import json
 
-    model_folder = Path(model_folder).absolute()  # "-m ." has no name of its own
+    model_folder = Path(model_folder).resolve()  # "-m ." and "-m .." have no name of their own
     path = model_folder / CALIBRATION_FILE
     if not path.is_file():
         return None

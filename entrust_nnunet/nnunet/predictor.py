@@ -350,9 +350,9 @@ class EnTrustPredictor(nnUNetPredictor):
         self.calibrator = load_calibrator(folder)
         unfitted = [f for f, p in zip(files, parameters) if "calib.fitted" in p and not float(p["calib.fitted"])]
         if unfitted and self.calibrator is None:
-            print(f"entrust: warning: {unfitted[0]}: CalibHead not fitted (training fits it at the end, into "
-                  f"checkpoint_final.pth); P(error) falls back to 1 - confidence and the class probabilities are "
-                  f"not temperature-scaled", file=sys.stderr)
+            print(f"entrust: warning: {unfitted[0]}: CalibHead not fitted (training fits it at its end, into "
+                  f"checkpoint_final.pth, when it has cases to fit it on); P(error) falls back to 1 - confidence and "
+                  f"the class probabilities are not temperature-scaled", file=sys.stderr)
 
     def manual_initialization(self, network, plans_manager, configuration_manager, parameters, dataset_json,
                               trainer_name, inference_allowed_mirroring_axes):

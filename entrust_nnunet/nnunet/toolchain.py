@@ -143,6 +143,8 @@ def write_case(out: Path, case: str, ending: str, rw, seg: np.ndarray, propertie
         if record is not None:
             with atomic_file(modalities_path(out, case)) as f:
                 json.dump(record, f, indent=2)
+        else:  # an earlier run's record into the same folder describes other inputs
+            modalities_path(out, case).unlink(missing_ok=True)
         for suffix, content in zip((".npz", ".pkl"), npz_pkl or ()):
             with atomic_file(out / f"{case}{suffix}", "wb") as f:
                 f.write(content)

@@ -438,3 +438,36 @@ def test_hypotheses_coherence_diversity_and_ged_against_annotators(data, tmp_pat
                            gt_dir=ds / "labelsTs", conflict_dir=ds / "conflictTs")
     width = [mpimg.imread(r / "case_test_000.png").shape[1] for r in (with_h, without)]
     assert width[0] - width[1] == 3 * 310
+
+
+def test_voxels_an_annotator_or_the_reference_ignores_leave_the_multi_annotator_metrics(tmp_path):
+    """The ignore label is no label: annotators that agree with the mask everywhere else give GED^2 0 and HM-IoU 1,
+    and an annotator's ignored voxel is not counted as an error against it."""
+    from entrust_nnunet.evaluation.evaluate import error_against_labels
+
+    gt = np.zeros((1, 12, 12), np.uint8)
+    gt[0, 3:8, 3:8] = 1
+    gt[0, 0, :] = 2  # the reference ignores the first row
+    pred = np.where(gt == 2, 0, gt).astype(np.uint8)
+    ref = sitk.GetImageFromArray(gt)
+    for folder in ("gt", "pred", "annotators"):
+        (tmp_path / folder).mkdir()
+    _write(gt, ref, tmp_path / "gt" / f"c{END}")
+    _write(pred, ref, tmp_path / "pred" / f"c{END}")
+    for k in range(2):
+        a = pred.copy()
+        a[0, 3 + k, 3:8] = 2  # each annotator ignores one row of the lesion
+        _write(a, ref, tmp_path / "annotators" / f"c_a{k}{END}")
+    (tmp_path / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "lesion": 1, "ignore": 2},
+                                                       "file_ending": END, "channel_names": {"0": "CT"}}))
+    s = evaluate_folder(tmp_path / "pred", tmp_path / "gt", annotators_dir=tmp_path / "annotators", num_processes=1,
+                        progress=False)
+    h = s["metric_per_case"][0]["hypotheses"]
+    assert h["ged2"] == pytest.approx(0.0, abs=1e-12) and h["hm_iou"] == pytest.approx(1.0)
+    assert h["ged2_mask_copies"] == pytest.approx(0.0, abs=1e-12)  # the mask agrees with every annotator too
+    labels = np.stack([gt, *(_read(tmp_path / "annotators" / f"c_a{k}{END}") for k in range(2))])
+    assert error_against_labels(pred, labels, 2).max() == 0.0
+    # lesion on annotator 0's ignored row: right for the reference and annotator 1, not wrong for annotator 0
+    lesion = np.ones_like(pred)
+    assert np.all(error_against_labels(lesion, labels, 2)[0, 3, 3:8] == 0.0)
+    assert np.allclose(error_against_labels(lesion, labels, None)[0, 3, 3:8], 1 / 3)  # as a label it would count

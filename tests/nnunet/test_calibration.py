@@ -89,6 +89,10 @@ def test_bad_inputs_are_one_clear_error(tmp_path):
     (twin / CALIBRATION_FILE).write_text((model / CALIBRATION_FILE).read_text())
     with pytest.raises(InputError, match="written for dataset Dataset001_A, not for Dataset002_B"):
         load_calibrator(twin)
+    # a copy of a fold under another name is no fold
+    (model / "fold_0_bak").mkdir()
+    (model / "fold_0_bak" / "checkpoint_final.pth").write_bytes(b"")
+    assert calibrate_model(model)[1]["folds"] == [0, 1]
     # a trained fold without voxels is named, not left out of the default folds
     (model / "fold_2").mkdir()
     (model / "fold_2" / "checkpoint_final.pth").write_bytes(b"")
