@@ -33,8 +33,12 @@ def _broadcast(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def without_absent(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(B, M, *s) input with absent channels set to 0 (``where``, so NaN or Inf there is removed too)."""
-    return torch.where(_broadcast(mask, x) > 0, x, torch.zeros_like(x))
+    """(B, C >= M, *s) input with its first M (image) channels set to 0 where ``mask`` (B, M) marks them absent
+    (``where``, so NaN or Inf there is removed too); channels after them (a cascade stage's prior) stay as they are."""
+    m = mask.shape[1]
+    images = x[:, :m]
+    images = torch.where(_broadcast(mask.to(x.device), images) > 0, images, torch.zeros_like(images))
+    return images if x.shape[1] == m else torch.cat([images, x[:, m:]], 1)
 
 
 def mean_over_present(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,8 @@ import zlib
 
 import torch
 
+from entrust_nnunet.model.absence import without_absent
+
 
 def modality_dropout_masks(batch: int, modalities: int, probability: float,
                            generator: torch.Generator | None = None) -> torch.Tensor:
@@ -81,7 +83,5 @@ class ModalityDropoutZeroFill(ModalityDropout):
     """Dropped channels are set to 0 in the normalised batch (nnU-Net's ZScore mean): plain nnU-Net's dropout."""
 
     def drop_modalities(self, batch: dict, mask: torch.Tensor) -> dict:
-        data = batch["data"]
-        m = mask.shape[1]  # the image channels come first; a cascade's prior channels after them stay as they are
-        mask = mask.to(data.device, data.dtype).view(*mask.shape, *([1] * (data.dim() - 2)))
-        return {**batch, "data": torch.cat([data[:, :m] * mask, data[:, m:]], 1)}
+        # the image channels come first; a cascade's prior channels after them stay as they are
+        return {**batch, "data": without_absent(batch["data"], mask)}

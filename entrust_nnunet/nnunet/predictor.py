@@ -143,8 +143,8 @@ def uncertainty_statistics(net: nn.Module, x: torch.Tensor, sampling: SamplingSe
         s = net.sample(x, sampling, modality_mask=modality_mask, maps=wanted)
         return {k: s[k] for k in ("mean", *wanted)} | {"model_spread": torch.zeros_like(s["conflict"])}
     if modality_mask is not None:  # the image channels first; a cascade stage's prior after them stays as it is
-        m = torch.as_tensor(modality_mask).shape[-1]
-        x = torch.cat([without_absent(x[:, :m], resolve_mask(modality_mask, x.shape[0], m, x.device)), x[:, m:]], 1)
+        x = without_absent(x, resolve_mask(modality_mask, x.shape[0], torch.as_tensor(modality_mask).shape[-1],
+                                           x.device))
     if hasattr(net, "sample_statistics"):
         s = net.sample_statistics(x, num_hypotheses=sampling.num_hypotheses, seed=sampling.seed, regions=regions)
     else:
