@@ -44,9 +44,11 @@ def end_processes(processes) -> None:
 
 @contextlib.contextmanager
 def workers_ended_first_on_signals(ours: set):
-    """On Ctrl-C/SIGTERM, end the daemonic workers started inside (nnU-Net's preprocessing) before the
-    exception unwinds nnU-Net's iterator: unwinding releases the Manager objects they use, and they
-    would print tracebacks. Then the previous handler raises as usual. A signal this process inherited as
+    """On Ctrl-C/SIGTERM, end the processes started inside (nnU-Net's preprocessing workers, then their
+    Manager) before the exception unwinds nnU-Net's iterator: unwinding releases the Manager objects the
+    workers use, and a signal in the middle of receiving a case closes the connection the Manager is
+    handing the tensor over on; either way a live process would print a traceback. Then the previous
+    handler raises as usual. A signal this process inherited as
     ignored (``nohup``, a background job of a script) stays ignored: ending the workers and then ignoring the
     signal would leave nnU-Net's iterator with dead workers."""
     if threading.current_thread() is not threading.main_thread():
@@ -56,7 +58,7 @@ def workers_ended_first_on_signals(ours: set):
 
     @sigterm_handler_of_this_process
     def handler(signum, frame):
-        end_processes({p for p in multiprocessing.active_children() if p.daemon} - ours)
+        end_processes(set(multiprocessing.active_children()) - ours)
         if callable(previous[signum]):
             previous[signum](signum, frame)
         else:  # default or ignored: let the signal do what it did before
