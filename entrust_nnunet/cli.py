@@ -307,6 +307,16 @@ def _cmd_ensemble(args: argparse.Namespace) -> None:
     print(f"ensemble of {len(args.i)} folders: masks in {out}, uncertainty maps in {out / 'uncertainty'}")
 
 
+def _cmd_export_model_to_zip(args: argparse.Namespace) -> None:
+    from entrust_nnunet.nnunet.model_sharing import export_model_to_zip
+
+    calibrated = export_model_to_zip(args.d, args.o, args.c, args.tr, args.p, args.f, strict=not args.not_strict,
+                                     checkpoints=tuple(args.chk), crossval_predictions=args.exp_cv_preds)
+    which = f"with the calibration of {', '.join(calibrated)}" if calibrated else \
+        "without a calibration (no configuration has entrust_calibration.json: run entrust calibrate first)"
+    print(f"wrote {args.o} {which}; nnUNetv2_install_pretrained_model_from_zip installs it")
+
+
 def _add_toolchain(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("postprocess", help="nnUNetv2_apply_postprocessing that keeps the uncertainty maps consistent",
                        description="Apply nnU-Net's post-processing (postprocessing.pkl from "
@@ -336,6 +346,24 @@ def _add_toolchain(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--save_npz", "--save_probabilities", dest="save_npz", action="store_true",
                    help="also write the pooled class probabilities (.npz + .pkl), as nnUNetv2_ensemble --save_npz")
     p.set_defaults(func=_cmd_ensemble)
+
+    p = sub.add_parser("export_model_to_zip", help="nnUNetv2_export_model_to_zip that also exports entrust calibrate's fit",
+                       description="nnU-Net's model export (the same files, the same flags) plus each configuration's "
+                                   "entrust_calibration.json, so that nnUNetv2_install_pretrained_model_from_zip "
+                                   "installs the calibration with the model. The zip is written under a temporary "
+                                   "name and renamed when complete.")
+    p.add_argument("-d", required=True, help="dataset name or id")
+    p.add_argument("-o", required=True, help="zip file to write")
+    p.add_argument("-c", nargs="+", default=["3d_lowres", "3d_fullres", "2d", "3d_cascade_fullres"],
+                   help="configurations (default: nnU-Net's four; each must be trained unless --not_strict)")
+    p.add_argument("-tr", default="nnUNetTrainerEnTrust", help="trainer (default: nnUNetTrainerEnTrust)")
+    p.add_argument("-p", default=DEFAULT_PLANS, help=f"plans identifier (default: {DEFAULT_PLANS})")
+    p.add_argument("-f", nargs="+", default=["0", "1", "2", "3", "4"], help="folds (default: 0 1 2 3 4)")
+    p.add_argument("-chk", nargs="+", default=["checkpoint_final.pth"],
+                   help="checkpoint files to export (default: checkpoint_final.pth)")
+    p.add_argument("--not_strict", action="store_true", help="skip configurations that have no trained model")
+    p.add_argument("--exp_cv_preds", action="store_true", help="also export the cross-validation predictions")
+    p.set_defaults(func=_cmd_export_model_to_zip)
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> None:

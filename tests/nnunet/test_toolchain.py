@@ -162,6 +162,55 @@ def test_entrust_calibrate_fits_on_every_fold_out_of_fold(five_folds):
         (model / CALIBRATION_FILE).unlink()
 
 
+def test_export_model_to_zip_carries_the_calibration_into_an_install(five_folds, tmp_path):
+    """nnU-Net's export leaves entrust_calibration.json behind; ours adds it, and nnU-Net's own install command
+    puts it where entrust predict reads it."""
+    import zipfile
+
+    from entrust_nnunet.nnunet.calibration import CALIBRATION_FILE
+    from entrust_nnunet.nnunet.predictor import EnTrustPredictor
+
+    env, raw, model = five_folds
+    _run(env, "entrust", "calibrate", "-d", str(DATASET_ID), "-c", "2d", "-tr", TRAINER, "-p", PLANS)
+    try:
+        ours, stock = tmp_path / "ours.zip", tmp_path / "stock.zip"
+        common = ["-d", str(DATASET_ID), "-c", "2d", "-tr", TRAINER, "-p", PLANS]
+        r = _run(env, "entrust", "export_model_to_zip", "-o", str(ours), *common)
+        _run(env, "nnUNetv2_export_model_to_zip", "-o", str(stock), *common)
+        relative = f"{NAME}/{model.name}/{CALIBRATION_FILE}"
+        with zipfile.ZipFile(ours) as a, zipfile.ZipFile(stock) as b:
+            assert sorted(a.namelist()) == sorted([*b.namelist(), relative])
+            assert a.read(relative) == (model / CALIBRATION_FILE).read_bytes()
+        assert "with the calibration of 2d" in r.stdout and not list(tmp_path.glob(".tmp-*"))
+        installed = {**env, "nnUNet_results": str(tmp_path / "installed")}
+        _run(installed, "nnUNetv2_install_pretrained_model_from_zip", str(ours))
+        folder = tmp_path / "installed" / NAME / model.name
+        predictor = EnTrustPredictor(device=torch.device("cpu"), allow_tqdm=False)
+        predictor.initialize_from_trained_model_folder(str(folder), (0, 1))
+        assert predictor.calibrator is not None
+        assert predictor.class_temperature() == pytest.approx(
+            json.loads((model / CALIBRATION_FILE).read_text())["class_temperature"])
+    finally:
+        (model / CALIBRATION_FILE).unlink()
+
+
+@pytest.mark.parametrize("problem", ["configuration", "fold", "output_folder"])
+def test_export_model_to_zip_refuses_in_one_line_and_writes_nothing(five_folds, tmp_path, problem):
+    env, raw, model = five_folds
+    out = tmp_path / "model.zip"
+    flags = {"configuration": ["-c", "3d_fullres"], "fold": ["-c", "2d", "-f", "0", "7"],
+             "output_folder": ["-c", "2d"]}[problem]
+    if problem == "output_folder":
+        out.mkdir()
+    r = subprocess.run([nnunet_bin("entrust"), "export_model_to_zip", "-d", str(DATASET_ID), "-o", str(out),
+                        "-tr", TRAINER, "-p", PLANS, *flags], env=env, capture_output=True, encoding="utf-8",
+                       timeout=300)
+    lines = r.stderr.strip().splitlines()
+    culprit = {"configuration": "3d_fullres", "fold": "requested folds", "output_folder": "is a folder"}[problem]
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("entrust: error: ") and culprit in lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["model.zip"] if problem == "output_folder" else [])
+
+
 def _entrust_command(line: str, replacements: dict[str, str]) -> list[str]:
     """nnU-Net's printed command with its nnUNetv2_* program replaced by our sub-command and placeholders filled."""
     words = [replacements.get(w, w) for w in shlex.split(line)]
