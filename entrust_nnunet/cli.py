@@ -347,7 +347,8 @@ def _add_toolchain(sub: argparse._SubParsersAction) -> None:
                    help="also write the pooled class probabilities (.npz + .pkl), as nnUNetv2_ensemble --save_npz")
     p.set_defaults(func=_cmd_ensemble)
 
-    p = sub.add_parser("export_model_to_zip", help="nnUNetv2_export_model_to_zip that also exports entrust calibrate's fit",
+    p = sub.add_parser("export_model_to_zip",
+                       help="nnUNetv2_export_model_to_zip that also exports entrust calibrate's fit",
                        description="nnU-Net's model export (the same files, the same flags) plus each configuration's "
                                    "entrust_calibration.json, so that nnUNetv2_install_pretrained_model_from_zip "
                                    "installs the calibration with the model. The zip is written under a temporary "
