@@ -529,7 +529,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-p", default=None, help="plans identifier (default: nnUNetPlans; without -p, the only plans "
                                             "with a trained model for -tr and -c if there is exactly one, as predict)")
     p.add_argument("-f", nargs="+", type=_fold_number, default=None,
-                   help="folds (default: every fold with calibration voxels)")
+                   help="folds (default: every trained fold; each needs its fold_N/calibration_voxels.npz)")
     p.set_defaults(func=_cmd_calibrate, model_folder=None, chk="checkpoint_final.pth")
     _add_prediction(sub)
     _add_toolchain(sub)
