@@ -173,12 +173,9 @@ def test_a_checkpoint_without_a_fitted_calib_head_is_named_in_one_warning(traine
                                                    "CalibHead not fitted")
 
 
-def test_folds_are_pooled_epistemic_rises_when_folds_disagree(trained_entrust):
+def test_folds_are_pooled_epistemic_rises_when_folds_disagree(trained_entrust, monkeypatch):
     env, name, model = trained_entrust
-    import os
-
-    os.environ.update({k: env[k] for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results",
-                                           "nnUNet_extTrainer")})
+    _nnunet_roots(env, monkeypatch)
     single = EnTrustPredictor(device=torch.device("cpu"), allow_tqdm=False, use_mirroring=False,
                               sampling=SamplingSettings(num_hypotheses=4))
     single.initialize_from_trained_model_folder(str(model), [2])
@@ -214,7 +211,9 @@ def test_folds_are_pooled_epistemic_rises_when_folds_disagree(trained_entrust):
     assert float(stats["epistemic"].max()) > 1e-3 and float(stats["epistemic_map"].abs().max()) == 0.0
     # the two add up to the entropy, but where float16 rounding put the pooled per-pass entropy above it (the image's
     # corners, where the Gaussian weights are tiny) and the rest is clamped at 0
-    assert float((stats["aleatoric"] + stats["epistemic"] - stats["entropy"]).abs().max()) < 1e-2
+    # (a handful of voxels of 1024; their size grows with the model's sharpness, which an unseeded training varies)
+    gap = (stats["aleatoric"] + stats["epistemic"] - stats["entropy"]).abs()
+    assert float(gap.max()) < 5e-2 and float((gap > 1e-3).float().mean()) < 0.02
     # the mask is the argmax of the pooled mean, which now leans to the disagreeing fold's class
     assert (two[:c].argmax(0) == 2).float().mean() > (one[:c].argmax(0) == 2).float().mean()
     # with hypotheses: fold-major, K per fold; the same pooled maps; fold 1's hypotheses lean to class 2
@@ -242,25 +241,28 @@ def test_folds_are_pooled_epistemic_rises_when_folds_disagree(trained_entrust):
     assert (hyps[4:] == 2).float().mean() > (hyps[:4] == 2).float().mean()
 
 
-def _fold2_predictor(trained_entrust) -> EnTrustPredictor:
-    """The trained tiny model's fold 2 in an EnTrustPredictor (K = 2, no probe, no mirroring), nnU-Net's roots set."""
-    import os
+def _nnunet_roots(env: dict, monkeypatch) -> None:
+    """nnU-Net's roots and trainer path of the session's model, for this test only (xdist runs other files after it)."""
+    for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_extTrainer"):
+        monkeypatch.setenv(k, env[k])
 
+
+def _fold2_predictor(trained_entrust, monkeypatch) -> EnTrustPredictor:
+    """The trained tiny model's fold 2 in an EnTrustPredictor (K = 2, no probe, no mirroring), nnU-Net's roots set."""
     env, _, model = trained_entrust
-    os.environ.update({k: env[k] for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results",
-                                           "nnUNet_extTrainer")})
+    _nnunet_roots(env, monkeypatch)
     predictor = EnTrustPredictor(device=torch.device("cpu"), allow_tqdm=False, use_mirroring=False,
                                  sampling=SamplingSettings(num_hypotheses=2, probe=False))
     predictor.initialize_from_trained_model_folder(str(model), [2])
     return predictor
 
 
-def test_saved_class_probabilities_carry_p_error_and_keep_the_mask(trained_entrust):
+def test_saved_class_probabilities_carry_p_error_and_keep_the_mask(trained_entrust, monkeypatch):
     """The class channels: the top label (the mask's) gets 1 - P(error) (the exported total map, capped below the
     point where another class would overtake it), the other classes share the rest in the proportions of the
     calibrated softmax(log mean / T + g b), T and b the folds' fitted CalibHead temperatures and conflict biases
     averaged, g the gate of the pooled conflict; they sum to 1 and their argmax is the calibrated one (the mask)."""
-    predictor = _fold2_predictor(trained_entrust)
+    predictor = _fold2_predictor(trained_entrust, monkeypatch)
     fitted = float(predictor.list_of_parameters[0]["calib.temperature"])
     assert fitted != 1.0 and predictor.class_temperature() == pytest.approx(fitted)  # fitted at the end of training
     bias = predictor.list_of_parameters[0]["calib.conflict_bias"]
@@ -298,7 +300,7 @@ def test_case_level_maps_slab_by_slab_equal_the_whole(trained_entrust, monkeypat
     same output (2D: slabs along H)."""
     import entrust_nnunet.nnunet.predictor as predictor_module
 
-    predictor = _fold2_predictor(trained_entrust)
+    predictor = _fold2_predictor(trained_entrust, monkeypatch)
     data = torch.randn(3, 1, 32, 32)
     whole = predictor.predict_case(data)[0]
     slabs = []

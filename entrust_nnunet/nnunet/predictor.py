@@ -251,11 +251,12 @@ def export_prediction_with_maps(prediction: np.ndarray, properties: dict, config
     ending = dataset_json["file_ending"]
     out_dir, case = os.path.split(output_file_truncated)
     tmp_trunc = str(temporary_path(output_file_truncated))
-    written = []
+    # named before nnU-Net writes them: a signal between its write and our bookkeeping must not leave one behind
+    temporaries = [tmp_trunc + e for e in (ending, ".npz", ".pkl")]
     try:
         export_prediction_from_logits(prediction[:num_classes], properties, configuration_manager, plans_manager,
                                       dataset_json, tmp_trunc, save_probabilities)
-        written += [tmp_trunc + e for e in (ending, ".npz", ".pkl") if os.path.exists(tmp_trunc + e)]
+        written = [t for t in temporaries if os.path.exists(t)]
         label_manager = _MapChannels({"background": 0, **{f"map{i}": i for i in range(1, len(MAP_NAMES))}}, None)
         _, maps = convert_predicted_logits_to_segmentation_with_correct_shape(
             prediction[num_classes:], plans_manager, configuration_manager, label_manager, properties,
@@ -280,7 +281,7 @@ def export_prediction_with_maps(prediction: np.ndarray, properties: dict, config
         for tmp in written if keep_mask else []:  # the mask last: a mask on disk means its maps are complete
             os.replace(tmp, output_file_truncated + tmp[len(tmp_trunc):])
     finally:
-        for tmp in written:
+        for tmp in temporaries:
             if os.path.exists(tmp):
                 os.remove(tmp)
 

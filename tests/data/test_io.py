@@ -133,16 +133,14 @@ def test_a_lock_is_held_by_a_live_process_not_by_the_pid_in_its_file(tmp_path):
         assert lock.read_text().split() == [str(os.getpid()), io.HOST_TAG]
 
 
-def _try_stale_lock(folder, barrier, results):
+def _try_stale_lock(folder, barrier, results, release):
     from entrust_nnunet.data import io
 
     barrier.wait()
     try:
         with io.folder_lock(folder, ".lock", "entrust predict"):
             results.put("took")
-            import time
-
-            time.sleep(2.0)  # longer than the others' attempts, which all start at the barrier
+            release.wait(60)  # held until every other process has tried (not a sleep: a loaded machine is slow)
     except InputError:
         results.put("refused")
 
@@ -152,13 +150,15 @@ def test_a_stale_lock_is_taken_over_by_one_of_several_processes_at_once(tmp_path
 
     (tmp_path / ".lock").write_text("999999999\n")  # a dead pid of this machine
     ctx = mp.get_context("fork")
-    barrier, results = ctx.Barrier(6), ctx.Queue()
-    procs = [ctx.Process(target=_try_stale_lock, args=(tmp_path, barrier, results)) for _ in range(6)]
+    barrier, results, release = ctx.Barrier(6), ctx.Queue(), ctx.Event()
+    procs = [ctx.Process(target=_try_stale_lock, args=(tmp_path, barrier, results, release)) for _ in range(6)]
     for p in procs:
         p.start()
+    outcomes = sorted(results.get(timeout=60) for _ in procs)
+    release.set()
     for p in procs:
         p.join(30)
-    assert sorted(results.get(timeout=5) for _ in procs) == ["refused"] * 5 + ["took"]
+    assert outcomes == ["refused"] * 5 + ["took"]
     assert not (tmp_path / ".lock").exists()
 
 

@@ -84,8 +84,9 @@ def _slow_fit_worker(rank: int, init_file: str, results):
     from entrust_nnunet.nnunet.distributed import waiting_group
 
     # the default group's timeout stands for NCCL's 10 minutes; rank 0's fit takes longer than it
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
-                            timeout=timedelta(seconds=2))
+    # (set after the rendezvous: two ranks importing torch on a loaded machine may arrive seconds apart)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    dist.set_timeout(timedelta(seconds=2))
     module = nn.Linear(2, 2)
     group = waiting_group(timedelta(seconds=60))
     if rank == 0:

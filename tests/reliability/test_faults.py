@@ -146,7 +146,7 @@ def wait_for(condition, proc: subprocess.Popen, timeout: float = 180) -> None:
 
 def maps_complete(out: Path) -> None:
     """Nothing partial: every mask on disk has all its maps (they are renamed into place before it)."""
-    for mask in out.glob("*.nii.gz"):
+    for mask in masks(out):
         case = mask.name[: -len(".nii.gz")]
         assert all((out / "uncertainty" / f"{case}_{m}.nii.gz").is_file() for m in MAP_NAMES), case
 
@@ -320,20 +320,36 @@ def scenario(ctx: Ctx, name: str) -> dict:
     return _SCENARIOS[name]
 
 
-def _interrupted(ctx: Ctx, out: Path, sig: int, group: bool, before=None, src: Path | None = None
-                 ) -> tuple[int, str, str, dict]:
-    """Start a prediction of ``src`` (ctx.long), wait until it has written a mask (its workers all run), send ``sig``
-    (to the process group as Ctrl-C does, or to entrust alone as ``kill`` does). ``before`` runs at the lock."""
+def masks(out: Path) -> list[Path]:
+    """The masks in ``out`` (a temporary ``.tmp-*.nii.gz`` is not one)."""
+    return [p for p in out.glob("*.nii.gz") if not p.name.startswith(".")]
+
+
+def holds_lock(out: Path) -> bool:
+    """A prediction holds ``out``'s lock: its pid is in the file (written after ``flock``, not merely opened)."""
+    try:
+        return bool((out / ".entrust-predict.lock").read_text().strip())
+    except FileNotFoundError:
+        return False
+
+
+def _interrupted(ctx: Ctx, out: Path, sig: int, group: bool, before=None, src: Path | None = None,
+                 at_lock: bool = False) -> tuple[int, str, str, dict]:
+    """Start a prediction of ``src`` (ctx.long), wait until it has written a mask (its workers all run; with
+    ``at_lock``: until it holds the output's lock), send ``sig`` (to the process group as Ctrl-C does, or to entrust
+    alone as ``kill`` does). ``before`` runs once it holds the lock."""
     src = ctx.long if src is None else src
     proc = entrust(ctx, *predict_argv(src, out, ctx.lean))
     results = {}
+    if before or at_lock:
+        wait_for(lambda: holds_lock(out), proc)
     if before:
-        wait_for(lambda: (out / ".entrust-predict.lock").exists(), proc)
         results = before()
-    wait_for(lambda: any(out.glob("*.nii.gz")), proc)
+    if not at_lock:
+        wait_for(lambda: any(masks(out)), proc)
     (os.killpg if group else os.kill)(proc.pid, sig)
     stdout, stderr = proc.communicate(timeout=120)
-    assert len(list(out.glob("*.nii.gz"))) < len(list(src.glob("*_0000.nii.gz"))), "finished before the signal"
+    assert len(masks(out)) < len(list(src.glob("*_0000.nii.gz"))), "finished before the signal"
     return proc.returncode, stdout, stderr, results
 
 
@@ -358,7 +374,8 @@ def _sigkill_then_rerun(ctx: Ctx, root: Path) -> dict:
     same prediction again, this time by -d/-tr without -p from a results folder where only
     nnUNetEnTrustPlans has a trained model (nnUNetPlans' folder has no checkpoint)."""
     out, results = root / "out", root / "results" / ctx.model.parent.name
-    status = _interrupted(ctx, out, signal.SIGKILL, group=True, src=ctx.many)[0]  # rerun below: all of ctx.many
+    # at the lock: the N_MANY cases (the rerun below predicts them all) take half a second once the first is written
+    status = _interrupted(ctx, out, signal.SIGKILL, group=True, src=ctx.many, at_lock=True)[0]
     assert status == -signal.SIGKILL
     dead = _dead_pid()
     (out / "uncertainty").mkdir(exist_ok=True)
@@ -428,7 +445,7 @@ def _from_scenario(name: str, row: str, check=None):
 
 
 def _all_masks(ctx, out, root):
-    assert len(list(out.glob("*.nii.gz"))) == N_MANY
+    assert len(masks(out)) == N_MANY
 
 
 builds("predict-sigint")(_from_scenario("sigint", "predict-sigint"))
