@@ -22,10 +22,13 @@ from entrust_nnunet.model.sampling import DEFAULT_SAMPLING, SamplingSettings
 from entrust_nnunet.nnunet.predictor import EnTrustPredictor
 
 
-def collect_cases(input_dir: Path, file_ending: str, num_channels: int) -> dict[str, list[str | None]]:
+def collect_cases(input_dir: Path, file_ending: str, num_channels: int,
+                  unread: frozenset[int] = frozenset()) -> dict[str, list[str | None]]:
     """Group ``CASE_XXXX<ending>`` files by case and check channel numbers and per-case geometry.
 
-    A channel without its file is None (an absent modality: :func:`case_modalities` decides what to do)."""
+    A channel without its file is None (an absent modality: :func:`case_modalities` decides what to do). Channels
+    in ``unread`` (``--drop-modalities``) keep their file name but are neither read nor checked: nothing reads them,
+    and a user may drop a modality precisely because its file is broken."""
     if not input_dir.is_dir():
         raise InputError(f"{input_dir}: input folder does not exist")
     cases: dict[str, dict[int, Path]] = {}
@@ -45,11 +48,13 @@ def collect_cases(input_dir: Path, file_ending: str, num_channels: int) -> dict[
             raise InputError(f"{channels[extra[0]]}: case {case} has channel {extra[0]} but the model expects "
                              f"{num_channels} channels")
         # read_image, not just headers: ITK would silently read NaN/Inf voxels as 0 and truncated files as zeros
-        first_c = min(channels)
-        first = read_image(channels[first_c])
-        for c in sorted(channels)[1:]:
-            check_same_geometry(first, channels[first_c], read_image(channels[c]), channels[c],
-                                f"channel {first_c} of case {case}")
+        read = sorted(c for c in channels if c not in unread)
+        if not read:
+            continue  # every file dropped: case_modalities names the case
+        first = read_image(channels[read[0]])
+        for c in read[1:]:
+            check_same_geometry(first, channels[read[0]], read_image(channels[c]), channels[c],
+                                f"channel {read[0]} of case {case}")
     return {case: [str(channels[c]) if c in channels else None for c in range(num_channels)]
             for case, channels in cases.items()}
 
@@ -92,10 +97,11 @@ def check_absence_supported(predictor: EnTrustPredictor, modalities: dict[str, C
     raise InputError(f"--drop-modalities {drop_flag}: {trainer}; it cannot predict with absent modalities")
 
 
-def previous_stage_files(cases: dict, folder, file_ending: str, previous: str | None, model_folder: Path
-                         ) -> list[str] | None:
+def previous_stage_files(modalities: dict[str, CaseModalities], cases: dict, folder, file_ending: str,
+                         previous: str | None, model_folder: Path) -> list[str] | None:
     """The previous stage's mask of every case (``FOLDER/CASE<ending>``, as nnUNetv2_predict's
-    ``-prev_stage_predictions``) for a cascade stage, else None; one line naming the file or the flag otherwise."""
+    ``-prev_stage_predictions``) for a cascade stage, else None; one line naming the file or the flag otherwise.
+    Its geometry is checked against the case's first present channel (a dropped one is not read)."""
     if previous is None:
         if folder is not None:
             raise InputError(f"-prev_stage_predictions {folder}: {model_folder} is not a cascade stage; leave the "
@@ -108,7 +114,7 @@ def previous_stage_files(cases: dict, folder, file_ending: str, previous: str | 
     for case, path in files.items():
         if not path.is_file():
             raise InputError(f"{path}: the previous stage's mask of case {case} is missing (-prev_stage_predictions)")
-        channel = next(f for f in cases[case] if f is not None)
+        channel = next(f for f, present in zip(cases[case], modalities[case].present) if present)
         check_same_geometry(read_header(channel), channel, read_header(path), path)  # headers only
     return [str(files[case]) for case in cases]
 
@@ -135,14 +141,14 @@ def predict_folder(input_dir, output_dir, model_folder, folds=None, checkpoint: 
     dataset_json = json.loads((model_folder / "dataset.json").read_text())
     ending, channel_names = dataset_json["file_ending"], dataset_json["channel_names"]
     dropped = parse_drop_modalities(drop_modalities, channel_names)
-    cases = collect_cases(input_dir, ending, len(channel_names))
+    cases = collect_cases(input_dir, ending, len(channel_names), frozenset(dropped))
     modalities = case_modalities(cases, channel_names, dropped, drop_modalities)
     device = resolve_device(str(device))
     predictor = EnTrustPredictor(tile_step_size=step_size, use_gaussian=True, use_mirroring=not disable_tta,
                                  perform_everything_on_device=device.type == "cuda", device=device,
                                  allow_tqdm=False, sampling=sampling, save_hypotheses=save_hypotheses)
     predictor.initialize_from_trained_model_folder(str(model_folder), folds, checkpoint)
-    previous = previous_stage_files(cases, prev_stage_predictions, ending,
+    previous = previous_stage_files(modalities, cases, prev_stage_predictions, ending,
                                     predictor.configuration_manager.previous_stage_name, model_folder)
     if not absent_without_dropout:
         check_absence_supported(predictor, modalities, input_dir, ending, drop_modalities)

@@ -74,6 +74,15 @@ def test_absent_file_is_masked_like_a_dropped_modality(trained_moddrop, tmp_path
         np.testing.assert_allclose(a, b, atol=1e-6)
     dropped = json.loads((tmp_path / "b" / "uncertainty" / "test_001_modalities.json").read_text())
     assert dropped["absent"] == ["FLAIR"] and dropped["dropped"] == ["FLAIR"]
+    # a dropped modality's file is not read: broken, it does not stop the prediction, which is the same
+    broken = tmp_path / "broken"
+    shutil.copytree(raw / "imagesTs", broken)
+    flair = broken / "test_001_0002.nii.gz"
+    flair.write_bytes(flair.read_bytes()[: flair.stat().st_size // 2])
+    r = _predict(env, broken, tmp_path / "c", model, "--drop-modalities", "flair")
+    assert r.returncode == 0, r.stderr[-3000:]
+    for a, b in zip(_arrays(tmp_path / "b", "test_001"), _arrays(tmp_path / "c", "test_001")):
+        np.testing.assert_allclose(a, b, atol=1e-6)
     # and FLAIR matters: test_001 with every modality differs from test_001 without FLAIR
     assert any(np.abs(a - b).max() > 1e-4 for a, b in zip(_arrays(tmp_path / "a", "test_001"),
                                                           _arrays(tmp_path / "b", "test_001")))
