@@ -43,6 +43,13 @@ def nnunet_bin(name: str) -> str:
     return str(exe) if exe.exists() else shutil.which(name)
 
 
+def use_nnunet_roots(env: dict, monkeypatch, *extra: str) -> None:
+    """nnU-Net's roots (and the ``extra`` variables) of a fixture's ``env`` for one test only: monkeypatch undoes them,
+    so the files xdist runs later on the same worker see the environment they started with."""
+    for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", *extra):
+        monkeypatch.setenv(k, env[k])
+
+
 @pytest.fixture(scope="session")
 def planned_phantoms(tmp_path_factory):
     """(env, dataset_name): 2D phantoms (8 cases, 32x32) with nnUNetPlans and nnUNetEnTrustPlans preprocessed.
@@ -117,8 +124,7 @@ def initialized_trainer(cls, planned_phantoms, monkeypatch):
     import torch
 
     env, name = planned_phantoms
-    for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-        monkeypatch.setenv(k, env[k])
+    use_nnunet_roots(env, monkeypatch)
     monkeypatch.setenv("nnUNet_compile", "false")
     pre = Path(env["nnUNet_preprocessed"]) / name
     plans = json.loads((pre / "nnUNetPlans.json").read_text())

@@ -10,7 +10,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from conftest import SESSION_DATASET_ID, nnunet_bin
+from conftest import SESSION_DATASET_ID, nnunet_bin, use_nnunet_roots
 from entrust_nnunet.model.sampling import SamplingSettings
 from entrust_nnunet.data.io import MAP_NAMES
 from entrust_nnunet.nnunet.predictor import EnTrustPredictor
@@ -175,7 +175,7 @@ def test_a_checkpoint_without_a_fitted_calib_head_is_named_in_one_warning(traine
 
 def test_folds_are_pooled_epistemic_rises_when_folds_disagree(trained_entrust, monkeypatch):
     env, name, model = trained_entrust
-    _nnunet_roots(env, monkeypatch)
+    use_nnunet_roots(env, monkeypatch, "nnUNet_extTrainer")
     single = EnTrustPredictor(device=torch.device("cpu"), allow_tqdm=False, use_mirroring=False,
                               sampling=SamplingSettings(num_hypotheses=4))
     single.initialize_from_trained_model_folder(str(model), [2])
@@ -241,16 +241,10 @@ def test_folds_are_pooled_epistemic_rises_when_folds_disagree(trained_entrust, m
     assert (hyps[4:] == 2).float().mean() > (hyps[:4] == 2).float().mean()
 
 
-def _nnunet_roots(env: dict, monkeypatch) -> None:
-    """nnU-Net's roots and trainer path of the session's model, for this test only (xdist runs other files after it)."""
-    for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_extTrainer"):
-        monkeypatch.setenv(k, env[k])
-
-
 def _fold2_predictor(trained_entrust, monkeypatch) -> EnTrustPredictor:
     """The trained tiny model's fold 2 in an EnTrustPredictor (K = 2, no probe, no mirroring), nnU-Net's roots set."""
     env, _, model = trained_entrust
-    _nnunet_roots(env, monkeypatch)
+    use_nnunet_roots(env, monkeypatch, "nnUNet_extTrainer")
     predictor = EnTrustPredictor(device=torch.device("cpu"), allow_tqdm=False, use_mirroring=False,
                                  sampling=SamplingSettings(num_hypotheses=2, probe=False))
     predictor.initialize_from_trained_model_folder(str(model), [2])

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import use_nnunet_roots
 from entrust_nnunet.nnunet.annotators import PREPROCESSED_FOLDER, AnnotatorDataset, training_dataset
 from entrust_nnunet.nnunet.env import ensure_ext_trainer, set_nnunet_roots
 
@@ -98,8 +99,7 @@ def test_entrust_trainer_trains_on_annotator_labels(annotator_phantoms, monkeypa
     from entrust_nnunet.nnunet.variants import nnUNetTrainerEnTrust_tinyCPU
 
     env, folder = annotator_phantoms
-    for k in (*ENV_KEYS, "nnUNet_n_proc_DA", "nnUNet_compile"):
-        monkeypatch.setenv(k, env[k])
+    use_nnunet_roots(env, monkeypatch, "nnUNet_n_proc_DA", "nnUNet_compile")
     pre = folder.parent
     plans = json.loads((pre / "nnUNetEnTrustPlans.json").read_text())
     plans["continue_training"] = False  # nnU-Net >= 2.8 pops it in __init__

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from conftest import SESSION_DATASET_ID, nnunet_bin
+from conftest import SESSION_DATASET_ID, nnunet_bin, use_nnunet_roots
 
 ID = str(SESSION_DATASET_ID)
 
@@ -387,8 +387,7 @@ def test_fold_all_holds_its_calibration_cases_out_of_training(planned_phantoms, 
     from entrust_nnunet.nnunet import variants
 
     env, name = planned_phantoms
-    for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-        monkeypatch.setenv(k, env[k])
+    use_nnunet_roots(env, monkeypatch)
     pre = Path(env["nnUNet_preprocessed"]) / name
     plans, dataset_json = (json.loads((pre / f).read_text()) for f in ("nnUNetPlans.json", "dataset.json"))
     plans["continue_training"] = False

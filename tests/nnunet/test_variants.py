@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from conftest import use_nnunet_roots
 from entrust_nnunet.nnunet import variants
 from entrust_nnunet.nnunet.trainers import nnUNetTrainerEnTrust
 from entrust_nnunet.nnunet.variants import DEMO_SCHEDULE, TINY_SCHEDULE, ScheduleMixin
@@ -21,16 +22,14 @@ def _trainer(cls, planned_phantoms):
 
 def test_schedule_overwrites_nnunet_defaults(planned_phantoms, monkeypatch):
     env, _ = planned_phantoms
-    for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-        monkeypatch.setenv(k, env[k])
+    use_nnunet_roots(env, monkeypatch)
     t = _trainer(variants.nnUNetTrainerEnTrust_tinyCPU, planned_phantoms)
     assert (t.num_epochs, t.num_iterations_per_epoch, t.save_every) == (4, 3, 1)
 
 
 def test_misspelled_schedule_key_fails_loudly(planned_phantoms, monkeypatch):
     env, _ = planned_phantoms
-    for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-        monkeypatch.setenv(k, env[k])
+    use_nnunet_roots(env, monkeypatch)
 
     class Misspelled(ScheduleMixin, nnUNetTrainerEnTrust):
         schedule = {"num_epoch": 3}
@@ -52,8 +51,7 @@ def test_every_variant_names_its_schedule_and_keeps_the_mixin_first():
 
 def test_training_seed_comes_from_the_environment_and_is_applied(planned_phantoms, monkeypatch):
     env, _ = planned_phantoms
-    for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-        monkeypatch.setenv(k, env[k])
+    use_nnunet_roots(env, monkeypatch)
     monkeypatch.setenv(variants.TRAIN_SEED_ENV, "7")
     t = _trainer(variants.nnUNetTrainer_tinyCPU, planned_phantoms)
     assert t.seed == 7
@@ -111,8 +109,7 @@ def test_head_only_ablation_trains_with_entrusts_weights_less_segdiffs(planned_p
     from entrust_nnunet.nnunet.ablation_trainers import nnUNetTrainerEnTrustNoSteps
 
     env, _ = planned_phantoms
-    for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-        monkeypatch.setenv(k, env[k])
+    use_nnunet_roots(env, monkeypatch)
     base = _trainer(nnUNetTrainerEnTrust, planned_phantoms).loss_weights()
     t = _trainer(nnUNetTrainerEnTrustNoSteps, planned_phantoms)
     t.initialize()
