@@ -311,7 +311,7 @@ def _cmd_export_model_to_zip(args: argparse.Namespace) -> None:
     from entrust_nnunet.nnunet.model_sharing import export_model_to_zip
 
     calibrated = export_model_to_zip(args.d, args.o, args.c, args.tr, args.p, args.f, strict=not args.not_strict,
-                                     checkpoints=tuple(args.chk), crossval_predictions=args.exp_cv_preds)
+                                     checkpoints=args.chk, crossval_predictions=args.exp_cv_preds)
     which = f"with the calibration of {', '.join(calibrated)}" if calibrated else \
         "without a calibration (no configuration has entrust_calibration.json: run entrust calibrate first)"
     print(f"wrote {args.o} {which}; nnUNetv2_install_pretrained_model_from_zip installs it")

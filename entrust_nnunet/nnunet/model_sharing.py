@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import os
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
 
 from entrust_nnunet.data.io import InputError, check_writable_parent, first_error_line, temporary_sibling
 from entrust_nnunet.nnunet.calibration import CALIBRATION_FILE
 
 
-def export_model_to_zip(dataset: str, output_file, configurations: list[str], trainer: str, plans: str,
-                        folds: list[str], strict: bool = True, checkpoints: tuple[str, ...] = ("checkpoint_final.pth",),
+def export_model_to_zip(dataset: str, output_file, configurations: Sequence[str], trainer: str, plans: str,
+                        folds: Sequence[str], strict: bool = True, checkpoints: Sequence[str] = ("checkpoint_final.pth",),
                         crossval_predictions: bool = False) -> list[str]:
     """nnU-Net's ``export_pretrained_model`` with these arguments, plus each configuration's
     ``entrust_calibration.json``; returns the configurations whose calibration went in. ``strict`` False skips
