@@ -58,7 +58,7 @@ from torch import nn
 from tqdm import tqdm
 
 from entrust_nnunet.data.io import (HYPOTHESIS_FOLDER, MAP_FOLDER, MAP_NAMES, InputError, atomic_file, hypothesis_path,
-                                    map_path, numbered_files, temporary_path, write_image)
+                                    map_path, numbered_files, temporary_path, temporary_sibling, write_image)
 from entrust_nnunet.data.modalities import modalities_path
 from entrust_nnunet.model.absence import resolve_mask, without_absent
 from entrust_nnunet.model.alternatives import alternatives_gate, gated_error_floor
@@ -70,6 +70,7 @@ from entrust_nnunet.model.trustmap import (CalibHead, calibrated_log_probabiliti
 from entrust_nnunet.nnunet.calibration import load_calibrator
 from entrust_nnunet.nnunet.checkpoints import build_network, check_weights_fit, find_trainer, load_checkpoint
 from entrust_nnunet.nnunet.distributed import unwrap
+from entrust_nnunet.nnunet.orientation import in_written_order, written_voxel_order
 from entrust_nnunet.nnunet.workers import (end_processes, sigint_blocked_in_children, workers_ended_first_on_signals,
                                            workers_started)
 
@@ -203,12 +204,13 @@ class _MapChannels(LabelManager):
 
 
 def _write_hypotheses(hypotheses: np.ndarray, properties: dict, configuration_manager, plans_manager,
-                      dataset_json: dict, reference: sitk.Image, out_dir: str, case: str) -> None:
+                      dataset_json: dict, out_dir: str, case: str) -> None:
     """Each hypothesis' labels (F*K, *s, preprocessed geometry) as a mask with the input's geometry, brought
-    back exactly as nnU-Net brings back the mask (resampled one-hot, cropping and transposition reverted)."""
+    back exactly as nnU-Net brings back the mask (resampled one-hot, cropping and transposition reverted) and
+    written by the dataset's own writer (a reorienting one reorients it as the mask)."""
     label_manager = plans_manager.get_label_manager(dataset_json)
     c = label_manager.num_segmentation_heads
-    shape = sitk.GetArrayViewFromImage(reference).shape
+    writer = plans_manager.image_reader_writer_class()
     for k, labels in enumerate(hypotheses):
         if label_manager.has_regions:  # +-20 per region: the sigmoid gives membership, nnU-Net converts back
             onehot_logits = np.stack([np.isin(labels, np.atleast_1d(r)) for r in label_manager.foreground_regions])
@@ -217,9 +219,10 @@ def _write_hypotheses(hypotheses: np.ndarray, properties: dict, configuration_ma
             onehot_logits = np.moveaxis(np.eye(c, dtype=np.float32)[labels], -1, 0) * 20.0  # softmax -> one-hot
         seg = convert_predicted_logits_to_segmentation_with_correct_shape(
             torch.from_numpy(onehot_logits), plans_manager, configuration_manager, label_manager, properties)
-        image = sitk.GetImageFromArray(np.asarray(seg, dtype=np.uint8).reshape(shape))
-        image.CopyInformation(reference)
-        write_image(image, hypothesis_path(out_dir, case, k, dataset_json["file_ending"]))
+        path = hypothesis_path(out_dir, case, k, dataset_json["file_ending"])
+        with temporary_sibling(path) as tmp:
+            writer.write_seg(np.asarray(seg, dtype=np.uint8), str(tmp), properties)
+            os.replace(tmp, path)
 
 
 def remove_superseded_outputs(out_dir: str, case: str, ending: str, hypotheses_written: int,
@@ -264,8 +267,11 @@ def export_prediction_with_maps(prediction: np.ndarray, properties: dict, config
         reference = sitk.ReadImage(tmp_trunc + ending)  # the mask nnU-Net wrote: its geometry is the input's
         os.makedirs(os.path.join(out_dir, MAP_FOLDER), exist_ok=True)
         shape = sitk.GetArrayViewFromImage(reference).shape
+        # the mask's voxel order: a reorienting writer wrote it in the input's orientation, not the network's
+        order = written_voxel_order(plans_manager.image_reader_writer_class(), tuple(maps.shape[1:]), properties,
+                                    ending, tmp_trunc)
         for name, values in zip(MAP_NAMES, maps):  # channel order of predict_logits_from_preprocessed_data
-            image = sitk.GetImageFromArray(np.asarray(values, dtype=np.float32).reshape(shape))
+            image = sitk.GetImageFromArray(in_written_order(np.asarray(values, dtype=np.float32), order, shape))
             image.CopyInformation(reference)
             write_image(image, map_path(out_dir, case, name, ending))
         if modalities is not None:
@@ -273,8 +279,7 @@ def export_prediction_with_maps(prediction: np.ndarray, properties: dict, config
                 json.dump(modalities, f, indent=2)
         if hypotheses is not None:
             os.makedirs(os.path.join(out_dir, HYPOTHESIS_FOLDER), exist_ok=True)
-            _write_hypotheses(hypotheses, properties, configuration_manager, plans_manager, dataset_json, reference,
-                              out_dir, case)
+            _write_hypotheses(hypotheses, properties, configuration_manager, plans_manager, dataset_json, out_dir, case)
         if keep_mask:
             remove_superseded_outputs(out_dir, case, ending, 0 if hypotheses is None else len(hypotheses),
                                       save_probabilities)

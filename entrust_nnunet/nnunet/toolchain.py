@@ -46,6 +46,7 @@ from entrust_nnunet.data.io import (CONFLICT_MARK, MAP_FOLDER, MAP_NAMES, POSTPR
                                     writing_prediction_folder)
 from entrust_nnunet.data.modalities import modalities_path
 from entrust_nnunet.model.trustmap import jensen_shannon
+from entrust_nnunet.nnunet.orientation import in_array_order, in_written_order, written_voxel_order
 
 
 # --------------------------------------------------------------------------------------------------
@@ -104,16 +105,22 @@ def _probabilities(npz: Path, shape: tuple) -> np.ndarray:
     return probs
 
 
-def _maps(pred: dict, case: str, shape: tuple) -> dict[str, np.ndarray]:
-    """The case's maps in the mask's array layout (the predictor writes them from that layout, reshaped)."""
+def _maps(pred: dict, case: str, shape: tuple, order) -> dict[str, np.ndarray]:
+    """The case's maps in the array layout of nnU-Net's reader (``read_seg``), the .npz's: the files' voxels put
+    back through the writer's voxel ``order`` (:func:`written_voxel_order`; None: the same layout)."""
     maps = {}
     for name in MAP_NAMES:
         path = map_path(pred["folder"], case, name, pred["ending"])
         arr = sitk.GetArrayFromImage(read_image(path)).astype(np.float32)
         if arr.size != int(np.prod(shape)):
             raise InputError(f"{path}: {arr.size} voxels, the mask has {int(np.prod(shape))}")
-        maps[name] = arr.reshape(shape)
+        maps[name] = in_array_order(arr, order, shape)
     return maps
+
+
+def case_voxel_order(pred: dict, case: str, shape: tuple, properties: dict, out: Path):
+    """The writer's voxel order for ``case`` (:func:`written_voxel_order`), its probe files written in ``out``."""
+    return written_voxel_order(pred["rw"], tuple(shape), properties, pred["ending"], out / case)
 
 
 def modality_record(folders: list[Path], case: str) -> dict | None:
@@ -127,17 +134,17 @@ def modality_record(folders: list[Path], case: str) -> dict | None:
     return {"case": case, "members": {str(d): r for d, r in zip(folders, records)}}
 
 
-def write_case(out: Path, case: str, ending: str, rw, seg: np.ndarray, properties: dict, maps: dict,
+def write_case(out: Path, case: str, ending: str, rw, seg: np.ndarray, properties: dict, maps: dict, order,
                npz_pkl: tuple[bytes, bytes] | None = None, record: dict | None = None) -> None:
-    """Mask (nnU-Net's writer), maps (mask's geometry), optional .npz/.pkl contents and modality record: temporary
-    names first, the mask renamed last."""
+    """Mask (nnU-Net's writer), maps (mask's geometry and, through the writer's voxel ``order``, its voxel order),
+    optional .npz/.pkl contents and modality record: temporary names first, the mask renamed last."""
     mask, tmp_mask = out / f"{case}{ending}", temporary_path(out / f"{case}{ending}")
     try:
         rw.write_seg(seg, str(tmp_mask), properties)
         reference = sitk.ReadImage(str(tmp_mask))
         shape = sitk.GetArrayViewFromImage(reference).shape
         for name in MAP_NAMES:
-            image = sitk.GetImageFromArray(np.asarray(maps[name], dtype=np.float32).reshape(shape))
+            image = sitk.GetImageFromArray(in_written_order(np.asarray(maps[name], dtype=np.float32), order, shape))
             image.CopyInformation(reference)
             write_image(image, map_path(out, case, name, ending))
         if record is not None:
@@ -202,7 +209,8 @@ def _postprocess_case(job: dict) -> dict:
     seg, properties = pred["rw"].read_seg(str(pred["folder"] / f"{case}{pred['ending']}"))
     before = seg[0]
     after = apply_postprocessing(before, job["pp_fns"], job["pp_kwargs"])
-    maps = _maps(pred, case, before.shape)
+    order = case_voxel_order(pred, case, before.shape, properties, out)
+    maps = _maps(pred, case, before.shape, order)
     changed = before != after
     npz = pred["folder"] / f"{case}.npz"
     if npz.is_file():  # P(error) of the new label: where a component was removed, the network's P(foreground)
@@ -217,7 +225,7 @@ def _postprocess_case(job: dict) -> dict:
     # the class probabilities stay the network's (the mask is no longer their argmax where a region was removed)
     kept = [pred["folder"] / f"{case}{e}" for e in (".npz", ".pkl")]
     npz_pkl = tuple(f.read_bytes() for f in kept) if all(f.is_file() for f in kept) else None
-    write_case(out, case, pred["ending"], pred["rw"], after, properties, maps, npz_pkl,
+    write_case(out, case, pred["ending"], pred["rw"], after, properties, maps, order, npz_pkl,
                modality_record([pred["folder"]], case))
     return {"case": case, "removed_voxels": int(changed.sum()), "removed_regions": int(n),
             "removed_conflict_voxels": int(marked.sum()), "removed_conflict_regions": marked_regions,
@@ -269,9 +277,10 @@ def _ensemble_case(job: dict) -> dict:
     label = first["label_manager"].convert_probabilities_to_segmentation(probs)
     properties = load_pickle(str(first["folder"] / f"{case}.pkl"))
     errors, member_maps, member_probs = [], [], []
+    order = case_voxel_order(first, case, label.shape, properties, out)
     for m in members:
         seg, _ = m["rw"].read_seg(str(m["folder"] / f"{case}{m['ending']}"))
-        member_maps.append(_maps(m, case, label.shape))
+        member_maps.append(_maps(m, case, label.shape, order))
         member_probs.append(_probabilities(m["folder"] / f"{case}.npz", label.shape))
         errors.append(member_error_probability(member_maps[-1]["total"], seg[0], member_probs[-1], label))
     maps = {name: np.mean([mm[name] for mm in member_maps], 0) for name in ("aleatoric", "epistemic", "conflict")}
@@ -280,7 +289,7 @@ def _ensemble_case(job: dict) -> dict:
     # their class probabilities as written (for EnTrust top-label calibrated, docs/design.md "Class probabilities")
     between = jensen_shannon(torch.from_numpy(np.stack(member_probs)), member_axis=0, class_axis=1)
     maps["epistemic"] = maps["epistemic"] + between.numpy()
-    write_case(out, case, first["ending"], first["rw"], label, properties, maps,
+    write_case(out, case, first["ending"], first["rw"], label, properties, maps, order,
                _npz_pkl(probs, properties) if job["save_probabilities"] else None,
                modality_record([m["folder"] for m in members], case))
     return {"case": case}
