@@ -103,3 +103,33 @@ def test_ensemble_and_postprocess_keep_the_maps_over_the_mask(planned_phantoms, 
     total = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "pp" / "uncertainty" / "case_total.nii.gz")))
     np.testing.assert_array_equal(total > 0.75, removed)
     assert not list(tmp_path.rglob(".tmp-*"))
+
+
+def test_a_reorientation_is_found_as_axes_and_flips_and_anything_else_as_indices():
+    """What a reorienting writer does to the coordinate images is read as an axis permutation with flips (no
+    index arrays as large as the volume); a voxel shuffle falls back to per-voxel indices. Both round-trip."""
+    from entrust_nnunet.nnunet.orientation import _permutation, in_array_order, in_written_order
+
+    shape = (4, 5, 6)
+    values = np.random.default_rng(0).random(shape)
+
+    def written_by(transform):
+        return [transform(np.broadcast_to(np.arange(n).reshape([n if a == i else 1 for a in range(3)]), shape))
+                for i, n in enumerate(shape)]
+
+    def reorient(x):
+        return np.flip(np.transpose(x, (2, 0, 1)), 0)
+
+    order = _permutation(shape, written_by(reorient))
+    assert order is not None and order.index is None and order.axes == (2, 0, 1) and order.flips == (True, False, False)
+    out = in_written_order(values, order, (6, 4, 5))
+    np.testing.assert_array_equal(out, reorient(values))
+    np.testing.assert_array_equal(in_array_order(out, order, shape), values)
+    # a 2D case: nnU-Net's (1, H, W) written as (H, W) with the axes swapped
+    flat = np.random.default_rng(1).random((1, 5, 6))
+    order2 = _permutation((1, 5, 6), [np.zeros((6, 5)), np.broadcast_to(np.arange(5)[None, :], (6, 5)),
+                                      np.broadcast_to(np.arange(6)[:, None], (6, 5))])
+    np.testing.assert_array_equal(in_written_order(flat, order2, (6, 5)), flat[0].T)
+    np.testing.assert_array_equal(in_array_order(flat[0].T, order2, (1, 5, 6)), flat)
+    shuffled = written_by(lambda x: x.reshape(-1)[np.random.default_rng(2).permutation(x.size)].reshape(x.shape))
+    assert _permutation(shape, shuffled) is None
