@@ -132,6 +132,11 @@ def test_calibration_uses_the_validation_fold_and_cross_fits_its_maps(trained_en
     split = re.search(r"This split has (\d+) training and (\d+) validation cases", log)
     assert (int(split[1]), int(split[2])) == (num_train - len(cases), len(cases))
     assert f"CalibHead fitted on {len(cases)} cases" in log and "cross-fitted CalibHead" in log
+    # the conflict reading was chosen on the same cases, and the checkpoint carries the choice
+    chosen = re.search(r"conflict reading: (vote|showing) \(", log)
+    assert chosen, log[-2000:]
+    weights = torch.load(fold / "checkpoint_final.pth", weights_only=False, map_location="cpu")["network_weights"]
+    assert float(weights["calib.showing_reading"]) == float(chosen[1] == "showing")
     # the same cases through entrust predict with the final checkpoint (its one, fully fitted CalibHead)
     images = tmp_path / "images"
     images.mkdir()

@@ -55,8 +55,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from entrust_nnunet.model.absence import impute_absent, resolve_mask, without_absent
-from entrust_nnunet.model.alternatives import (alternatives_error_floor, alternatives_gate, expected_alternative,
-                                               expert_alternatives)
+from entrust_nnunet.model.alternatives import (READINGS, alternatives_error_floor, alternatives_gate,
+                                               expected_alternative, expert_alternatives)
 from entrust_nnunet.model.cloe import ConsistencyGate, RegionProjection, consistency_loss
 from entrust_nnunet.model.encoders import ModalityEncoders
 from entrust_nnunet.model.enfuse import EnFuse
@@ -195,7 +195,12 @@ class EnTrustUNet(nn.Module):
     #: case, and every case, draws the same seeded noise, so it is drawn once (docs/design.md, ProbeStep's cost)
     _probe_noise: tuple | None = None
     #: state-dict keys that checkpoints written before they existed may lack (they load as 0: label outputs)
-    optional_weights = ("region_outputs", "calib.conflict_bias")
+    optional_weights = ("region_outputs", "calib.conflict_bias", "calib.showing_reading")
+
+    @property
+    def conflict_reading(self) -> str:
+        """How the hypotheses read the experts where they conflict (:data:`READINGS`), as CalibHead's fit chose."""
+        return READINGS[int(float(self.calib.showing_reading) > 0.5)]
 
     def use_regions(self, regions: bool) -> "EnTrustUNet":
         """Switch the output space: ``True`` for nnU-Net's regions (a sigmoid per channel; every EnTrust part
@@ -419,7 +424,7 @@ class EnTrustUNet(nn.Module):
         if experts is None or self.expert_alternatives <= 0:
             return expected
         return expected_alternative(expected, experts["experts"], experts["conflict"], experts["mask"],
-                                    self.expert_alternatives)
+                                    self.expert_alternatives, self.conflict_reading, self.regions)
 
     def _probe_direction(self, cond: torch.Tensor, seed: int) -> torch.Tensor:
         """ProbeStep's perturbation direction in SegDiff's projected conditioning (B, hidden, *s): a draw of
@@ -452,7 +457,7 @@ class EnTrustUNet(nn.Module):
         if experts is None or self.expert_alternatives <= 0:
             return hyps
         return expert_alternatives(hyps, experts["experts"], experts["conflict"], experts["mask"],
-                                   self.expert_alternatives, self.regions, drawn=drawn)
+                                   self.expert_alternatives, self.regions, drawn=drawn, reading=self.conflict_reading)
 
     def _hypotheses(self, logits: torch.Tensor, cond_h: torch.Tensor, k: int, s: int, seed: int = 0,
                     experts: dict | None = None) -> torch.Tensor:

@@ -251,12 +251,18 @@ class CalibHead(nn.Module):
         #: :func:`calibrated_log_probabilities`), fitted with T: there the hypotheses' mean follows the experts' vote,
         #: which is not the chance of each class (docs/design.md, "A conflict term in the class calibration")
         self.register_buffer("conflict_bias", torch.zeros(num_classes))
+        #: how the hypotheses read the experts where they conflict: 0 the vote, 1 the showing expert
+        #: (:data:`~entrust_nnunet.model.alternatives.READINGS`), chosen on the same cases
+        #: (``nnunet.calibration.choose_reading``)
+        self.register_buffer("showing_reading", torch.zeros(()))
 
     def unfit(self) -> "CalibHead":
-        """Back to the unfitted head (1 - confidence) and an identity class calibration (T = 1, no biases)."""
+        """Back to the unfitted head (1 - confidence), an identity class calibration (T = 1, no biases) and the
+        vote reading."""
         self.fitted.zero_()
         self.temperature.fill_(1.0)
         self.conflict_bias.zero_()
+        self.showing_reading.zero_()
         return self
 
     @staticmethod

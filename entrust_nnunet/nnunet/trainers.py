@@ -47,9 +47,9 @@ from torch import nn
 from entrust_nnunet.model.network import LOSS_WEIGHTS, EnTrustUNet
 from entrust_nnunet.model.outputs import full_resolution
 from entrust_nnunet.nnunet.annotators import training_dataset
-from entrust_nnunet.nnunet.calibration import (CALIBRATION_STEPS, FOLD_VOXELS_FILE, calibration_subset,
-                                               calibration_voxels, class_calibrated_voxels, fit_calib_head,
-                                               fit_class_temperature, save_fold_voxels)
+from entrust_nnunet.nnunet.calibration import (CALIBRATION_STEPS, FOLD_VOXELS_FILE, Voxels, calibration_subset,
+                                               calibration_voxels, choose_reading, class_calibrated_voxels,
+                                               fit_calib_head, fit_class_temperature, save_fold_voxels)
 from entrust_nnunet.nnunet.clipping import clipping_per_group
 from entrust_nnunet.nnunet.distributed import broadcast_state, freeze, thawed, unwrap, waiting_group
 from entrust_nnunet.nnunet.modality_dropout import ModalityDropout, calibration_subsets
@@ -148,6 +148,10 @@ class nnUNetTrainerEnTrust(ModalityDropout, nnUNetTrainer):
     calibration_steps = CALIBRATION_STEPS
     #: with modality dropout: proper modality subsets each calibration case is also predicted with (all when fewer)
     calibration_subsets_per_case = 6
+    #: choose how the hypotheses read the experts where they conflict (the vote or the showing expert) on the
+    #: calibration cases (:func:`~entrust_nnunet.nnunet.calibration.choose_reading`; they are predicted twice);
+    #: False: the vote
+    choose_conflict_reading = True
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -380,6 +384,27 @@ class nnUNetTrainerEnTrust(ModalityDropout, nnUNetTrainer):
         finally:
             calib.to(self.device)
 
+    def _voxels_of_chosen_reading(self) -> Voxels:
+        """The calibration voxels under the conflict reading :func:`choose_reading` keeps (set in CalibHead, and
+        the statistics cache left holding its voxels); the vote's without :attr:`choose_conflict_reading`."""
+        calib = unwrap(self.network).calib
+        calib.showing_reading.zero_()
+        vote = self._calibration_voxels(self.calibration_keys)
+        # regions keep their sigmoids (no class calibration to judge by); without alternatives both readings agree
+        if not (self.choose_conflict_reading and "probabilities" in vote[0]
+                and unwrap(self.network).expert_alternatives > 0):
+            return vote
+        kept = self.__dict__.pop("_calibration_cache", {})
+        calib.showing_reading.fill_(1.0)
+        showing = self._calibration_voxels(self.calibration_keys)
+        reading, summary = choose_reading({"vote": vote, "showing": showing})
+        self.print_to_log_file(summary)
+        if reading == "vote":
+            calib.showing_reading.zero_()
+            self.__dict__["_calibration_cache"] = kept
+            return vote
+        return showing
+
     def fit_calibration(self) -> None:
         """Fit CalibHead on the calibration cases (the validation fold; a held-out subset with fold 'all').
         Under DDP rank 0 fits and the other ranks receive its fit."""
@@ -393,7 +418,7 @@ class nnUNetTrainerEnTrust(ModalityDropout, nnUNetTrainer):
         if self.local_rank == 0:
             sets = len(self.calibration_modalities(self.calibration_keys[0]))
             subsets = f", each predicted with {sets} modality sets" if sets > 1 else ""
-            voxels = self._calibration_voxels(self.calibration_keys)
+            voxels = self._voxels_of_chosen_reading()
             # the class calibration first: it decides the mask, whose error CalibHead learns
             if "probabilities" in voxels[0]:  # label outputs only: regions keep their sigmoids
                 self.print_to_log_file(fit_class_temperature(unwrap(self.network).calib, voxels))

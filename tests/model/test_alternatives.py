@@ -1,4 +1,5 @@
 """Expert alternatives: where confident experts contradict each other, hypothesis k takes modality m_k's reading."""
+import pytest
 import torch
 
 from conftest import arch_kwargs
@@ -248,3 +249,62 @@ def test_inference_forward_is_the_log_of_samples_mean():
     torch.testing.assert_close(torch.softmax(logits.float(), 1), torch.softmax(mean.clamp_min(1e-6).log() / 0.7, 1),
                                atol=1e-4, rtol=1e-4)
     assert (mean.argmax(1) == logits.argmax(1)).all()
+
+
+# ------------------------------------------------------------------ the showing reading
+def test_showing_expert_is_the_present_one_with_the_most_foreground_and_its_mass_takes_the_means_split():
+    """Softmax: the present expert with the largest foreground mass says whether there is a structure (its mass
+    0.6), the network's mean which class (1 : 2 as 9 : 1), even where the expert splits it otherwise; where the
+    mean gives the foreground nothing the expert's own split decides; an absent expert is never chosen; regions
+    take each region's largest present reading."""
+    from entrust_nnunet.model.alternatives import showing_expert, showing_reading
+
+    e = torch.tensor([[[1.0, 0.0, 0.0], [0.4, 0.1, 0.5], [0.0, 1.0, 0.0]]])[..., None]  # (B=1, M=3, C=3, 1)
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    torch.testing.assert_close(showing_expert(e, foreground_mass(e), mask), e[:, 1])
+    mean = torch.tensor([[[0.9], [0.09], [0.01]]])
+    torch.testing.assert_close(showing_reading(e, mask, mean)[0, :, 0], torch.tensor([0.4, 0.54, 0.06]))
+    background = torch.tensor([[[1.0], [0.0], [0.0]]])
+    torch.testing.assert_close(showing_reading(e, mask, background)[0, :, 0], torch.tensor([0.4, 0.1, 0.5]))
+    r = torch.tensor([[[0.2, 0.7], [0.6, 0.1]]])[..., None]  # two regions, two experts
+    torch.testing.assert_close(showing_reading(r, torch.ones(1, 2), r[:, 0], regions=True)[0, :, 0],
+                               torch.tensor([0.6, 0.7]))
+
+
+def test_structure_mean_averages_each_connected_region_over_its_chosen_part():
+    from entrust_nnunet.model.alternatives import structure_mean
+
+    values = torch.zeros(1, 1, 1, 12)
+    values[..., 1:4] = torch.tensor([0.2, 0.7, 0.3])
+    values[..., 7:10] = torch.tensor([0.4, 0.5, 0.1])
+    mean = structure_mean(values, values > 0.05, values > 0.25)
+    torch.testing.assert_close(mean[0, 0, 0], torch.tensor([0, 0.5, 0.5, 0.5, 0, 0, 0, 0.45, 0.45, 0.45, 0, 0]))
+    cube = torch.zeros(1, 2, 5, 5, 5)  # channels and 3D alike; a region with none of the chosen voxels keeps its own
+    cube[0, 0, 1:3, 1:3, 1:3], cube[0, 1, 2:4, 2:4, 2:4] = 0.3, 0.6
+    cube[0, 0, 1, 1, 1] = 0.9
+    out = structure_mean(cube, cube > 0.1, cube > 0.5)
+    assert torch.all(out[0, 0, 1:3, 1:3, 1:3] == 0.9) and torch.all(out[0, 1, 2:4, 2:4, 2:4] == 0.6)
+    assert torch.equal(structure_mean(cube, cube > 0.1, cube > 0.95), cube)
+
+
+def test_showing_reading_takes_a_graded_blob_whole_with_its_mean_mass_and_its_expectation_is_the_mean():
+    """Expert 0 sees a graded blob (peak 0.6) the others hide. Showing reading: every drawn hypothesis reads expert 0
+    and takes or leaves the blob whole, in a share of the draws = the expert's mean mass over the extent taken (not
+    its peak: the hypotheses' expected volume is the mean's); with expert 0 absent none takes it. Undrawn, every
+    hypothesis is the expected reading, which is expected_alternative's."""
+    experts, hyps, shape = _graded_blob_seen_by_expert_0(16)
+    core = shape > EXTENT
+    conflict = (2 * shape).clamp(0, 1)[None, None]
+    out = expert_alternatives(hyps, experts, conflict, torch.ones(1, 3), 1.0, drawn=True, reading="showing")
+    fraction = (out[:, 0].argmax(1) > 0)[:, core].float().mean(1)
+    assert set(fraction.tolist()) == {0.0, 1.0}
+    assert abs(float(fraction.mean()) - float((0.6 * shape)[core].mean())) <= 1 / 16 + 1e-6  # 0.32 for this cone
+    hidden = expert_alternatives(hyps, experts, conflict, torch.tensor([[0.0, 1.0, 1.0]]), 1.0, drawn=True,
+                                 reading="showing")
+    assert (hidden[:, 0].argmax(1) == 0).all()
+    undrawn = expert_alternatives(hyps, experts, conflict, torch.ones(1, 3), 1.0, drawn=False, reading="showing")
+    torch.testing.assert_close(undrawn.mean(0), expected_alternative(hyps[0], experts, conflict, torch.ones(1, 3), 1.0,
+                                                                     reading="showing"))
+    vote = expected_alternative(hyps[0], experts, conflict, torch.ones(1, 3), 1.0)
+    centre = (slice(None), 1, 5, 5)
+    assert float(undrawn.mean(0)[centre]) == pytest.approx(0.6, abs=1e-4) and float(vote[centre]) < 0.25

@@ -280,3 +280,60 @@ def test_case_voxels_subset_keeps_columns_and_errors_aligned_and_is_seeded_by_th
     other, _ = case_voxels(stats, seg, "case_b", 50)
     assert torch.equal(again["confidence"], columns["confidence"])
     assert not torch.equal(other["confidence"], columns["confidence"])
+
+
+def _conflict_voxels(lesion_probability: torch.Tensor, labels: torch.Tensor, gate: torch.Tensor):
+    """Calibration voxels (softmax over background / lesion / rim) whose lesion probability is given."""
+    probs = torch.stack([1 - lesion_probability, lesion_probability, torch.zeros_like(lesion_probability)], 1)
+    return {"probabilities": probs.clamp_min(1e-6), "label": labels, "gate": gate}, labels.float()
+
+
+def test_the_conflict_reading_that_predicts_the_conflicting_labels_is_kept_and_the_vote_without_conflict():
+    """Conflicting voxels that are lesion 70 % of the time: the vote says 0.25 there, the showing expert 0.7; the
+    showing reading is kept. Where no voxel conflicts (a model never shown a conflict), the vote."""
+    from entrust_nnunet.nnunet.calibration import choose_reading
+
+    gen = torch.Generator().manual_seed(0)
+    n = 4000
+    gate = (torch.arange(n) < 1000).float()  # the first 1000 voxels conflict
+    labels = torch.where(gate > 0, (torch.rand(n, generator=gen) < 0.7).long(), torch.zeros(n, dtype=torch.long))
+    clear = torch.full((n,), 0.02)
+    vote = _conflict_voxels(torch.where(gate > 0, torch.full((n,), 0.25), clear), labels, gate)
+    showing = _conflict_voxels(torch.where(gate > 0, torch.full((n,), 0.7), clear), labels, gate)
+    reading, summary = choose_reading({"vote": vote, "showing": showing})
+    assert reading == "showing" and "1000 conflicting voxels" in summary
+    # the labels following the vote's 0.25 instead: the vote is kept
+    labels_low = torch.where(gate > 0, (torch.rand(n, generator=gen) < 0.25).long(), labels)
+    relabelled = {k: (v[0] | {"label": labels_low}, labels_low.float()) for k, v in {"vote": vote, "showing": showing}.items()}
+    assert choose_reading(relabelled)[0] == "vote"
+    none = {k: (v[0] | {"gate": torch.zeros(n)}, v[1]) for k, v in {"vote": vote, "showing": showing}.items()}
+    assert choose_reading(none) == ("vote", "conflict reading: vote (no conflicting voxel on the calibration cases)")
+
+
+def test_the_network_reads_conflict_as_its_calibration_chose_and_old_checkpoints_keep_the_vote():
+    from conftest import arch_kwargs
+    from entrust_nnunet.model.network import EnTrustUNet
+    from entrust_nnunet.model.sampling import SamplingSettings
+
+    torch.manual_seed(0)
+    net = EnTrustUNet(3, num_classes=3, **arch_kwargs(2)).eval()
+    with torch.no_grad():
+        net.experts.weight.mul_(3.0)  # experts that contradict each other in places
+    x = torch.randn(1, 3, 32, 32)
+    settings = SamplingSettings(num_hypotheses=4, steps=0, probe=False)
+    assert net.conflict_reading == "vote"
+    vote = net.sample(x, settings)
+    net.calib.showing_reading.fill_(1.0)
+    assert net.conflict_reading == "showing"
+    showing = net.sample(x, settings)
+    moved = (showing["mean"] - vote["mean"]).abs().amax(1)[0]
+    conflict = vote["conflict"][0]
+    assert float(moved[conflict > 0.5].mean()) > 0.05
+    # both readings mix into the same mean with the same gate g = min(1, strength d): it moves by at most g
+    gate = (net.expert_alternatives * conflict).clamp(max=1)
+    assert bool((moved <= gate + 1e-5).all())
+    old = {k: v for k, v in net.state_dict().items() if k != "calib.showing_reading"}
+    fresh = EnTrustUNet(3, num_classes=3, **arch_kwargs(2))
+    fresh.calib.showing_reading.fill_(1.0)
+    fresh.load_state_dict(old)  # a checkpoint from before the choice: the vote
+    assert fresh.conflict_reading == "vote"
