@@ -178,6 +178,24 @@ def test_a_checkpoint_without_a_fitted_calib_head_is_named_in_one_warning(traine
                                                    "CalibHead not fitted")
 
 
+def test_a_checkpoint_from_before_the_reading_choice_predicts_with_the_vote(trained_entrust, tmp_path):
+    """Checkpoints written before CalibHead held the conflict reading load (network and the predictor's per-fold
+    CalibHeads alike) and read conflict by the vote."""
+    from entrust_nnunet.nnunet.checkpoints import load_checkpoint
+
+    env, name, model = trained_entrust
+    copy = tmp_path / model.name
+    shutil.copytree(model, copy, ignore=shutil.ignore_patterns("validation", "*.png", "*.txt", "*.npz"))
+    ckpt = load_checkpoint(copy / "fold_2" / "checkpoint_final.pth")
+    del ckpt["network_weights"]["calib.showing_reading"]
+    torch.save(ckpt, copy / "fold_2" / "checkpoint_old.pth")
+    predictor = EnTrustPredictor(device=torch.device("cpu"), allow_tqdm=False)
+    predictor.initialize_from_trained_model_folder(str(copy), [2], "checkpoint_old.pth")
+    assert [float(h.showing_reading) for h in predictor.calib_heads] == [0.0]
+    out = predictor.predict_logits_from_preprocessed_data(torch.randn(3, 1, 32, 32))
+    assert torch.isfinite(out).all() and predictor.network.net.conflict_reading == "vote"
+
+
 def test_folds_are_pooled_epistemic_rises_when_folds_disagree(trained_entrust, monkeypatch):
     env, name, model = trained_entrust
     use_nnunet_roots(env, monkeypatch, "nnUNet_extTrainer")

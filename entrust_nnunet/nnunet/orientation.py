@@ -17,13 +17,14 @@ import SimpleITK as sitk
 from nnunetv2.imageio.natural_image_reader_writer import NaturalImage2DIO
 from nnunetv2.imageio.nibabel_reader_writer import NibabelIO
 from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+from nnunetv2.imageio.tif_reader_writer import Tiff3DIO
 
 from entrust_nnunet.data.io import InputError, temporary_sibling
 
 #: writers whose files SimpleITK reads back in nnU-Net's array order (the subclasses that reorient are not these)
-IN_ARRAY_ORDER = (SimpleITKIO, NibabelIO, NaturalImage2DIO)
-#: the largest coordinate a label writer keeps (nnU-Net writes uint16 label images)
-LARGEST_COORDINATE = np.iinfo(np.uint16).max
+IN_ARRAY_ORDER = (SimpleITKIO, NibabelIO, NaturalImage2DIO, Tiff3DIO)
+#: the values every label writer keeps (SimpleITKIOWithReorient writes uint8): coordinates go in base-256 digits
+DIGIT = 256
 
 
 @dataclass(frozen=True)
@@ -45,16 +46,33 @@ def written_voxel_order(writer, shape: tuple[int, ...], properties: dict, file_e
     array order (:data:`IN_ARRAY_ORDER`)."""
     if type(writer) in IN_ARRAY_ORDER:
         return None
-    if max(shape) > LARGEST_COORDINATE:
-        raise InputError(f"{beside}: an axis of {max(shape)} voxels is too long to follow "
-                         f"{type(writer).__name__}'s reorientation (at most {LARGEST_COORDINATE})")
-    written = []
-    for axis, n in enumerate(shape):
-        coordinate = np.arange(n, dtype=np.uint16).reshape([n if a == axis else 1 for a in range(len(shape))])
-        with temporary_sibling(f"{beside}{file_ending}") as tmp:
-            writer.write_seg(np.ascontiguousarray(np.broadcast_to(coordinate, shape)), str(tmp), properties)
-            written.append(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp))).astype(np.uint16, copy=False))
-    return _permutation(shape, written) or VoxelOrder(index=tuple(w.astype(np.intp) for w in written))
+    written = [_written_coordinate(writer, shape, axis, properties, f"{beside}{file_ending}")
+               for axis in range(len(shape))]
+    order = _permutation(shape, written)
+    if order is not None:
+        return order
+    index = tuple(w.astype(np.intp) for w in written)
+    flat = np.ravel_multi_index(index, shape, mode="clip").ravel()
+    if flat.size != int(np.prod(shape)) or not np.all(np.bincount(flat, minlength=flat.size) == 1):
+        raise InputError(f"{beside}{file_ending}: {type(writer).__name__} does not write each voxel of the array "
+                         "once, so the uncertainty maps cannot follow its masks")
+    return VoxelOrder(index=index)
+
+
+def _written_coordinate(writer, shape: tuple[int, ...], axis: int, properties: dict, path: str) -> np.ndarray:
+    """The coordinate along ``axis`` of every voxel of nnU-Net's array of ``shape``, as ``writer`` writes it and
+    SimpleITK reads it back; written as base-:data:`DIGIT` digits, each a label image of values below 256."""
+    n = shape[axis]
+    coordinate = np.arange(n).reshape([n if a == axis else 1 for a in range(len(shape))])
+    value, scale = np.zeros((), dtype=np.int32), 1  # int32: the transient copies stay 4 bytes a voxel
+    while True:
+        digit = (coordinate // scale) % DIGIT
+        with temporary_sibling(path) as tmp:
+            writer.write_seg(np.ascontiguousarray(np.broadcast_to(digit, shape), dtype=np.uint8), str(tmp), properties)
+            value = value + scale * sitk.GetArrayFromImage(sitk.ReadImage(str(tmp))).astype(np.int32)
+        scale *= DIGIT
+        if scale >= n:
+            return value
 
 
 def _permutation(shape: tuple[int, ...], written: list[np.ndarray]) -> VoxelOrder | None:

@@ -58,7 +58,7 @@ from torch import nn
 from tqdm import tqdm
 
 from entrust_nnunet.data.io import (HYPOTHESIS_FOLDER, MAP_FOLDER, MAP_NAMES, InputError, atomic_file, hypothesis_path,
-                                    map_path, numbered_files, temporary_path, temporary_sibling, write_image)
+                                    map_path, numbered_files, temporary_path, write_image)
 from entrust_nnunet.data.modalities import modalities_path
 from entrust_nnunet.model.absence import resolve_mask, without_absent
 from entrust_nnunet.model.alternatives import alternatives_gate, gated_error_floor
@@ -204,13 +204,13 @@ class _MapChannels(LabelManager):
 
 
 def _write_hypotheses(hypotheses: np.ndarray, properties: dict, configuration_manager, plans_manager,
-                      dataset_json: dict, out_dir: str, case: str) -> None:
+                      dataset_json: dict, reference: sitk.Image, order, out_dir: str, case: str) -> None:
     """Each hypothesis' labels (F*K, *s, preprocessed geometry) as a mask with the input's geometry, brought
-    back exactly as nnU-Net brings back the mask (resampled one-hot, cropping and transposition reverted) and
-    written by the dataset's own writer (a reorienting one reorients it as the mask)."""
+    back exactly as nnU-Net brings back the mask (resampled one-hot, cropping and transposition reverted) and put
+    in the voxel ``order`` of the mask nnU-Net wrote (``reference``: :func:`written_voxel_order`)."""
     label_manager = plans_manager.get_label_manager(dataset_json)
     c = label_manager.num_segmentation_heads
-    writer = plans_manager.image_reader_writer_class()
+    shape = sitk.GetArrayViewFromImage(reference).shape
     for k, labels in enumerate(hypotheses):
         if label_manager.has_regions:  # +-20 per region: the sigmoid gives membership, nnU-Net converts back
             onehot_logits = np.stack([np.isin(labels, np.atleast_1d(r)) for r in label_manager.foreground_regions])
@@ -219,10 +219,9 @@ def _write_hypotheses(hypotheses: np.ndarray, properties: dict, configuration_ma
             onehot_logits = np.moveaxis(np.eye(c, dtype=np.float32)[labels], -1, 0) * 20.0  # softmax -> one-hot
         seg = convert_predicted_logits_to_segmentation_with_correct_shape(
             torch.from_numpy(onehot_logits), plans_manager, configuration_manager, label_manager, properties)
-        path = hypothesis_path(out_dir, case, k, dataset_json["file_ending"])
-        with temporary_sibling(path) as tmp:
-            writer.write_seg(np.asarray(seg, dtype=np.uint8), str(tmp), properties)
-            os.replace(tmp, path)
+        image = sitk.GetImageFromArray(in_written_order(np.asarray(seg, dtype=np.uint8), order, shape))
+        image.CopyInformation(reference)
+        write_image(image, hypothesis_path(out_dir, case, k, dataset_json["file_ending"]))
 
 
 def remove_superseded_outputs(out_dir: str, case: str, ending: str, hypotheses_written: int,
@@ -279,7 +278,8 @@ def export_prediction_with_maps(prediction: np.ndarray, properties: dict, config
                 json.dump(modalities, f, indent=2)
         if hypotheses is not None:
             os.makedirs(os.path.join(out_dir, HYPOTHESIS_FOLDER), exist_ok=True)
-            _write_hypotheses(hypotheses, properties, configuration_manager, plans_manager, dataset_json, out_dir, case)
+            _write_hypotheses(hypotheses, properties, configuration_manager, plans_manager, dataset_json, reference,
+                              order, out_dir, case)
         if keep_mask:
             remove_superseded_outputs(out_dir, case, ending, 0 if hypotheses is None else len(hypotheses),
                                       save_probabilities)
@@ -378,6 +378,7 @@ class EnTrustPredictor(nnUNetPredictor):
                 head = CalibHead(type(net.calib.net[0]), num_classes=net.num_classes)
                 weights = {k[len("calib."):]: v for k, v in p.items() if k.startswith("calib.")}
                 weights.setdefault("conflict_bias", head.conflict_bias)  # checkpoints from before the biases: none
+                weights.setdefault("showing_reading", head.showing_reading)  # ... and before the choice: the vote
                 head.load_state_dict(weights)
                 self.calib_heads.append(head.eval())
 

@@ -133,3 +133,28 @@ def test_a_reorientation_is_found_as_axes_and_flips_and_anything_else_as_indices
     np.testing.assert_array_equal(in_array_order(flat[0].T, order2, (1, 5, 6)), flat)
     shuffled = written_by(lambda x: x.reshape(-1)[np.random.default_rng(2).permutation(x.size)].reshape(x.shape))
     assert _permutation(shape, shuffled) is None
+
+
+def test_coordinates_longer_than_a_byte_survive_a_writer_that_writes_uint8(tmp_path):
+    """SimpleITKIOWithReorient writes every label image as uint8: coordinates go in base-256 digits, so an axis of
+    300 voxels is read back whole (a single uint16 image would wrap at 256 and scramble the maps)."""
+    from entrust_nnunet.nnunet.orientation import written_voxel_order
+
+    class Uint8Flipper:  # a reorienting writer that keeps only a byte per voxel, as SimpleITKIOWithReorient
+        def write_seg(self, seg, output_fname, properties):
+            sitk.WriteImage(sitk.GetImageFromArray(np.flip(seg, 2).astype(np.uint8)), output_fname)
+
+    shape = (2, 3, 300)
+    order = written_voxel_order(Uint8Flipper(), shape, {}, ".nii.gz", tmp_path / "case")
+    assert order.index is None and order.axes == (0, 1, 2) and order.flips == (False, False, True)
+    assert not list(tmp_path.iterdir())
+
+    class Collapser(Uint8Flipper):  # a writer that writes some voxels twice: refused in one line
+        def write_seg(self, seg, output_fname, properties):
+            seg = seg.copy()
+            seg[..., 1] = seg[..., 0]
+            sitk.WriteImage(sitk.GetImageFromArray(seg.astype(np.uint8)), output_fname)
+
+    from entrust_nnunet.data.io import InputError
+    with pytest.raises(InputError, match="does not write each voxel of the array once"):
+        written_voxel_order(Collapser(), (2, 3, 4), {}, ".nii.gz", tmp_path / "case")
