@@ -36,15 +36,16 @@ def temperature_scale(probs: npt.ArrayLike, temperature: float, eps: float = 1e-
     return e / e.sum(0, keepdims=True)
 
 
-def temperature_nll(probs: npt.ArrayLike, labels: npt.ArrayLike, temperature: float, eps: float = 1e-12) -> float:
-    """Mean NLL of the labels under temperature-scaled probabilities::
+def temperature_nll(probs: npt.ArrayLike, labels: npt.ArrayLike, temperature: float, eps: float = 1e-12,
+                    weights: npt.ArrayLike | None = None) -> float:
+    """Mean NLL of the labels under temperature-scaled probabilities (with ``weights`` w (N,): weighted)::
 
-        NLL(T) = mean_n [ logsumexp_c(z_cn / T) - z_{y_n n} / T ],   z = log max(p, eps)
+        NLL(T) = sum_n w_n [ logsumexp_c(z_cn / T) - z_{y_n n} / T ] / sum_n w_n,   z = log max(p, eps)
     """
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     z = _log_probs(probs, eps)
-    return _nll(z, _labels(labels, z), 1.0 / float(temperature))
+    return _nll(z, _labels(labels, z), 1.0 / float(temperature), weights)
 
 
 def _labels(labels: npt.ArrayLike, z: np.ndarray) -> np.ndarray:
@@ -55,11 +56,11 @@ def _labels(labels: npt.ArrayLike, z: np.ndarray) -> np.ndarray:
     return y
 
 
-def _nll(z: np.ndarray, y: np.ndarray, beta: float) -> float:
+def _nll(z: np.ndarray, y: np.ndarray, beta: float, weights: npt.ArrayLike | None = None) -> float:
     s = z * beta
     m = s.max(0)
     lse = m + np.log(np.exp(s - m).sum(0))
-    return float((lse - s[y, np.arange(y.size)]).mean())
+    return float(np.average(lse - s[y, np.arange(y.size)], weights=weights))
 
 
 def fit_temperature(probs: npt.ArrayLike, labels: npt.ArrayLike, eps: float = 1e-12) -> float:

@@ -147,28 +147,32 @@ def expert_reading(expert: torch.Tensor, u: torch.Tensor, regions: bool = False,
     return torch.zeros_like(expert).scatter_(2, below, 1.0)
 
 
-def showing_expert(per_expert: torch.Tensor, score: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``per_expert`` (B, M, C', *s) taken, per voxel (per region: per channel), from the PRESENT expert with the
-    largest ``score`` (B, M, 1 or R, *s; the foreground mass or its structure peak), ``mask`` (B, M) 1 = present:
-    (B, C', *s)."""
+def showing_index(score: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, 1, 1 or R, *s): per voxel (per region: per channel) the PRESENT expert with the largest ``score``
+    (B, M, 1 or R, *s; the foreground mass or its structure peak), ``mask`` (B, M) 1 = present."""
     present = (mask > 0).view(*mask.shape, *[1] * (score.dim() - 2))
-    index = score.float().masked_fill(~present, -1.0).argmax(1, keepdim=True)  # (B, 1, 1 or R, *s)
+    return score.float().masked_fill(~present, -1.0).argmax(1, keepdim=True)
+
+
+def showing_expert(per_expert: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``per_expert`` (B, M, C', *s) taken from the expert :func:`showing_index` names: (B, C', *s)."""
     return per_expert.gather(1, index.expand(-1, -1, per_expert.shape[2], *per_expert.shape[3:]))[:, 0]
 
 
 def showing_reading(experts: torch.Tensor, mask: torch.Tensor, split: torch.Tensor, regions: bool = False,
-                    score: torch.Tensor | None = None) -> torch.Tensor:
-    """The showing expert's reading (B, C, *s): the foreground mass ``f`` of the present expert with the largest
-    ``score`` (default: the largest ``f``), split among the foreground classes as ``split`` (B, C, *s; the
+                    index: torch.Tensor | None = None) -> torch.Tensor:
+    """The showing expert's reading (B, C, *s): the foreground mass ``f`` of the present expert ``index`` names
+    (:func:`showing_index`; default: the one with the largest ``f``), split among the foreground classes as ``split`` (B, C, *s; the
     hypotheses' own mean) splits it, ``(1 - f, f p_c / sum_{c>=1} p_c)``: the expert says WHETHER there is a
     structure, the network which class it is (an expert's own split, at half resolution, turned parts of the blobs
     into the rim class: docs/design.md). Regions: each region's largest present reading."""
     mass = foreground_mass(experts, regions)
-    shown = showing_expert(mass, mass if score is None else score, mask)
+    index = showing_index(mass, mask) if index is None else index
+    shown = showing_expert(mass, index)
     if regions:
         return shown
     # where the mean gives the foreground classes nothing, the expert's own split decides
-    own = showing_expert(experts, mass if score is None else score, mask)
+    own = showing_expert(experts, index)
     classes = split[:, 1:].float().clamp_min(0) + 1e-6 * own[:, 1:] + 1e-12
     return torch.cat([1 - shown, shown * classes / classes.sum(1, keepdim=True)], 1)
 
@@ -186,9 +190,9 @@ def _showing_alternatives(hypotheses: torch.Tensor, experts: torch.Tensor, gate:
     inside, peak = _structures(mass, gate, mask)
     extent = inside & (mass > EXTENT * peak)
     chance = structure_mean(mass.flatten(0, 1), inside.flatten(0, 1), extent.flatten(0, 1)).view_as(mass)
-    shown = showing_reading(experts, mask, split, regions, peak)
-    shown_peak, shown_chance, shown_inside = (showing_expert(x, peak, mask)[None].expand(k, *peak.shape[:1],
-                                                                                         *peak.shape[2:])
+    index = showing_index(peak, mask)  # a structure's expert: the one with the highest peak there
+    shown = showing_reading(experts, mask, split, regions, index)
+    shown_peak, shown_chance, shown_inside = (showing_expert(x, index)[None].expand(k, *peak.shape[:1], *peak.shape[2:])
                                               for x in (peak, chance, inside.to(mass.dtype)))
     u = van_der_corput(torch.arange(k, device=mask.device))[:, None].expand(k, mask.shape[0])
     reading = expert_reading(shown[None].expand(k, *shown.shape), u, regions, shown_peak, shown_chance)

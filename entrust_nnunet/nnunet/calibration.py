@@ -150,21 +150,10 @@ def fit_class_calibration(probs: np.ndarray, labels: np.ndarray, gate: np.ndarra
     return fit_temperature_with_conflict(probs, labels, gate, eps=MIN_PROBABILITY, temperature=t)
 
 
-def conflict_nll(probs: np.ndarray, labels: np.ndarray, gate: np.ndarray, temperature: float) -> float:
-    """``sum_n g_n NLL_n / sum_n g_n``: the mean NLL of the labels under the temperature-scaled class
-    probabilities ``softmax(log max(p, MIN_PROBABILITY) / T)`` (``probs`` (C, N)), each voxel weighted by its
-    conflict gate ``g`` (only voxels with ``g > 0`` count)."""
-    from scipy.special import logsumexp
-
-    keep = gate > 0
-    z = np.log(np.maximum(probs[:, keep], MIN_PROBABILITY)) / temperature
-    nll = logsumexp(z, axis=0) - z[labels[keep], np.arange(int(keep.sum()))]
-    return float(np.sum(gate[keep] * nll) / np.sum(gate[keep]))
-
-
 def choose_reading(candidates: dict[str, Voxels]) -> tuple[str, str]:
     """The conflict reading (``model.alternatives.READINGS``) to keep: the one whose calibration voxels' class
-    probabilities, each with its own NLL-fitted temperature, have the lower :func:`conflict_nll`, i.e. predict the
+    probabilities, each with its own NLL-fitted temperature, have the lower mean NLL on the conflicting voxels, each
+    weighted by its conflict gate (:func:`~entrust_nnunet.evaluation.temperature.temperature_nll`), i.e. predict the
     labels of the conflicting voxels better on cases the network never trained on; the vote where no voxel
     conflicts (nothing to tell them apart, and the vote stays cautious on conflicts the model never saw:
     docs/design.md, "The showing expert's reading"). Returns (reading, one-line summary)."""
@@ -174,7 +163,8 @@ def choose_reading(candidates: dict[str, Voxels]) -> tuple[str, str]:
         conflicting = int(np.sum(gate > 0))
         if not conflicting:
             return "vote", "conflict reading: vote (no conflicting voxel on the calibration cases)"
-        scores[reading] = conflict_nll(probs, labels, gate, fit_temperature(probs, labels, eps=MIN_PROBABILITY))
+        keep, t = gate > 0, fit_temperature(probs, labels, eps=MIN_PROBABILITY)
+        scores[reading] = temperature_nll(probs[:, keep], labels[keep], t, eps=MIN_PROBABILITY, weights=gate[keep])
     best = min(scores, key=scores.get)
     listed = ", ".join(f"{r} {v:.4f}" for r, v in scores.items())
     return best, f"conflict reading: {best} (gate-weighted NLL on {conflicting} conflicting voxels: {listed})"

@@ -37,6 +37,18 @@ class VoxelOrder:
     flips: tuple[bool, ...] = ()
     index: tuple[np.ndarray, ...] | None = None
 
+    @property
+    def transpose(self) -> list[int]:
+        """``np.transpose`` axes taking the array's long axes (numbered 0.. in the array's order once the length-1
+        axes are dropped) into the file's order."""
+        rank = {a: i for i, a in enumerate(sorted(self.axes))}
+        return [rank[a] for a in self.axes]
+
+    @property
+    def flipped(self) -> list[int]:
+        """The file's long axes that run backwards."""
+        return [w for w, f in enumerate(self.flips) if f]
+
 
 def written_voxel_order(writer, shape: tuple[int, ...], properties: dict, file_ending: str,
                         beside: str | os.PathLike) -> VoxelOrder | None:
@@ -85,9 +97,9 @@ def _permutation(shape: tuple[int, ...], written: list[np.ndarray]) -> VoxelOrde
     axes, flips = [None] * len(file_axes), [False] * len(file_axes)
     for a in long_axes:
         image = written[a].reshape([written[a].shape[w] for w in file_axes])
+        ramp = np.arange(shape[a])
         for i in range(image.ndim):
             line = image[tuple(slice(None) if j == i else 0 for j in range(image.ndim))].astype(np.int64)
-            ramp = np.arange(shape[a])
             if axes[i] is None and line.size == shape[a] and (np.array_equal(line, ramp) or
                                                                np.array_equal(line, ramp[::-1])):
                 view = [1] * image.ndim
@@ -108,10 +120,7 @@ def in_written_order(values: np.ndarray, order: VoxelOrder | None, shape: tuple[
     if order.index is not None:
         return values[order.index]
     long_values = values.reshape([n for n in values.shape if n > 1])
-    # the array's long axes in the order of the file's: np.squeeze numbers them 0.. in the array's order
-    rank = {a: i for i, a in enumerate(sorted(order.axes))}
-    moved = np.transpose(long_values, [rank[a] for a in order.axes])
-    moved = np.flip(moved, [w for w, f in enumerate(order.flips) if f])
+    moved = np.flip(np.transpose(long_values, order.transpose), order.flipped)
     return np.ascontiguousarray(moved).reshape(shape)
 
 
@@ -125,7 +134,5 @@ def in_array_order(written: np.ndarray, order: VoxelOrder | None, shape: tuple[i
         out[order.index] = written
         return out
     long_written = written.reshape([n for n in written.shape if n > 1])
-    unflipped = np.flip(long_written, [w for w, f in enumerate(order.flips) if f])
-    rank = {a: i for i, a in enumerate(sorted(order.axes))}
-    back = np.transpose(unflipped, np.argsort([rank[a] for a in order.axes]))
+    back = np.transpose(np.flip(long_written, order.flipped), np.argsort(order.transpose))
     return np.ascontiguousarray(back).reshape(shape)

@@ -87,3 +87,13 @@ def test_conflict_scale_formula_and_the_gate_zero_case():
     assert t == pytest.approx(fit_temperature(probs, y)) and not b.any()
     with pytest.raises(ValueError, match="gate"):
         fit_temperature_with_conflict(probs, y, gate[:-1])
+
+
+def test_weighted_nll_is_the_weighted_mean_of_the_per_voxel_nll_by_hand():
+    """``sum_n w_n [logsumexp_c(z_cn / T) - z_{y_n n} / T] / sum_n w_n``, z = log p, against a direct evaluation."""
+    probs = np.array([[0.7, 0.2, 0.5], [0.3, 0.8, 0.5]])
+    y, w, t = np.array([0, 0, 1]), np.array([1.0, 0.5, 0.0]), 2.0
+    z = np.log(probs) / t
+    per_voxel = np.log(np.exp(z).sum(0)) - z[y, np.arange(3)]
+    assert temperature_nll(probs, y, t, weights=w) == pytest.approx((per_voxel * w).sum() / w.sum())
+    assert temperature_nll(probs, y, t, weights=np.ones(3)) == pytest.approx(temperature_nll(probs, y, t))

@@ -257,11 +257,11 @@ def test_showing_expert_is_the_present_one_with_the_most_foreground_and_its_mass
     0.6), the network's mean which class (1 : 2 as 9 : 1), even where the expert splits it otherwise; where the
     mean gives the foreground nothing the expert's own split decides; an absent expert is never chosen; regions
     take each region's largest present reading."""
-    from entrust_nnunet.model.alternatives import showing_expert, showing_reading
+    from entrust_nnunet.model.alternatives import showing_expert, showing_index, showing_reading
 
     e = torch.tensor([[[1.0, 0.0, 0.0], [0.4, 0.1, 0.5], [0.0, 1.0, 0.0]]])[..., None]  # (B=1, M=3, C=3, 1)
     mask = torch.tensor([[1.0, 1.0, 0.0]])
-    torch.testing.assert_close(showing_expert(e, foreground_mass(e), mask), e[:, 1])
+    torch.testing.assert_close(showing_expert(e, showing_index(foreground_mass(e), mask)), e[:, 1])
     mean = torch.tensor([[[0.9], [0.09], [0.01]]])
     torch.testing.assert_close(showing_reading(e, mask, mean)[0, :, 0], torch.tensor([0.4, 0.54, 0.06]))
     background = torch.tensor([[[1.0], [0.0], [0.0]]])
