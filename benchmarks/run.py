@@ -293,13 +293,33 @@ def copy_model_folder(src: Path, dst: Path, folds, fold_files: tuple[str, ...] =
             shutil.copy(src / f"fold_{fold}" / f, dst / f"fold_{fold}" / f)
 
 
+def conflict_readings(model: Path, folds) -> dict | None:
+    """The conflict reading each fold's CalibHead chose and the one ``entrust calibrate`` chose for all of them
+    (None: each fold's own); None for models without the choice."""
+    from entrust_nnunet.model.alternatives import READINGS
+    from entrust_nnunet.nnunet.calibration import load_calibrator
+    from entrust_nnunet.nnunet.checkpoints import load_checkpoint
+
+    chosen = {}
+    for fold in folds:
+        weights = load_checkpoint(model / f"fold_{fold}" / "checkpoint_final.pth")["network_weights"]
+        if "calib.showing_reading" in weights:
+            chosen[str(fold)] = READINGS[int(float(weights["calib.showing_reading"]) > 0.5)]
+    calibrator = load_calibrator(model)
+    return {"folds": chosen, "calibrated": calibrator and calibrator.conflict_reading} if chosen else None
+
+
 def calibrated_copy(src: Path, dst: Path, folds) -> Path:
     """A copy of an EnTrust model folder (``dst`` keeps ``src``'s name: the calibration file is tied to it) with
     ``entrust calibrate`` run on the out-of-fold voxels of ``folds``."""
-    from entrust_nnunet.nnunet.calibration import CALIBRATION_FILE, FOLD_VOXELS_FILE, calibrate_model
+    from entrust_nnunet.nnunet.calibration import (CALIBRATION_FILE, FOLD_VOXELS_FILE, OTHER_READING_VOXELS_FILE,
+                                                   calibrate_model)
 
     if not (dst / CALIBRATION_FILE).exists():
         copy_model_folder(src, dst, folds, ("checkpoint_final.pth", FOLD_VOXELS_FILE))
+        for other in (src / f"fold_{f}" / OTHER_READING_VOXELS_FILE for f in folds):  # folds that chose a reading
+            if other.is_file():
+                shutil.copy(other, dst / other.parent.name / other.name)
         calibrate_model(dst, list(folds))
     return dst
 
@@ -518,7 +538,8 @@ def run_seed(args, seed: int, dataset_id: int, name: str, config: str, raw: Path
         pred = log_dir / "predictions" / method.split(" (")[0].replace(" ", "_")
         seconds = predict_method(args, raw, pred, model, folds, k)
         where = "ablations" if method in ABLATIONS else "methods"
-        record[where][method] = {**evaluate_row(raw, pred), "predict_seconds_all_cases": seconds}
+        record[where][method] = {**evaluate_row(raw, pred), "predict_seconds_all_cases": seconds,
+                                 "conflict_reading": conflict_readings(model, folds)}
     extra = temperature_row(args, dataset_id, config, name, raw, log_dir, record)
     if args.ablations and seed == args.seeds[0] and OURS in models:
         models[NO_CALIB] = no_calib_row(args, raw, log_dir, models[OURS], record)
@@ -864,6 +885,12 @@ def quality_markdown(result: dict) -> list[str]:
                 "fitted on). ECE class prob.: top-label ECE of the saved class probabilities; ECE P(error): ECE of the "
                 "binary view [1 - total, total] against mask != reference. AURC is x1000 (lower is better)."]
     lines += _table("method", [(k, t, 3, 1) for k, t in CONFLICT_COLS], result["methods"])
+    readings = [f"seed {r['seed']} {m}: folds {row['conflict_reading']['folds']}"
+                + (f", calibrate {row['conflict_reading']['calibrated']}" if row["conflict_reading"]["calibrated"] else "")
+                for r in result["per_seed"] for m, row in r.get("methods", {}).items() if row.get("conflict_reading")]
+    if readings:
+        lines += ["", "Conflict reading chosen (each fold's CalibHead on its validation cases; `entrust calibrate` "
+                      "once on every fold's): " + "; ".join(readings)]
     labels = sorted({k[5:] for row in result["methods"].values() for k in row if k.startswith("dice_")})
     if labels:
         lines += _table("method", [c for l in labels for c in ((f"dice_{l}", f"Dice {l}", 3, 1),

@@ -380,6 +380,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> None:
         c = report["in_conflict_map"]
         print(f"  inside the conflict map (> 0.5): mean P(error) {c['mean_p_error']:.3f}, error rate "
               f"{c['error_rate']:.3f} ({c['voxels']} voxels)")
+    print(f"  {content['conflict_reading_choice']}")
     print(f"wrote {path}; entrust predict uses it for this model")
 
 

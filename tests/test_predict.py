@@ -137,6 +137,11 @@ def test_calibration_uses_the_validation_fold_and_cross_fits_its_maps(trained_en
     assert chosen, log[-2000:]
     weights = torch.load(fold / "checkpoint_final.pth", weights_only=False, map_location="cpu")["network_weights"]
     assert float(weights["calib.showing_reading"]) == float(chosen[1] == "showing")
+    # ... and its out-of-fold voxels are kept under both readings (for entrust calibrate's choice over all folds)
+    with np.load(fold / "calibration_voxels.npz") as kept, np.load(fold / "calibration_voxels_other_reading.npz") as other:
+        assert (float(kept["showing_reading"]), float(other["showing_reading"])) == ((1.0, 0.0) if chosen[1] == "showing"
+                                                                                  else (0.0, 1.0))
+        assert np.array_equal(kept["label"], other["label"])  # the same voxels of the same cases
     # the same cases through entrust predict with the final checkpoint (its one, fully fitted CalibHead)
     images = tmp_path / "images"
     images.mkdir()

@@ -20,6 +20,7 @@ from entrust_nnunet.data.io import InputError, atomic_file
 from entrust_nnunet.evaluation.metrics import foreground_boundary_mask
 from entrust_nnunet.evaluation.temperature import (conflict_temperature_nll, fit_temperature,
                                                    fit_temperature_with_conflict, temperature_nll)
+from entrust_nnunet.model.alternatives import READINGS
 from entrust_nnunet.model.outputs import MIN_PROBABILITY
 from entrust_nnunet.model.trustmap import STATISTICS, CalibHead, calibrated_log_probabilities
 
@@ -150,16 +151,17 @@ def fit_class_calibration(probs: np.ndarray, labels: np.ndarray, gate: np.ndarra
     return fit_temperature_with_conflict(probs, labels, gate, eps=MIN_PROBABILITY, temperature=t)
 
 
-def choose_reading(candidates: dict[str, Voxels]) -> tuple[str, str]:
-    """The conflict reading (``model.alternatives.READINGS``) to keep: the one whose calibration voxels' class
-    probabilities, each with its own NLL-fitted temperature, have the lower mean NLL on the conflicting voxels, each
-    weighted by its conflict gate (:func:`~entrust_nnunet.evaluation.temperature.temperature_nll`), i.e. predict the
-    labels of the conflicting voxels better on cases the network never trained on; the vote where no voxel
-    conflicts (nothing to tell them apart, and the vote stays cautious on conflicts the model never saw:
-    docs/design.md, "The showing expert's reading"). Returns (reading, one-line summary)."""
+def choose_reading(candidates: dict[str, dict]) -> tuple[str, str]:
+    """The conflict reading (``model.alternatives.READINGS``) to keep, given each reading's calibration columns
+    (``probabilities`` (N, C), ``label``, ``gate``): the one whose class probabilities, each with its own NLL-fitted
+    temperature, have the lower mean NLL on the conflicting voxels, each weighted by its conflict gate
+    (:func:`~entrust_nnunet.evaluation.temperature.temperature_nll`), i.e. predict the labels of the conflicting
+    voxels better on cases the network never trained on; the vote where no voxel conflicts (nothing to tell them
+    apart, and the vote stays cautious on conflicts the model never saw: docs/design.md, "The showing expert's
+    reading"). Returns (reading, one-line summary)."""
     scores, conflicting = {}, 0
-    for reading, voxels in candidates.items():
-        probs, labels, gate = _class_columns(voxels[0])
+    for reading, columns in candidates.items():
+        probs, labels, gate = _class_columns(columns)
         conflicting = int(np.sum(gate > 0))
         if not conflicting:
             return "vote", "conflict reading: vote (no conflicting voxel on the calibration cases)"
@@ -196,6 +198,9 @@ def _class_columns(columns: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 # ------------------------------------------------------------------------------------------------
 #: what the trainer keeps of its calibration cases, per fold (out-of-fold statistics, error, fg+boundary)
 FOLD_VOXELS_FILE = "calibration_voxels.npz"
+#: ... and under the conflict reading the fold did not keep (written when it chose one), so that ``entrust calibrate``
+#: chooses the reading once on every fold's out-of-fold cases
+OTHER_READING_VOXELS_FILE = "calibration_voxels_other_reading.npz"
 #: the calibrator ``entrust calibrate`` fits on all folds' out-of-fold voxels, in the model folder
 CALIBRATION_FILE = "entrust_calibration.json"
 #: the calibrators tried, each a logistic model on these features (see :func:`calibration_features`)
@@ -259,6 +264,8 @@ class Calibrator:
     class_temperature: float | None = None
     #: ... and their biases where the modalities conflict (with ``class_temperature``)
     class_conflict_bias: tuple[float, ...] | None = None
+    #: the conflict reading chosen on every fold's out-of-fold voxels (None: each fold's own choice)
+    conflict_reading: str | None = None
 
     def logits(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
         w = torch.tensor(self.weights, dtype=torch.float32)
@@ -275,39 +282,77 @@ class Calibrator:
 CLASS_COLUMNS = ("probabilities", "label", "gate")
 
 
-def save_fold_voxels(path: Path, voxels: Voxels) -> None:
-    """The out-of-fold voxels a trained fold was calibrated on (numpy arrays only: loads without pickle)."""
+def save_fold_voxels(path: Path, voxels: Voxels, reading: str | None = None) -> None:
+    """The out-of-fold voxels a trained fold was calibrated on (numpy arrays only: loads without pickle), with the
+    conflict reading they were predicted under when the fold chose one."""
     columns, error = voxels
     keys = (*STATISTICS, "fg_boundary", *(k for k in (*CLASS_COLUMNS, "label_region") if k in columns))
+    flag = {} if reading is None else {"showing_reading": np.float32(READINGS.index(reading))}
     with atomic_file(path, "wb") as f:
-        np.savez_compressed(f, error=error.numpy(), **{k: columns[k].numpy() for k in keys})
+        np.savez_compressed(f, error=error.numpy(), **{k: columns[k].numpy() for k in keys}, **flag)
 
 
-def fold_voxels_path(model_folder: Path, fold) -> Path:
-    """A fold's out-of-fold voxels file; one clear error when the fold has none."""
+def _file_reading(path: Path) -> str | None:
+    with np.load(path, allow_pickle=False) as f:
+        return READINGS[int(float(f["showing_reading"]) > 0.5)] if "showing_reading" in f else None
+
+
+def fold_voxels_path(model_folder: Path, fold, reading: str | None = None) -> Path:
+    """A fold's out-of-fold voxels file (under ``reading``; None: the one the fold kept); one clear error when the
+    fold has none."""
     path = Path(model_folder) / f"fold_{fold}" / FOLD_VOXELS_FILE
     if not path.is_file():
         raise InputError(f"{path}: fold {fold} has no out-of-fold calibration voxels (train it to the end with "
                          f"nnUNetTrainerEnTrust; a finished fold writes them again with nnUNetv2_train ... --c)")
-    return path
+    if reading is None or _file_reading(path) == reading:
+        return path
+    other = path.with_name(OTHER_READING_VOXELS_FILE)
+    if other.is_file() and _file_reading(other) == reading:
+        return other
+    raise InputError(f"{path}: fold {fold} has no out-of-fold calibration voxels under the {reading} reading")
 
 
-def load_fold_class_voxels(model_folder: Path, fold) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+def _load_class_columns(path: Path) -> dict[str, np.ndarray] | None:
+    with np.load(path, allow_pickle=False) as f:
+        return {k: f[k] for k in CLASS_COLUMNS if k in f} if all(k in f for k in CLASS_COLUMNS[:2]) else None
+
+
+def load_fold_class_voxels(model_folder: Path, fold, reading: str | None = None
+                           ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """(C, N) class probabilities, (N,) labels and (N,) conflict gates of a fold's out-of-fold voxels (gates 0 in
     files that predate them); None for files without classes."""
-    with np.load(fold_voxels_path(model_folder, fold), allow_pickle=False) as f:
-        if not all(k in f for k in CLASS_COLUMNS[:2]):
-            return None
-        return _class_columns({k: f[k] for k in CLASS_COLUMNS if k in f})
+    columns = _load_class_columns(fold_voxels_path(model_folder, fold, reading))
+    return None if columns is None else _class_columns(columns)
 
 
-def fit_pooled_temperature(model_folder: Path, folds: list, conflict_biases: bool | None = None) -> dict | None:
-    """One class calibration NLL-fitted on every fold's out-of-fold voxels (None when a fold's file predates
-    them): the temperature and, with ``conflict_biases`` (default: with two folds or more), the conflict biases
-    (:func:`fit_class_calibration`); with its NLL before (T = 1, b = 0) and after."""
+def choose_pooled_reading(model_folder: Path, folds: list) -> tuple[str | None, str]:
+    """The conflict reading :func:`choose_reading` keeps on every fold's out-of-fold voxels at once (each fold's own
+    choice judged five coin-flip structures on the development seed and flipped between folds; docs/design.md);
+    None, each fold keeping its own, when a fold has no voxels of the other reading (trained without the choice,
+    or without classes). Returns (reading, one-line summary)."""
+    folder = Path(model_folder)
+    if not all((folder / f"fold_{f}" / OTHER_READING_VOXELS_FILE).is_file() for f in folds):
+        return None, "conflict reading: each fold's own (a fold has no voxels under the other reading)"
+    candidates = {}
+    for reading in READINGS:
+        parts = [_load_class_columns(fold_voxels_path(folder, f, reading)) for f in folds]
+        if any(p is None or "gate" not in p for p in parts):
+            return None, "conflict reading: each fold's own (a fold's voxels hold no class probabilities)"
+        candidates[reading] = {k: np.concatenate([p[k] for p in parts]) for k in CLASS_COLUMNS}
+    reading, summary = choose_reading(candidates)
+    return reading, f"{summary}, on the out-of-fold voxels of folds {list(folds)}"
+
+
+def fit_pooled_temperature(model_folder: Path, folds: list, conflict_biases: bool | None = None,
+                           reading: str | None = None) -> dict | None:
+    """One class calibration NLL-fitted on every fold's out-of-fold voxels (under ``reading``; None: each fold's
+    own; None returned when a fold's file predates them): the temperature and, with ``conflict_biases`` (default:
+    with two folds or more), the conflict biases (:func:`fit_class_calibration`); with its NLL before (T = 1,
+    b = 0) and after."""
     if conflict_biases is None:
         conflict_biases = len(folds) > 1
-    return _pooled_class_calibration([load_fold_class_voxels(model_folder, f) for f in folds], conflict_biases)
+    return _pooled_class_calibration([load_fold_class_voxels(model_folder, f, reading) for f in folds],
+                                     conflict_biases)
 
 
 def _pooled_class_calibration(parts: list, conflict_biases: bool) -> dict | None:
@@ -322,13 +367,13 @@ def _pooled_class_calibration(parts: list, conflict_biases: bool) -> dict | None
                     for x in ((1.0, np.zeros_like(bias)), (t, bias))]}
 
 
-def load_fold_voxels(model_folder: Path, fold, class_calibration: dict | None = None
+def load_fold_voxels(model_folder: Path, fold, class_calibration: dict | None = None, reading: str | None = None
                      ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
     """A fold's out-of-fold calibration features, errors and foreground + boundary flags; with
     ``class_calibration`` (:func:`fit_pooled_temperature`'s fit) the mask's confidence, error and foreground +
     boundary flags are those of that class calibration (:func:`class_calibrated_voxels`; the flags only in files
-    that keep ``label_region``)."""
-    with np.load(fold_voxels_path(model_folder, fold), allow_pickle=False) as f:
+    that keep ``label_region``); under ``reading`` (None: the fold's own)."""
+    with np.load(fold_voxels_path(model_folder, fold, reading), allow_pickle=False) as f:
         columns = {k: torch.from_numpy(f[k]) for k in (*STATISTICS, *CLASS_COLUMNS, "fg_boundary", "label_region")
                    if k in f}
         error = torch.from_numpy(f["error"]).float()
@@ -350,23 +395,24 @@ def _held_out_bce(names: tuple[str, ...], folds: list) -> float:
     return float(np.mean(scores))
 
 
-def fit_calibrator(model_folder: Path, folds: list) -> tuple[Calibrator, dict]:
+def fit_calibrator(model_folder: Path, folds: list, reading: str | None = None) -> tuple[Calibrator, dict]:
     """Choose and fit the calibrator on the out-of-fold voxels of ``folds`` (each training case is out of fold
     once), each fold's for the mask of the class calibration fitted on the other folds (:func:`load_fold_voxels`;
     cross-fitted because a calibration fitted on the very cases it decides is right about their coin flips by
     construction, docs/design.md). With two folds or more the candidates of
     :data:`CALIBRATORS` are compared by leave-one-fold-out BCE on foreground + boundary voxels; the winner is
-    refitted on all of them."""
-    classes = {f: load_fold_class_voxels(model_folder, f) for f in folds}  # each fold's file read once
+    refitted on all of them. Under the conflict ``reading`` (None: each fold's own)."""
+    classes = {f: load_fold_class_voxels(model_folder, f, reading) for f in folds}  # each fold's file read once
     data = [load_fold_voxels(model_folder, f, _pooled_class_calibration(
-        [classes[o] for o in folds if o != f] or [classes[f]], conflict_biases=len(folds) > 1)) for f in folds]
+        [classes[o] for o in folds if o != f] or [classes[f]], conflict_biases=len(folds) > 1), reading)
+        for f in folds]
     scores = {name: _held_out_bce(names, data) for name, names in CALIBRATORS.items()} if len(data) > 1 else {}
     name = min(scores, key=scores.get) if scores else "platt_with_conflict"
     names = CALIBRATORS[name]
     feats = {n: torch.cat([d[0][n] for d in data]) for n in names}
     error, fg = torch.cat([d[1] for d in data]), torch.cat([d[2] for d in data])
     w, bce = fit_logistic(torch.stack([feats[n] for n in names], -1), error)
-    calibrator = Calibrator(name, names, tuple(float(v) for v in w))
+    calibrator = Calibrator(name, names, tuple(float(v) for v in w), conflict_reading=reading)
     p = torch.sigmoid(calibrator.logits(feats))
     conflict = torch.cat([d[0]["conflict"] for d in data]) > 0.5
     report = {"voxels": int(error.numel()), "error_rate": float(error.mean()), "bce": bce,
@@ -394,8 +440,9 @@ def calibrate_model(model_folder, folds=None) -> tuple[Path, dict]:
             raise InputError(f"{model_folder}: no fold has out-of-fold calibration voxels ({FOLD_VOXELS_FILE})")
         for fold in folds:
             fold_voxels_path(model_folder, fold)
-    temperature = fit_pooled_temperature(model_folder, list(folds))
-    calibrator, report = fit_calibrator(model_folder, list(folds))
+    reading, choice = choose_pooled_reading(model_folder, list(folds))
+    temperature = fit_pooled_temperature(model_folder, list(folds), reading=reading)
+    calibrator, report = fit_calibrator(model_folder, list(folds), reading)
     plans = json.loads((model_folder / "plans.json").read_text())
     content = {"trainer_plans_configuration": model_folder.name, "plans_name": plans.get("plans_name"),
                "dataset_name": plans.get("dataset_name"),
@@ -403,7 +450,7 @@ def calibrate_model(model_folder, folds=None) -> tuple[Path, dict]:
                "weights": list(calibrator.weights), "report": report,
                "class_temperature": temperature and temperature["temperature"],
                "class_conflict_bias": temperature and temperature["conflict_bias"],
-               "class_temperature_fit": temperature}
+               "class_temperature_fit": temperature, "conflict_reading": reading, "conflict_reading_choice": choice}
     path = model_folder / CALIBRATION_FILE
     with atomic_file(path) as f:
         json.dump(content, f, indent=2)
@@ -419,6 +466,14 @@ def _plans_dataset_name(model_folder: Path) -> str | None:
         return None  # the predictor reports a broken plans.json itself
 
 
+def with_conflict_reading(weights: dict, calibrator: Calibrator | None) -> dict:
+    """A fold's network weights with the conflict reading ``entrust calibrate`` chose for every fold (CalibHead's
+    ``showing_reading``); ``weights`` themselves (the fold's own choice) without such a calibrator."""
+    if calibrator is None or calibrator.conflict_reading is None:
+        return weights
+    return {**weights, "calib.showing_reading": torch.tensor(float(READINGS.index(calibrator.conflict_reading)))}
+
+
 def load_calibrator(model_folder) -> Calibrator | None:
     """The calibrator ``entrust calibrate`` stored for this model folder, or None; a file written for another
     trainer, plans, configuration or dataset is refused."""
@@ -431,9 +486,12 @@ def load_calibrator(model_folder) -> Calibrator | None:
     try:
         content = json.loads(path.read_text())
         t, bias = content.get("class_temperature"), content.get("class_conflict_bias")
+        reading = content.get("conflict_reading")
+        if reading is not None and reading not in READINGS:
+            raise ValueError(f"unknown conflict reading {reading!r}")
         calibrator = Calibrator(content["calibrator"], tuple(content["features"]),
                                 tuple(float(w) for w in content["weights"]), None if t is None else float(t),
-                                None if bias is None else tuple(float(b) for b in bias))
+                                None if bias is None else tuple(float(b) for b in bias), reading)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise InputError(f"{path}: not a calibration file of entrust calibrate ({e})") from None
     if content.get("trainer_plans_configuration") != model_folder.name:

@@ -67,7 +67,7 @@ from entrust_nnunet.model.outputs import as_logits, decision_confidence, log_pro
 from entrust_nnunet.model.sampling import DEFAULT_SAMPLING, SamplingSettings
 from entrust_nnunet.model.trustmap import (CalibHead, calibrated_log_probabilities, output_entropy,
                                            top_label_calibrated)
-from entrust_nnunet.nnunet.calibration import load_calibrator
+from entrust_nnunet.nnunet.calibration import load_calibrator, with_conflict_reading
 from entrust_nnunet.nnunet.checkpoints import build_network, check_weights_fit, find_trainer, load_checkpoint
 from entrust_nnunet.nnunet.distributed import unwrap
 from entrust_nnunet.nnunet.orientation import in_written_order, written_voxel_order
@@ -349,11 +349,11 @@ class EnTrustPredictor(nnUNetPredictor):
         self.modality_dropout = float(getattr(find_trainer(first["trainer_name"], files[0]), "modality_dropout", 0.0))
         for ckpt, f in zip(checkpoints, files):
             check_weights_fit(network, ckpt["network_weights"], f, folder / "plans.json")
-        parameters = [c["network_weights"] for c in checkpoints]
+        self.calibrator = load_calibrator(folder)
+        parameters = [with_conflict_reading(c["network_weights"], self.calibrator) for c in checkpoints]
         network.load_state_dict(parameters[0])
         self.manual_initialization(network, plans_manager, configuration_manager, parameters, dataset_json,
                                    first["trainer_name"], first.get("inference_allowed_mirroring_axes"))
-        self.calibrator = load_calibrator(folder)
         unfitted = [f for f, p in zip(files, parameters) if "calib.fitted" in p and not float(p["calib.fitted"])]
         if unfitted and self.calibrator is None:
             print(f"entrust: warning: {unfitted[0]}: CalibHead not fitted (training fits it at its end, into "

@@ -47,7 +47,8 @@ from torch import nn
 from entrust_nnunet.model.network import LOSS_WEIGHTS, EnTrustUNet
 from entrust_nnunet.model.outputs import full_resolution
 from entrust_nnunet.nnunet.annotators import training_dataset
-from entrust_nnunet.nnunet.calibration import (CALIBRATION_STEPS, FOLD_VOXELS_FILE, Voxels, calibration_subset,
+from entrust_nnunet.nnunet.calibration import (CALIBRATION_STEPS, FOLD_VOXELS_FILE, OTHER_READING_VOXELS_FILE,
+                                               Voxels, calibration_subset,
                                                calibration_voxels, choose_reading, class_calibrated_voxels,
                                                fit_calib_head, fit_class_temperature, save_fold_voxels)
 from entrust_nnunet.nnunet.clipping import clipping_per_group
@@ -384,26 +385,27 @@ class nnUNetTrainerEnTrust(ModalityDropout, nnUNetTrainer):
         finally:
             calib.to(self.device)
 
-    def _voxels_of_chosen_reading(self) -> Voxels:
-        """The calibration voxels under the conflict reading :func:`choose_reading` keeps (set in CalibHead, and
-        the statistics cache left holding its voxels); the vote's without :attr:`choose_conflict_reading`."""
+    def _voxels_of_chosen_reading(self) -> dict[str, Voxels]:
+        """The calibration voxels per conflict reading, the one :func:`choose_reading` keeps first (set in
+        CalibHead, and the statistics cache left holding its voxels); the vote's alone without
+        :attr:`choose_conflict_reading`."""
         calib = unwrap(self.network).calib
         calib.showing_reading.zero_()
         vote = self._calibration_voxels(self.calibration_keys)
         # regions keep their sigmoids (no class calibration to judge by); without alternatives both readings agree
         if not (self.choose_conflict_reading and "probabilities" in vote[0]
                 and unwrap(self.network).expert_alternatives > 0):
-            return vote
+            return {"vote": vote}
         kept = self.__dict__.pop("_calibration_cache", {})
         calib.showing_reading.fill_(1.0)
         showing = self._calibration_voxels(self.calibration_keys)
-        reading, summary = choose_reading({"vote": vote, "showing": showing})
+        reading, summary = choose_reading({"vote": vote[0], "showing": showing[0]})
         self.print_to_log_file(summary)
         if reading == "vote":
             calib.showing_reading.zero_()
             self.__dict__["_calibration_cache"] = kept
-            return vote
-        return showing
+            return {"vote": vote, "showing": showing}
+        return {"showing": showing, "vote": vote}
 
     def fit_calibration(self) -> None:
         """Fit CalibHead on the calibration cases (the validation fold; a held-out subset with fold 'all').
@@ -418,15 +420,20 @@ class nnUNetTrainerEnTrust(ModalityDropout, nnUNetTrainer):
         if self.local_rank == 0:
             sets = len(self.calibration_modalities(self.calibration_keys[0]))
             subsets = f", each predicted with {sets} modality sets" if sets > 1 else ""
-            voxels = self._voxels_of_chosen_reading()
+            readings = self._voxels_of_chosen_reading()
+            voxels = next(iter(readings.values()))
             # the class calibration first: it decides the mask, whose error CalibHead learns
             if "probabilities" in voxels[0]:  # label outputs only: regions keep their sigmoids
                 self.print_to_log_file(fit_class_temperature(unwrap(self.network).calib, voxels))
             self.print_to_log_file(f"CalibHead fitted on {self._fit_calib_head(self.calibration_keys)}{subsets}")
-            # out-of-fold voxels for `entrust calibrate`, which fits one calibrator on every fold's
+            # out-of-fold voxels for `entrust calibrate`, which fits one calibrator (and chooses the reading once)
+            # on every fold's
             calib = unwrap(self.network).calib
-            save_fold_voxels(Path(self.output_folder) / FOLD_VOXELS_FILE,
-                             class_calibrated_voxels(voxels, calib.temperature, calib.conflict_bias))
+            (Path(self.output_folder) / OTHER_READING_VOXELS_FILE).unlink(missing_ok=True)  # an earlier run's
+            for (reading, v), name in zip(readings.items(), (FOLD_VOXELS_FILE, OTHER_READING_VOXELS_FILE)):
+                save_fold_voxels(Path(self.output_folder) / name,
+                                 class_calibrated_voxels(v, calib.temperature, calib.conflict_bias),
+                                 reading if len(readings) > 1 else None)
         broadcast_state(unwrap(self.network).calib, group=group)
 
 

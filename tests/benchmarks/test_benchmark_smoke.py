@@ -29,6 +29,10 @@ def test_benchmark_smoke(tmp_path):
     seed = result["per_seed"][0]
     assert seed["seed"] == 0 and seed["temperature"] > 0 and seed["temperature_fitted_on"]
     assert seed["results_root"].endswith("seed_0")
+    # which conflict reading fold 0 chose is recorded, and named in the markdown
+    reading = seed["methods"]["EnTrust (K=8)"]["conflict_reading"]
+    assert list(reading["folds"]) == ["0"] and reading["folds"]["0"] in ("vote", "showing")
+    assert seed["methods"]["softmax nnU-Net"]["conflict_reading"] is None
     log = next((Path(seed["results_root"])).rglob("training_log_*.txt")).read_text(encoding="utf-8")
     assert "training seed: 0" in log
     # the temperature row keeps the softmax masks (same Dice), only the probabilities change
@@ -39,6 +43,7 @@ def test_benchmark_smoke(tmp_path):
     assert all(row["median_s"] > 0 and row["n"] >= 3 for row in speed.values())
     assert {t["verdict"] for t in result["targets"]} <= {"met", "missed", "within noise", None}
     md = (out / "results.md").read_text(encoding="utf-8")
+    assert f"seed 0 EnTrust (K=8): folds {{'0': '{reading['folds']['0']}'}}" in md
     assert "| EnTrust (K=8) |" in md and "ratio to one plain forward" in md and "AURC x1000" in md
     assert not (REPO / "benchmarks" / "results" / "phantoms2d.json").exists() or \
         json.loads((REPO / "benchmarks" / "results" / "phantoms2d.json").read_text())["schedule"] != "smoke"

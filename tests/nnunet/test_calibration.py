@@ -300,13 +300,13 @@ def test_the_conflict_reading_that_predicts_the_conflicting_labels_is_kept_and_t
     clear = torch.full((n,), 0.02)
     vote = _conflict_voxels(torch.where(gate > 0, torch.full((n,), 0.25), clear), labels, gate)
     showing = _conflict_voxels(torch.where(gate > 0, torch.full((n,), 0.7), clear), labels, gate)
-    reading, summary = choose_reading({"vote": vote, "showing": showing})
+    reading, summary = choose_reading({"vote": vote[0], "showing": showing[0]})
     assert reading == "showing" and "1000 conflicting voxels" in summary
     # the labels following the vote's 0.25 instead: the vote is kept
     labels_low = torch.where(gate > 0, (torch.rand(n, generator=gen) < 0.25).long(), labels)
-    relabelled = {k: (v[0] | {"label": labels_low}, labels_low.float()) for k, v in {"vote": vote, "showing": showing}.items()}
+    relabelled = {k: v[0] | {"label": labels_low} for k, v in {"vote": vote, "showing": showing}.items()}
     assert choose_reading(relabelled)[0] == "vote"
-    none = {k: (v[0] | {"gate": torch.zeros(n)}, v[1]) for k, v in {"vote": vote, "showing": showing}.items()}
+    none = {k: v[0] | {"gate": torch.zeros(n)} for k, v in {"vote": vote, "showing": showing}.items()}
     assert choose_reading(none) == ("vote", "conflict reading: vote (no conflicting voxel on the calibration cases)")
 
 
@@ -337,3 +337,54 @@ def test_the_network_reads_conflict_as_its_calibration_chose_and_old_checkpoints
     fresh.calib.showing_reading.fill_(1.0)
     fresh.load_state_dict(old)  # a checkpoint from before the choice: the vote
     assert fresh.conflict_reading == "vote"
+
+
+def _reading_folds(model, chosen: dict[int, str]) -> None:
+    """Fold voxels under both readings, the fold's ``chosen`` one in the main file: conflicting voxels are lesion
+    70 % of the time; the vote says 0.25 there, the showing expert 0.7 (the labels are the fold's, for both)."""
+    from entrust_nnunet.nnunet.calibration import OTHER_READING_VOXELS_FILE
+
+    for f, kept in chosen.items():
+        stats, _ = _fold_voxels(f)
+        n = stats["conflict"].numel()
+        gate = (stats["conflict"] > 0.5).float()
+        g = torch.Generator().manual_seed(100 + f)
+        labels = torch.where(gate > 0, (torch.rand(n, generator=g) < 0.7).long(), torch.zeros(n, dtype=torch.long))
+        clear = torch.full((n,), 0.02)
+        readings = {r: _conflict_voxels(torch.where(gate > 0, torch.full((n,), p), clear), labels, gate)[0]
+                    for r, p in (("vote", 0.25), ("showing", 0.7))}
+        (model / f"fold_{f}").mkdir()
+        for r, name in ((kept, FOLD_VOXELS_FILE), ({"vote": "showing", "showing": "vote"}[kept], OTHER_READING_VOXELS_FILE)):
+            columns = stats | readings[r]
+            save_fold_voxels(model / f"fold_{f}" / name, (columns, (columns["probabilities"].argmax(1) != labels).float()), r)
+
+
+def test_calibrate_chooses_the_conflict_reading_once_on_every_folds_voxels_and_predict_follows_it(tmp_path):
+    """Fold 1 kept the vote on its own cases; on both folds' out-of-fold voxels the showing reading predicts the
+    conflicting labels better: calibrate keeps it for every fold and fits temperature and calibrator on its
+    voxels; the weights a predictor loads carry it. A fold without the other reading's voxels: each fold's own."""
+    from entrust_nnunet.nnunet.calibration import (OTHER_READING_VOXELS_FILE, fit_pooled_temperature,
+                                                   fold_voxels_path, with_conflict_reading)
+
+    model = tmp_path / "nnUNetTrainerEnTrust__nnUNetPlans__2d"
+    model.mkdir()
+    (model / "plans.json").write_text(json.dumps({"plans_name": "nnUNetPlans"}))
+    _reading_folds(model, {0: "showing", 1: "vote"})
+    assert fold_voxels_path(model, 1, "showing").name == OTHER_READING_VOXELS_FILE
+    assert fold_voxels_path(model, 1, "vote").name == FOLD_VOXELS_FILE
+    _, content = calibrate_model(model)
+    assert content["conflict_reading"] == "showing" and "folds [0, 1]" in content["conflict_reading_choice"]
+    fit = content["class_temperature_fit"]
+    assert fit["nll"] == pytest.approx(fit_pooled_temperature(model, [0, 1], reading="showing")["nll"])
+    assert fit["nll"] != pytest.approx(fit_pooled_temperature(model, [0, 1])["nll"])
+    calibrator = load_calibrator(model)
+    assert calibrator.conflict_reading == "showing"
+    weights = {"calib.showing_reading": torch.tensor(0.0), "w": torch.ones(2)}
+    assert float(with_conflict_reading(weights, calibrator)["calib.showing_reading"]) == 1.0
+    assert float(weights["calib.showing_reading"]) == 0.0  # the checkpoint's own weights are not changed
+    # a fold trained without the choice: every fold keeps its own reading
+    (model / "fold_1" / OTHER_READING_VOXELS_FILE).unlink()
+    _, content = calibrate_model(model)
+    assert content["conflict_reading"] is None and "each fold's own" in content["conflict_reading_choice"]
+    assert content["class_temperature_fit"]["nll"] == pytest.approx(fit_pooled_temperature(model, [0, 1])["nll"])
+    assert with_conflict_reading(weights, load_calibrator(model)) is weights

@@ -126,7 +126,7 @@ def test_entrust_calibrate_fits_on_every_fold_out_of_fold(five_folds):
     """entrust calibrate reads the out-of-fold voxels every fold kept (each training case once) and writes
     one calibrator that entrust predict then uses; the file is removed again for the tests below."""
 
-    from entrust_nnunet.nnunet.calibration import CALIBRATION_FILE, FOLD_VOXELS_FILE
+    from entrust_nnunet.nnunet.calibration import CALIBRATION_FILE, FOLD_VOXELS_FILE, OTHER_READING_VOXELS_FILE
     from entrust_nnunet.nnunet.predictor import EnTrustPredictor
 
     env, raw, model = five_folds
@@ -134,8 +134,16 @@ def test_entrust_calibrate_fits_on_every_fold_out_of_fold(five_folds):
     content = json.loads((model / CALIBRATION_FILE).read_text())
     try:
         assert content["folds"] == [0, 1, 2, 3, 4] and "wrote" in r.stdout
+        # every fold chose a conflict reading and kept the other's voxels: calibrate chose once, on all of them
+        assert all((model / f"fold_{f}" / OTHER_READING_VOXELS_FILE).is_file() for f in range(5))
+        assert content["conflict_reading"] in ("vote", "showing") and content["conflict_reading_choice"] in r.stdout
         voxels = sum(len(np.load(model / f"fold_{f}" / FOLD_VOXELS_FILE)["error"]) for f in range(5))
         assert content["report"]["voxels"] == voxels > 0
+        predictor = EnTrustPredictor(device=torch.device("cpu"), allow_tqdm=False)
+        predictor.initialize_from_trained_model_folder(str(model), (0, 1, 2, 3, 4))
+        chosen = float(content["conflict_reading"] == "showing")
+        assert [float(p["calib.showing_reading"]) for p in predictor.list_of_parameters] == [chosen] * 5
+        assert [float(h.showing_reading) for h in predictor.calib_heads] == [chosen] * 5
         predictor = EnTrustPredictor(device=torch.device("cpu"), allow_tqdm=False)
         predictor.initialize_from_trained_model_folder(str(model), (0,))
         calibrator = predictor.calibrator
