@@ -294,19 +294,17 @@ def copy_model_folder(src: Path, dst: Path, folds, fold_files: tuple[str, ...] =
 
 
 def conflict_readings(model: Path, folds) -> dict | None:
-    """The conflict reading each fold's CalibHead chose and the one ``entrust calibrate`` chose for all of them
-    (None: each fold's own); None for models without the choice."""
-    from entrust_nnunet.model.alternatives import READINGS
-    from entrust_nnunet.nnunet.calibration import load_calibrator
-    from entrust_nnunet.nnunet.checkpoints import load_checkpoint
+    """The conflict reading each fold's CalibHead chose (the flag of its out-of-fold voxels file) and the one
+    ``entrust calibrate`` chose for all of them (None: each fold's own); None for models without the choice."""
+    from entrust_nnunet.nnunet.calibration import FOLD_VOXELS_FILE, load_calibrator, voxels_file_reading
 
-    chosen = {}
-    for fold in folds:
-        weights = load_checkpoint(model / f"fold_{fold}" / "checkpoint_final.pth")["network_weights"]
-        if "calib.showing_reading" in weights:
-            chosen[str(fold)] = READINGS[int(float(weights["calib.showing_reading"]) > 0.5)]
+    files = {str(f): model / f"fold_{f}" / FOLD_VOXELS_FILE for f in folds}
+    chosen = {f: voxels_file_reading(p) for f, p in files.items() if p.is_file()}
+    chosen = {f: r for f, r in chosen.items() if r is not None}
+    if not chosen:
+        return None
     calibrator = load_calibrator(model)
-    return {"folds": chosen, "calibrated": calibrator and calibrator.conflict_reading} if chosen else None
+    return {"folds": chosen, "calibrated": calibrator and calibrator.conflict_reading}
 
 
 def calibrated_copy(src: Path, dst: Path, folds) -> Path:
@@ -316,6 +314,8 @@ def calibrated_copy(src: Path, dst: Path, folds) -> Path:
                                                    calibrate_model)
 
     if not (dst / CALIBRATION_FILE).exists():
+        for stale in dst.glob(f"fold_*/{OTHER_READING_VOXELS_FILE}"):  # an interrupted copy's, maybe another run's
+            stale.unlink()
         copy_model_folder(src, dst, folds, ("checkpoint_final.pth", FOLD_VOXELS_FILE))
         for other in (src / f"fold_{f}" / OTHER_READING_VOXELS_FILE for f in folds):  # folds that chose a reading
             if other.is_file():

@@ -13,6 +13,7 @@ import torch
 from conftest import SESSION_DATASET_ID, nnunet_bin, use_nnunet_roots
 from entrust_nnunet.model.sampling import SamplingSettings
 from entrust_nnunet.data.io import MAP_NAMES
+from entrust_nnunet.nnunet.calibration import choose_reading
 from entrust_nnunet.nnunet.predictor import EnTrustPredictor
 
 RANGES = {"total": (0, 1), "aleatoric": (0, np.log(3) + 1e-4), "epistemic": (0, np.log(3) + 1e-4), "conflict": (0, 1)}
@@ -142,6 +143,14 @@ def test_calibration_uses_the_validation_fold_and_cross_fits_its_maps(trained_en
         assert (float(kept["showing_reading"]), float(other["showing_reading"])) == ((1.0, 0.0) if chosen[1] == "showing"
                                                                                   else (0.0, 1.0))
         assert np.array_equal(kept["label"], other["label"])  # the same voxels of the same cases
+        files = {"kept": kept, "other": other}
+        readings = {("showing" if float(f["showing_reading"]) else "vote"): {k: f[k] for k in ("probabilities", "label", "gate")}
+                    for f in files.values()}
+        assert choose_reading(readings)[0] == chosen[1]  # the logged choice, from the files' own voxels
+        conflicting = kept["gate"] > 0
+        if conflicting.any():  # the readings differ only where the experts conflict
+            assert not np.allclose(kept["probabilities"][conflicting], other["probabilities"][conflicting])
+        np.testing.assert_allclose(kept["probabilities"][~conflicting], other["probabilities"][~conflicting], atol=1e-4)
     # the same cases through entrust predict with the final checkpoint (its one, fully fitted CalibHead)
     images = tmp_path / "images"
     images.mkdir()

@@ -292,7 +292,8 @@ def save_fold_voxels(path: Path, voxels: Voxels, reading: str | None = None) -> 
         np.savez_compressed(f, error=error.numpy(), **{k: columns[k].numpy() for k in keys}, **flag)
 
 
-def _file_reading(path: Path) -> str | None:
+def voxels_file_reading(path: Path) -> str | None:
+    """The conflict reading a fold voxels file was predicted under (None: written without the choice)."""
     with np.load(path, allow_pickle=False) as f:
         return READINGS[int(float(f["showing_reading"]) > 0.5)] if "showing_reading" in f else None
 
@@ -304,10 +305,10 @@ def fold_voxels_path(model_folder: Path, fold, reading: str | None = None) -> Pa
     if not path.is_file():
         raise InputError(f"{path}: fold {fold} has no out-of-fold calibration voxels (train it to the end with "
                          f"nnUNetTrainerEnTrust; a finished fold writes them again with nnUNetv2_train ... --c)")
-    if reading is None or _file_reading(path) == reading:
+    if reading is None or voxels_file_reading(path) == reading:
         return path
     other = path.with_name(OTHER_READING_VOXELS_FILE)
-    if other.is_file() and _file_reading(other) == reading:
+    if other.is_file() and voxels_file_reading(other) == reading:
         return other
     raise InputError(f"{path}: fold {fold} has no out-of-fold calibration voxels under the {reading} reading")
 
@@ -331,8 +332,10 @@ def choose_pooled_reading(model_folder: Path, folds: list) -> tuple[str | None, 
     None, each fold keeping its own, when a fold has no voxels of the other reading (trained without the choice,
     or without classes). Returns (reading, one-line summary)."""
     folder = Path(model_folder)
-    if not all((folder / f"fold_{f}" / OTHER_READING_VOXELS_FILE).is_file() for f in folds):
-        return None, "conflict reading: each fold's own (a fold has no voxels under the other reading)"
+    for f in folds:
+        files = [folder / f"fold_{f}" / name for name in (FOLD_VOXELS_FILE, OTHER_READING_VOXELS_FILE)]
+        if not all(p.is_file() for p in files) or {voxels_file_reading(p) for p in files} != set(READINGS):
+            return None, f"conflict reading: each fold's own (fold {f} has no voxels under both readings)"
     candidates = {}
     for reading in READINGS:
         parts = [_load_class_columns(fold_voxels_path(folder, f, reading)) for f in folds]

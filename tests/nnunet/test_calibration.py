@@ -1,6 +1,7 @@
 """entrust calibrate: one low-variance calibrator on every fold's out-of-fold voxels, chosen across folds."""
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -360,16 +361,17 @@ def _reading_folds(model, chosen: dict[int, str]) -> None:
 
 
 def test_calibrate_chooses_the_conflict_reading_once_on_every_folds_voxels_and_predict_follows_it(tmp_path):
-    """Fold 1 kept the vote on its own cases; on both folds' out-of-fold voxels the showing reading predicts the
-    conflicting labels better: calibrate keeps it for every fold and fits temperature and calibrator on its
-    voxels; the weights a predictor loads carry it. A fold without the other reading's voxels: each fold's own."""
-    from entrust_nnunet.nnunet.calibration import (OTHER_READING_VOXELS_FILE, fit_pooled_temperature,
+    """Both folds kept the vote on their own cases; on both folds' out-of-fold voxels the showing reading predicts
+    the conflicting labels better: calibrate keeps it for every fold and fits temperature and calibrator on its
+    voxels (the folds' other files); the weights a predictor loads carry it. A fold without voxels under both
+    readings: each fold's own."""
+    from entrust_nnunet.nnunet.calibration import (OTHER_READING_VOXELS_FILE, fit_calibrator, fit_pooled_temperature,
                                                    fold_voxels_path, with_conflict_reading)
 
     model = tmp_path / "nnUNetTrainerEnTrust__nnUNetPlans__2d"
     model.mkdir()
     (model / "plans.json").write_text(json.dumps({"plans_name": "nnUNetPlans"}))
-    _reading_folds(model, {0: "showing", 1: "vote"})
+    _reading_folds(model, {0: "vote", 1: "vote"})
     assert fold_voxels_path(model, 1, "showing").name == OTHER_READING_VOXELS_FILE
     assert fold_voxels_path(model, 1, "vote").name == FOLD_VOXELS_FILE
     _, content = calibrate_model(model)
@@ -377,13 +379,19 @@ def test_calibrate_chooses_the_conflict_reading_once_on_every_folds_voxels_and_p
     fit = content["class_temperature_fit"]
     assert fit["nll"] == pytest.approx(fit_pooled_temperature(model, [0, 1], reading="showing")["nll"])
     assert fit["nll"] != pytest.approx(fit_pooled_temperature(model, [0, 1])["nll"])
+    assert content["report"]["bce"] == pytest.approx(fit_calibrator(model, [0, 1], "showing")[1]["bce"])
+    assert content["report"]["bce"] != pytest.approx(fit_calibrator(model, [0, 1])[1]["bce"])
     calibrator = load_calibrator(model)
     assert calibrator.conflict_reading == "showing"
     weights = {"calib.showing_reading": torch.tensor(0.0), "w": torch.ones(2)}
     assert float(with_conflict_reading(weights, calibrator)["calib.showing_reading"]) == 1.0
     assert float(weights["calib.showing_reading"]) == 0.0  # the checkpoint's own weights are not changed
-    # a fold trained without the choice: every fold keeps its own reading
-    (model / "fold_1" / OTHER_READING_VOXELS_FILE).unlink()
+    # a fold whose two files carry the same reading (a left-over file), or only one file: each fold's own
+    other = model / "fold_1" / OTHER_READING_VOXELS_FILE
+    with np.load(other) as f:
+        np.savez_compressed(other, **{k: f[k] for k in f.files} | {"showing_reading": np.float32(0.0)})
+    assert calibrate_model(model)[1]["conflict_reading"] is None
+    other.unlink()
     _, content = calibrate_model(model)
     assert content["conflict_reading"] is None and "each fold's own" in content["conflict_reading_choice"]
     assert content["class_temperature_fit"]["nll"] == pytest.approx(fit_pooled_temperature(model, [0, 1])["nll"])

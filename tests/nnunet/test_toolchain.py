@@ -126,7 +126,8 @@ def test_entrust_calibrate_fits_on_every_fold_out_of_fold(five_folds):
     """entrust calibrate reads the out-of-fold voxels every fold kept (each training case once) and writes
     one calibrator that entrust predict then uses; the file is removed again for the tests below."""
 
-    from entrust_nnunet.nnunet.calibration import CALIBRATION_FILE, FOLD_VOXELS_FILE, OTHER_READING_VOXELS_FILE
+    from entrust_nnunet.nnunet.calibration import (CALIBRATION_FILE, FOLD_VOXELS_FILE, OTHER_READING_VOXELS_FILE,
+                                                   voxels_file_reading)
     from entrust_nnunet.nnunet.predictor import EnTrustPredictor
 
     env, raw, model = five_folds
@@ -144,6 +145,12 @@ def test_entrust_calibrate_fits_on_every_fold_out_of_fold(five_folds):
         chosen = float(content["conflict_reading"] == "showing")
         assert [float(p["calib.showing_reading"]) for p in predictor.list_of_parameters] == [chosen] * 5
         assert [float(h.showing_reading) for h in predictor.calib_heads] == [chosen] * 5
+        # the file's reading, not fold 0's own: a file naming the other one is followed
+        own = voxels_file_reading(model / "fold_0" / FOLD_VOXELS_FILE)
+        (model / CALIBRATION_FILE).write_text(json.dumps(content | {"conflict_reading": {"vote": "showing", "showing": "vote"}[own]}))
+        predictor.initialize_from_trained_model_folder(str(model), (0,))
+        assert float(predictor.list_of_parameters[0]["calib.showing_reading"]) == float(own == "vote")
+        (model / CALIBRATION_FILE).write_text(json.dumps(content))
         predictor = EnTrustPredictor(device=torch.device("cpu"), allow_tqdm=False)
         predictor.initialize_from_trained_model_folder(str(model), (0,))
         calibrator = predictor.calibrator
