@@ -299,8 +299,7 @@ def conflict_readings(model: Path, folds) -> dict | None:
     from entrust_nnunet.nnunet.calibration import FOLD_VOXELS_FILE, load_calibrator, voxels_file_reading
 
     files = {str(f): model / f"fold_{f}" / FOLD_VOXELS_FILE for f in folds}
-    chosen = {f: voxels_file_reading(p) for f, p in files.items() if p.is_file()}
-    chosen = {f: r for f, r in chosen.items() if r is not None}
+    chosen = {f: r for f, p in files.items() if p.is_file() and (r := voxels_file_reading(p)) is not None}
     if not chosen:
         return None
     calibrator = load_calibrator(model)

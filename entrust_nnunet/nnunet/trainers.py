@@ -385,7 +385,7 @@ class nnUNetTrainerEnTrust(ModalityDropout, nnUNetTrainer):
         finally:
             calib.to(self.device)
 
-    def _voxels_of_chosen_reading(self) -> dict[str, Voxels]:
+    def _voxels_per_reading(self) -> dict[str, Voxels]:
         """The calibration voxels per conflict reading, the one :func:`choose_reading` keeps first (set in
         CalibHead, and the statistics cache left holding its voxels); the vote's alone without
         :attr:`choose_conflict_reading`."""
@@ -420,7 +420,7 @@ class nnUNetTrainerEnTrust(ModalityDropout, nnUNetTrainer):
         if self.local_rank == 0:
             sets = len(self.calibration_modalities(self.calibration_keys[0]))
             subsets = f", each predicted with {sets} modality sets" if sets > 1 else ""
-            readings = self._voxels_of_chosen_reading()
+            readings = self._voxels_per_reading()
             voxels = next(iter(readings.values()))
             # the class calibration first: it decides the mask, whose error CalibHead learns
             if "probabilities" in voxels[0]:  # label outputs only: regions keep their sigmoids
