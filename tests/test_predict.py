@@ -144,7 +144,7 @@ def test_calibration_uses_the_validation_fold_and_cross_fits_its_maps(trained_en
                                                                                   else (0.0, 1.0))
         assert np.array_equal(kept["label"], other["label"])  # the same voxels of the same cases
         files = {"kept": kept, "other": other}
-        readings = {("showing" if float(f["showing_reading"]) else "vote"): {k: f[k] for k in ("probabilities", "label", "gate")}
+        readings = {("showing" if float(f["showing_reading"]) else "vote"): {k: f[k] for k in ("probabilities", "label", "gate", "case")}
                     for f in files.values()}
         assert choose_reading(readings)[0] == chosen[1]  # the logged choice, from the files' own voxels
         conflicting = kept["gate"] > 0

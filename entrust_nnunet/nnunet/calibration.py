@@ -110,14 +110,23 @@ def class_calibrated_voxels(voxels: Voxels, temperature, bias) -> Voxels:
     return columns, (mask != columns["label"]).float()
 
 
+#: between a case's name and its modality set in the names of :func:`calibration_voxels` (``case~101``)
+MODALITY_SET_SEPARATOR = "~"
+
+
 def calibration_voxels(predictor, cases: Iterable, names, cache: dict, max_voxels_per_case: int) -> Voxels:
     """Voxels of ``names``: ``cases`` yields (name, data, seg, present) of those not yet in ``cache`` (filled
-    here); ``present`` (M flags, None = every modality) masks the absent modalities as inference does."""
+    here); ``present`` (M flags, None = every modality) masks the absent modalities as inference does. The column
+    ``case`` numbers the cases (one number for a case's modality sets: ``name~flags``), the unit
+    :func:`choose_reading` resamples."""
     for name, data, seg, present in cases:
         with predictor.modalities_present(present):
             stats = predictor.pooled_statistics(data)
         cache[name] = case_voxels(stats, seg, name, max_voxels_per_case, predictor.label_manager)
     columns = {k: torch.cat([cache[name][0][k] for name in names]) for k in cache[names[0]][0]}
+    number: dict[str, int] = {}
+    columns["case"] = torch.cat([torch.full(cache[name][1].shape, number.setdefault(
+        name.partition(MODALITY_SET_SEPARATOR)[0], len(number)), dtype=torch.int32) for name in names])
     return columns, torch.cat([cache[name][1] for name in names])
 
 
@@ -151,15 +160,25 @@ def fit_class_calibration(probs: np.ndarray, labels: np.ndarray, gate: np.ndarra
     return fit_temperature_with_conflict(probs, labels, gate, eps=MIN_PROBABILITY, temperature=t)
 
 
+#: the showing reading replaces the vote only when it predicts the conflicting voxels better in at least this share
+#: of the calibration cases' resamples: one fold's handful of coin-flip structures decides by chance otherwise
+#: (docs/design.md, "One fold's choice within its cases' noise")
+SHOWING_READING_SUPPORT = 0.95
+#: case resamples (with replacement, seeded) behind that share
+READING_RESAMPLES = 2000
+
+
 def choose_reading(candidates: dict[str, dict]) -> tuple[str, str]:
     """The conflict reading (``model.alternatives.READINGS``) to keep, given each reading's calibration columns
-    (``probabilities`` (N, C), ``label``, ``gate``): the one whose class probabilities, each with its own NLL-fitted
-    temperature, have the lower mean NLL on the conflicting voxels, each weighted by its conflict gate
-    (:func:`~entrust_nnunet.evaluation.temperature.temperature_nll`), i.e. predict the labels of the conflicting
-    voxels better on cases the network never trained on; the vote where no voxel conflicts (nothing to tell them
-    apart, and the vote stays cautious on conflicts the model never saw: docs/design.md, "The showing expert's
-    reading"). Returns (reading, one-line summary)."""
-    scores, conflicting = {}, 0
+    (``probabilities`` (N, C), ``label``, ``gate``, ``case``): the vote unless the showing reading's class
+    probabilities, each reading with its own NLL-fitted temperature, predict the labels of the conflicting voxels
+    better (lower mean NLL, each voxel weighted by its conflict gate:
+    :func:`~entrust_nnunet.evaluation.temperature.temperature_nll`) in at least :data:`SHOWING_READING_SUPPORT` of
+    :data:`READING_RESAMPLES` resamples of the cases (:func:`resampled_share_lower`). The vote is the cautious
+    reading on conflicts the model never saw (docs/design.md, "The showing expert's reading"), so it is kept where
+    no voxel conflicts, where the voxels carry no case numbers (no noise to judge the difference by) and where the
+    difference is within the cases' noise. Returns (reading, one-line summary)."""
+    scores, per_case, conflicting = {}, {}, 0
     for reading, columns in candidates.items():
         probs, labels, gate = _class_columns(columns)
         conflicting = int(np.sum(gate > 0))
@@ -167,9 +186,48 @@ def choose_reading(candidates: dict[str, dict]) -> tuple[str, str]:
             return "vote", "conflict reading: vote (no conflicting voxel on the calibration cases)"
         keep, t = gate > 0, fit_temperature(probs, labels, eps=MIN_PROBABILITY)
         scores[reading] = temperature_nll(probs[:, keep], labels[keep], t, eps=MIN_PROBABILITY, weights=gate[keep])
-    best = min(scores, key=scores.get)
-    listed = ", ".join(f"{r} {v:.4f}" for r, v in scores.items())
-    return best, f"conflict reading: {best} (gate-weighted NLL on {conflicting} conflicting voxels: {listed})"
+        if "case" in columns:
+            per_case[reading] = _nll_per_case(probs, labels, gate, np.asarray(columns["case"]), t)
+    listed = ", ".join(f"{r} {scores[r]:.4f}" for r in READINGS if r in scores)
+    if len(per_case) < len(candidates):
+        return "vote", (f"conflict reading: vote (gate-weighted NLL on {conflicting} conflicting voxels: {listed}; "
+                        f"no case numbers to judge the difference's noise by)")
+    share = resampled_share_lower(per_case["vote"], per_case["showing"], READING_RESAMPLES)
+    best = "showing" if share >= SHOWING_READING_SUPPORT else "vote"
+    return best, (f"conflict reading: {best} (gate-weighted NLL on {conflicting} conflicting voxels of "
+                  f"{per_case['vote'][0].size} cases: {listed}; showing lower in {share:.1%} of {READING_RESAMPLES} "
+                  f"case resamples, kept from {SHOWING_READING_SUPPORT:.0%})")
+
+
+def _nll_per_case(probs: np.ndarray, labels: np.ndarray, gate: np.ndarray, cases: np.ndarray, temperature: float
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Per case (sorted numbers): the gate-weighted NLL summed over its conflicting voxels, and its gates' sum."""
+    ids = np.unique(cases)
+    sums, weights = np.zeros(ids.size), np.zeros(ids.size)
+    for i, c in enumerate(ids):
+        k = (cases == c) & (gate > 0)
+        if k.any():
+            weights[i] = gate[k].sum()
+            sums[i] = weights[i] * temperature_nll(probs[:, k], labels[k], temperature, eps=MIN_PROBABILITY,
+                                                   weights=gate[k])
+    return sums, weights
+
+
+def resampled_share_lower(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray], resamples: int,
+                          seed: int = 0) -> float:
+    """The share of ``resamples`` bootstrap resamples of the cases (drawn with replacement, seeded; the same cases
+    for both) in which ``b``'s pooled mean is lower than ``a``'s. Each of ``a``, ``b`` is (per-case sums, per-case
+    weights) and its pooled mean over resampled cases ``I`` is ``sum_{i in I} s_i / sum_{i in I} w_i``; a resample
+    without weight in either counts as not lower."""
+    n = a[0].size
+    draws = np.random.default_rng(seed).integers(0, n, (resamples, n))
+
+    def means(x):
+        s, w = x[0][draws].sum(1), x[1][draws].sum(1)
+        return np.divide(s, w, out=np.full(resamples, np.nan), where=w > 0)
+
+    lower = means(b) < means(a)  # NaN compares False: an empty resample is no evidence
+    return float(lower.mean())
 
 
 def fit_class_temperature(calib: CalibHead, voxels: Voxels) -> str:
@@ -286,7 +344,7 @@ def save_fold_voxels(path: Path, voxels: Voxels, reading: str | None = None) -> 
     """The out-of-fold voxels a trained fold was calibrated on (numpy arrays only: loads without pickle), with the
     conflict reading they were predicted under when the fold chose one."""
     columns, error = voxels
-    keys = (*STATISTICS, "fg_boundary", *(k for k in (*CLASS_COLUMNS, "label_region") if k in columns))
+    keys = (*STATISTICS, "fg_boundary", *(k for k in (*CLASS_COLUMNS, "label_region", "case") if k in columns))
     flag = {} if reading is None else {"showing_reading": np.float32(READINGS.index(reading))}
     with atomic_file(path, "wb") as f:
         np.savez_compressed(f, error=error.numpy(), **{k: columns[k].numpy() for k in keys}, **flag)
@@ -314,8 +372,10 @@ def fold_voxels_path(model_folder: Path, fold, reading: str | None = None) -> Pa
 
 
 def _load_class_columns(path: Path) -> dict[str, np.ndarray] | None:
+    """A voxels file's class columns and case numbers (where kept); None without class probabilities."""
     with np.load(path, allow_pickle=False) as f:
-        return {k: f[k] for k in CLASS_COLUMNS if k in f} if all(k in f for k in CLASS_COLUMNS[:2]) else None
+        keys = (*CLASS_COLUMNS, "case")
+        return {k: f[k] for k in keys if k in f} if all(k in f for k in CLASS_COLUMNS[:2]) else None
 
 
 def load_fold_class_voxels(model_folder: Path, fold, reading: str | None = None
@@ -342,6 +402,9 @@ def choose_pooled_reading(model_folder: Path, folds: list) -> tuple[str | None, 
         if any(p is None or "gate" not in p for p in parts):
             return None, "conflict reading: each fold's own (a fold's voxels hold no class probabilities)"
         candidates[reading] = {k: np.concatenate([p[k] for p in parts]) for k in CLASS_COLUMNS}
+        if all("case" in p for p in parts):  # each fold's cases numbered apart
+            offsets = np.cumsum([0] + [int(p["case"].max(initial=-1)) + 1 for p in parts[:-1]])
+            candidates[reading]["case"] = np.concatenate([p["case"] + o for p, o in zip(parts, offsets)])
     reading, summary = choose_reading(candidates)
     return reading, f"{summary}, on the out-of-fold voxels of folds {list(folds)}"
 

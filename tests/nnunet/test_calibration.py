@@ -283,32 +283,76 @@ def test_case_voxels_subset_keeps_columns_and_errors_aligned_and_is_seeded_by_th
     assert not torch.equal(other["confidence"], columns["confidence"])
 
 
-def _conflict_voxels(lesion_probability: torch.Tensor, labels: torch.Tensor, gate: torch.Tensor):
+def _conflict_voxels(lesion_probability: torch.Tensor, labels: torch.Tensor, gate: torch.Tensor, case: torch.Tensor):
     """Calibration voxels (softmax over background / lesion / rim) whose lesion probability is given."""
     probs = torch.stack([1 - lesion_probability, lesion_probability, torch.zeros_like(lesion_probability)], 1)
-    return {"probabilities": probs.clamp_min(1e-6), "label": labels, "gate": gate}, labels.float()
+    return {"probabilities": probs.clamp_min(1e-6), "label": labels, "gate": gate, "case": case}, labels.float()
 
 
-def test_the_conflict_reading_that_predicts_the_conflicting_labels_is_kept_and_the_vote_without_conflict():
-    """Conflicting voxels that are lesion 70 % of the time: the vote says 0.25 there, the showing expert 0.7; the
-    showing reading is kept. Where no voxel conflicts (a model never shown a conflict), the vote."""
+def test_the_showing_reading_is_kept_only_when_it_wins_beyond_the_cases_noise_and_the_vote_otherwise():
+    """Ten cases whose conflicting voxels are lesion 70 % of the time: the vote says 0.25 there, the showing expert
+    0.7; the showing reading wins in every resample of the cases and is kept. Labels following the vote's 0.25: the
+    vote. Where no voxel conflicts (a model never shown a conflict), or the voxels carry no case numbers, the vote."""
     from entrust_nnunet.nnunet.calibration import choose_reading
 
     gen = torch.Generator().manual_seed(0)
     n = 4000
-    gate = (torch.arange(n) < 1000).float()  # the first 1000 voxels conflict
+    gate = (torch.arange(n) % 4 == 0).float()  # a quarter of every case's voxels conflict
+    case = torch.arange(n) // 400  # ten cases
     labels = torch.where(gate > 0, (torch.rand(n, generator=gen) < 0.7).long(), torch.zeros(n, dtype=torch.long))
     clear = torch.full((n,), 0.02)
-    vote = _conflict_voxels(torch.where(gate > 0, torch.full((n,), 0.25), clear), labels, gate)
-    showing = _conflict_voxels(torch.where(gate > 0, torch.full((n,), 0.7), clear), labels, gate)
+    vote = _conflict_voxels(torch.where(gate > 0, torch.full((n,), 0.25), clear), labels, gate, case)
+    showing = _conflict_voxels(torch.where(gate > 0, torch.full((n,), 0.7), clear), labels, gate, case)
     reading, summary = choose_reading({"vote": vote[0], "showing": showing[0]})
-    assert reading == "showing" and "1000 conflicting voxels" in summary
+    assert reading == "showing" and "1000 conflicting voxels of 10 cases" in summary
+    assert "showing lower in 100.0% of 2000 case resamples" in summary
     # the labels following the vote's 0.25 instead: the vote is kept
     labels_low = torch.where(gate > 0, (torch.rand(n, generator=gen) < 0.25).long(), labels)
     relabelled = {k: v[0] | {"label": labels_low} for k, v in {"vote": vote, "showing": showing}.items()}
     assert choose_reading(relabelled)[0] == "vote"
     none = {k: v[0] | {"gate": torch.zeros(n)} for k, v in {"vote": vote, "showing": showing}.items()}
     assert choose_reading(none) == ("vote", "conflict reading: vote (no conflicting voxel on the calibration cases)")
+    unnumbered = {k: {c: x for c, x in v[0].items() if c != "case"} for k, v in {"vote": vote, "showing": showing}.items()}
+    reading, summary = choose_reading(unnumbered)
+    assert reading == "vote" and "no case numbers" in summary
+
+
+def test_a_showing_advantage_carried_by_a_few_cases_keeps_the_vote():
+    """Five cases, as one fold's validation: in four the blobs are lesion (the showing expert's 0.9 wins), in the
+    fifth background (it loses badly). The pooled NLL favours showing, but a resample without the fifth case is
+    common and one with it twice too: within the cases' noise, the vote stays. With four cases of each kind
+    (twenty in all) the same per-case advantage is kept."""
+    from entrust_nnunet.nnunet.calibration import choose_reading
+
+    def readings(lesion_cases: int, background_cases: int):
+        k = lesion_cases + background_cases
+        case = torch.arange(k * 100) // 100
+        labels = (case < lesion_cases).long()
+        gate = torch.ones(k * 100)
+        return {name: _conflict_voxels(torch.full((k * 100,), p), labels, gate, case)[0]
+                for name, p in (("vote", 0.35), ("showing", 0.9))}
+
+    few = readings(4, 1)
+    reading, summary = choose_reading(few)
+    nll = {r: float(-(torch.log(few[r]["probabilities"][torch.arange(500), few[r]["label"]])).mean()) for r in few}
+    assert nll["showing"] < nll["vote"]  # untempered, the showing reading predicts these five cases better ...
+    assert reading == "vote", summary  # ... but not beyond what one case more or less changes
+    assert choose_reading(readings(16, 4))[0] == "showing"
+
+
+def test_resampled_share_lower_matches_the_exact_bootstrap_distribution():
+    """Three cases: the 27 equally likely ordered resamples, enumerated, against the seeded draws."""
+    import itertools
+
+    from entrust_nnunet.nnunet.calibration import resampled_share_lower
+
+    a = (np.array([1.0, 4.0, 0.0]), np.array([1.0, 2.0, 0.0]))  # the third case has no conflicting voxel
+    b = (np.array([0.5, 5.0, 0.0]), np.array([1.0, 2.0, 0.0]))
+    exact = np.mean([b[0][list(i)].sum() / b[1][list(i)].sum() < a[0][list(i)].sum() / a[1][list(i)].sum()
+                     if a[1][list(i)].sum() > 0 else False for i in itertools.product(range(3), repeat=3)])
+    assert exact not in (0.0, 1.0)
+    assert abs(resampled_share_lower(a, b, 20000) - exact) < 0.01
+    assert resampled_share_lower(a, b, 500, seed=3) == resampled_share_lower(a, b, 500, seed=3)
 
 
 def test_the_network_reads_conflict_as_its_calibration_chose_and_old_checkpoints_keep_the_vote():
@@ -352,7 +396,8 @@ def _reading_folds(model, chosen: dict[int, str]) -> None:
         g = torch.Generator().manual_seed(100 + f)
         labels = torch.where(gate > 0, (torch.rand(n, generator=g) < 0.7).long(), torch.zeros(n, dtype=torch.long))
         clear = torch.full((n,), 0.02)
-        readings = {r: _conflict_voxels(torch.where(gate > 0, torch.full((n,), p), clear), labels, gate)[0]
+        case = torch.arange(n) * 6 // n  # six validation cases per fold
+        readings = {r: _conflict_voxels(torch.where(gate > 0, torch.full((n,), p), clear), labels, gate, case)[0]
                     for r, p in (("vote", 0.25), ("showing", 0.7))}
         (model / f"fold_{f}").mkdir()
         for r, name in ((kept, FOLD_VOXELS_FILE), ({"vote": "showing", "showing": "vote"}[kept], OTHER_READING_VOXELS_FILE)):
@@ -376,6 +421,7 @@ def test_calibrate_chooses_the_conflict_reading_once_on_every_folds_voxels_and_p
     assert fold_voxels_path(model, 1, "vote").name == FOLD_VOXELS_FILE
     _, content = calibrate_model(model)
     assert content["conflict_reading"] == "showing" and "folds [0, 1]" in content["conflict_reading_choice"]
+    assert "of 12 cases" in content["conflict_reading_choice"]  # each fold's cases numbered apart
     fit = content["class_temperature_fit"]
     assert fit["nll"] == pytest.approx(fit_pooled_temperature(model, [0, 1], reading="showing")["nll"])
     assert fit["nll"] != pytest.approx(fit_pooled_temperature(model, [0, 1])["nll"])

@@ -123,6 +123,10 @@ def test_calibration_also_sees_each_case_with_modalities_missing(planned_phantom
     assert sorted(full) == keys and len(t._calibration_cache) == 14
     n = sum(v[1].numel() for v in full.values())
     assert error.numel() == 7 * n and columns["probabilities"].shape[0] == 7 * n
+    # one case number per case, shared by its modality sets (the unit the conflict reading's choice resamples)
+    sizes = {key: t._calibration_cache[key][1].numel() for key in keys}
+    expected = torch.cat([torch.full((7 * sizes[key],), i, dtype=torch.int32) for i, key in enumerate(keys)])
+    assert torch.equal(columns["case"], expected)
     # a case without T2 is not the case with every modality: the statistics differ
     k = keys[0]
     assert not torch.equal(t._calibration_cache[k][0]["probabilities"], t._calibration_cache[k + "~101"][0]["probabilities"])
