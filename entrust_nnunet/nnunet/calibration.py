@@ -110,23 +110,20 @@ def class_calibrated_voxels(voxels: Voxels, temperature, bias) -> Voxels:
     return columns, (mask != columns["label"]).float()
 
 
-#: between a case's name and its modality set in the names of :func:`calibration_voxels` (``case~101``)
-MODALITY_SET_SEPARATOR = "~"
-
-
-def calibration_voxels(predictor, cases: Iterable, names, cache: dict, max_voxels_per_case: int) -> Voxels:
+def calibration_voxels(predictor, cases: Iterable, names, cache: dict, max_voxels_per_case: int,
+                       case_keys=None) -> Voxels:
     """Voxels of ``names``: ``cases`` yields (name, data, seg, present) of those not yet in ``cache`` (filled
     here); ``present`` (M flags, None = every modality) masks the absent modalities as inference does. The column
-    ``case`` numbers the cases (one number for a case's modality sets: ``name~flags``), the unit
-    :func:`choose_reading` resamples."""
+    ``case`` numbers the cases, the unit :func:`choose_reading` resamples: ``case_keys`` gives each name's case
+    (one case for the modality sets of one image; default: each name its own)."""
     for name, data, seg, present in cases:
         with predictor.modalities_present(present):
             stats = predictor.pooled_statistics(data)
         cache[name] = case_voxels(stats, seg, name, max_voxels_per_case, predictor.label_manager)
     columns = {k: torch.cat([cache[name][0][k] for name in names]) for k in cache[names[0]][0]}
-    number: dict[str, int] = {}
-    columns["case"] = torch.cat([torch.full(cache[name][1].shape, number.setdefault(
-        name.partition(MODALITY_SET_SEPARATOR)[0], len(number)), dtype=torch.int32) for name in names])
+    number: dict = {}
+    columns["case"] = torch.cat([torch.full(cache[name][1].shape, number.setdefault(key, len(number)), dtype=torch.int32)
+                                 for name, key in zip(names, names if case_keys is None else case_keys)])
     return columns, torch.cat([cache[name][1] for name in names])
 
 
@@ -166,6 +163,10 @@ def fit_class_calibration(probs: np.ndarray, labels: np.ndarray, gate: np.ndarra
 SHOWING_READING_SUPPORT = 0.95
 #: case resamples (with replacement, seeded) behind that share
 READING_RESAMPLES = 2000
+#: fewer cases with conflicting voxels keep the vote: even all of them favouring the showing reading would happen by
+#: chance more often than the support allows (a sign test: 0.5 ** n > 1 - SHOWING_READING_SUPPORT for n < 5), and
+#: a resample of one or two cases says nothing about their noise
+MIN_READING_CASES = int(np.ceil(np.log(1 - SHOWING_READING_SUPPORT) / np.log(0.5)))
 
 
 def choose_reading(candidates: dict[str, dict]) -> tuple[str, str]:
@@ -176,8 +177,9 @@ def choose_reading(candidates: dict[str, dict]) -> tuple[str, str]:
     :func:`~entrust_nnunet.evaluation.temperature.temperature_nll`) in at least :data:`SHOWING_READING_SUPPORT` of
     :data:`READING_RESAMPLES` resamples of the cases (:func:`resampled_share_lower`). The vote is the cautious
     reading on conflicts the model never saw (docs/design.md, "The showing expert's reading"), so it is kept where
-    no voxel conflicts, where the voxels carry no case numbers (no noise to judge the difference by) and where the
-    difference is within the cases' noise. Returns (reading, one-line summary)."""
+    no voxel conflicts, where the voxels carry no case numbers (no noise to judge the difference by), where fewer
+    than :data:`MIN_READING_CASES` cases hold conflicting voxels and where the difference is within the cases'
+    noise. Returns (reading, one-line summary)."""
     scores, per_case, conflicting = {}, {}, 0
     for reading, columns in candidates.items():
         probs, labels, gate = _class_columns(columns)
@@ -188,20 +190,26 @@ def choose_reading(candidates: dict[str, dict]) -> tuple[str, str]:
         scores[reading] = temperature_nll(probs[:, keep], labels[keep], t, eps=MIN_PROBABILITY, weights=gate[keep])
         if "case" in columns:
             per_case[reading] = _nll_per_case(probs, labels, gate, np.asarray(columns["case"]), t)
-    listed = ", ".join(f"{r} {scores[r]:.4f}" for r in READINGS if r in scores)
+    listed = f"gate-weighted NLL on {conflicting} conflicting voxels: " + ", ".join(
+        f"{r} {scores[r]:.4f}" for r in READINGS if r in scores)
     if len(per_case) < len(candidates):
-        return "vote", (f"conflict reading: vote (gate-weighted NLL on {conflicting} conflicting voxels: {listed}; "
-                        f"no case numbers to judge the difference's noise by)")
-    share = resampled_share_lower(per_case["vote"], per_case["showing"], READING_RESAMPLES)
+        return "vote", f"conflict reading: vote ({listed}; no case numbers to judge the difference's noise by)"
+    (ids, _, weights), (other_ids, *_) = per_case["vote"], per_case["showing"]
+    if not np.array_equal(ids, other_ids):
+        raise ValueError("the readings' calibration voxels number different cases")
+    cases = f"{int(np.sum(weights > 0))} of {ids.size} cases with conflicting voxels"
+    if np.sum(weights > 0) < MIN_READING_CASES:
+        return "vote", f"conflict reading: vote ({listed}; {cases}, fewer than {MIN_READING_CASES} to judge by)"
+    share = resampled_share_lower(per_case["vote"][1:], per_case["showing"][1:], READING_RESAMPLES)
     best = "showing" if share >= SHOWING_READING_SUPPORT else "vote"
-    return best, (f"conflict reading: {best} (gate-weighted NLL on {conflicting} conflicting voxels of "
-                  f"{per_case['vote'][0].size} cases: {listed}; showing lower in {share:.1%} of {READING_RESAMPLES} "
-                  f"case resamples, kept from {SHOWING_READING_SUPPORT:.0%})")
+    return best, (f"conflict reading: {best} ({listed}; {cases}; showing lower in {share:.1%} of "
+                  f"{READING_RESAMPLES} case resamples, kept from {SHOWING_READING_SUPPORT:.0%})")
 
 
 def _nll_per_case(probs: np.ndarray, labels: np.ndarray, gate: np.ndarray, cases: np.ndarray, temperature: float
-                  ) -> tuple[np.ndarray, np.ndarray]:
-    """Per case (sorted numbers): the gate-weighted NLL summed over its conflicting voxels, and its gates' sum."""
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The case numbers (sorted) and per case the gate-weighted NLL summed over its conflicting voxels and its
+    gates' sum (0 and 0 without conflicting voxels)."""
     ids = np.unique(cases)
     sums, weights = np.zeros(ids.size), np.zeros(ids.size)
     for i, c in enumerate(ids):
@@ -210,7 +218,7 @@ def _nll_per_case(probs: np.ndarray, labels: np.ndarray, gate: np.ndarray, cases
             weights[i] = gate[k].sum()
             sums[i] = weights[i] * temperature_nll(probs[:, k], labels[k], temperature, eps=MIN_PROBABILITY,
                                                    weights=gate[k])
-    return sums, weights
+    return ids, sums, weights
 
 
 def resampled_share_lower(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray], resamples: int,
@@ -401,10 +409,11 @@ def choose_pooled_reading(model_folder: Path, folds: list) -> tuple[str | None, 
         parts = [_load_class_columns(fold_voxels_path(folder, f, reading)) for f in folds]
         if any(p is None or "gate" not in p for p in parts):
             return None, "conflict reading: each fold's own (a fold's voxels hold no class probabilities)"
+        if any("case" not in p for p in parts):  # saved before the choice resampled cases: not judged again
+            return None, "conflict reading: each fold's own (a fold's voxels carry no case numbers)"
+        offsets = np.cumsum([0] + [int(p["case"].max(initial=-1)) + 1 for p in parts[:-1]])  # each fold's apart
         candidates[reading] = {k: np.concatenate([p[k] for p in parts]) for k in CLASS_COLUMNS}
-        if all("case" in p for p in parts):  # each fold's cases numbered apart
-            offsets = np.cumsum([0] + [int(p["case"].max(initial=-1)) + 1 for p in parts[:-1]])
-            candidates[reading]["case"] = np.concatenate([p["case"] + o for p, o in zip(parts, offsets)])
+        candidates[reading]["case"] = np.concatenate([p["case"] + o for p, o in zip(parts, offsets)])
     reading, summary = choose_reading(candidates)
     return reading, f"{summary}, on the out-of-fold voxels of folds {list(folds)}"
 

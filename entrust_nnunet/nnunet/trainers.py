@@ -47,9 +47,9 @@ from torch import nn
 from entrust_nnunet.model.network import LOSS_WEIGHTS, EnTrustUNet
 from entrust_nnunet.model.outputs import full_resolution
 from entrust_nnunet.nnunet.annotators import training_dataset
-from entrust_nnunet.nnunet.calibration import (CALIBRATION_STEPS, FOLD_VOXELS_FILE, MODALITY_SET_SEPARATOR,
-                                               OTHER_READING_VOXELS_FILE, Voxels, calibration_subset,
-                                               calibration_voxels, choose_reading, class_calibrated_voxels,
+from entrust_nnunet.nnunet.calibration import (CALIBRATION_STEPS, FOLD_VOXELS_FILE, OTHER_READING_VOXELS_FILE,
+                                               Voxels, calibration_subset, calibration_voxels, choose_reading,
+                                               class_calibrated_voxels,
                                                fit_calib_head, fit_class_temperature, save_fold_voxels)
 from entrust_nnunet.nnunet.clipping import clipping_per_group
 from entrust_nnunet.nnunet.distributed import broadcast_state, freeze, thawed, unwrap, waiting_group
@@ -354,7 +354,7 @@ class nnUNetTrainerEnTrust(ModalityDropout, nnUNetTrainer):
         cache = self.__dict__.setdefault("_calibration_cache", {})  # per prediction; emptied when weights load
 
         def name(key, present):
-            return key if present is None else f"{key}{MODALITY_SET_SEPARATOR}{''.join('1' if p else '0' for p in present)}"
+            return key if present is None else f"{key}~{''.join('1' if p else '0' for p in present)}"
 
         names = {key: {name(key, p): p for p in self.calibration_modalities(key)} for key in keys}
         self.set_deep_supervision_enabled(False)
@@ -364,7 +364,7 @@ class nnUNetTrainerEnTrust(ModalityDropout, nnUNetTrainer):
             cases = ((n, data, seg, present) for key, data, seg, _ in self._preprocessed_cases(todo)
                      for n, present in names[key].items() if n not in cache)
             return calibration_voxels(self._predictor() if todo else None, cases, [n for k in keys for n in names[k]],
-                                      cache, self.calibration_voxels_per_case)
+                                      cache, self.calibration_voxels_per_case, [k for k in keys for _ in names[k]])
         finally:
             self.set_deep_supervision_enabled(self.enable_deep_supervision)
 

@@ -304,7 +304,7 @@ def test_the_showing_reading_is_kept_only_when_it_wins_beyond_the_cases_noise_an
     vote = _conflict_voxels(torch.where(gate > 0, torch.full((n,), 0.25), clear), labels, gate, case)
     showing = _conflict_voxels(torch.where(gate > 0, torch.full((n,), 0.7), clear), labels, gate, case)
     reading, summary = choose_reading({"vote": vote[0], "showing": showing[0]})
-    assert reading == "showing" and "1000 conflicting voxels of 10 cases" in summary
+    assert reading == "showing" and "1000 conflicting voxels" in summary and "10 of 10 cases with conflicting" in summary
     assert "showing lower in 100.0% of 2000 case resamples" in summary
     # the labels following the vote's 0.25 instead: the vote is kept
     labels_low = torch.where(gate > 0, (torch.rand(n, generator=gen) < 0.25).long(), labels)
@@ -338,6 +338,18 @@ def test_a_showing_advantage_carried_by_a_few_cases_keeps_the_vote():
     assert nll["showing"] < nll["vote"]  # untempered, the showing reading predicts these five cases better ...
     assert reading == "vote", summary  # ... but not beyond what one case more or less changes
     assert choose_reading(readings(16, 4))[0] == "showing"
+    # every case favouring showing, but fewer than five: as likely as the coins' 1 in 16, so the vote
+    reading, summary = choose_reading(readings(4, 0))
+    assert reading == "vote" and "4 of 4 cases with conflicting voxels, fewer than 5" in summary
+    assert choose_reading(readings(5, 0))[0] == "showing"
+    # a case without conflicting voxels counts as a case, not as one to judge by
+    quiet = {r: c | {"gate": torch.where(c["case"] == 4, 0.0, 1.0)} for r, c in readings(5, 0).items()}
+    reading, summary = choose_reading(quiet)
+    assert reading == "vote" and "4 of 5 cases" in summary
+    # readings whose voxels number different cases cannot be compared
+    mismatched = {r: c | {"case": c["case"] + (r == "showing")} for r, c in few.items()}
+    with pytest.raises(ValueError, match="number different cases"):
+        choose_reading(mismatched)
 
 
 def test_resampled_share_lower_matches_the_exact_bootstrap_distribution():
@@ -421,7 +433,7 @@ def test_calibrate_chooses_the_conflict_reading_once_on_every_folds_voxels_and_p
     assert fold_voxels_path(model, 1, "vote").name == FOLD_VOXELS_FILE
     _, content = calibrate_model(model)
     assert content["conflict_reading"] == "showing" and "folds [0, 1]" in content["conflict_reading_choice"]
-    assert "of 12 cases" in content["conflict_reading_choice"]  # each fold's cases numbered apart
+    assert "12 of 12 cases" in content["conflict_reading_choice"]  # each fold's cases numbered apart
     fit = content["class_temperature_fit"]
     assert fit["nll"] == pytest.approx(fit_pooled_temperature(model, [0, 1], reading="showing")["nll"])
     assert fit["nll"] != pytest.approx(fit_pooled_temperature(model, [0, 1])["nll"])
@@ -437,6 +449,11 @@ def test_calibrate_chooses_the_conflict_reading_once_on_every_folds_voxels_and_p
     with np.load(other) as f:
         np.savez_compressed(other, **{k: f[k] for k in f.files} | {"showing_reading": np.float32(0.0)})
     assert calibrate_model(model)[1]["conflict_reading"] is None
+    # files saved before the voxels carried case numbers: each fold's own (not judged again, not forced to the vote)
+    with np.load(other) as f:
+        np.savez_compressed(other, **{k: f[k] for k in f.files if k != "case"} | {"showing_reading": np.float32(1.0)})
+    _, content = calibrate_model(model)
+    assert content["conflict_reading"] is None and "carry no case numbers" in content["conflict_reading_choice"]
     other.unlink()
     _, content = calibrate_model(model)
     assert content["conflict_reading"] is None and "each fold's own" in content["conflict_reading_choice"]
