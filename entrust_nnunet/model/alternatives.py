@@ -41,7 +41,8 @@ the model was trained on such conflicts the showing reading is the better one (d
 against 0.896, foreground+boundary ECE 0.028 against 0.048); where it never saw one, the showing expert reads the
 structure with full confidence and P(error) inside conflict collapses (0.09 against 0.26, error 0.85;
 docs/design.md, "The showing expert's reading"). Which one a model uses is chosen on its calibration cases
-(``nnunet.calibration.choose_reading``), the vote where they hold no conflict.
+(``nnunet.calibration.choose_reading``): the vote unless the showing reading predicts their conflicting voxels
+better beyond the cases' noise.
 """
 from __future__ import annotations
 

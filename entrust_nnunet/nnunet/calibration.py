@@ -398,7 +398,8 @@ def choose_pooled_reading(model_folder: Path, folds: list) -> tuple[str | None, 
     """The conflict reading :func:`choose_reading` keeps on every fold's out-of-fold voxels at once (each fold's own
     choice judged five coin-flip structures on the development seed and flipped between folds; docs/design.md);
     None, each fold keeping its own, when a fold has no voxels of the other reading (trained without the choice,
-    or without classes). Returns (reading, one-line summary)."""
+    or without classes) or none with case numbers (saved before the choice resampled cases). Returns (reading,
+    one-line summary)."""
     folder = Path(model_folder)
     for f in folds:
         files = [folder / f"fold_{f}" / name for name in (FOLD_VOXELS_FILE, OTHER_READING_VOXELS_FILE)]
