@@ -186,13 +186,13 @@ def choose_reading(candidates: dict[str, dict]) -> tuple[str, str]:
         conflicting = int(np.sum(gate > 0))
         if not conflicting:
             return "vote", "conflict reading: vote (no conflicting voxel on the calibration cases)"
-        keep, t = gate > 0, fit_temperature(probs, labels, eps=MIN_PROBABILITY)
-        scores[reading] = temperature_nll(probs[:, keep], labels[keep], t, eps=MIN_PROBABILITY, weights=gate[keep])
-        if "case" in columns:
-            per_case[reading] = _nll_per_case(probs, labels, gate, np.asarray(columns["case"]), t)
+        cases = np.asarray(columns["case"]) if "case" in columns else np.zeros(labels.size, dtype=np.int64)
+        t = fit_temperature(probs, labels, eps=MIN_PROBABILITY)
+        per_case[reading] = _nll_per_case(probs, labels, gate, cases, t)
+        scores[reading] = per_case[reading][1].sum() / per_case[reading][2].sum()  # the pooled gate-weighted mean
     listed = f"gate-weighted NLL on {conflicting} conflicting voxels: " + ", ".join(
         f"{r} {scores[r]:.4f}" for r in READINGS if r in scores)
-    if len(per_case) < len(candidates):
+    if not all("case" in columns for columns in candidates.values()):
         return "vote", f"conflict reading: vote ({listed}; no case numbers to judge the difference's noise by)"
     (ids, _, weights), (other_ids, *_) = per_case["vote"], per_case["showing"]
     if not np.array_equal(ids, other_ids):

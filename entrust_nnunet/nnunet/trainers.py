@@ -49,8 +49,8 @@ from entrust_nnunet.model.outputs import full_resolution
 from entrust_nnunet.nnunet.annotators import training_dataset
 from entrust_nnunet.nnunet.calibration import (CALIBRATION_STEPS, FOLD_VOXELS_FILE, OTHER_READING_VOXELS_FILE,
                                                Voxels, calibration_subset, calibration_voxels, choose_reading,
-                                               class_calibrated_voxels,
-                                               fit_calib_head, fit_class_temperature, save_fold_voxels)
+                                               class_calibrated_voxels, fit_calib_head, fit_class_temperature,
+                                               save_fold_voxels)
 from entrust_nnunet.nnunet.clipping import clipping_per_group
 from entrust_nnunet.nnunet.distributed import broadcast_state, freeze, thawed, unwrap, waiting_group
 from entrust_nnunet.nnunet.modality_dropout import ModalityDropout, calibration_subsets
