@@ -65,10 +65,12 @@ METHODS = {
     "5-fold deep ensemble": ("nnUNetTrainer_demo", "nnUNetPlans", [0, 1, 2, 3, 4], 1),
     "MC dropout (T=8)": ("nnUNetTrainerMCDropout_demo", "nnUNetPlans", [0], 8),
     "CRNP": ("nnUNetTrainerCRNP_demo", "nnUNetPlans", [0], 1),
-    "EnTrust (K=8)": ("nnUNetTrainerEnTrust_demo", "nnUNetEnTrustPlans", [0], 8),
-    "EnTrust 5 folds + entrust calibrate": ("nnUNetTrainerEnTrust_demo", "nnUNetEnTrustPlans", [0, 1, 2, 3, 4], 8),
+    "EnTrust (K=8)": (ENTRUST_TRAINER, "nnUNetEnTrustPlans", [0], 8),
+    "EnTrust 5 folds + entrust calibrate": (ENTRUST_TRAINER, "nnUNetEnTrustPlans", [0, 1, 2, 3, 4], 8),
 }
 OURS = "EnTrust (K=8)"
+#: the trainer of EnTrust's rows (``--entrust-variant`` names another)
+ENTRUST_TRAINER = "nnUNetTrainerEnTrust_demo"
 #: EnTrust after the toolchain a user runs once 5-fold cross-validation is done: ``entrust calibrate`` on every fold's
 #: out-of-fold voxels (class temperature and conflict biases, P(error) calibrator), the five folds ensembled; on a
 #: copy of the model folder, so that OURS (fold 0) keeps its one-fold calibration
@@ -103,13 +105,24 @@ POOLED_KEYS = ("ece", "ece_fg_boundary", "brier", "nll", "ece_perror", "ece_fg_b
                "error_on_edges", "total_on_lesion", "total_on_lesion_outside_conflict", "error_all_labels_in_conflict")
 
 
-def methods(smoke: bool, table: dict | None = None) -> dict:
-    """``table`` (METHODS); for the smoke run SMOKE_METHODS (ablations: all) with the tiny trainers and a 2-fold ensemble."""
+def methods(args, table: dict | None = None) -> dict:
+    """``table`` (METHODS) with ``args.entrust_variant``'s trainer in EnTrust's rows (``CrossModal``:
+    nnUNetTrainerEnTrustCrossModal_demo); for the smoke run (``args.smoke``) SMOKE_METHODS (ablations: all) with the
+    tiny trainers and a 2-fold ensemble."""
     table = METHODS if table is None else table
-    if not smoke:
-        return table
-    return {m: (SMOKE_TRAINERS.get(t, t), p, folds[:2], k) for m, (t, p, folds, k) in table.items()
+    variant = getattr(args, "entrust_variant", None) or ""
+    swap = {ENTRUST_TRAINER: ENTRUST_TRAINER.replace("EnTrust_", f"EnTrust{variant}_")}
+    rows = {m: (swap.get(t, t), p, folds, k) for m, (t, p, folds, k) in table.items()}
+    if not args.smoke:
+        return rows
+    return {m: (SMOKE_TRAINERS.get(t, t.replace("_demo", "_tinyCPU")), p, folds[:2], k) for m, (t, p, folds, k) in rows.items()
             if m in SMOKE_METHODS or table is not METHODS}
+
+
+def results_json(args) -> Path:
+    """Where a full run's results go: RESULTS_JSON, or beside it per EnTrust variant (phantoms2d_crossmodal.json)."""
+    variant = getattr(args, "entrust_variant", None)
+    return RESULTS_JSON.with_name(f"{RESULTS_JSON.stem}_{variant.lower()}.json") if variant else RESULTS_JSON
 
 
 def trainer_exists(name: str) -> bool:
@@ -381,7 +394,7 @@ def speed_jobs(args, models: dict[str, Path]) -> list[tuple]:
     jobs += [(f"EnTrust K={k}", OURS, k, True, [0]) for k in ((8,) if args.smoke else (1, 4, 8, 16))]
     if args.smoke:  # the harness needs one row against plain; every fresh process costs the suite seconds
         return [j for j in jobs if j[1] in models]
-    jobs += [("5-fold deep ensemble", "5-fold deep ensemble", 1, True, methods(args.smoke)["5-fold deep ensemble"][2]),
+    jobs += [("5-fold deep ensemble", "5-fold deep ensemble", 1, True, methods(args)["5-fold deep ensemble"][2]),
              ("MC dropout T=8", "MC dropout (T=8)", 8, True, [0]), ("CRNP", "CRNP", 1, True, [0])]
     jobs += [(f"{a} K=8", a, 8, True, [0]) for a in ABLATIONS]
     return [j for j in jobs if j[1] in models]
@@ -518,9 +531,9 @@ def run_seed(args, seed: int, dataset_id: int, name: str, config: str, raw: Path
 
     Returns (the seed's record for the JSON, method -> model folder)."""
     use_seed(args, seed)
-    table = methods(args.smoke)
+    table = methods(args)
     if args.ablations and seed == args.seeds[0]:
-        table = {**table, **{a: v for a, v in methods(args.smoke, ABLATIONS).items() if a != NO_CALIB}}
+        table = {**table, **{a: v for a, v in methods(args, ABLATIONS).items() if a != NO_CALIB}}
     log_dir = out / f"seed_{seed}"
     log_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
@@ -550,7 +563,7 @@ def unseen_seed(args, seed: int, unseen: tuple, out: Path) -> dict:
     """method -> row on the unseen-conflict dataset for training seed ``seed`` (same results root as the seed's)."""
     dataset_id, name, config, raw = unseen
     use_seed(args, seed)
-    table = {m: v for m, v in methods(args.smoke).items() if m in UNSEEN_METHODS}
+    table = {m: v for m, v in methods(args).items() if m in UNSEEN_METHODS}
     log_dir = out / f"seed_{seed}" / "unseen_conflict"
     log_dir.mkdir(parents=True, exist_ok=True)
     train_all(args, dataset_id, name, config, table, log_dir)
@@ -566,7 +579,7 @@ def unseen_seed(args, seed: int, unseen: tuple, out: Path) -> dict:
 
 def temperature_row(args, dataset_id: int, config: str, name: str, raw: Path, log_dir: Path, record: dict) -> dict:
     """The temperature-scaled softmax row: T from fold 0's out-of-fold validation probabilities."""
-    trainer, plans, _, _ = methods(args.smoke)["softmax nnU-Net"]
+    trainer, plans, _, _ = methods(args)["softmax nnU-Net"]
     src = log_dir / "predictions" / "softmax_nnU-Net"
     dataset_json = json.loads((raw / "dataset.json").read_text())
     if "softmax nnU-Net" not in record["methods"] or dataset_json.get("regions_class_order"):
@@ -597,7 +610,7 @@ def subsets_seed(args, seed: int, dataset_id: int, name: str, config: str, raw: 
     from entrust_nnunet.data.modalities import channel_list
 
     use_seed(args, seed)
-    table = subset_methods(args.smoke)
+    table = subset_methods(args)
     log_dir = out / f"seed_{seed}"
     log_dir.mkdir(parents=True, exist_ok=True)
     train_all(args, dataset_id, name, config, {m: v[:4] for m, v in table.items()}, log_dir)
@@ -732,7 +745,7 @@ def header(args, name: str, config: str, started: float) -> dict:
             "device": args.device, "seeds": list(args.seeds), "test_seed": args.test_seed, "data_seed": args.data_seed,
             "schedule": "smoke" if args.smoke else "nnUNetTrainer*_demo (15 epochs x 50 iterations, batch 2)",
             "data": data, "ablations_run": bool(args.ablations), "started_unix": started,
-            "coin_flip_conflict": args.dataset is None}
+            "coin_flip_conflict": args.dataset is None, "entrust_trainer": methods(args)[OURS][0]}
 
 
 def write_results(args, out: Path, result: dict) -> None:
@@ -740,8 +753,8 @@ def write_results(args, out: Path, result: dict) -> None:
     (out / "results.json").write_text(text, encoding="utf-8")
     (out / "results.md").write_text(markdown(result), encoding="utf-8")
     if not args.smoke and args.dataset is None:
-        RESULTS_JSON.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS_JSON.write_text(text, encoding="utf-8")
+        results_json(args).parent.mkdir(parents=True, exist_ok=True)
+        results_json(args).write_text(text, encoding="utf-8")
     print(markdown(result))
 
 
@@ -1029,6 +1042,9 @@ def parse_args(argv=None):
     parser.add_argument("--test-seed", type=int, default=None,
                         help=f"test phantoms' seed (default {TEST_SEED}, smoke {SMOKE_TEST_SEED}); design choices use "
                              f"{DEVELOPMENT_SEED} (or the validation folds), never {TEST_SEED}")
+    parser.add_argument("--entrust-variant", choices=("CrossModal",), default=None,
+                        help="EnTrust's rows with nnUNetTrainerEnTrust<VARIANT>_demo (CrossModal: the cross-modal "
+                             "prediction conflict); results to benchmarks/results/phantoms2d_<variant>.json")
     parser.add_argument("--ablations", action="store_true", help="also train and score the EnTrust ablations (first seed)")
     parser.add_argument("--no-unseen", action="store_true",
                         help="skip the unseen-conflict dataset (softmax nnU-Net and EnTrust trained on phantoms "

@@ -4,6 +4,8 @@
 #   bash benchmarks/heldout/run.sh OUT [REPEATS]      (~5 min per repeat and dataset on 2 CPU cores)
 #   SCHEDULE=Long bash benchmarks/heldout/run.sh OUT [REPEATS]   (50 epochs x 25 iterations instead of 12 x 25: the
 #       trainers nnUNetTrainerLong / nnUNetTrainerEnTrustLong; ~4x the time; metrics tagged f0_long)
+#   VARIANT=CrossModal bash benchmarks/heldout/run.sh OUT [REPEATS]   (EnTrust with the cross-modal prediction conflict,
+#       nnUNetTrainerEnTrustCrossModal; the same plain nnU-Net runs; metrics tagged f0_crossmodal)
 #   FOLDS="0 1 2 3 4" bash benchmarks/heldout/run.sh OUT [REPEATS]   (nnU-Net's cross-validation: every fold
 #       trained, `entrust calibrate` on all of them, both methods predicted as fold ensembles; ~5x the time)
 # Datasets: 701 (conflict blobs in half of the training cases), 702 (conflict only in the test cases).
@@ -11,9 +13,11 @@
 set -e
 OUT=$(realpath -m "$1"); REPEATS=${2:-2}; HERE=$(cd "$(dirname "$0")" && pwd)
 FOLDS=${FOLDS:-0}; TAG=f${FOLDS// /}; NFOLDS=$(wc -w <<< "$FOLDS")  # predictions and metrics per fold set (f0: fold 0)
-SCHEDULE=${SCHEDULE:-Short}; PLAIN=nnUNetTrainer$SCHEDULE; OURS=nnUNetTrainerEnTrust$SCHEDULE  # trainers/ defines both
+SCHEDULE=${SCHEDULE:-Short}; PLAIN=nnUNetTrainer$SCHEDULE; OURS=nnUNetTrainerEnTrust${VARIANT:-}$SCHEDULE  # trainers/
 case $SCHEDULE in Short|Long) ;; *) echo "run.sh: error: SCHEDULE=$SCHEDULE: must be Short or Long" >&2; exit 2;; esac
+case ${VARIANT:-} in ""|CrossModal) ;; *) echo "run.sh: error: VARIANT=$VARIANT: must be empty or CrossModal" >&2; exit 2;; esac
 [ "$SCHEDULE" = Short ] || TAG=${TAG}_${SCHEDULE,,}  # ... and per schedule (f0_long)
+[ -z "${VARIANT:-}" ] || TAG=${TAG}_${VARIANT,,}  # ... and per EnTrust variant (f0_crossmodal)
 export nnUNet_raw=$OUT/raw nnUNet_preprocessed=$OUT/pre nnUNet_extTrainer=$HERE/trainers
 export nnUNet_def_n_proc=${nnUNet_def_n_proc:-2} nnUNet_n_proc_DA=${nnUNet_n_proc_DA:-2}
 for SPEC in "701 Dataset701_Heldout 11 0.5" "702 Dataset702_HeldoutUnseen 12 0"; do

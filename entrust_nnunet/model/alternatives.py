@@ -95,6 +95,8 @@ def structure_peak(values: torch.Tensor, support: torch.Tensor, steps: int = PEA
 
 #: the conflict readings (module doc): index = ``CalibHead.showing_reading``
 READINGS = ("vote", "showing")
+#: the reading of a conflict that knows no expert (:func:`coin_alternatives`)
+COIN = "coin"
 
 
 def structure_mean(values: torch.Tensor, support: torch.Tensor, within: torch.Tensor,
@@ -201,6 +203,36 @@ def _showing_alternatives(hypotheses: torch.Tensor, experts: torch.Tensor, gate:
     return torch.lerp(hypotheses, reading.to(hypotheses.dtype), gate)
 
 
+def coin_reading(mean: torch.Tensor, regions: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The coin's two readings of ``mean`` (B, C, *s): (structure taken, structure left). Softmax: the one-hot
+    likeliest foreground class of ``mean`` and the one-hot background; regions: on for every region whose
+    probability is at least half the largest one's, and all off."""
+    if regions:
+        m = mean.float()
+        taken = (m >= 0.5 * m.amax(1, keepdim=True)).to(mean.dtype)
+        return taken, torch.zeros_like(taken)
+    likeliest = mean[:, 1:].argmax(1, keepdim=True) + 1
+    taken = torch.zeros_like(mean).scatter_(1, likeliest, 1.0)
+    return taken, torch.zeros_like(mean).index_fill_(1, torch.zeros(1, dtype=torch.long, device=mean.device), 1.0)
+
+
+def coin_alternatives(hypotheses: torch.Tensor, gate: torch.Tensor, regions: bool = False,
+                      drawn: bool = True) -> torch.Tensor:
+    """The coin reading of a conflict that says only THAT the modalities disagree (the cross-modal prediction
+    conflict, :mod:`~entrust_nnunet.model.crossmodal`), not which reading is right: ``p'_k = (1 - g) p_k + g r_k``
+    with ``r_k`` the structure taken (:func:`coin_reading` of the hypotheses' mean) when ``u_k < 1/2`` and left
+    otherwise (``u_k`` the van der Corput term: left, taken, left, taken, ...; every hypothesis takes or leaves the
+    whole open region), or ``drawn`` False its expectation, the two readings' average."""
+    taken, left = coin_reading(hypotheses.float().mean(0), regions)
+    if drawn:
+        u = van_der_corput(torch.arange(hypotheses.shape[0], device=hypotheses.device))
+        take = (u < 0.5).view(-1, *[1] * (hypotheses.dim() - 1))
+        target = torch.where(take, taken[None], left[None])
+    else:
+        target = (0.5 * (taken + left))[None]
+    return torch.lerp(hypotheses, target.to(hypotheses.dtype), gate.to(hypotheses.dtype))
+
+
 def _structures(mass: torch.Tensor, gate: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per expert (``mass`` (B, M, 1 or R, *s), ``gate`` (1, B, 1, *s)): the voxels of its conflicting structures
     (mass > SUPPORT, gate > STRUCTURE_GATE, connected to a gate > STRUCTURE_SEED) and the peak over each."""
@@ -221,9 +253,12 @@ def expert_alternatives(hypotheses: torch.Tensor, experts: torch.Tensor, conflic
     > STRUCTURE_SEED: :func:`structure_peak`), and a hypothesis
     that takes one follows its reading there with gate 1. ``drawn`` False: ``r_k`` is replaced by its expectation
     over the draws, ``e_{m_k}`` (what the network's mean and maps use: the same mean without the noise of a few
-    draws). ``strength`` 0 returns the hypotheses unchanged. ``reading`` "showing": :func:`_showing_alternatives`."""
+    draws). ``strength`` 0 returns the hypotheses unchanged. ``reading`` "showing": :func:`_showing_alternatives`;
+    :data:`COIN`: :func:`coin_alternatives` (the experts are not read)."""
     if strength <= 0:
         return hypotheses
+    if reading == COIN:
+        return coin_alternatives(hypotheses, alternatives_gate(conflict, strength)[None], regions, drawn)
     if reading == "showing":
         gate = alternatives_gate(conflict, strength).to(hypotheses.dtype)[None]
         return _showing_alternatives(hypotheses, experts, gate, mask, regions, drawn)
@@ -259,9 +294,13 @@ def expected_alternative(mean: torch.Tensor, experts: torch.Tensor, conflict: to
     """``E_k p'_k = (1 - g) E p_k + g r``: what the hypotheses of :func:`expert_alternatives` (``drawn`` False)
     average to when ``mean`` (B, C, *s) is their expectation; ``experts`` (B, M, C, *s), ``conflict`` (B, 1, *s),
     ``mask`` (B, M). ``r``: the vote, ``mean_m e_m`` over the present experts (each followed with equal chance),
-    or the showing expert's reading split as ``mean`` splits the foreground (:func:`showing_reading`)."""
+    or the showing expert's reading split as ``mean`` splits the foreground (:func:`showing_reading`), or
+    :data:`COIN`'s two readings' average (:func:`coin_reading`)."""
     if strength <= 0:
         return mean
+    if reading == COIN:
+        target = 0.5 * sum(coin_reading(mean, regions))
+        return torch.lerp(mean, target.to(mean.dtype), alternatives_gate(conflict, strength).to(mean.dtype))
     if reading == "showing":
         target = showing_reading(experts, mask, mean, regions)
         return torch.lerp(mean, target.to(mean.dtype), alternatives_gate(conflict, strength).to(mean.dtype))

@@ -44,6 +44,7 @@ from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from nnunetv2.utilities.label_handling.label_handling import convert_labelmap_to_one_hot
 from torch import nn
 
+from entrust_nnunet.model.crossmodal import EnTrustCrossModalUNet
 from entrust_nnunet.model.network import LOSS_WEIGHTS, EnTrustUNet
 from entrust_nnunet.model.outputs import full_resolution
 from entrust_nnunet.nnunet.annotators import training_dataset
@@ -213,8 +214,12 @@ class nnUNetTrainerEnTrust(ModalityDropout, nnUNetTrainer):
 
     def train_step(self, batch: dict) -> dict:
         # nnU-Net's step, with SegDiff's gradients clipped apart from the rest (nnunet/clipping.py)
-        with clipping_per_group(self.network, unwrap(self.network).segdiff), caching_parts(self.network):
+        with clipping_per_group(self.network, *self.clipped_apart()), caching_parts(self.network):
             return super().train_step(batch)
+
+    def clipped_apart(self) -> list[nn.Module]:
+        """The parts that learn from their own losses on detached inputs, each clipped as a group of its own."""
+        return [unwrap(self.network).segdiff]
 
     def validation_step(self, batch: dict) -> dict:
         with caching_parts(self.network):
@@ -442,3 +447,18 @@ class nnUNetTrainerEnTrustModDrop(nnUNetTrainerEnTrust):
     their modalities (masked, not zero-filled); such a model predicts cases with absent channel files."""
 
     modality_dropout = 0.5
+
+
+class nnUNetTrainerEnTrustCrossModal(nnUNetTrainerEnTrust):
+    """EnTrust whose conflict map is the cross-modal prediction conflict, read by the coin
+    (:class:`~entrust_nnunet.model.crossmodal.EnTrustCrossModalUNet`): a conflict the labels need not teach.
+    There is no expert reading to choose; the predictors' NLL is one more loss term, clipped apart."""
+
+    network_class = EnTrustCrossModalUNet
+    choose_conflict_reading = False
+
+    def loss_weights(self) -> dict[str, float]:
+        return {**super().loss_weights(), "crossmodal": 1.0}
+
+    def clipped_apart(self) -> list[nn.Module]:
+        return [*super().clipped_apart(), unwrap(self.network).crossmodal]

@@ -23,7 +23,8 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from entrust_nnunet.nnunet.ablation_trainers import (nnUNetTrainerEnTrustNoAlternatives, nnUNetTrainerEnTrustNoEnFuse,
                                                       nnUNetTrainerEnTrustNoProbe, nnUNetTrainerEnTrustNoSteps)
 from entrust_nnunet.nnunet.baseline_trainers import nnUNetTrainerCRNP, nnUNetTrainerMCDropout, nnUNetTrainerModDrop
-from entrust_nnunet.nnunet.trainers import nnUNetTrainerEnTrust, nnUNetTrainerEnTrustModDrop
+from entrust_nnunet.nnunet.trainers import (nnUNetTrainerEnTrust, nnUNetTrainerEnTrustCrossModal,
+                                            nnUNetTrainerEnTrustModDrop)
 
 #: the demo's short CPU schedule: 15 epochs x 50 iterations of batch 2 (2D 64x64 phantoms), about 2-3 min
 DEMO_SCHEDULE = {"num_epochs": 15, "num_iterations_per_epoch": 50, "num_val_iterations_per_epoch": 5}
@@ -128,6 +129,14 @@ class nnUNetTrainerEnTrustModDrop_demo(ScheduleMixin, nnUNetTrainerEnTrustModDro
 
 
 class nnUNetTrainerEnTrustModDrop_tinyCPU(ScheduleMixin, nnUNetTrainerEnTrustModDrop):
+    schedule = TINY_SCHEDULE
+
+
+class nnUNetTrainerEnTrustCrossModal_demo(ScheduleMixin, nnUNetTrainerEnTrustCrossModal):
+    schedule = DEMO_SCHEDULE
+
+
+class nnUNetTrainerEnTrustCrossModal_tinyCPU(ScheduleMixin, nnUNetTrainerEnTrustCrossModal):
     schedule = TINY_SCHEDULE
 
 

@@ -339,6 +339,21 @@ def test_cascade_trainer_steps_on_image_plus_prior(tmp_path, monkeypatch):
     assert losses[-1] < losses[0]
 
 
+def test_crossmodal_trainer_steps_with_its_predictors_on_the_modalities_not_the_prior(tmp_path, monkeypatch):
+    """nnU-Net's own initialize and train_step of the cross-modal variant (3D cascade stage: 4 modalities and a
+    3-channel prior): one predictor per modality from the other three, the prior left out; their NLL is logged with
+    EnTrust's terms and falls with the loss on a repeated batch."""
+    from entrust_nnunet.nnunet.trainers import nnUNetTrainerEnTrustCrossModal
+
+    make, batch = _cascade_setup(tmp_path, monkeypatch, previous="nnUNetTrainerEnTrustCrossModal")
+    t = make(nnUNetTrainerEnTrustCrossModal)
+    t.initialize()
+    assert t.network.crossmodal.net[0].in_channels == 4 * 3 and t.network.crossmodal.num_modalities == 4
+    losses = [float(t.train_step(batch)["loss"]) for _ in range(4)]
+    nll = [float(v) for v in t.loss.history["crossmodal"]]
+    assert losses[-1] < losses[0] and len(nll) == 4 and nll[-1] < nll[0]
+
+
 def test_validation_after_training_steps_reads_the_calibrated_probabilities(tmp_path, monkeypatch):
     """The parts EnTrust's loss needs are kept only inside nnU-Net's train and validation steps: afterwards the
     network holds none, and nnU-Net's end-of-training validation (eval mode, deep supervision off) gets the logits of

@@ -1,0 +1,143 @@
+"""Cross-modal prediction conflict: where one modality shows what the others do not.
+
+For each modality m a small convolutional net predicts its normalised image from the other modalities, with a
+per-voxel variance (a heteroscedastic Gaussian: mean ``mu_m`` and ``log var_m``, trained by the Gaussian NLL on
+the detached input, so it learns from nothing else and reshapes nothing else). Its standardised squared residual
+
+    z2_m = (x_m - mu_m)^2 / var_m
+
+is ~1 on average wherever the modalities co-vary, however fuzzy the structure: on a blurred edge every modality
+changes together and the net widens its variance where it cannot place the edge exactly. Where one modality shows a
+structure the others hide (or hides one they show), nothing in the others can predict it and z2 is large. The
+conflict map is
+
+    c = clamp(log(z2 / LOW) / log(HIGH / LOW), 0, 1),   z2 = max over m of the Gaussian-smoothed (sigma 1 voxel) z2_m
+
+LOW = 4 and HIGH = 16 in units of z2's own expectation (1): a voxel whose residual is four times what the net
+expects starts to count, sixteen times counts fully. They were set on the project's phantoms (development seed),
+where consistent voxels stay below ~3 at their 99th percentile and conflicting structures reach 8-80, before
+the held-out generator was scored (docs/design.md, "A conflict map the labels do not teach").
+
+It needs no label: a conflict never seen in training is as unpredictable as one seen. It sees only what the
+images show, so it cannot tell which of two readings is right; EnTrust's coin reading
+(:mod:`~entrust_nnunet.model.alternatives`) turns it into hypotheses that take or leave the structure.
+A sample with any modality absent has no conflict here (every prediction needs all the other modalities).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from dynamic_network_architectures.building_blocks.helper import convert_conv_op_to_dim
+from torch import nn
+from torch.nn import functional as F
+
+from entrust_nnunet.model.network import EnTrustUNet
+
+#: the conflict ramp's ends, in units of the standardised squared residual's expectation (module doc)
+LOW, HIGH = 4.0, 16.0
+#: the residuals are smoothed over this many voxels (Gaussian sigma) before the ramp: a structure, not speckle
+SMOOTHING = 1.0
+#: the predicted log-variance is kept within +-LOG_VAR_BOUND (a net at initialisation cannot divide by ~0)
+LOG_VAR_BOUND = 8.0
+
+
+def gaussian_smooth(x: torch.Tensor, sigma: float = SMOOTHING) -> torch.Tensor:
+    """Separable Gaussian smoothing of every channel of ``x`` (B, C, *s; 1-3 spatial axes), ``sigma`` in voxels,
+    the kernel cut at 3 sigma, edges replicated."""
+    r = max(1, math.ceil(3 * sigma))
+    t = torch.arange(-r, r + 1, dtype=x.dtype, device=x.device)
+    kernel = torch.exp(-t ** 2 / (2 * sigma ** 2))
+    kernel = kernel / kernel.sum()
+    dim, c = x.dim() - 2, x.shape[1]
+    conv = (F.conv1d, F.conv2d, F.conv3d)[dim - 1]
+    for axis in range(dim):
+        shape = [1] * dim
+        shape[axis] = 2 * r + 1
+        pad = [0, 0] * dim
+        pad[2 * (dim - 1 - axis)] = pad[2 * (dim - 1 - axis) + 1] = r  # F.pad lists the last axis first
+        x = conv(F.pad(x, pad, mode="replicate"), kernel.view(1, 1, *shape).expand(c, 1, *shape), groups=c)
+    return x
+
+
+class CrossModalPredictor(nn.Module):
+    """M small nets in one grouped stack: net m maps the other M - 1 modalities (B, M - 1, *s) through ``layers``
+    k x k convolutions of ``width`` channels (LeakyReLU) to ``(mu_m, log var_m)``. ``forward`` (B, M, *s) ->
+    (B, M, 2, *s); the caller detaches the input."""
+
+    def __init__(self, conv_op, num_modalities: int, width: int = 16, layers: int = 3, kernel_size: int = 3):
+        super().__init__()
+        m = self.num_modalities = num_modalities
+        if m < 2:
+            raise ValueError(f"cross-modal prediction needs at least two modalities, got {m}")
+        k = [kernel_size] * convert_conv_op_to_dim(conv_op)
+        blocks, c = [], m * (m - 1)
+        for _ in range(layers):
+            blocks += [conv_op(c, m * width, k, padding=[kernel_size // 2] * len(k), groups=m),
+                       nn.LeakyReLU(1e-2, inplace=True)]
+            c = m * width
+        self.net = nn.Sequential(*blocks, conv_op(c, 2 * m, 1, groups=m))
+        #: input channel order: the others of modality 0, then of modality 1, ...
+        self.register_buffer("others", torch.tensor([j for i in range(m) for j in range(m) if j != i]),
+                             persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x[:, self.others]).unflatten(1, (self.num_modalities, 2))
+
+    def nll(self, prediction: torch.Tensor, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Gaussian NLL (up to its constant) ``0.5 (log var + (x - mu)^2 / var)``, mean over the voxels and
+        modalities of the samples whose modalities are all present (``mask`` (B, M), 1 = present); 0 with
+        gradient when none is."""
+        mu, log_var = prediction[:, :, 0].float(), prediction[:, :, 1].float().clamp(-LOG_VAR_BOUND, LOG_VAR_BOUND)
+        per_sample = (0.5 * (log_var + (x.float() - mu) ** 2 * torch.exp(-log_var))).flatten(1).mean(1)
+        complete = (mask > 0).all(1).float()
+        return (per_sample * complete).sum() / complete.sum().clamp_min(1.0)
+
+    def conflict(self, prediction: torch.Tensor, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The conflict map ``c`` (B, 1, *s) in [0, 1] of the module doc; 0 for samples with a modality absent."""
+        mu, log_var = prediction[:, :, 0].float(), prediction[:, :, 1].float().clamp(-LOG_VAR_BOUND, LOG_VAR_BOUND)
+        z2 = gaussian_smooth((x.float() - mu) ** 2 * torch.exp(-log_var)).amax(1, keepdim=True)
+        c = (torch.log(z2.clamp_min(1e-12) / LOW) / math.log(HIGH / LOW)).clamp(0, 1)
+        return c * (mask > 0).all(1).to(c.dtype).view(-1, *[1] * (c.dim() - 1))
+
+
+class EnTrustCrossModalUNet(EnTrustUNet):
+    """EnTrust whose conflict map is the cross-modal prediction conflict (module doc) instead of the experts'
+    Jensen-Shannon divergence, read by the coin: where it is open, half the hypotheses take the structure (as the
+    likeliest foreground class) and half leave it. The gate is the conflict itself (alternatives strength 1), and
+    CalibHead, the class calibration's conflict biases and the P(error) floor read it as they read the experts'.
+    The trunk is EnTrust's (its experts still inform EnFuse); ``crossmodal_width``: channels per modality's net."""
+
+    def __init__(self, input_channels: int, n_stages: int, features_per_stage, conv_op, *args,
+                 crossmodal_width: int = 16, **kwargs):
+        kwargs.setdefault("expert_alternatives", 1.0)
+        super().__init__(input_channels, n_stages, features_per_stage, conv_op, *args, **kwargs)
+        self.crossmodal = CrossModalPredictor(conv_op, self.num_modalities, crossmodal_width)
+
+    @property
+    def conflict_reading(self) -> str:
+        return "coin"
+
+    def _trunk(self, x: torch.Tensor, keep_all: bool, mask: torch.Tensor) -> dict:
+        parts = super()._trunk(x, keep_all, mask)
+        images = x[:, :self.num_modalities].detach()
+        prediction = self.crossmodal(images)
+        if keep_all:
+            parts["crossmodal"] = (prediction, images)
+        else:
+            parts["image_conflict"] = self.crossmodal.conflict(prediction, images, mask)
+        return parts
+
+    def _full_resolution_experts(self, parts: dict, size) -> dict[str, torch.Tensor]:
+        return {**super()._full_resolution_experts(parts, size), "conflict": parts["image_conflict"].float()}
+
+    def auxiliary_losses(self, parts: dict, target: torch.Tensor, valid: torch.Tensor | None = None
+                         ) -> dict[str, torch.Tensor]:
+        """EnTrust's terms and ``crossmodal``: the predictors' Gaussian NLL (:meth:`CrossModalPredictor.nll`)."""
+        return {**super().auxiliary_losses(parts, target, valid),
+                "crossmodal": self.crossmodal.nll(*parts["crossmodal"], parts["modality_mask"])}
+
+    def compute_conv_feature_map_size(self, input_size) -> int:
+        m, width = self.num_modalities, self.crossmodal.net[0].out_channels // self.num_modalities
+        return super().compute_conv_feature_map_size(input_size) + \
+            int(torch.tensor(input_size).prod()) * m * (3 * width + 2)
