@@ -97,6 +97,10 @@ def structure_peak(values: torch.Tensor, support: torch.Tensor, steps: int = PEA
 READINGS = ("vote", "showing")
 #: the reading of a conflict that knows no expert (:func:`coin_alternatives`)
 COIN = "coin"
+#: where the coin is fully open, this share of the network's own probabilities stays: its decision breaks the
+#: coin's tie, so the mask keeps the trunk's reading where the images leave the label open (an exact 1/2 - 1/2 would
+#: go to whichever class comes first: background)
+COIN_KEEPS = 0.02
 
 
 def structure_mean(values: torch.Tensor, support: torch.Tensor, within: torch.Tensor,
@@ -222,7 +226,8 @@ def coin_alternatives(hypotheses: torch.Tensor, gate: torch.Tensor, regions: boo
     conflict, :mod:`~entrust_nnunet.model.crossmodal`), not which reading is right: ``p'_k = (1 - g) p_k + g r_k``
     with ``r_k`` the structure taken (:func:`coin_reading` of the hypotheses' mean) when ``u_k < 1/2`` and left
     otherwise (``u_k`` the van der Corput term: left, taken, left, taken, ...; every hypothesis takes or leaves the
-    whole open region), or ``drawn`` False its expectation, the two readings' average."""
+    whole open region), or ``drawn`` False its expectation, the two readings' average; ``g`` scaled by
+    ``1 - COIN_KEEPS`` (the network's decision breaks the tie)."""
     taken, left = coin_reading(hypotheses.float().mean(0), regions)
     if drawn:
         u = van_der_corput(torch.arange(hypotheses.shape[0], device=hypotheses.device))
@@ -230,7 +235,7 @@ def coin_alternatives(hypotheses: torch.Tensor, gate: torch.Tensor, regions: boo
         target = torch.where(take, taken[None], left[None])
     else:
         target = (0.5 * (taken + left))[None]
-    return torch.lerp(hypotheses, target.to(hypotheses.dtype), gate.to(hypotheses.dtype))
+    return torch.lerp(hypotheses, target.to(hypotheses.dtype), (gate * (1 - COIN_KEEPS)).to(hypotheses.dtype))
 
 
 def _structures(mass: torch.Tensor, gate: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -300,7 +305,8 @@ def expected_alternative(mean: torch.Tensor, experts: torch.Tensor, conflict: to
         return mean
     if reading == COIN:
         target = 0.5 * sum(coin_reading(mean, regions))
-        return torch.lerp(mean, target.to(mean.dtype), alternatives_gate(conflict, strength).to(mean.dtype))
+        gate = alternatives_gate(conflict, strength) * (1 - COIN_KEEPS)
+        return torch.lerp(mean, target.to(mean.dtype), gate.to(mean.dtype))
     if reading == "showing":
         target = showing_reading(experts, mask, mean, regions)
         return torch.lerp(mean, target.to(mean.dtype), alternatives_gate(conflict, strength).to(mean.dtype))

@@ -111,8 +111,13 @@ def test_coin_reading_takes_or_leaves_the_open_region_whole():
     torch.testing.assert_close(out[:, :, :, 0, 0], hyps[:, :, :, 0, 0])  # gate 0: unchanged
     conflict = gate[0]
     expected = expected_alternative(mean, torch.zeros(1, 3, 3, 4, 4), conflict, torch.ones(1, 3), 1.0, "coin")
-    torch.testing.assert_close(expected[0, :, 1, 1], torch.tensor([0.5, 0.0, 0.5]))
+    # half and half, with the network's own 2 % left to break the tie
+    torch.testing.assert_close(expected[0, :, 1, 1], 0.98 * torch.tensor([0.5, 0.0, 0.5]) + 0.02 * mean[0, :, 1, 1])
+    assert expected[0].argmax(0)[1, 1] == 0  # the network said background: the mask stays background
     torch.testing.assert_close(out.mean(0)[0, :, 1, 1], expected[0, :, 1, 1])  # K = 8: half taken
+    lesion = mean.flip(1)  # the network says class 2 at 0.9
+    assert expected_alternative(lesion, torch.zeros(1, 3, 3, 4, 4), conflict, torch.ones(1, 3), 1.0,
+                                "coin")[0].argmax(0)[1, 1] == 2
     regions = torch.tensor([0.6, 0.4, 0.1]).view(1, 3, 1, 1).expand(1, 3, 4, 4)
     assert coin_reading(regions, regions=True)[0][0, :, 0, 0].tolist() == [1, 1, 0]
 
