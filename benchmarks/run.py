@@ -58,6 +58,8 @@ TEMPERATURE_ROW = "softmax nnU-Net + temperature"
 #: every method's hypotheses; the training cases keep one label each, as a user's dataset has
 TEST_ANNOTATORS = 4
 
+#: the trainer of EnTrust's rows (``--entrust-variant`` names another)
+ENTRUST_TRAINER = "nnUNetTrainerEnTrust_demo"
 #: method -> (trainer, plans, folds used for prediction, sampling count)
 METHODS = {
     "softmax nnU-Net": ("nnUNetTrainer_demo", "nnUNetPlans", [0], 1),
@@ -69,8 +71,6 @@ METHODS = {
     "EnTrust 5 folds + entrust calibrate": (ENTRUST_TRAINER, "nnUNetEnTrustPlans", [0, 1, 2, 3, 4], 8),
 }
 OURS = "EnTrust (K=8)"
-#: the trainer of EnTrust's rows (``--entrust-variant`` names another)
-ENTRUST_TRAINER = "nnUNetTrainerEnTrust_demo"
 #: EnTrust after the toolchain a user runs once 5-fold cross-validation is done: ``entrust calibrate`` on every fold's
 #: out-of-fold voxels (class temperature and conflict biases, P(error) calibrator), the five folds ensembled; on a
 #: copy of the model folder, so that OURS (fold 0) keeps its one-fold calibration
