@@ -106,12 +106,13 @@ POOLED_KEYS = ("ece", "ece_fg_boundary", "brier", "nll", "ece_perror", "ece_fg_b
 
 
 def methods(args, table: dict | None = None) -> dict:
-    """``table`` (METHODS) with ``args.entrust_variant``'s trainer in EnTrust's rows (``CrossModal``:
+    """``table`` (METHODS) with ``args.entrust_variant``'s trainer in EnTrust's rows of METHODS (``CrossModal``:
     nnUNetTrainerEnTrustCrossModal_demo); for the smoke run (``args.smoke``) SMOKE_METHODS (ablations: all) with the
     tiny trainers and a 2-fold ensemble."""
     table = METHODS if table is None else table
     variant = getattr(args, "entrust_variant", None) or ""
-    swap = {ENTRUST_TRAINER: ENTRUST_TRAINER.replace("EnTrust_", f"EnTrust{variant}_")}
+    # EnTrust's own rows only: the ablations (the no-CalibHead row included) stay ablations of EnTrust
+    swap = {ENTRUST_TRAINER: ENTRUST_TRAINER.replace("EnTrust_", f"EnTrust{variant}_")} if table is METHODS else {}
     rows = {m: (swap.get(t, t), p, folds, k) for m, (t, p, folds, k) in table.items()}
     if not args.smoke:
         return rows
@@ -610,7 +611,7 @@ def subsets_seed(args, seed: int, dataset_id: int, name: str, config: str, raw: 
     from entrust_nnunet.data.modalities import channel_list
 
     use_seed(args, seed)
-    table = subset_methods(args)
+    table = subset_methods(args.smoke)
     log_dir = out / f"seed_{seed}"
     log_dir.mkdir(parents=True, exist_ok=True)
     train_all(args, dataset_id, name, config, {m: v[:4] for m, v in table.items()}, log_dir)

@@ -32,7 +32,9 @@ from dynamic_network_architectures.building_blocks.helper import convert_conv_op
 from torch import nn
 from torch.nn import functional as F
 
+from entrust_nnunet.model.absence import without_absent
 from entrust_nnunet.model.network import EnTrustUNet
+from entrust_nnunet.model.outputs import full_resolution, probabilities
 
 #: the conflict ramp's ends, in units of the standardised squared residual's expectation (module doc)
 LOW, HIGH = 4.0, 16.0
@@ -90,15 +92,16 @@ class CrossModalPredictor(nn.Module):
         gradient when none is."""
         mu, log_var = prediction[:, :, 0].float(), prediction[:, :, 1].float().clamp(-LOG_VAR_BOUND, LOG_VAR_BOUND)
         per_sample = (0.5 * (log_var + (x.float() - mu) ** 2 * torch.exp(-log_var))).flatten(1).mean(1)
-        complete = (mask > 0).all(1).float()
-        return (per_sample * complete).sum() / complete.sum().clamp_min(1.0)
+        complete = (mask > 0).all(1)
+        # where, not a product: an absent channel may hold anything (NaN included), and 0 * NaN is NaN
+        return torch.where(complete, per_sample, 0.0).sum() / complete.sum().clamp_min(1)
 
     def conflict(self, prediction: torch.Tensor, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """The conflict map ``c`` (B, 1, *s) in [0, 1] of the module doc; 0 for samples with a modality absent."""
         mu, log_var = prediction[:, :, 0].float(), prediction[:, :, 1].float().clamp(-LOG_VAR_BOUND, LOG_VAR_BOUND)
         z2 = gaussian_smooth((x.float() - mu) ** 2 * torch.exp(-log_var)).amax(1, keepdim=True)
         c = (torch.log(z2.clamp_min(1e-12) / LOW) / math.log(HIGH / LOW)).clamp(0, 1)
-        return c * (mask > 0).all(1).to(c.dtype).view(-1, *[1] * (c.dim() - 1))
+        return torch.where((mask > 0).all(1).view(-1, *[1] * (c.dim() - 1)), c, 0.0)
 
 
 class EnTrustCrossModalUNet(EnTrustUNet):
@@ -120,7 +123,8 @@ class EnTrustCrossModalUNet(EnTrustUNet):
 
     def _trunk(self, x: torch.Tensor, keep_all: bool, mask: torch.Tensor) -> dict:
         parts = super()._trunk(x, keep_all, mask)
-        images = x[:, :self.num_modalities].detach()
+        # absent channels removed as the trunk removes them: whatever they hold never reaches an output
+        images = without_absent(x[:, :self.num_modalities], mask).detach()
         prediction = self.crossmodal(images)
         if keep_all:
             parts["crossmodal"] = (prediction, images)
@@ -129,7 +133,11 @@ class EnTrustCrossModalUNet(EnTrustUNet):
         return parts
 
     def _full_resolution_experts(self, parts: dict, size) -> dict[str, torch.Tensor]:
-        return {**super()._full_resolution_experts(parts, size), "conflict": parts["image_conflict"].float()}
+        """The experts' dict with the cross-modal ``conflict`` and the head's probabilities as the coin's ``split``
+        (once per patch: every hypothesis, ProbeStep's moved ones included, takes the same class)."""
+        split = probabilities(full_resolution(parts["logits"]).float(), self.regions)
+        return {**super()._full_resolution_experts(parts, size), "conflict": parts["image_conflict"].float(),
+                "split": split}
 
     def auxiliary_losses(self, parts: dict, target: torch.Tensor, valid: torch.Tensor | None = None
                          ) -> dict[str, torch.Tensor]:

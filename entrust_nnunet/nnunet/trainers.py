@@ -458,6 +458,8 @@ class nnUNetTrainerEnTrustCrossModal(nnUNetTrainerEnTrust):
     choose_conflict_reading = False
 
     def loss_weights(self) -> dict[str, float]:
+        # its NLL is printed with EnTrust's terms every epoch, not drawn in progress_entrust.png (log scale; it goes
+        # below 0)
         return {**super().loss_weights(), "crossmodal": 1.0}
 
     def clipped_apart(self) -> list[nn.Module]:

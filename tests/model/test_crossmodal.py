@@ -118,8 +118,35 @@ def test_coin_reading_takes_or_leaves_the_open_region_whole():
     lesion = mean.flip(1)  # the network says class 2 at 0.9
     assert expected_alternative(lesion, torch.zeros(1, 3, 3, 4, 4), conflict, torch.ones(1, 3), 1.0,
                                 "coin")[0].argmax(0)[1, 1] == 2
+    split = torch.tensor([0.9, 0.08, 0.02]).view(1, 3, 1, 1).expand(1, 3, 4, 4)  # the caller's: class 1
+    assert coin_alternatives(hyps, gate, split=split)[1, 0].argmax(0)[1, 1] == 1
     regions = torch.tensor([0.6, 0.4, 0.1]).view(1, 3, 1, 1).expand(1, 3, 4, 4)
     assert coin_reading(regions, regions=True)[0][0, :, 0, 0].tolist() == [1, 1, 0]
+
+
+def test_drawn_coin_takes_the_connected_open_region_whole_not_only_its_core():
+    """A taken hypothesis over a confident background turns the whole open structure (gate > STRUCTURE_GATE around a
+    core above 1/2) to foreground, not only the core; a weak open patch without such a core stays a blend."""
+    hyps = torch.zeros(2, 1, 2, 1, 12)
+    hyps[:, :, 0] = 1.0
+    gate = torch.tensor([0, 0.2, 0.3, 0.9, 0.3, 0.2, 0, 0, 0.3, 0.3, 0, 0]).view(1, 1, 1, 1, 12)
+    out = coin_alternatives(hyps, gate, split=torch.tensor([0.5, 0.5]).view(1, 2, 1, 1).expand(1, 2, 1, 12))
+    taken = out[1, 0].argmax(0)[0]  # hypothesis 1 takes
+    assert taken.tolist() == [0, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0]
+    assert (out[0, 0].argmax(0) == 0).all()  # hypothesis 0 leaves it
+    torch.testing.assert_close(out[1, 0, 1, 0, 8], torch.tensor(0.3 * 0.98))  # no core: the gate as it is
+
+
+def test_absent_channels_reach_no_output():
+    net = EnTrustCrossModalUNet(3, num_classes=3, **arch_kwargs(2))
+    x = torch.randn(1, 3, 16, 16)
+    x[:, 2] = float("nan")
+    net.eval()
+    out = net.sample(x, modality_mask=torch.tensor([[1.0, 1.0, 0.0]]))
+    assert all(torch.isfinite(v).all() for v in out.values())
+    assert float(out["conflict"].abs().max()) == 0  # no conflict without every modality
+    parts = net(x, return_parts=True, modality_mask=torch.tensor([[1.0, 1.0, 0.0]]))
+    assert torch.isfinite(net.crossmodal.nll(*parts["crossmodal"], parts["modality_mask"]))
 
 
 def test_entrust_reads_the_crossmodal_conflict_and_its_loss_trains_the_predictors_alone():
@@ -134,9 +161,15 @@ def test_entrust_reads_the_crossmodal_conflict_and_its_loss_trains_the_predictor
     expected = net.crossmodal.conflict(net.crossmodal(images), images, torch.ones(2, 3))[:, 0]
     torch.testing.assert_close(out["conflict"], expected)
     assert out["hypotheses"].shape == (8, 2, 3, 32, 32)
+    # fully open everywhere: the mean is the coin's half and half (the head's 2 % breaks the tie)
+    net.crossmodal.conflict = lambda prediction, images, mask: torch.ones_like(images[:, :1])
+    mean = net.sample(x)["mean"]
+    assert float((mean.amax(1) - 0.5).abs().max()) <= 0.0101
+    del net.crossmodal.conflict
     net.train()
+    x.requires_grad_(True)
     parts = net(x, return_parts=True)
     loss = net.auxiliary_losses(parts, torch.randint(0, 3, (2, 1, 32, 32)))["crossmodal"]
     loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.crossmodal.parameters())
-    assert all(p.grad is None for p in net.encoders.parameters())  # detached input: the trunk is not pulled
+    assert x.grad is None  # detached input: the predictors' loss reaches neither the input nor the trunk

@@ -35,15 +35,10 @@ class nnUNetTrainerEnTrustLong(nnUNetTrainerEnTrustShort):
         self.num_epochs = 50
 
 
-class nnUNetTrainerEnTrustCrossModalShort(nnUNetTrainerEnTrustCrossModal):
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs, self.num_iterations_per_epoch, self.num_val_iterations_per_epoch = 12, 25, 5
+
+class nnUNetTrainerEnTrustCrossModalShort(nnUNetTrainerEnTrustShort, nnUNetTrainerEnTrustCrossModal):
+    pass
 
 
-class nnUNetTrainerEnTrustCrossModalLong(nnUNetTrainerEnTrustCrossModalShort):
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs = 50
+class nnUNetTrainerEnTrustCrossModalLong(nnUNetTrainerEnTrustLong, nnUNetTrainerEnTrustCrossModal):
+    pass
