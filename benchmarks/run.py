@@ -818,7 +818,10 @@ def target_inputs(result: dict, kind: str, key: str, higher: bool, bound: float)
         values = (row.get("time_ratios") or []) if kind == "cost_time" else [row.get("memory_ratio")]
         return [v for v in values if v is not None], bound, 1.0, None
     if kind == "train":
-        cell = next((v["ratio"] for k, v in result["train"].items() if k.startswith("nnUNetTrainerEnTrust_")), None)
+        # EnTrust's trainer as the run recorded it (a variant's included); older results: the default's name
+        ours_trainer = result.get("entrust_trainer")
+        cell = next((v["ratio"] for k, v in result["train"].items()
+                     if k == ours_trainer or (ours_trainer is None and k.startswith("nnUNetTrainerEnTrust_"))), None)
         return _values(cell), bound, 1.0, None
     if kind == "abs":
         return _values(ours.get(key)), bound, 1.0, None
