@@ -215,9 +215,10 @@ def coin_reading(mean: torch.Tensor, regions: bool = False) -> tuple[torch.Tenso
         m = mean.float()
         taken = (m >= 0.5 * m.amax(1, keepdim=True)).to(mean.dtype)
         return taken, torch.zeros_like(taken)
-    likeliest = mean[:, 1:].argmax(1, keepdim=True) + 1
-    taken = torch.zeros_like(mean).scatter_(1, likeliest, 1.0)
-    return taken, torch.zeros_like(mean).index_fill_(1, torch.zeros(1, dtype=torch.long, device=mean.device), 1.0)
+    taken = torch.zeros_like(mean).scatter_(1, mean[:, 1:].argmax(1, keepdim=True) + 1, 1.0)
+    left = torch.zeros_like(mean)
+    left[:, 0] = 1.0
+    return taken, left
 
 
 def coin_alternatives(hypotheses: torch.Tensor, gate: torch.Tensor, regions: bool = False,
@@ -311,10 +312,8 @@ def expected_alternative(mean: torch.Tensor, experts: torch.Tensor, conflict: to
     :data:`COIN`'s two readings' average (:func:`coin_reading` of ``split``, default ``mean``)."""
     if strength <= 0:
         return mean
-    if reading == COIN:
-        target = 0.5 * sum(coin_reading(mean if split is None else split, regions))
-        gate = alternatives_gate(conflict, strength) * (1 - COIN_KEEPS)
-        return torch.lerp(mean, target.to(mean.dtype), gate.to(mean.dtype))
+    if reading == COIN:  # the coin's expectation, as one "hypothesis" whose mean is ``mean``
+        return coin_alternatives(mean[None], alternatives_gate(conflict, strength)[None], regions, False, split)[0]
     if reading == "showing":
         target = showing_reading(experts, mask, mean, regions)
         return torch.lerp(mean, target.to(mean.dtype), alternatives_gate(conflict, strength).to(mean.dtype))

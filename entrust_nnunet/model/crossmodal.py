@@ -86,11 +86,16 @@ class CrossModalPredictor(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x[:, self.others]).unflatten(1, (self.num_modalities, 2))
 
+    @staticmethod
+    def _moments(prediction: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mu, log var) (B, M, *s) in float32 from :meth:`forward`'s output, the log-variance within its bound."""
+        return prediction[:, :, 0].float(), prediction[:, :, 1].float().clamp(-LOG_VAR_BOUND, LOG_VAR_BOUND)
+
     def nll(self, prediction: torch.Tensor, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Gaussian NLL (up to its constant) ``0.5 (log var + (x - mu)^2 / var)``, mean over the voxels and
         modalities of the samples whose modalities are all present (``mask`` (B, M), 1 = present); 0 with
         gradient when none is."""
-        mu, log_var = prediction[:, :, 0].float(), prediction[:, :, 1].float().clamp(-LOG_VAR_BOUND, LOG_VAR_BOUND)
+        mu, log_var = self._moments(prediction)
         per_sample = (0.5 * (log_var + (x.float() - mu) ** 2 * torch.exp(-log_var))).flatten(1).mean(1)
         complete = (mask > 0).all(1)
         # where, not a product: an absent channel may hold anything (NaN included), and 0 * NaN is NaN
@@ -98,7 +103,7 @@ class CrossModalPredictor(nn.Module):
 
     def conflict(self, prediction: torch.Tensor, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """The conflict map ``c`` (B, 1, *s) in [0, 1] of the module doc; 0 for samples with a modality absent."""
-        mu, log_var = prediction[:, :, 0].float(), prediction[:, :, 1].float().clamp(-LOG_VAR_BOUND, LOG_VAR_BOUND)
+        mu, log_var = self._moments(prediction)
         z2 = gaussian_smooth((x.float() - mu) ** 2 * torch.exp(-log_var)).amax(1, keepdim=True)
         c = (torch.log(z2.clamp_min(1e-12) / LOW) / math.log(HIGH / LOW)).clamp(0, 1)
         return torch.where((mask > 0).all(1).view(-1, *[1] * (c.dim() - 1)), c, 0.0)
@@ -132,12 +137,12 @@ class EnTrustCrossModalUNet(EnTrustUNet):
             parts["image_conflict"] = self.crossmodal.conflict(prediction, images, mask)
         return parts
 
-    def _full_resolution_experts(self, parts: dict, size) -> dict[str, torch.Tensor]:
-        """The experts' dict with the cross-modal ``conflict`` and the head's probabilities as the coin's ``split``
-        (once per patch: every hypothesis, ProbeStep's moved ones included, takes the same class)."""
-        split = probabilities(full_resolution(parts["logits"]).float(), self.regions)
-        return {**super()._full_resolution_experts(parts, size), "conflict": parts["image_conflict"].float(),
-                "split": split}
+    def _full_resolution_experts(self, parts: dict, size) -> dict[str, torch.Tensor | None]:
+        """What the coin reads, once per patch: the cross-modal ``conflict`` (already at the input's resolution), the
+        modality ``mask`` and the head's probabilities as its ``split`` (every hypothesis, ProbeStep's moved ones
+        included, takes the same class). The coin reads no expert, so their probabilities are not upsampled."""
+        return {"experts": None, "conflict": parts["image_conflict"].float(), "mask": parts["modality_mask"],
+                "split": probabilities(full_resolution(parts["logits"]).float(), self.regions)}
 
     def auxiliary_losses(self, parts: dict, target: torch.Tensor, valid: torch.Tensor | None = None
                          ) -> dict[str, torch.Tensor]:

@@ -35,7 +35,6 @@ class nnUNetTrainerEnTrustLong(nnUNetTrainerEnTrustShort):
         self.num_epochs = 50
 
 
-
 class nnUNetTrainerEnTrustCrossModalShort(nnUNetTrainerEnTrustShort, nnUNetTrainerEnTrustCrossModal):
     pass
 
