@@ -1,8 +1,8 @@
 """Cross-modal prediction conflict: where one modality shows what the others do not.
 
 For each modality m a small convolutional net predicts its normalised image from the other modalities, with a
-per-voxel variance (a heteroscedastic Gaussian: mean ``mu_m`` and ``log var_m``, trained by the Gaussian NLL on
-the detached input, so it learns from nothing else and reshapes nothing else). Its standardised squared residual
+per-voxel variance (a heteroscedastic Gaussian: mean ``mu_m`` and ``log var_m``, fitted by the Gaussian NLL,
+:func:`fit_predictor`). Its standardised squared residual
 
     z2_m = (x_m - mu_m)^2 / var_m
 
@@ -18,6 +18,11 @@ expects starts to count, sixteen times counts fully. They were set on the projec
 where consistent voxels stay below ~3 at their 99th percentile and conflicting structures reach 8-80, before
 the held-out generator was scored (docs/design.md, "A conflict map the labels do not teach").
 
+The nets are fitted once the segmentation network is trained, on the training cases as preprocessed: the images
+they meet at inference. Fitted inside nnU-Net's loop they learned from its per-channel intensity augmentation,
+which makes every modality less predictable from the others, so they widened their variance and the map weakened
+(docs/design.md). Until fitted the map is 0.
+
 It needs no label: a conflict never seen in training is as unpredictable as one seen. It sees only what the
 images show, so it cannot tell which of two readings is right; EnTrust's coin reading
 (:mod:`~entrust_nnunet.model.alternatives`) turns it into hypotheses that take or leave the structure.
@@ -26,6 +31,7 @@ A sample with any modality absent has no conflict here (every prediction needs a
 from __future__ import annotations
 
 import math
+from typing import Iterator
 
 import torch
 from dynamic_network_architectures.building_blocks.helper import convert_conv_op_to_dim
@@ -42,6 +48,8 @@ LOW, HIGH = 4.0, 16.0
 SMOOTHING = 1.0
 #: the predicted log-variance is kept within +-LOG_VAR_BOUND (a net at initialisation cannot divide by ~0)
 LOG_VAR_BOUND = 8.0
+#: Adam steps and learning rate of :func:`fit_predictor` (the development study's fit: docs/design.md)
+FIT_STEPS, FIT_LR = 600, 3e-3
 
 
 def gaussian_smooth(x: torch.Tensor, sigma: float = SMOOTHING) -> torch.Tensor:
@@ -65,7 +73,7 @@ def gaussian_smooth(x: torch.Tensor, sigma: float = SMOOTHING) -> torch.Tensor:
 class CrossModalPredictor(nn.Module):
     """M small nets in one grouped stack: net m maps the other M - 1 modalities (B, M - 1, *s) through ``layers``
     k x k convolutions of ``width`` channels (LeakyReLU) to ``(mu_m, log var_m)``. ``forward`` (B, M, *s) ->
-    (B, M, 2, *s); the caller detaches the input."""
+    (B, M, 2, *s). ``fitted`` (a buffer, saved with the weights): 1 once :func:`fit_predictor` has fitted them."""
 
     def __init__(self, conv_op, num_modalities: int, width: int = 16, layers: int = 3, kernel_size: int = 3):
         super().__init__()
@@ -80,6 +88,7 @@ class CrossModalPredictor(nn.Module):
             c = m * width
         self.net = nn.Sequential(*blocks, conv_op(c, 2 * m, 1, groups=m))
         #: input channel order: the others of modality 0, then of modality 1, ...
+        self.register_buffer("fitted", torch.zeros(()))
         self.register_buffer("others", torch.tensor([j for i in range(m) for j in range(m) if j != i]),
                              persistent=False)
 
@@ -102,11 +111,33 @@ class CrossModalPredictor(nn.Module):
         return torch.where(complete, per_sample, 0.0).sum() / complete.sum().clamp_min(1)
 
     def conflict(self, prediction: torch.Tensor, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """The conflict map ``c`` (B, 1, *s) in [0, 1] of the module doc; 0 for samples with a modality absent."""
+        """The conflict map ``c`` (B, 1, *s) in [0, 1] of the module doc; 0 for samples with a modality absent, and
+        everywhere until the nets are fitted."""
         mu, log_var = self._moments(prediction)
         z2 = gaussian_smooth((x.float() - mu) ** 2 * torch.exp(-log_var)).amax(1, keepdim=True)
         c = (torch.log(z2.clamp_min(1e-12) / LOW) / math.log(HIGH / LOW)).clamp(0, 1)
-        return torch.where((mask > 0).all(1).view(-1, *[1] * (c.dim() - 1)), c, 0.0)
+        complete = (mask > 0).all(1).view(-1, *[1] * (c.dim() - 1)) & (self.fitted > 0)  # no host sync
+        return torch.where(complete, c, 0.0)
+
+
+def fit_predictor(predictor: CrossModalPredictor, batches: Iterator[torch.Tensor], steps: int = FIT_STEPS,
+                  lr: float = FIT_LR) -> tuple[float, float]:
+    """Fit ``predictor`` by Adam on its NLL over ``steps`` batches (B, M, *s) of complete images (every modality
+    present; the predictor's device) and mark it fitted; returns the mean NLL of the first and the last tenth of
+    the steps."""
+    optimizer = torch.optim.Adam(predictor.parameters(), lr)
+    losses = []
+    with torch.enable_grad():
+        for _ in range(steps):
+            x = next(batches).float()
+            loss = predictor.nll(predictor(x), x, x.new_ones(x.shape[:2]))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.detach())
+    predictor.fitted.fill_(1.0)
+    tenth = max(1, steps // 10)
+    return float(torch.stack(losses[:tenth]).mean()), float(torch.stack(losses[-tenth:]).mean())
 
 
 class EnTrustCrossModalUNet(EnTrustUNet):
@@ -114,7 +145,8 @@ class EnTrustCrossModalUNet(EnTrustUNet):
     Jensen-Shannon divergence, read by the coin: where it is open, half the hypotheses take the structure (as the
     likeliest foreground class) and half leave it. The gate is the conflict itself (alternatives strength 1), and
     CalibHead, the class calibration's conflict biases and the P(error) floor read it as they read the experts'.
-    The trunk is EnTrust's (its experts still inform EnFuse); ``crossmodal_width``: channels per modality's net."""
+    The trunk is EnTrust's (its experts still inform EnFuse); ``crossmodal_width``: channels per modality's net.
+    The predictors take no part in training (no loss term, not run): they are fitted afterwards (module doc)."""
 
     def __init__(self, input_channels: int, n_stages: int, features_per_stage, conv_op, *args,
                  crossmodal_width: int = 16, **kwargs):
@@ -128,13 +160,10 @@ class EnTrustCrossModalUNet(EnTrustUNet):
 
     def _trunk(self, x: torch.Tensor, keep_all: bool, mask: torch.Tensor) -> dict:
         parts = super()._trunk(x, keep_all, mask)
-        # absent channels removed as the trunk removes them: whatever they hold never reaches an output
-        images = without_absent(x[:, :self.num_modalities], mask).detach()
-        prediction = self.crossmodal(images)
-        if keep_all:
-            parts["crossmodal"] = (prediction, images)
-        else:
-            parts["image_conflict"] = self.crossmodal.conflict(prediction, images, mask)
+        if not keep_all:  # training reads no conflict map
+            # absent channels removed as the trunk removes them: whatever they hold never reaches an output
+            images = without_absent(x[:, :self.num_modalities], mask)
+            parts["image_conflict"] = self.crossmodal.conflict(self.crossmodal(images), images, mask)
         return parts
 
     def _full_resolution_experts(self, parts: dict, size) -> dict[str, torch.Tensor | None]:
@@ -143,14 +172,3 @@ class EnTrustCrossModalUNet(EnTrustUNet):
         included, takes the same class). The coin reads no expert, so their probabilities are not upsampled."""
         return {"experts": None, "conflict": parts["image_conflict"].float(), "mask": parts["modality_mask"],
                 "split": probabilities(full_resolution(parts["logits"]).float(), self.regions)}
-
-    def auxiliary_losses(self, parts: dict, target: torch.Tensor, valid: torch.Tensor | None = None
-                         ) -> dict[str, torch.Tensor]:
-        """EnTrust's terms and ``crossmodal``: the predictors' Gaussian NLL (:meth:`CrossModalPredictor.nll`)."""
-        return {**super().auxiliary_losses(parts, target, valid),
-                "crossmodal": self.crossmodal.nll(*parts["crossmodal"], parts["modality_mask"])}
-
-    def compute_conv_feature_map_size(self, input_size) -> int:
-        m, width = self.num_modalities, self.crossmodal.net[0].out_channels // self.num_modalities
-        return super().compute_conv_feature_map_size(input_size) + \
-            int(torch.tensor(input_size).prod()) * m * (3 * width + 2)

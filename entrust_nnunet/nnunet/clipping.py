@@ -31,19 +31,19 @@ def clip_grad_norm_per_group(groups: Iterable[Iterable[nn.Parameter]], max_norm:
 
 
 @contextlib.contextmanager
-def clipping_per_group(network: nn.Module, *apart: nn.Module) -> Iterator[None]:
-    """Within the context, ``torch.nn.utils.clip_grad_norm_`` called on ``network``'s parameters clips the
-    parameters of each module in ``apart`` and the rest as separate groups, each to the bound of the call."""
+def clipping_per_group(network: nn.Module, apart: nn.Module) -> Iterator[None]:
+    """Within the context, ``torch.nn.utils.clip_grad_norm_`` called on ``network``'s parameters clips
+    ``apart``'s parameters and the rest as two groups, each to the bound of the call."""
     original = torch.nn.utils.clip_grad_norm_
-    owners = {id(p): i for i, module in enumerate(apart) for p in module.parameters()}
+    own = {id(p) for p in apart.parameters()}
     everything = {id(p) for p in network.parameters()}
 
     def per_group(parameters, max_norm, *args, **kwargs):
         params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
-        if not owners or {id(p) for p in params} != everything or args:
+        if not own or {id(p) for p in params} != everything or args:
             return original(params, max_norm, *args, **kwargs)
-        groups = [[p for p in params if owners.get(id(p), len(apart)) == i] for i in range(len(apart) + 1)]
-        return clip_grad_norm_per_group(groups, max_norm, **kwargs)
+        return clip_grad_norm_per_group(([p for p in params if id(p) in own], [p for p in params if id(p) not in own]),
+                                        max_norm, **kwargs)
 
     torch.nn.utils.clip_grad_norm_ = per_group
     try:

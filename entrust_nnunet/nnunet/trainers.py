@@ -33,18 +33,20 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import torch
+from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from nnunetv2.utilities.label_handling.label_handling import convert_labelmap_to_one_hot
 from torch import nn
 
-from entrust_nnunet.model.crossmodal import EnTrustCrossModalUNet
+from entrust_nnunet.model.crossmodal import FIT_STEPS, EnTrustCrossModalUNet, fit_predictor
 from entrust_nnunet.model.network import LOSS_WEIGHTS, EnTrustUNet
 from entrust_nnunet.model.outputs import full_resolution
 from entrust_nnunet.nnunet.annotators import training_dataset
@@ -214,12 +216,8 @@ class nnUNetTrainerEnTrust(ModalityDropout, nnUNetTrainer):
 
     def train_step(self, batch: dict) -> dict:
         # nnU-Net's step, with SegDiff's gradients clipped apart from the rest (nnunet/clipping.py)
-        with clipping_per_group(self.network, *self.clipped_apart()), caching_parts(self.network):
+        with clipping_per_group(self.network, unwrap(self.network).segdiff), caching_parts(self.network):
             return super().train_step(batch)
-
-    def clipped_apart(self) -> list[nn.Module]:
-        """The parts that learn from their own losses on detached inputs, each clipped as a group of its own."""
-        return [unwrap(self.network).segdiff]
 
     def validation_step(self, batch: dict) -> dict:
         with caching_parts(self.network):
@@ -452,15 +450,50 @@ class nnUNetTrainerEnTrustModDrop(nnUNetTrainerEnTrust):
 class nnUNetTrainerEnTrustCrossModal(nnUNetTrainerEnTrust):
     """EnTrust whose conflict map is the cross-modal prediction conflict, read by the coin
     (:class:`~entrust_nnunet.model.crossmodal.EnTrustCrossModalUNet`): a conflict the labels need not teach.
-    There is no expert reading to choose; the predictors' NLL is one more loss term, clipped apart."""
+    There is no expert reading to choose. The predictors are fitted after training, before the calibration that
+    reads their map, on the training cases' patches without augmentation (:meth:`fit_crossmodal`)."""
 
     network_class = EnTrustCrossModalUNet
     choose_conflict_reading = False
+    #: Adam steps of the predictors' fit (batches of the trainer's batch size and patch size)
+    crossmodal_fit_steps = FIT_STEPS
 
-    def loss_weights(self) -> dict[str, float]:
-        # its NLL is printed with EnTrust's terms every epoch, not drawn in progress_entrust.png (log scale; it goes
-        # below 0)
-        return {**super().loss_weights(), "crossmodal": 1.0}
+    @classmethod
+    def build_network_architecture(cls, plans_manager, configuration_manager, num_input_channels: int,
+                                   num_output_channels: int, enable_deep_supervision: bool = True) -> nn.Module:
+        net = super().build_network_architecture(plans_manager, configuration_manager, num_input_channels,
+                                                 num_output_channels, enable_deep_supervision)
+        freeze(net.crossmodal)  # fitted after training (fit_crossmodal), never by the training loss
+        return net
 
-    def clipped_apart(self) -> list[nn.Module]:
-        return [*super().clipped_apart(), unwrap(self.network).crossmodal]
+    def on_train_end(self):
+        self.fit_crossmodal()
+        super().on_train_end()
+
+    def fit_crossmodal(self) -> None:
+        """Fit the cross-modal predictors on the training cases (never the calibration cases, which must see the
+        map as a test case does). Under DDP rank 0 fits and the other ranks receive its fit."""
+        predictor = unwrap(self.network).crossmodal
+        group = waiting_group()
+        if self.local_rank == 0:
+            start = time.perf_counter()
+            with thawed(predictor):
+                first, last = fit_predictor(predictor, self._unaugmented_images(), self.crossmodal_fit_steps)
+            self.print_to_log_file(f"cross-modal predictors fitted on the training cases without augmentation: "
+                                   f"{self.crossmodal_fit_steps} steps of {self.batch_size} patches in "
+                                   f"{time.perf_counter() - start:.0f} s, NLL {first:.3f} -> {last:.3f}")
+        broadcast_state(predictor, group=group)
+
+    def _unaugmented_images(self) -> Iterator[torch.Tensor]:
+        """Endless batches of the training cases' image channels as preprocessed, cropped by nnU-Net's data loader
+        (its foreground oversampling; no transforms) and mirrored at random along the inference mirroring axes
+        (the predictor meets mirrored patches at inference)."""
+        loader = nnUNetDataLoader(self.get_tr_and_val_datasets()[0], self.batch_size,
+                                  self.configuration_manager.patch_size, self.configuration_manager.patch_size,
+                                  self.label_manager, oversample_foreground_percent=self.oversample_foreground_percent)
+        m = unwrap(self.network).num_modalities
+        axes = self.inference_allowed_mirroring_axes or ()
+        while True:
+            x = next(loader)["data"][:, :m]
+            flip = [a + 2 for a in axes if torch.rand(()) < 0.5]
+            yield (x.flip(flip) if flip else x).to(self.device, non_blocking=True)

@@ -137,7 +137,7 @@ class nnUNetTrainerEnTrustCrossModal_demo(ScheduleMixin, nnUNetTrainerEnTrustCro
 
 
 class nnUNetTrainerEnTrustCrossModal_tinyCPU(ScheduleMixin, nnUNetTrainerEnTrustCrossModal):
-    schedule = TINY_SCHEDULE
+    schedule = {**TINY_SCHEDULE, "crossmodal_fit_steps": 30}
 
 
 class nnUNetTrainerModDrop_demo(ScheduleMixin, nnUNetTrainerModDrop):

@@ -71,29 +71,3 @@ def test_entrust_trainer_step_clips_segdiff_apart(monkeypatch):
     trainer.train_step({})
     assert all(torch.equal(p.grad, b) for p, b in zip(trunk, before))  # trunk's norm is far below 12
     assert abs(_norm(trainer.network.segdiff) - 12) < 1e-3
-
-
-def test_several_groups_apart_are_each_clipped_on_their_own():
-    """Two modules apart and the rest: three norms, each bounded alone (the cross-modal variant's predictors and
-    SegDiff beside the trunk)."""
-    net = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4))
-    for module, value in zip(net, (10.0, 5.0, 0.1)):
-        for p in module.parameters():
-            p.grad = torch.full_like(p, value)
-    small = _norm(net[2])
-    with clipping_per_group(net, net[0], net[1]):
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 12)
-    assert abs(_norm(net[0]) - 12) < 1e-4 and abs(_norm(net[1]) - 12) < 1e-4 and abs(_norm(net[2]) - small) < 1e-6
-
-
-def test_crossmodal_trainer_clips_its_predictors_apart():
-    from conftest import arch_kwargs
-
-    from entrust_nnunet.model.crossmodal import EnTrustCrossModalUNet
-    from entrust_nnunet.nnunet.trainers import nnUNetTrainerEnTrust, nnUNetTrainerEnTrustCrossModal
-
-    trainer = object.__new__(nnUNetTrainerEnTrustCrossModal)
-    trainer.network = EnTrustCrossModalUNet(2, num_classes=2, **arch_kwargs(2))
-    assert [id(m) for m in trainer.clipped_apart()] == [id(trainer.network.segdiff), id(trainer.network.crossmodal)]
-    assert trainer.loss_weights()["crossmodal"] == 1.0 and "crossmodal" not in nnUNetTrainerEnTrust.loss_weights(trainer)
-    assert not trainer.choose_conflict_reading

@@ -339,21 +339,53 @@ def test_cascade_trainer_steps_on_image_plus_prior(tmp_path, monkeypatch):
     assert losses[-1] < losses[0]
 
 
-def test_crossmodal_trainer_steps_with_its_predictors_on_the_modalities_not_the_prior(tmp_path, monkeypatch):
+def test_crossmodal_trainer_steps_without_its_predictors_built_on_the_modalities_not_the_prior(tmp_path, monkeypatch):
     """nnU-Net's own initialize and train_step of the cross-modal variant (3D cascade stage: 4 modalities and a
-    3-channel prior): one predictor per modality from the other three, the prior left out; their NLL is logged with
-    EnTrust's terms and falls with the loss on a repeated batch."""
+    3-channel prior): one predictor per modality from the other three, the prior left out; training lowers the loss
+    and leaves the predictors alone (frozen, no loss term: they are fitted after training)."""
     from entrust_nnunet.nnunet.trainers import nnUNetTrainerEnTrustCrossModal
 
     make, batch = _cascade_setup(tmp_path, monkeypatch, previous="nnUNetTrainerEnTrustCrossModal")
     t = make(nnUNetTrainerEnTrustCrossModal)
     t.initialize()
     assert t.network.crossmodal.net[0].in_channels == 4 * 3 and t.network.crossmodal.num_modalities == 4
+    before = {k: v.clone() for k, v in t.network.crossmodal.state_dict().items()}
     losses = [float(t.train_step(batch)["loss"]) for _ in range(4)]
-    nll = [float(v) for v in t.loss.history["crossmodal"]]
-    assert losses[-1] < losses[0] and len(nll) == 4 and nll[-1] < nll[0]
+    assert losses[-1] < losses[0] and "crossmodal" not in t.loss.history
+    assert all(torch.equal(v, t.network.crossmodal.state_dict()[k]) for k, v in before.items())
+    assert not any(p.requires_grad for p in t.network.crossmodal.parameters())
 
 
+def test_crossmodal_predictors_are_fitted_on_the_training_cases_as_preprocessed(planned_phantoms, monkeypatch):
+    """After training the predictors are fitted on patches of the training cases exactly as preprocessed (no
+    augmentation; at most mirrored), never the validation fold's; their NLL falls and the map is switched on."""
+    from conftest import initialized_trainer
+
+    from entrust_nnunet.nnunet.variants import nnUNetTrainerEnTrustCrossModal_tinyCPU
+
+    torch.manual_seed(0)
+    t = initialized_trainer(nnUNetTrainerEnTrustCrossModal_tinyCPU, planned_phantoms, monkeypatch)
+    t.inference_allowed_mirroring_axes = (0, 1)
+    tr_keys, val_keys = t.do_split()
+    cases = {key: data[:3].flatten(1) for key, data, _, _ in t._preprocessed_cases(sorted(tr_keys + val_keys))}
+    batches = t._unaugmented_images()
+    seen = set()
+    for _ in range(10):
+        x = next(batches)
+        assert x.shape == (t.batch_size, 3, *t.configuration_manager.patch_size)
+        for sample in x.flatten(2):
+            # a crop (nnU-Net's bbox, zero-padded where it leaves the case), perhaps mirrored: each channel's values
+            # are the case's own, exactly (intensity augmentation would change them)
+            match = [k for k, d in cases.items() if all(torch.isin(v[v != 0], c).all() for v, c in zip(sample, d))]
+            assert len(match) == 1, "a patch that is not one case as preprocessed"
+            seen.add(match[0])
+    assert seen and seen <= set(tr_keys)
+    assert float(t.network.crossmodal.fitted) == 0
+    t.fit_crossmodal()
+    assert float(t.network.crossmodal.fitted) == 1
+    log = Path(t.log_file).read_text()
+    first, last = map(float, re.search(r"without augmentation: .* NLL (-?[\d.]+) -> (-?[\d.]+)", log).groups())
+    assert last < first
 def test_validation_after_training_steps_reads_the_calibrated_probabilities(tmp_path, monkeypatch):
     """The parts EnTrust's loss needs are kept only inside nnU-Net's train and validation steps: afterwards the
     network holds none, and nnU-Net's end-of-training validation (eval mode, deep supervision off) gets the logits of
