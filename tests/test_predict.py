@@ -192,6 +192,32 @@ def test_a_checkpoint_without_a_fitted_calib_head_is_named_in_one_warning(traine
                                                    "CalibHead not fitted")
 
 
+def test_a_crossmodal_checkpoint_without_fitted_predictors_is_named_in_one_warning(trained_entrust, tmp_path, capsys):
+    """The cross-modal variant's predictors are fitted at the end of training (into checkpoint_final.pth): a checkpoint
+    saved before (checkpoint_best.pth) predicts without a conflict map, and says so in one line."""
+    from entrust_nnunet.model.crossmodal import CrossModalPredictor
+    from entrust_nnunet.nnunet.checkpoints import load_checkpoint
+
+    env, name, model = trained_entrust
+    copy = tmp_path / model.name
+    shutil.copytree(model, copy, ignore=shutil.ignore_patterns("validation", "*.png", "*.txt", "*.npz"))
+    ckpt = load_checkpoint(copy / "fold_2" / "checkpoint_final.pth")
+    ckpt["trainer_name"] = "nnUNetTrainerEnTrustCrossModal_tinyCPU"  # the same trunk, with its predictors
+    predictors = CrossModalPredictor(torch.nn.Conv2d, 3).state_dict()
+    for fitted, file in ((0.0, "checkpoint_unfitted.pth"), (1.0, "checkpoint_fitted.pth")):
+        predictors["fitted"].fill_(fitted)
+        ckpt["network_weights"].update({f"crossmodal.{k}": v.clone() for k, v in predictors.items()})
+        torch.save(ckpt, copy / "fold_2" / file)
+    EnTrustPredictor(device=torch.device("cpu")).initialize_from_trained_model_folder(str(copy), [2],
+                                                                                      "checkpoint_fitted.pth")
+    assert "warning" not in capsys.readouterr().err
+    EnTrustPredictor(device=torch.device("cpu")).initialize_from_trained_model_folder(str(copy), [2],
+                                                                                      "checkpoint_unfitted.pth")
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"entrust: warning: {copy / 'fold_2' / 'checkpoint_unfitted.pth'}: "
+                                                   "the cross-modal predictors are not fitted")
+
+
 def test_a_checkpoint_from_before_the_reading_choice_predicts_with_the_vote(trained_entrust, tmp_path):
     """Checkpoints written before CalibHead held the conflict reading load (network and the predictor's per-fold
     CalibHeads alike) and read conflict by the vote."""

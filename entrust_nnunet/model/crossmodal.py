@@ -135,6 +135,7 @@ def fit_predictor(predictor: CrossModalPredictor, batches: Iterator[torch.Tensor
             loss.backward()
             optimizer.step()
             losses.append(loss.detach())
+    predictor.zero_grad(set_to_none=True)
     predictor.fitted.fill_(1.0)
     tenth = max(1, steps // 10)
     return float(torch.stack(losses[:tenth]).mean()), float(torch.stack(losses[-tenth:]).mean())

@@ -359,6 +359,10 @@ class EnTrustPredictor(nnUNetPredictor):
             print(f"entrust: warning: {unfitted[0]}: CalibHead not fitted (training fits it at its end, into "
                   f"checkpoint_final.pth, when it has cases to fit it on); P(error) falls back to 1 - confidence and "
                   f"the class probabilities are not temperature-scaled", file=sys.stderr)
+        no_map = [f for f, p in zip(files, parameters) if not float(p.get("crossmodal.fitted", 1.0))]
+        if no_map:
+            print(f"entrust: warning: {no_map[0]}: the cross-modal predictors are not fitted (training fits them at its "
+                  f"end, into checkpoint_final.pth); the conflict map is 0 and no hypothesis reads it", file=sys.stderr)
 
     def manual_initialization(self, network, plans_manager, configuration_manager, parameters, dataset_json,
                               trainer_name, inference_allowed_mirroring_axes):

@@ -451,7 +451,9 @@ class nnUNetTrainerEnTrustCrossModal(nnUNetTrainerEnTrust):
     """EnTrust whose conflict map is the cross-modal prediction conflict, read by the coin
     (:class:`~entrust_nnunet.model.crossmodal.EnTrustCrossModalUNet`): a conflict the labels need not teach.
     There is no expert reading to choose. The predictors are fitted after training, before the calibration that
-    reads their map, on the training cases' patches without augmentation (:meth:`fit_crossmodal`)."""
+    reads their map, on the training cases' patches without augmentation (:meth:`fit_crossmodal`); a network whose
+    predictors are not fitted (``checkpoint_best.pth``, ``-pretrained_weights``) gets them fitted before its
+    calibration or validation."""
 
     network_class = EnTrustCrossModalUNet
     choose_conflict_reading = False
@@ -466,9 +468,23 @@ class nnUNetTrainerEnTrustCrossModal(nnUNetTrainerEnTrust):
         freeze(net.crossmodal)  # fitted after training (fit_crossmodal), never by the training loss
         return net
 
-    def on_train_end(self):
-        self.fit_crossmodal()
-        super().on_train_end()
+    def own_output_space_unfitted(self) -> None:
+        super().own_output_space_unfitted()
+        unwrap(self.network).crossmodal.fitted.zero_()  # -pretrained_weights: another dataset's fit
+
+    def fit_calibration(self) -> None:
+        # the calibration reads the map: the predictors first (at the end of training; with --val_best too, whose
+        # checkpoint_best.pth was saved before they were fitted)
+        self.fit_crossmodal_unless_fitted()
+        super().fit_calibration()
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        self.fit_crossmodal_unless_fitted()
+        super().perform_actual_validation(save_probabilities)
+
+    def fit_crossmodal_unless_fitted(self) -> None:
+        if not float(unwrap(self.network).crossmodal.fitted):
+            self.fit_crossmodal()
 
     def fit_crossmodal(self) -> None:
         """Fit the cross-modal predictors on the training cases (never the calibration cases, which must see the
@@ -490,7 +506,8 @@ class nnUNetTrainerEnTrustCrossModal(nnUNetTrainerEnTrust):
         (the predictor meets mirrored patches at inference)."""
         loader = nnUNetDataLoader(self.get_tr_and_val_datasets()[0], self.batch_size,
                                   self.configuration_manager.patch_size, self.configuration_manager.patch_size,
-                                  self.label_manager, oversample_foreground_percent=self.oversample_foreground_percent)
+                                  self.label_manager, oversample_foreground_percent=self.oversample_foreground_percent,
+                                  probabilistic_oversampling=self.probabilistic_oversampling)
         m = unwrap(self.network).num_modalities
         axes = self.inference_allowed_mirroring_axes or ()
         while True:

@@ -358,9 +358,11 @@ def test_crossmodal_trainer_steps_without_its_predictors_built_on_the_modalities
 
 def test_crossmodal_predictors_are_fitted_on_the_training_cases_as_preprocessed(planned_phantoms, monkeypatch):
     """After training the predictors are fitted on patches of the training cases exactly as preprocessed (no
-    augmentation; at most mirrored), never the validation fold's; their NLL falls and the map is switched on."""
+    augmentation; at most mirrored), never the validation fold's, before the calibration that reads their map and
+    only once; their NLL falls; a training start unfits them."""
     from conftest import initialized_trainer
 
+    from entrust_nnunet.nnunet.trainers import nnUNetTrainerEnTrust
     from entrust_nnunet.nnunet.variants import nnUNetTrainerEnTrustCrossModal_tinyCPU
 
     torch.manual_seed(0)
@@ -380,12 +382,20 @@ def test_crossmodal_predictors_are_fitted_on_the_training_cases_as_preprocessed(
             assert len(match) == 1, "a patch that is not one case as preprocessed"
             seen.add(match[0])
     assert seen and seen <= set(tr_keys)
+    # at the end of training nnU-Net's on_train_end calls fit_calibration: the predictors are fitted first, once
+    calibrated_with = []
+    monkeypatch.setattr(nnUNetTrainerEnTrust, "fit_calibration",
+                        lambda self: calibrated_with.append(float(self.network.crossmodal.fitted)))
     assert float(t.network.crossmodal.fitted) == 0
-    t.fit_crossmodal()
-    assert float(t.network.crossmodal.fitted) == 1
-    log = Path(t.log_file).read_text()
-    first, last = map(float, re.search(r"without augmentation: .* NLL (-?[\d.]+) -> (-?[\d.]+)", log).groups())
-    assert last < first
+    t.fit_calibration()
+    t.fit_calibration()
+    assert calibrated_with == [1.0, 1.0]
+    fits = re.findall(r"without augmentation: .* NLL (-?[\d.]+) -> (-?[\d.]+)", Path(t.log_file).read_text())
+    assert len(fits) == 1 and float(fits[0][1]) < float(fits[0][0])
+    t.own_output_space_unfitted()  # a training start (-pretrained_weights carries another model's fit)
+    assert float(t.network.crossmodal.fitted) == 0
+
+
 def test_validation_after_training_steps_reads_the_calibrated_probabilities(tmp_path, monkeypatch):
     """The parts EnTrust's loss needs are kept only inside nnU-Net's train and validation steps: afterwards the
     network holds none, and nnU-Net's end-of-training validation (eval mode, deep supervision off) gets the logits of
