@@ -227,20 +227,20 @@ def coin_alternatives(hypotheses: torch.Tensor, gate: torch.Tensor, regions: boo
     conflict, :mod:`~entrust_nnunet.model.crossmodal`), not which reading is right: ``p'_k = (1 - g) p_k + g r_k``
     with ``r_k`` the structure taken (:func:`coin_reading` of the hypotheses' mean) when ``u_k < 1/2`` and left
     otherwise (``u_k`` the van der Corput term: left, taken, left, taken, ...), or ``drawn`` False its expectation,
-    the two readings' average; ``g`` scaled by ``1 - COIN_KEEPS`` (the network's decision breaks the tie). Drawn, the
-    gate is 1 over each connected open region (``g > STRUCTURE_GATE``) that holds a voxel with ``g > 1/2``: a
-    hypothesis takes or leaves the structure whole, not only its core. ``split`` (B, C, *s): the probabilities
+    the two readings' average; ``g`` scaled by ``1 - COIN_KEEPS`` (the network's decision breaks the tie). The gate is
+    1 over each connected open region (``g > STRUCTURE_GATE``) that holds a voxel with ``g > 1/2``: a drawn hypothesis
+    takes or leaves the structure whole, not only its core, and the expectation is the average of such draws. ``split`` (B, C, *s): the probabilities
     whose likeliest foreground class is taken (default: the hypotheses' mean; the network passes its head's, one
     per patch, so that ProbeStep's moved hypotheses take the same class)."""
     taken, left = coin_reading(hypotheses.float().mean(0) if split is None else split, regions)
     gate = gate * (1 - COIN_KEEPS)
+    g = gate[0].float()
+    whole = structure_peak((g > 0.5 * (1 - COIN_KEEPS)).float(), g > STRUCTURE_GATE) > 0
+    gate = torch.where(whole[None], torch.full_like(gate, 1 - COIN_KEEPS), gate)
     if drawn:
         u = van_der_corput(torch.arange(hypotheses.shape[0], device=hypotheses.device))
         take = (u < 0.5).view(-1, *[1] * (hypotheses.dim() - 1))
         target = torch.where(take, taken[None], left[None])
-        g = gate[0].float()
-        whole = structure_peak((g > 0.5 * (1 - COIN_KEEPS)).float(), g > STRUCTURE_GATE) > 0
-        gate = torch.where(whole[None], torch.full_like(gate, 1 - COIN_KEEPS), gate)
     else:
         target = (0.5 * (taken + left))[None]
     return torch.lerp(hypotheses, target.to(hypotheses.dtype), gate.to(hypotheses.dtype))

@@ -122,7 +122,8 @@ def test_coin_reading_takes_or_leaves_the_open_region_whole():
 
 def test_drawn_coin_takes_the_connected_open_region_whole_not_only_its_core():
     """A taken hypothesis over a confident background turns the whole open structure (gate > STRUCTURE_GATE around a
-    core above 1/2) to foreground, not only the core; a weak open patch without such a core stays a blend."""
+    core above 1/2) to foreground, not only the core; a weak open patch without such a core stays a blend; the
+    expectation is the draws' average."""
     hyps = torch.zeros(2, 1, 2, 1, 12)
     hyps[:, :, 0] = 1.0
     gate = torch.tensor([0, 0.2, 0.3, 0.9, 0.3, 0.2, 0, 0, 0.3, 0.3, 0, 0]).view(1, 1, 1, 1, 12)
@@ -131,6 +132,13 @@ def test_drawn_coin_takes_the_connected_open_region_whole_not_only_its_core():
     assert taken.tolist() == [0, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0]
     assert (out[0, 0].argmax(0) == 0).all()  # hypothesis 0 leaves it
     torch.testing.assert_close(out[1, 0, 1, 0, 8], torch.tensor(0.3 * 0.98))  # no core: the gate as it is
+    # the expectation (the network's mean, its maps and class probabilities) is what the draws average to, structure
+    # and all: half and half over the whole structure, not the per-voxel gate's blend of its rim
+    split = torch.tensor([0.5, 0.5]).view(1, 2, 1, 1).expand(1, 2, 1, 12)
+    draws = coin_alternatives(hyps[:1].expand(8, -1, -1, -1, -1), gate, split=split)
+    expected = coin_alternatives(hyps[:1], gate, drawn=False, split=split)[0]
+    torch.testing.assert_close(draws.mean(0), expected)
+    torch.testing.assert_close(expected[0, 1, 0, 1:6], torch.full((5,), 0.49))
 
 
 def test_absent_channels_reach_no_output():
