@@ -221,29 +221,37 @@ def coin_reading(mean: torch.Tensor, regions: bool = False) -> tuple[torch.Tenso
     return taken, left
 
 
+def coin_gate(gate: torch.Tensor) -> torch.Tensor:
+    """The coin's gate (B, 1, *s) from the alternatives gate ``g``: ``g (1 - COIN_KEEPS)`` (the network's decision
+    breaks the tie), and ``1 - COIN_KEEPS`` over each connected open region (``g > STRUCTURE_GATE``) that holds a
+    voxel with ``g > 1/2``: a drawn hypothesis takes or leaves such a structure whole, not only its core, and the
+    expectation is the average of such draws. Computed once per patch by the network (``structure_peak``'s
+    geodesic dilation costs ~2 s at 128^3 on 2 CPU threads)."""
+    g = gate.float() * (1 - COIN_KEEPS)
+    whole = structure_peak((g > 0.5 * (1 - COIN_KEEPS)).float(), g > STRUCTURE_GATE) > 0
+    return torch.where(whole, torch.full_like(g, 1 - COIN_KEEPS), g)
+
+
 def coin_alternatives(hypotheses: torch.Tensor, gate: torch.Tensor, regions: bool = False,
-                      drawn: bool = True, split: torch.Tensor | None = None) -> torch.Tensor:
+                      drawn: bool = True, split: torch.Tensor | None = None,
+                      whole: torch.Tensor | None = None) -> torch.Tensor:
     """The coin reading of a conflict that says only THAT the modalities disagree (the cross-modal prediction
-    conflict, :mod:`~entrust_nnunet.model.crossmodal`), not which reading is right: ``p'_k = (1 - g) p_k + g r_k``
+    conflict, :mod:`~entrust_nnunet.model.crossmodal`), not which reading is right: ``p'_k = (1 - c) p_k + c r_k``
     with ``r_k`` the structure taken (:func:`coin_reading` of the hypotheses' mean) when ``u_k < 1/2`` and left
     otherwise (``u_k`` the van der Corput term: left, taken, left, taken, ...), or ``drawn`` False its expectation,
-    the two readings' average; ``g`` scaled by ``1 - COIN_KEEPS`` (the network's decision breaks the tie). The gate is
-    1 over each connected open region (``g > STRUCTURE_GATE``) that holds a voxel with ``g > 1/2``: a drawn hypothesis
-    takes or leaves the structure whole, not only its core, and the expectation is the average of such draws. ``split`` (B, C, *s): the probabilities
-    whose likeliest foreground class is taken (default: the hypotheses' mean; the network passes its head's, one
-    per patch, so that ProbeStep's moved hypotheses take the same class)."""
+    the two readings' average; ``c`` the coin's gate of ``gate`` (K or 1, B, 1, *s) (:func:`coin_gate`), or
+    ``whole`` (B, 1, *s) when the caller computed it. ``split`` (B, C, *s): the probabilities whose likeliest
+    foreground class is taken (default: the hypotheses' mean; the network passes its head's, one per patch, so that
+    ProbeStep's moved hypotheses take the same class)."""
     taken, left = coin_reading(hypotheses.float().mean(0) if split is None else split, regions)
-    gate = gate * (1 - COIN_KEEPS)
-    g = gate[0].float()
-    whole = structure_peak((g > 0.5 * (1 - COIN_KEEPS)).float(), g > STRUCTURE_GATE) > 0
-    gate = torch.where(whole[None], torch.full_like(gate, 1 - COIN_KEEPS), gate)
+    c = (coin_gate(gate[0]) if whole is None else whole)[None]
     if drawn:
         u = van_der_corput(torch.arange(hypotheses.shape[0], device=hypotheses.device))
         take = (u < 0.5).view(-1, *[1] * (hypotheses.dim() - 1))
         target = torch.where(take, taken[None], left[None])
     else:
         target = (0.5 * (taken + left))[None]
-    return torch.lerp(hypotheses, target.to(hypotheses.dtype), gate.to(hypotheses.dtype))
+    return torch.lerp(hypotheses, target.to(hypotheses.dtype), c.to(hypotheses.dtype))
 
 
 def _structures(mass: torch.Tensor, gate: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -258,7 +266,8 @@ def _structures(mass: torch.Tensor, gate: torch.Tensor, mask: torch.Tensor) -> t
 
 def expert_alternatives(hypotheses: torch.Tensor, experts: torch.Tensor, conflict: torch.Tensor,
                         mask: torch.Tensor, strength: float = 1.0, regions: bool = False,
-                        drawn: bool = True, reading: str = "vote", split: torch.Tensor | None = None) -> torch.Tensor:
+                        drawn: bool = True, reading: str = "vote", split: torch.Tensor | None = None,
+                        whole: torch.Tensor | None = None) -> torch.Tensor:
     """``p'_k = (1 - g) p_k + g r_k`` (module doc) for hypotheses (K, B, C, *s), expert probabilities
     (B, M, C, *s) and conflict ``d`` (B, 1, *s) at the hypotheses' resolution, modality ``mask`` (B, M), 1 =
     present; ``regions``: C sigmoid channels. ``drawn``: each conflicting structure read whole (its peak over the
@@ -267,11 +276,11 @@ def expert_alternatives(hypotheses: torch.Tensor, experts: torch.Tensor, conflic
     that takes one follows its reading there with gate 1. ``drawn`` False: ``r_k`` is replaced by its expectation
     over the draws, ``e_{m_k}`` (what the network's mean and maps use: the same mean without the noise of a few
     draws). ``strength`` 0 returns the hypotheses unchanged. ``reading`` "showing": :func:`_showing_alternatives`;
-    :data:`COIN`: :func:`coin_alternatives` with ``split`` (the experts are not read)."""
+    :data:`COIN`: :func:`coin_alternatives` with ``split`` and ``whole`` (the experts are not read)."""
     if strength <= 0:
         return hypotheses
     if reading == COIN:
-        return coin_alternatives(hypotheses, alternatives_gate(conflict, strength)[None], regions, drawn, split)
+        return coin_alternatives(hypotheses, alternatives_gate(conflict, strength)[None], regions, drawn, split, whole)
     if reading == "showing":
         gate = alternatives_gate(conflict, strength).to(hypotheses.dtype)[None]
         return _showing_alternatives(hypotheses, experts, gate, mask, regions, drawn)
@@ -304,16 +313,18 @@ def expert_alternatives(hypotheses: torch.Tensor, experts: torch.Tensor, conflic
 
 def expected_alternative(mean: torch.Tensor, experts: torch.Tensor, conflict: torch.Tensor, mask: torch.Tensor,
                          strength: float = 1.0, reading: str = "vote", regions: bool = False,
-                         split: torch.Tensor | None = None) -> torch.Tensor:
+                         split: torch.Tensor | None = None, whole: torch.Tensor | None = None) -> torch.Tensor:
     """``E_k p'_k = (1 - g) E p_k + g r``: what the hypotheses of :func:`expert_alternatives` (``drawn`` False)
     average to when ``mean`` (B, C, *s) is their expectation; ``experts`` (B, M, C, *s), ``conflict`` (B, 1, *s),
     ``mask`` (B, M). ``r``: the vote, ``mean_m e_m`` over the present experts (each followed with equal chance),
     or the showing expert's reading split as ``mean`` splits the foreground (:func:`showing_reading`), or
-    :data:`COIN`'s two readings' average (:func:`coin_reading` of ``split``, default ``mean``)."""
+    :data:`COIN`'s two readings' average (:func:`coin_reading` of ``split``, default ``mean``; ``whole``: its gate,
+    :func:`coin_alternatives`)."""
     if strength <= 0:
         return mean
     if reading == COIN:  # the coin's expectation, as one "hypothesis" whose mean is ``mean``
-        return coin_alternatives(mean[None], alternatives_gate(conflict, strength)[None], regions, False, split)[0]
+        return coin_alternatives(mean[None], alternatives_gate(conflict, strength)[None], regions, False, split,
+                                 whole)[0]
     if reading == "showing":
         target = showing_reading(experts, mask, mean, regions)
         return torch.lerp(mean, target.to(mean.dtype), alternatives_gate(conflict, strength).to(mean.dtype))

@@ -39,6 +39,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from entrust_nnunet.model.absence import without_absent
+from entrust_nnunet.model.alternatives import alternatives_gate, coin_gate
 from entrust_nnunet.model.network import EnTrustUNet
 from entrust_nnunet.model.outputs import full_resolution, probabilities
 
@@ -169,7 +170,11 @@ class EnTrustCrossModalUNet(EnTrustUNet):
 
     def _full_resolution_experts(self, parts: dict, size) -> dict[str, torch.Tensor | None]:
         """What the coin reads, once per patch: the cross-modal ``conflict`` (already at the input's resolution), the
-        modality ``mask`` and the head's probabilities as its ``split`` (every hypothesis, ProbeStep's moved ones
-        included, takes the same class). The coin reads no expert, so their probabilities are not upsampled."""
-        return {"experts": None, "conflict": parts["image_conflict"].float(), "mask": parts["modality_mask"],
-                "split": probabilities(full_resolution(parts["logits"]).float(), self.regions)}
+        modality ``mask``, the head's probabilities as its ``split`` (every hypothesis, ProbeStep's moved ones
+        included, takes the same class) and its gate with whole structures (``whole``, :func:`coin_gate`; the mean
+        and every set of hypotheses read the same). The coin reads no expert, so their probabilities are not
+        upsampled."""
+        conflict = parts["image_conflict"].float()
+        return {"experts": None, "conflict": conflict, "mask": parts["modality_mask"],
+                "split": probabilities(full_resolution(parts["logits"]).float(), self.regions),
+                "whole": coin_gate(alternatives_gate(conflict, self.expert_alternatives))}

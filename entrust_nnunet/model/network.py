@@ -424,7 +424,8 @@ class EnTrustUNet(nn.Module):
         if experts is None or self.expert_alternatives <= 0:
             return expected
         return expected_alternative(expected, experts["experts"], experts["conflict"], experts["mask"],
-                                    self.expert_alternatives, self.conflict_reading, self.regions, experts.get("split"))
+                                    self.expert_alternatives, self.conflict_reading, self.regions, experts.get("split"),
+                                    experts.get("whole"))
 
     def _probe_direction(self, cond: torch.Tensor, seed: int) -> torch.Tensor:
         """ProbeStep's perturbation direction in SegDiff's projected conditioning (B, hidden, *s): a draw of
@@ -458,7 +459,7 @@ class EnTrustUNet(nn.Module):
             return hyps
         return expert_alternatives(hyps, experts["experts"], experts["conflict"], experts["mask"],
                                    self.expert_alternatives, self.regions, drawn=drawn, reading=self.conflict_reading,
-                                   split=experts.get("split"))
+                                   split=experts.get("split"), whole=experts.get("whole"))
 
     def _hypotheses(self, logits: torch.Tensor, cond_h: torch.Tensor, k: int, s: int, seed: int = 0,
                     experts: dict | None = None) -> torch.Tensor:
