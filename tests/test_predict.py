@@ -171,23 +171,32 @@ def test_calibration_uses_the_validation_fold_and_cross_fits_its_maps(trained_en
     assert all(totals_differ)
 
 
+def _model_copy(model, tmp_path):
+    """A copy of a trained model folder (checkpoints, plans, dataset.json) that a test may add checkpoints to."""
+    copy = tmp_path / model.name
+    shutil.copytree(model, copy, ignore=shutil.ignore_patterns("validation", "*.png", "*.txt", "*.npz"))
+    return copy
+
+
+def _warnings_loading(copy, checkpoint: str, capsys) -> list[str]:
+    """The lines EnTrustPredictor writes to stderr while loading fold 2's ``checkpoint`` of ``copy``."""
+    EnTrustPredictor(device=torch.device("cpu")).initialize_from_trained_model_folder(str(copy), [2], checkpoint)
+    return capsys.readouterr().err.strip().splitlines()
+
+
 def test_a_checkpoint_without_a_fitted_calib_head_is_named_in_one_warning(trained_entrust, tmp_path, capsys):
     """checkpoint_best.pth is saved while training, before CalibHead is fitted (at the end, into
     checkpoint_final.pth): predicting with it says so; with the final checkpoint nothing is said."""
     from entrust_nnunet.nnunet.checkpoints import load_checkpoint
 
     env, name, model = trained_entrust
-    copy = tmp_path / model.name
-    shutil.copytree(model, copy, ignore=shutil.ignore_patterns("validation", "*.png", "*.txt", "*.npz"))
+    copy = _model_copy(model, tmp_path)
     ckpt = load_checkpoint(copy / "fold_2" / "checkpoint_final.pth")
     assert float(ckpt["network_weights"]["calib.fitted"]) == 1.0
     ckpt["network_weights"]["calib.fitted"].zero_()
     torch.save(ckpt, copy / "fold_2" / "checkpoint_unfitted.pth")
-    EnTrustPredictor(device=torch.device("cpu")).initialize_from_trained_model_folder(str(copy), [2])
-    assert "warning" not in capsys.readouterr().err
-    EnTrustPredictor(device=torch.device("cpu")).initialize_from_trained_model_folder(str(copy), [2],
-                                                                                      "checkpoint_unfitted.pth")
-    lines = capsys.readouterr().err.strip().splitlines()
+    assert not any("warning" in line for line in _warnings_loading(copy, "checkpoint_final.pth", capsys))
+    lines = _warnings_loading(copy, "checkpoint_unfitted.pth", capsys)
     assert len(lines) == 1 and lines[0].startswith(f"entrust: warning: {copy / 'fold_2' / 'checkpoint_unfitted.pth'}: "
                                                    "CalibHead not fitted")
 
@@ -199,8 +208,7 @@ def test_a_crossmodal_checkpoint_without_fitted_predictors_is_named_in_one_warni
     from entrust_nnunet.nnunet.checkpoints import load_checkpoint
 
     env, name, model = trained_entrust
-    copy = tmp_path / model.name
-    shutil.copytree(model, copy, ignore=shutil.ignore_patterns("validation", "*.png", "*.txt", "*.npz"))
+    copy = _model_copy(model, tmp_path)
     ckpt = load_checkpoint(copy / "fold_2" / "checkpoint_final.pth")
     ckpt["trainer_name"] = "nnUNetTrainerEnTrustCrossModal_tinyCPU"  # the same trunk, with its predictors
     predictors = CrossModalPredictor(torch.nn.Conv2d, 3).state_dict()
@@ -208,12 +216,8 @@ def test_a_crossmodal_checkpoint_without_fitted_predictors_is_named_in_one_warni
         predictors["fitted"].fill_(fitted)
         ckpt["network_weights"].update({f"crossmodal.{k}": v.clone() for k, v in predictors.items()})
         torch.save(ckpt, copy / "fold_2" / file)
-    EnTrustPredictor(device=torch.device("cpu")).initialize_from_trained_model_folder(str(copy), [2],
-                                                                                      "checkpoint_fitted.pth")
-    assert "warning" not in capsys.readouterr().err
-    EnTrustPredictor(device=torch.device("cpu")).initialize_from_trained_model_folder(str(copy), [2],
-                                                                                      "checkpoint_unfitted.pth")
-    lines = capsys.readouterr().err.strip().splitlines()
+    assert not any("warning" in line for line in _warnings_loading(copy, "checkpoint_fitted.pth", capsys))
+    lines = _warnings_loading(copy, "checkpoint_unfitted.pth", capsys)
     assert len(lines) == 1 and lines[0].startswith(f"entrust: warning: {copy / 'fold_2' / 'checkpoint_unfitted.pth'}: "
                                                    "the cross-modal predictors are not fitted")
 
@@ -224,8 +228,7 @@ def test_a_checkpoint_from_before_the_reading_choice_predicts_with_the_vote(trai
     from entrust_nnunet.nnunet.checkpoints import load_checkpoint
 
     env, name, model = trained_entrust
-    copy = tmp_path / model.name
-    shutil.copytree(model, copy, ignore=shutil.ignore_patterns("validation", "*.png", "*.txt", "*.npz"))
+    copy = _model_copy(model, tmp_path)
     ckpt = load_checkpoint(copy / "fold_2" / "checkpoint_final.pth")
     del ckpt["network_weights"]["calib.showing_reading"]
     torch.save(ckpt, copy / "fold_2" / "checkpoint_old.pth")
